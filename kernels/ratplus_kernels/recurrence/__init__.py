@@ -1,0 +1,4 @@
+"""RAT+ gated recurrence: references (``naive``) and the fused Triton kernel (``fused``)."""
+from .naive import chunked_gated_recurrence, naive_gated_recurrence
+
+__all__ = ["naive_gated_recurrence", "chunked_gated_recurrence"]
