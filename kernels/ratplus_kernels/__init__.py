@@ -4,13 +4,8 @@ Organised like flash-linear-attention: each op has a ``naive`` PyTorch reference
 Triton implementation with the same signature. The import name is deliberately not ``kernels``
 (transformers probes a package of that name).
 """
-from .dilated_attention import naive_dilated_attention, sparse_mask, validate_pattern
-from .recurrence import chunked_gated_recurrence, naive_gated_recurrence
+from . import dilated_attention, recurrence
+from .dilated_attention import *  # noqa: F401,F403  (each subpackage defines __all__)
+from .recurrence import *  # noqa: F401,F403
 
-__all__ = [
-    "naive_gated_recurrence",
-    "chunked_gated_recurrence",
-    "naive_dilated_attention",
-    "sparse_mask",
-    "validate_pattern",
-]
+__all__ = list(recurrence.__all__) + list(dilated_attention.__all__)
