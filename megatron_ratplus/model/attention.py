@@ -1,0 +1,126 @@
+"""The RAT+ self-attention module for Megatron-core (DESIGN.md §1, steps 2–6).
+
+One fused input projection (``ColumnParallelLinear``) produces the blocks ``(o, q, k, v, g)``
+(``o`` only with the output gate, ``g`` only with the recurrence). Its rows are laid out
+*head-interleaved*: row ``h * (n_blocks * d_h) + b * d_h + c`` is channel ``c`` of block ``b``
+of head ``h``. Column-parallel sharding splits the rows into contiguous slices, so every
+tensor-parallel rank holds whole heads of every block and the whole layer below runs per head
+without communication. Checkpoints store the global (TP=1) layout, so resharding is a plain
+row split.
+
+Then: the full-sequence gated recurrence on (k, v) with gate ``sigmoid(g)`` in fp32, RoPE on q and
+the recurrent keys, dense causal or sparse (D, W, P) attention, the output gate
+``attn * sigmoid(o)`` and ``RowParallelLinear`` back to the hidden size. The residual add is the
+TransformerLayer's bias-dropout-add, the input RMSNorm its ``input_layernorm`` (or fused into the
+projection in the Transformer-Engine spec).
+
+Under sequence parallelism the column-parallel projection all-gathers the sequence first, so the
+recurrence always scans the full sequence on each rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from ..ops import gated_recurrence, ratplus_attention
+from .config import RATPlusTransformerConfig
+
+
+@dataclass
+class RATPlusAttentionSubmodules:
+    linear_in: Union[ModuleSpec, type] = None
+    linear_out: Union[ModuleSpec, type] = None
+
+
+class RATPlusSelfAttention(MegatronModule):
+    """RAT+ attention (or the attention baseline when the recurrence is off)."""
+
+    def __init__(self, config: RATPlusTransformerConfig, submodules: RATPlusAttentionSubmodules,
+                 layer_number: int, attn_mask_type=None, **kwargs):
+        super().__init__(config=config)
+        tp_size = config.tensor_model_parallel_size
+        self.layer_number = layer_number
+        self.head_dim = config.kv_channels
+        self.num_heads_per_rank = config.num_attention_heads // tp_size
+        self.use_output_gate = config.ratplus_output_gate
+        self.use_recurrence = config.ratplus_recurrence
+        self.block_names = (("o",) if self.use_output_gate else ()) + ("q", "k", "v") + \
+            (("g",) if self.use_recurrence else ())
+        self.num_blocks = len(self.block_names)
+        self.softmax_scale = self.head_dim ** -0.5
+        self.sparse_pattern = config.pattern_for_layer(layer_number)
+        self.mode = config.ratplus_attention_mode
+        self.kernel_backend = config.ratplus_kernel_backend
+        projection_size = config.num_attention_heads * self.head_dim
+
+        self.linear_in = build_module(
+            submodules.linear_in,
+            config.hidden_size,
+            projection_size * self.num_blocks,
+            config=config,
+            init_method=config.init_method,
+            gather_output=False,
+            bias=False,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_comm_buffer_name="qkv",
+        )
+        self.linear_out = build_module(
+            submodules.linear_out,
+            projection_size,
+            config.hidden_size,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=True,
+            is_expert=False,
+            tp_comm_buffer_name="proj",
+        )
+
+    # Runtime switch used by joint (active recurrence) training: see model/mode.py.
+    def set_mode(self, mode: str) -> None:
+        if mode not in ("dense", "sparse"):
+            raise ValueError(f"attention mode must be 'dense' or 'sparse', got {mode!r}")
+        self.mode = mode
+
+    def active_pattern(self):
+        """The sparse pattern in effect, or None for dense attention."""
+        return self.sparse_pattern if self.mode == "sparse" else None
+
+    def split_projection(self, projected: torch.Tensor) -> dict:
+        """``[s, b, heads*blocks*d_h]`` -> dict of ``[s, b, heads, d_h]`` strided views per block."""
+        s, b = projected.shape[:2]
+        blocks = projected.view(s, b, self.num_heads_per_rank, self.num_blocks, self.head_dim)
+        return {name: blocks[:, :, :, i] for i, name in enumerate(self.block_names)}
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, rotary_pos_emb=None,
+                **kwargs):
+        projected, _ = self.linear_in(hidden_states)
+        parts = self.split_projection(projected)
+        q, k, v = parts["q"], parts["k"], parts["v"]
+        if self.use_recurrence:
+            k, v, _ = gated_recurrence(parts["g"], k, v, backend=self.kernel_backend)
+        if rotary_pos_emb is not None:
+            q_freqs, k_freqs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else \
+                (rotary_pos_emb, rotary_pos_emb)
+            q = apply_rotary_pos_emb(q, q_freqs, config=self.config)
+            k = apply_rotary_pos_emb(k, k_freqs, config=self.config)
+        attn = ratplus_attention(q, k, v, self.active_pattern(), scale=self.softmax_scale,
+                                 backend=self.kernel_backend)
+        if self.use_output_gate:
+            attn = attn * torch.sigmoid(parts["o"])
+        s, b = attn.shape[:2]
+        output, bias = self.linear_out(attn.reshape(s, b, -1))
+        return output, bias
+
+    def extra_repr(self) -> str:
+        p = self.sparse_pattern
+        return (f"layer={self.layer_number}, heads/rank={self.num_heads_per_rank}, d_h={self.head_dim}, "
+                f"blocks={''.join(self.block_names)}, mode={self.mode}, "
+                f"sparse=(D={p.dilation}, W={p.window}, P={p.initial})")
