@@ -50,11 +50,12 @@ def naive_dilated_attention(
     scale: Optional[float] = None,
     return_lse: bool = False,
 ):
-    """Masked-dense attention in fp32; returns ``out`` or ``(out, lse)``."""
+    """Masked-dense attention in fp32 (fp64 for fp64 inputs); returns ``out`` or ``(out, lse)``."""
     T, B, H, Dh = q.shape
     scale = Dh ** -0.5 if scale is None else scale
     mask = sparse_mask(T, dilation, window, initial, device=q.device)
-    qf, kf, vf = (x.float().permute(1, 2, 0, 3) for x in (q, k, v))      # [B, H, T, Dh]
+    dt = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf = (x.to(dt).permute(1, 2, 0, 3) for x in (q, k, v))      # [B, H, T, Dh]
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)                                # [B, H, T]

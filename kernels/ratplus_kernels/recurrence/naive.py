@@ -11,7 +11,7 @@ Layout contract shared with the fused Triton kernel (same signature):
 * ``g, k, v``: ``[T, B, H, D]`` time-first (Megatron's sequence-first layout). Any strides on the
   T/B/H dims are accepted (views of the fused input projection), the last dim may be strided too
   here, but the fused kernel wants it contiguous.
-* the state is carried in fp32 whatever the input dtype; outputs are cast back to the dtype of
+* the state is carried in fp32 (fp64 for fp64 inputs) whatever the input dtype; outputs are cast back to the dtype of
   ``k``/``v`` (bf16 in training).
 * ``initial_state``: optional ``(k0, v0)``, each ``[B, H, D]``.
 * returns ``(k_out, v_out, final_state)``; ``final_state`` is ``(k_T, v_T)`` in fp32 ``[B, H, D]``
@@ -38,6 +38,11 @@ def _check_inputs(g: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"expected 4-D [T, B, H, D] inputs, got {g.dim()}-D")
 
 
+def _state_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 inputs, fp64 for fp64 inputs (gradient checks)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def naive_gated_recurrence(
     g: torch.Tensor,
     k: torch.Tensor,
@@ -48,16 +53,17 @@ def naive_gated_recurrence(
     """Literal time loop in fp32. Slow; the ground truth for every other implementation."""
     _check_inputs(g, k, v)
     T, B, H, D = g.shape
-    a = torch.sigmoid(g.float())
+    dt = _state_dtype(g)
+    a = torch.sigmoid(g.to(dt))
     if initial_state is None:
-        hk = torch.zeros(B, H, D, dtype=torch.float32, device=g.device)
+        hk = torch.zeros(B, H, D, dtype=dt, device=g.device)
         hv = torch.zeros_like(hk)
     else:
-        hk, hv = initial_state[0].float(), initial_state[1].float()
+        hk, hv = initial_state[0].to(dt), initial_state[1].to(dt)
     k_out, v_out = [], []
     for t in range(T):
-        hk = a[t] * hk + (1.0 - a[t]) * k[t].float()
-        hv = a[t] * hv + (1.0 - a[t]) * v[t].float()
+        hk = a[t] * hk + (1.0 - a[t]) * k[t].to(dt)
+        hv = a[t] * hv + (1.0 - a[t]) * v[t].to(dt)
         k_out.append(hk)
         v_out.append(hv)
     if T == 0:
@@ -89,13 +95,14 @@ def chunked_gated_recurrence(
     """
     _check_inputs(g, k, v)
     T, B, H, D = g.shape
-    logsig = torch.nn.functional.logsigmoid(g.float())           # log a_t
+    dt = _state_dtype(g)
+    logsig = torch.nn.functional.logsigmoid(g.to(dt))             # log a_t
     w_in = -torch.expm1(logsig)                                   # 1 - a_t, accurate near a=1
-    x = torch.stack([k.float(), v.float()], dim=0) * w_in          # [2, T, B, H, D]
+    x = torch.stack([k.to(dt), v.to(dt)], dim=0) * w_in            # [2, T, B, H, D]
     if initial_state is None:
-        h = torch.zeros(2, B, H, D, dtype=torch.float32, device=g.device)
+        h = torch.zeros(2, B, H, D, dtype=dt, device=g.device)
     else:
-        h = torch.stack([initial_state[0].float(), initial_state[1].float()], dim=0)
+        h = torch.stack([initial_state[0].to(dt), initial_state[1].to(dt)], dim=0)
     outs = []
     for start in range(0, T, chunk_size):
         end = min(start + chunk_size, T)
@@ -109,7 +116,7 @@ def chunked_gated_recurrence(
         outs.append(y)
         h = y[:, -1]
     if T == 0:
-        y_all = torch.zeros(2, 0, B, H, D, dtype=torch.float32, device=g.device)
+        y_all = torch.zeros(2, 0, B, H, D, dtype=dt, device=g.device)
     else:
         y_all = torch.cat(outs, dim=1)
     final = (h[0], h[1]) if output_final_state else None

@@ -1,0 +1,81 @@
+"""The ops' PyTorch paths: the sparse mask, the references and the dispatch."""
+import random
+
+import pytest
+import torch
+from ratplus_kernels import chunked_gated_recurrence, naive_dilated_attention, naive_gated_recurrence, sparse_mask
+
+from megatron_ratplus.attention_pattern import SparsePattern
+from megatron_ratplus.ops import gated_recurrence, ratplus_attention
+
+
+def brute_force_allowed(T, D, W, P):
+    out = torch.zeros(T, T, dtype=torch.bool)
+    for t in range(T):
+        for j in range(T):
+            if j > t:
+                continue
+            local = t - j <= W
+            initial = j < P
+            chunk_end = D > 0 and (j + 1) % D == 0
+            out[t, j] = local or initial or chunk_end
+    return out
+
+
+def test_sparse_mask_brute_force_random_patterns():
+    rng = random.Random(0)
+    for _ in range(60):
+        T = rng.randint(1, 40)
+        D = rng.choice([-1, 1, 2, 3, 4, 5, 8, 16, 64])
+        W = rng.randint(0, 45)
+        P = rng.randint(0, 45)
+        mask = sparse_mask(T, D, W, P)
+        assert torch.equal(mask, brute_force_allowed(T, D, W, P)), (T, D, W, P)
+        assert mask.diagonal().all(), "a query must always see itself"
+
+
+def test_sparse_mask_examples():
+    m = sparse_mask(9, 4, 0, 1)
+    # query 7 sees: initial 0, chunk end 3, chunk end 7 (itself)
+    assert m[7].nonzero().flatten().tolist() == [0, 3, 7]
+    assert sparse_mask(6, 1, 0, 0).equal(torch.ones(6, 6, dtype=torch.bool).tril())   # D=1: dense
+    assert sparse_mask(6, -1, 1, 0)[5].nonzero().flatten().tolist() == [4, 5]           # local only
+
+
+@pytest.mark.parametrize("bad", [(0, 0, 0), (-2, 0, 0), (4, -1, 0), (4, 0, -3)])
+def test_bad_patterns_rejected(bad):
+    with pytest.raises(ValueError):
+        SparsePattern(*bad).validate()
+    with pytest.raises(ValueError):
+        sparse_mask(8, *bad)
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 100])
+def test_chunked_recurrence_equals_loop(T):
+    g, k, v = (torch.randn(T, 2, 3, 8, dtype=torch.float64) * 4 for _ in range(3))
+    init = (torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 3, 8, dtype=torch.float64))
+    a = naive_gated_recurrence(g, k, v, init, True)
+    b = chunked_gated_recurrence(g, k, v, init, True, chunk_size=16)
+    for x, y in zip(a[:2] + a[2], b[:2] + b[2]):
+        torch.testing.assert_close(x, y)
+
+
+def test_recurrence_dispatch_on_cpu_uses_reference_and_handles_views():
+    fused = torch.randn(20, 2, 3, 5, 8)
+    g, k, v = fused[:, :, :, 4], fused[:, :, :, 2], fused[:, :, :, 3]
+    ko, vo, _ = gated_recurrence(g, k, v)
+    kr, vr, _ = naive_gated_recurrence(g, k, v)
+    torch.testing.assert_close(ko, kr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vo, vr, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        gated_recurrence(g, k, v, backend="magic")
+
+
+@pytest.mark.parametrize("pattern", [None, SparsePattern(4, 0, 0), SparsePattern(8, 3, 2), SparsePattern(-1, 2, 1)])
+def test_attention_dispatch_matches_masked_reference(pattern):
+    q, k, v = (torch.randn(19, 2, 3, 16, dtype=torch.float64) for _ in range(3))
+    out = ratplus_attention(q, k, v, pattern)
+    want = naive_dilated_attention(q, k, v, *(1, 0, 0) if pattern is None else
+                                   (pattern.dilation, pattern.window, pattern.initial))
+    torch.testing.assert_close(out, want)
+    assert out.is_contiguous()
