@@ -1,0 +1,568 @@
+"""Fused Triton kernels for the RAT+ gated recurrence (forward and backward).
+
+Same signature and semantics as :func:`ratplus_kernels.recurrence.naive.naive_gated_recurrence`::
+
+    a_t = sigmoid(g_t);  k~_t = a_t k~_{t-1} + (1 - a_t) k_t;  v~_t = a_t v~_{t-1} + (1 - a_t) v_t
+
+Design (one pass over the data in each direction)
+-------------------------------------------------
+The ``[T, B, H, D]`` inputs are cut into tiles of ``BT`` time steps x ``BD`` channels of one head.
+Each program owns one tile and keeps it in registers:
+
+1. it loads ``g, k, v`` once (any T/B/H/D strides, e.g. views of the fused input projection),
+   forms ``a = sigmoid(g)`` and ``(1 - a) = sigmoid(-g)`` in fp32 and runs a local inclusive scan of
+   the affine maps ``h -> a h + (1 - a) x`` for both streams at once (``tl.associative_scan``);
+2. it gets the state entering its tile with a *decoupled look-back* over the preceding time tiles
+   of the same channels: every tile publishes its aggregate map ``(prod a, local k end, local v end)``
+   as soon as it has it and its inclusive end state once known; a program walks back over the
+   predecessors, folding aggregates until it meets an inclusive state. Programs take their tile
+   index from an atomic counter, so every predecessor has already started: no deadlock whatever
+   order the hardware schedules blocks in.
+3. it applies the carry (``h_t = P_t h_in + L_t``) and writes ``k~, v~`` once.
+
+Published words are fp32 bit patterns stored complemented (``~bits``) in a zero-initialised int32
+buffer, so 0 means "not yet written" and each 32-bit word is self-validating: no fences or flags
+are needed between the writer's and the reader's threads.
+
+The backward is the same machinery run backwards in time on ``dh_t = dy_t + a_{t+1} dh_{t+1}``.
+Each backward tile recomputes its forward states from ``g, k, v`` and the forward's inclusive
+tile-end states (kept from the forward pass, fp32, one row per tile), so no ``[T, ...]`` fp32 state
+is ever stored. Gradients (fp32 math)::
+
+    dk_t = (1 - a_t) dh^k_t,   dv_t = (1 - a_t) dh^v_t
+    dg_t = a_t (1 - a_t) sum_s (h^s_{t-1} - x^s_t) dh^s_t = (1 - a_t) sum_s (h^s_t - x^s_t) dh^s_t
+    d h_{-1} = a_0 dh_0
+
+HBM traffic: forward reads g, k, v and writes k~, v~; backward reads g, k, v, dk~, dv~ and writes
+dg, dk, dv (plus a few bytes per tile of carries).
+
+Under ``TRITON_INTERPRET=1`` (CPU) the same kernels run through Triton's interpreter with small
+fixed blocks instead of the autotuner.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+State = Tuple[torch.Tensor, torch.Tensor]
+
+__all__ = ["fused_gated_recurrence"]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# --------------------------------------------------------------------------------------------
+# Triton helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _affine_combine(a1, bk1, bv1, a2, bk2, bv2):
+    # (a1, b1) applied first, then (a2, b2):  h -> a2 (a1 h + b1) + b2
+    return a1 * a2, a2 * bk1 + bk2, a2 * bv1 + bv2
+
+
+@triton.jit
+def _encode(x):
+    """fp32 -> nonzero int32 word (complemented bits). The one bit pattern that would encode to
+    0 (0xFFFFFFFF, a NaN) is replaced by another NaN."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = tl.where(bits == -1, 0x7FFFFFFF, bits)
+    return bits ^ -1
+
+
+@triton.jit
+def _decode(w):
+    return (w ^ -1).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _row(x, rows, r):
+    """Row ``r`` of a [BT, BD] tile as a [BD] vector."""
+    return tl.sum(tl.where(rows[:, None] == r, x, 0.0), axis=0)
+
+
+@triton.jit
+def _look_back(agg_ptr, inc_ptr, n, NCH, mask, c, step, stop, hk, hv, INC_EVERY: tl.constexpr):
+    """Decoupled look-back over tiles ``c - step, c - 2 step, ...`` (step = +1 forward, -1 backward).
+
+    Returns the state entering tile ``c`` per channel; ``hk, hv`` are returned untouched for
+    channels that need no look-back (``mask`` false). ``stop`` is the first tile in scan order,
+    which only ever publishes an inclusive state. With INC_EVERY > 1 (tests only) an inclusive
+    state is used only every INC_EVERY tiles (counted from ``stop``), so that chains of aggregates
+    are exercised even when programs run one after another (the interpreter).
+    """
+    acc_a = tl.full(hk.shape, 1.0, tl.float32)
+    acc_k = tl.zeros(hk.shape, tl.float32)
+    acc_v = tl.zeros(hk.shape, tl.float32)
+    p = tl.zeros(hk.shape, tl.int32) + (c - step)
+    pending = mask
+    while tl.max(pending.to(tl.int32), axis=0) > 0:
+        pl = p.to(tl.int64)
+        o_inc = pl * 2 * NCH + n
+        o_agg = pl * 3 * NCH + n
+        w_ik = tl.load(inc_ptr + o_inc, mask=pending, other=0, volatile=True)
+        w_iv = tl.load(inc_ptr + o_inc + NCH, mask=pending, other=0, volatile=True)
+        w_aa = tl.load(agg_ptr + o_agg, mask=pending, other=0, volatile=True)
+        w_ak = tl.load(agg_ptr + o_agg + NCH, mask=pending, other=0, volatile=True)
+        w_av = tl.load(agg_ptr + o_agg + 2 * NCH, mask=pending, other=0, volatile=True)
+        inc_ok = pending & (w_ik != 0) & (w_iv != 0)
+        if INC_EVERY > 1:
+            inc_ok = inc_ok & (((p - stop) % INC_EVERY) == 0)
+        agg_ok = pending & (~inc_ok) & (w_aa != 0) & (w_ak != 0) & (w_av != 0)
+        hk = tl.where(inc_ok, acc_a * _decode(w_ik) + acc_k, hk)
+        hv = tl.where(inc_ok, acc_a * _decode(w_iv) + acc_v, hv)
+        acc_k = tl.where(agg_ok, acc_a * _decode(w_ak) + acc_k, acc_k)
+        acc_v = tl.where(agg_ok, acc_a * _decode(w_av) + acc_v, acc_v)
+        acc_a = tl.where(agg_ok, acc_a * _decode(w_aa), acc_a)
+        p = tl.where(agg_ok, p - step, p)
+        pending = pending & (~inc_ok)
+    return hk, hv
+
+
+# --------------------------------------------------------------------------------------------
+# Forward kernel
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_kernel(
+    g_ptr, k_ptr, v_ptr, ko_ptr, vo_ptr,
+    h0k_ptr, h0v_ptr, hTk_ptr, hTv_ptr,
+    status_ptr, NC_ALLOC,
+    T, H, NCH,
+    sg_t, sg_b, sg_h, sg_d,
+    sk_t, sk_b, sk_h, sk_d,
+    sv_t, sv_b, sv_h, sv_d,
+    T_KEY, BH_KEY,
+    D: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
+    INC_EVERY: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+):
+    NDB: tl.constexpr = (D + BD - 1) // BD
+    NCB = (NCH // D) * NDB
+    NC = tl.cdiv(T, BT)
+    vid = tl.atomic_add(status_ptr, 1)           # tile order = order in which programs started
+    c = vid // NCB
+    j = vid % NCB
+    bh = j // NDB
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    d = (j % NDB) * BD + tl.arange(0, BD)
+    mask_d = d < D
+    n = bh * D + d                               # flat channel index (b, h, d)
+    rows = tl.arange(0, BT)
+    t = (c * BT + rows).to(tl.int64)
+    mask_t = t < T
+    m2 = mask_t[:, None] & mask_d[None, :]
+
+    gx = tl.load(g_ptr + t[:, None] * sg_t + (b * sg_b + h * sg_h) + d[None, :] * sg_d,
+                 mask=m2, other=0.0).to(tl.float32)
+    kx = tl.load(k_ptr + t[:, None] * sk_t + (b * sk_b + h * sk_h) + d[None, :] * sk_d,
+                 mask=m2, other=0.0).to(tl.float32)
+    vx = tl.load(v_ptr + t[:, None] * sv_t + (b * sv_b + h * sv_h) + d[None, :] * sv_d,
+                 mask=m2, other=0.0).to(tl.float32)
+    a = tl.where(m2, tl.sigmoid(gx), 1.0)        # padding rows are the identity map
+    w = tl.where(m2, tl.sigmoid(-gx), 0.0)       # 1 - a, accurate when a -> 1
+    P, Lk, Lv = tl.associative_scan((a, w * kx, w * vx), 0, _affine_combine)
+
+    agg_ptr = status_ptr + 32
+    inc_ptr = agg_ptr + NC_ALLOC.to(tl.int64) * 3 * NCH
+    A_c = _row(P, rows, BT - 1)
+    Bk_c = _row(Lk, rows, BT - 1)
+    Bv_c = _row(Lv, rows, BT - 1)
+    cl = c.to(tl.int64)
+    o_agg = cl * 3 * NCH + n
+    pub_agg = mask_d & (c > 0)
+    tl.store(agg_ptr + o_agg, _encode(A_c), mask=pub_agg)
+    tl.store(agg_ptr + o_agg + NCH, _encode(Bk_c), mask=pub_agg)
+    tl.store(agg_ptr + o_agg + 2 * NCH, _encode(Bv_c), mask=pub_agg)
+
+    if HAS_H0:
+        hk_in = tl.load(h0k_ptr + n, mask=mask_d & (c == 0), other=0.0)
+        hv_in = tl.load(h0v_ptr + n, mask=mask_d & (c == 0), other=0.0)
+    else:
+        hk_in = tl.zeros([BD], tl.float32)
+        hv_in = tl.zeros([BD], tl.float32)
+    hk_in, hv_in = _look_back(agg_ptr, inc_ptr, n, NCH, mask_d & (c > 0), c, 1, 0,
+                              hk_in, hv_in, INC_EVERY)
+
+    hk_end = A_c * hk_in + Bk_c
+    hv_end = A_c * hv_in + Bv_c
+    o_inc = cl * 2 * NCH + n
+    tl.store(inc_ptr + o_inc, _encode(hk_end), mask=mask_d)
+    tl.store(inc_ptr + o_inc + NCH, _encode(hv_end), mask=mask_d)
+    if STORE_FINAL:
+        tl.store(hTk_ptr + n, hk_end, mask=mask_d & (c == NC - 1))
+        tl.store(hTv_ptr + n, hv_end, mask=mask_d & (c == NC - 1))
+
+    hk = P * hk_in[None, :] + Lk
+    hv = P * hv_in[None, :] + Lv
+    o_out = t[:, None] * NCH + n[None, :]
+    tl.store(ko_ptr + o_out, hk.to(ko_ptr.dtype.element_ty), mask=m2)
+    tl.store(vo_ptr + o_out, hv.to(vo_ptr.dtype.element_ty), mask=m2)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward kernel
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_kernel(
+    g_ptr, k_ptr, v_ptr, dko_ptr, dvo_ptr,
+    dg_ptr, dk_ptr, dv_ptr,
+    h0k_ptr, h0v_ptr, dhTk_ptr, dhTv_ptr, dh0k_ptr, dh0v_ptr,
+    fstatus_ptr, NC_ALLOC_F, BT_F,
+    status_ptr, NC_ALLOC,
+    T, H, NCH,
+    sg_t, sg_b, sg_h, sg_d,
+    sk_t, sk_b, sk_h, sk_d,
+    sv_t, sv_b, sv_h, sv_d,
+    sdk_t, sdk_b, sdk_h, sdk_d,
+    sdv_t, sdv_b, sdv_h, sdv_d,
+    T_KEY, BH_KEY,
+    D: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    INC_EVERY: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+):
+    NDB: tl.constexpr = (D + BD - 1) // BD
+    NCB = (NCH // D) * NDB
+    NC = tl.cdiv(T, BT)
+    vid = tl.atomic_add(status_ptr, 1)
+    c = NC - 1 - vid // NCB                      # last time tile first
+    j = vid % NCB
+    bh = j // NDB
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    d = (j % NDB) * BD + tl.arange(0, BD)
+    mask_d = d < D
+    n = bh * D + d
+    rows = tl.arange(0, BT)
+    t = (c * BT + rows).to(tl.int64)
+    mask_t = t < T
+    m2 = mask_t[:, None] & mask_d[None, :]
+    mn = (t + 1 < T)[:, None] & mask_d[None, :]
+    dd = d[None, :]
+
+    g_off = t[:, None] * sg_t + (b * sg_b + h * sg_h) + dd * sg_d
+    gx = tl.load(g_ptr + g_off, mask=m2, other=0.0).to(tl.float32)
+    gn = tl.load(g_ptr + g_off + sg_t, mask=mn, other=0.0).to(tl.float32)
+    kx = tl.load(k_ptr + t[:, None] * sk_t + (b * sk_b + h * sk_h) + dd * sk_d,
+                 mask=m2, other=0.0).to(tl.float32)
+    vx = tl.load(v_ptr + t[:, None] * sv_t + (b * sv_b + h * sv_h) + dd * sv_d,
+                 mask=m2, other=0.0).to(tl.float32)
+    dyk = tl.load(dko_ptr + t[:, None] * sdk_t + (b * sdk_b + h * sdk_h) + dd * sdk_d,
+                  mask=m2, other=0.0).to(tl.float32)
+    dyv = tl.load(dvo_ptr + t[:, None] * sdv_t + (b * sdv_b + h * sdv_h) + dd * sdv_d,
+                  mask=m2, other=0.0).to(tl.float32)
+    a = tl.where(m2, tl.sigmoid(gx), 1.0)
+    w = tl.where(m2, tl.sigmoid(-gx), 0.0)
+    a_next = tl.where(mn, tl.sigmoid(gn), 1.0)   # a_{t+1}; 1 past the end (carry = d final state)
+
+    # ---- reverse-time scan of dh_t = a_{t+1} dh_{t+1} + dy_t (aggregate first: it unblocks others)
+    Al, Bk, Bv = tl.associative_scan((a_next, dyk, dyv), 0, _affine_combine, reverse=True)
+    agg_ptr = status_ptr + 32
+    inc_ptr = agg_ptr + NC_ALLOC.to(tl.int64) * 3 * NCH
+    A_c = _row(Al, rows, 0)
+    Bk_c = _row(Bk, rows, 0)
+    Bv_c = _row(Bv, rows, 0)
+    cl = c.to(tl.int64)
+    o_agg = cl * 3 * NCH + n
+    pub_agg = mask_d & (c < NC - 1)
+    tl.store(agg_ptr + o_agg, _encode(A_c), mask=pub_agg)
+    tl.store(agg_ptr + o_agg + NCH, _encode(Bk_c), mask=pub_agg)
+    tl.store(agg_ptr + o_agg + 2 * NCH, _encode(Bv_c), mask=pub_agg)
+
+    if HAS_DHT:
+        ck = tl.load(dhTk_ptr + n, mask=mask_d & (c == NC - 1), other=0.0)
+        cv = tl.load(dhTv_ptr + n, mask=mask_d & (c == NC - 1), other=0.0)
+    else:
+        ck = tl.zeros([BD], tl.float32)
+        cv = tl.zeros([BD], tl.float32)
+    ck, cv = _look_back(agg_ptr, inc_ptr, n, NCH, mask_d & (c < NC - 1), c, -1, NC - 1,
+                        ck, cv, INC_EVERY)
+    o_inc = cl * 2 * NCH + n
+    tl.store(inc_ptr + o_inc, _encode(A_c * ck + Bk_c), mask=mask_d)
+    tl.store(inc_ptr + o_inc + NCH, _encode(A_c * cv + Bv_c), mask=mask_d)
+    dhk = Al * ck[None, :] + Bk
+    dhv = Al * cv[None, :] + Bv
+
+    # ---- recompute the forward states of this tile from the forward's tile-end states
+    f_inc_ptr = fstatus_ptr + 32 + NC_ALLOC_F.to(tl.int64) * 3 * NCH
+    q = (c * BT) // BT_F - 1                     # forward tile that ends right before this tile
+    ql = q.to(tl.int64)
+    w_k = tl.load(f_inc_ptr + ql * 2 * NCH + n, mask=mask_d & (c > 0), other=0)
+    w_v = tl.load(f_inc_ptr + ql * 2 * NCH + NCH + n, mask=mask_d & (c > 0), other=0)
+    hk_in = _decode(w_k)
+    hv_in = _decode(w_v)
+    if HAS_H0:
+        hk_in = tl.where(c == 0, tl.load(h0k_ptr + n, mask=mask_d, other=0.0), hk_in)
+        hv_in = tl.where(c == 0, tl.load(h0v_ptr + n, mask=mask_d, other=0.0), hv_in)
+    else:
+        hk_in = tl.where(c == 0, 0.0, hk_in)
+        hv_in = tl.where(c == 0, 0.0, hv_in)
+    P, Lk, Lv = tl.associative_scan((a, w * kx, w * vx), 0, _affine_combine)
+    hk = P * hk_in[None, :] + Lk
+    hv = P * hv_in[None, :] + Lv
+
+    dgx = w * ((hk - kx) * dhk + (hv - vx) * dhv)
+    o_out = t[:, None] * NCH + n[None, :]
+    tl.store(dg_ptr + o_out, dgx.to(dg_ptr.dtype.element_ty), mask=m2)
+    tl.store(dk_ptr + o_out, (w * dhk).to(dk_ptr.dtype.element_ty), mask=m2)
+    tl.store(dv_ptr + o_out, (w * dhv).to(dv_ptr.dtype.element_ty), mask=m2)
+    if HAS_H0:
+        a_dhk0 = _row(a * dhk, rows, 0)
+        a_dhv0 = _row(a * dhv, rows, 0)
+        tl.store(dh0k_ptr + n, a_dhk0, mask=mask_d & (c == 0))
+        tl.store(dh0v_ptr + n, a_dhv0, mask=mask_d & (c == 0))
+
+
+# --------------------------------------------------------------------------------------------
+# Block-size selection: triton.autotune on the GPU, small fixed blocks in the interpreter
+# --------------------------------------------------------------------------------------------
+_STATUS_ARGS = ["status_ptr"]
+
+
+def _fwd_configs():
+    cfgs = []
+    for bt, bd, nw in [(32, 64, 4), (64, 32, 4), (64, 64, 4), (64, 64, 8), (128, 32, 4),
+                       (128, 64, 8), (32, 128, 4), (64, 128, 8)]:
+        cfgs.append(triton.Config({"BT": bt, "BD": bd}, num_warps=nw, num_stages=1))
+    return cfgs
+
+
+def _bwd_configs():
+    cfgs = []
+    for bt, bd, nw in [(32, 32, 4), (32, 64, 4), (32, 64, 8), (64, 32, 4), (64, 32, 8),
+                       (64, 64, 8), (128, 32, 8)]:
+        cfgs.append(triton.Config({"BT": bt, "BD": bd}, num_warps=nw, num_stages=1))
+    return cfgs
+
+
+_FWD_BT = sorted({c.kwargs["BT"] for c in _fwd_configs()})
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    D = named_args["D"] if "D" in named_args else kwargs["D"]
+    dmax = max(16, triton.next_power_of_2(D))
+    keep = [c for c in configs if c.kwargs["BD"] <= dmax]
+    return keep or configs[:1]
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    D = named_args["D"] if "D" in named_args else kwargs["D"]
+    bt_f = named_args["BT_F"]
+    dmax = max(16, triton.next_power_of_2(D))
+    keep = [c for c in configs if c.kwargs["BD"] <= dmax and c.kwargs["BT"] % bt_f == 0]
+    if not keep:  # no tuned backward block is a multiple of the forward block: use the forward's
+        keep = [triton.Config({"BT": bt_f, "BD": min(32, dmax)}, num_warps=8, num_stages=1)]
+    return keep
+
+
+_fwd_tuned = triton.autotune(
+    configs=_fwd_configs(), key=["D", "T_KEY", "BH_KEY"], reset_to_zero=_STATUS_ARGS,
+    prune_configs_by={"early_config_prune": _prune_fwd},
+)(_fwd_kernel)
+
+_bwd_tuned = triton.autotune(
+    configs=_bwd_configs(), key=["D", "T_KEY", "BH_KEY", "BT_F"], reset_to_zero=_STATUS_ARGS,
+    prune_configs_by={"early_config_prune": _prune_bwd},
+)(_bwd_kernel)
+
+# Interpreter blocks (tests may change them): small so that short sequences span many tiles.
+_INTERPRET_BLOCKS = {"fwd": (8, 8), "bwd": (16, 8)}
+# Tests only: use an inclusive state only every N tiles during the look-back (exercises chains
+# of aggregates); 1 in production.
+_LOOKBACK_INC_EVERY = 1
+# Forward tile length chosen by the autotuner, per tuning key (sizes the status buffer exactly).
+_FWD_BT_CHOICE: dict = {}
+
+
+def _new_output(shape, dtype, device):
+    """Allocation hook for outputs and gradients (GPU tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _key_buckets(T: int, BH: int) -> Tuple[int, int]:
+    return triton.next_power_of_2(max(T, 1)), triton.next_power_of_2(max(BH, 1))
+
+
+def _strides(x: torch.Tensor):
+    return tuple(x.stride())
+
+
+def _status(n_chunks: int, nch: int, device) -> torch.Tensor:
+    # [counter, pad to 32 words][aggregates: n_chunks x 3 x NCH][inclusive: n_chunks x 2 x NCH]
+    return torch.zeros(32 + n_chunks * 5 * nch, dtype=torch.int32, device=device)
+
+
+def _forward(g, k, v, h0k, h0v, output_final_state):
+    T, B, H, D = g.shape
+    nch = B * H * D
+    dev = g.device
+    ko = _new_output((T, B, H, D), k.dtype, dev)
+    vo = _new_output((T, B, H, D), v.dtype, dev)
+    hTk = hTv = None
+    if output_final_state:
+        hTk = _new_output((B, H, D), torch.float32, dev)
+        hTv = _new_output((B, H, D), torch.float32, dev)
+    t_key, bh_key = _key_buckets(T, B * H)
+    has_h0 = h0k is not None
+    dummy = ko
+    common = dict(D=D, HAS_H0=has_h0, STORE_FINAL=output_final_state,
+                  INC_EVERY=_LOOKBACK_INC_EVERY)
+    if _interpreting():
+        bt, bd = _INTERPRET_BLOCKS["fwd"]
+        meta = dict(BT=bt, BD=bd)
+        kernel = _fwd_kernel
+    else:
+        choice_key = (D, t_key, bh_key, g.dtype, k.dtype, v.dtype, str(dev))
+        bt = _FWD_BT_CHOICE.get(choice_key, min(_FWD_BT))
+        meta = {}
+        kernel = _fwd_tuned
+    n_alloc = triton.cdiv(T, bt)
+    status = _status(n_alloc, nch, dev)
+
+    def grid(m):
+        return (triton.cdiv(T, m["BT"]) * B * H * triton.cdiv(D, m["BD"]),)
+
+    args = (g, k, v, ko, vo,
+            h0k if has_h0 else dummy, h0v if has_h0 else dummy,
+            hTk if output_final_state else dummy, hTv if output_final_state else dummy,
+            status, n_alloc, T, H, nch,
+            *_strides(g), *_strides(k), *_strides(v), t_key, bh_key)
+    kernel[grid](*args, **common, **meta)
+    if not _interpreting():
+        bt = _fwd_tuned.best_config.kwargs["BT"]
+        _FWD_BT_CHOICE[choice_key] = bt
+    return ko, vo, hTk, hTv, status, n_alloc, bt
+
+
+def _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, fstatus, n_alloc_f, bt_f):
+    T, B, H, D = g.shape
+    nch = B * H * D
+    dev = g.device
+    dg = _new_output((T, B, H, D), g.dtype, dev)
+    dk = _new_output((T, B, H, D), k.dtype, dev)
+    dv = _new_output((T, B, H, D), v.dtype, dev)
+    has_h0 = h0k is not None
+    has_dht = dhTk is not None
+    dh0k = dh0v = None
+    if has_h0:
+        dh0k = _new_output((B, H, D), torch.float32, dev)
+        dh0v = _new_output((B, H, D), torch.float32, dev)
+    t_key, bh_key = _key_buckets(T, B * H)
+    common = dict(D=D, HAS_H0=has_h0, HAS_DHT=has_dht, INC_EVERY=_LOOKBACK_INC_EVERY)
+    if _interpreting():
+        bt, bd = _INTERPRET_BLOCKS["bwd"]
+        if bt % bt_f != 0:
+            raise ValueError(f"backward block {bt} must be a multiple of the forward block {bt_f}")
+        meta = dict(BT=bt, BD=bd)
+        kernel = _bwd_kernel
+        min_bt = bt
+    else:
+        meta = {}
+        kernel = _bwd_tuned
+        min_bt = bt_f  # every allowed backward block is a multiple of the forward block
+    n_alloc = triton.cdiv(T, min_bt)
+    status = _status(n_alloc, nch, dev)
+    dummy = dg
+
+    def grid(m):
+        return (triton.cdiv(T, m["BT"]) * B * H * triton.cdiv(D, m["BD"]),)
+
+    args = (g, k, v, dko, dvo, dg, dk, dv,
+            h0k if has_h0 else dummy, h0v if has_h0 else dummy,
+            dhTk if has_dht else dummy, dhTv if has_dht else dummy,
+            dh0k if has_h0 else dummy, dh0v if has_h0 else dummy,
+            fstatus, n_alloc_f, bt_f, status, n_alloc, T, H, nch,
+            *_strides(g), *_strides(k), *_strides(v), *_strides(dko), *_strides(dvo),
+            t_key, bh_key)
+    kernel[grid](*args, **common, **meta)
+    return dg, dk, dv, dh0k, dh0v
+
+
+class _FusedGatedRecurrence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, k, v, h0k, h0v, output_final_state):
+        ko, vo, hTk, hTv, status, n_alloc, bt = _forward(g, k, v, h0k, h0v, output_final_state)
+        ctx.save_for_backward(g, k, v, h0k, h0v, status)
+        ctx.n_alloc = n_alloc
+        ctx.bt = bt
+        return ko, vo, hTk, hTv
+
+    @staticmethod
+    def backward(ctx, dko, dvo, dhTk, dhTv):
+        g, k, v, h0k, h0v, status = ctx.saved_tensors
+        if dko is None:
+            dko = torch.zeros_like(k)
+        if dvo is None:
+            dvo = torch.zeros_like(v)
+        if (dhTk is None) != (dhTv is None):
+            dhTk = torch.zeros_like(dhTv) if dhTk is None else dhTk
+            dhTv = torch.zeros_like(dhTk) if dhTv is None else dhTv
+        if dhTk is not None:
+            dhTk = dhTk.float().contiguous()
+            dhTv = dhTv.float().contiguous()
+        dg, dk, dv, dh0k, dh0v = _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv,
+                                           status, ctx.n_alloc, ctx.bt)
+        return dg, dk, dv, dh0k, dh0v, None
+
+
+def fused_gated_recurrence(
+    g: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    initial_state: Optional[State] = None,
+    output_final_state: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[State]]:
+    """Fused Triton RAT+ recurrence; same contract as ``naive_gated_recurrence``.
+
+    ``g, k, v``: ``[T, B, H, D]`` (any strides, e.g. views of the fused projection output; no
+    copies are made), fp32/bf16/fp16. Returns ``(k~, v~, final_state)``: new contiguous
+    ``[T, B, H, D]`` tensors in ``k``'s / ``v``'s dtype and, if ``output_final_state``, the fp32
+    ``(k_T, v_T)`` of shape ``[B, H, D]``. ``initial_state = (k0, v0)``, each ``[B, H, D]``.
+    Differentiable in ``g, k, v`` and the initial state.
+    """
+    if not (g.shape == k.shape == v.shape) or g.dim() != 4:
+        raise ValueError(f"g, k, v must share one [T, B, H, D] shape, got {tuple(g.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (g.device == k.device == v.device):
+        raise ValueError("g, k, v must be on one device")
+    if g.device.type != "cuda" and not _interpreting():
+        raise RuntimeError("fused_gated_recurrence needs CUDA tensors (or TRITON_INTERPRET=1); "
+                           "use chunked_gated_recurrence on CPU")
+    for x in (g, k, v):
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"unsupported dtype {x.dtype}")
+    T, B, H, D = g.shape
+    h0k = h0v = None
+    if initial_state is not None:
+        k0, v0 = initial_state
+        if tuple(k0.shape) != (B, H, D) or tuple(v0.shape) != (B, H, D):
+            raise ValueError(f"initial_state tensors must be [B, H, D] = {(B, H, D)}")
+        h0k = k0.to(device=g.device, dtype=torch.float32).contiguous()
+        h0v = v0.to(device=g.device, dtype=torch.float32).contiguous()
+    if T == 0 or B * H * D == 0:
+        ko = k.new_empty(k.shape)
+        vo = v.new_empty(v.shape)
+        if not output_final_state:
+            return ko, vo, None
+        if h0k is None:
+            z = torch.zeros(B, H, D, dtype=torch.float32, device=g.device)
+            return ko, vo, (z, z.clone())
+        return ko, vo, (h0k, h0v)
+    if g.device.type == "cuda":
+        with torch.cuda.device(g.device):
+            ko, vo, hTk, hTv = _FusedGatedRecurrence.apply(g, k, v, h0k, h0v, bool(output_final_state))
+    else:
+        ko, vo, hTk, hTv = _FusedGatedRecurrence.apply(g, k, v, h0k, h0v, bool(output_final_state))
+    final = (hTk, hTv) if output_final_state else None
+    return ko, vo, final

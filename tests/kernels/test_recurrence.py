@@ -1,0 +1,236 @@
+"""RAT+ gated recurrence: fused Triton kernel and chunked reference against the literal time loop.
+
+On CPU the fused kernels run under the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1) at small shapes with small fixed blocks, so short sequences span many time
+tiles and exercise the look-back carries. Tests marked ``gpu`` use realistic shapes and the
+autotuned kernels, with every output allocation poisoned with NaN.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ratplus_kernels.recurrence.fused as fused_mod
+from ratplus_kernels.recurrence import (
+    chunked_gated_recurrence,
+    fused_gated_recurrence,
+    naive_gated_recurrence,
+)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values (unwritten or overflowed elements)"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _fused_inputs(T, B, H, D, dtype, device=DEV, gate_shift=2.0, gate_scale=1.0, seed=0):
+    """g, k, v as strided views of one fused [T, B, H, 5, D] projection output (Megatron layout)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(T, B, H, 5, D, generator=gen)
+    x[:, :, :, 4] = x[:, :, :, 4] * gate_scale + gate_shift       # gates: mostly long memory
+    x[:, :, :, 2:4] += 0.5                                         # nonzero-mean k, v: carries matter
+    x = x.to(device=device, dtype=dtype).requires_grad_(True)
+    g, k, v = x[:, :, :, 4], x[:, :, :, 2], x[:, :, :, 3]
+    return x, g, k, v
+
+
+def _init_state(B, H, D, device=DEV, seed=1):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    k0 = torch.randn(B, H, D, generator=gen).to(device).requires_grad_(True)
+    v0 = torch.randn(B, H, D, generator=gen).to(device).requires_grad_(True)
+    return k0, v0
+
+
+def _outputs(res, final):
+    ko, vo, st = res
+    return [ko, vo] + (list(st) if final else [])
+
+
+def _compare(impl, ref, x, init, final, g, k, v, tol_out, tol_grad, seed=2):
+    """Run ``impl`` and ``ref`` on the same inputs and upstream gradients; compare everything."""
+    out = _outputs(impl(g, k, v, init, final), final)
+    ref_out = _outputs(ref(g, k, v, init, final), final)
+    assert out[0].dtype == k.dtype and out[1].dtype == v.dtype
+    assert out[0].shape == k.shape
+    if final:
+        assert out[2].dtype == torch.float32 and out[2].shape == k.shape[1:]
+    for o, r in zip(out, ref_out):
+        assert _rel(o, r) < tol_out
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    grads = [torch.randn(o.shape, generator=gen).to(o.device, o.dtype) for o in out]
+    leaves = [x] + (list(init) if init is not None else [])
+    got = torch.autograd.grad(out, leaves, grads)
+    exp = torch.autograd.grad(ref_out, leaves, grads)
+    for a, b in zip(got, exp):
+        assert a.dtype == b.dtype
+        assert _rel(a, b) < tol_grad
+    # the gradient of the two unused fused blocks (q, o) must be exactly zero
+    assert got[0][:, :, :, :2].abs().max().item() == 0.0
+    return out, got
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference vs reference
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("T,chunk", [(1, 4), (37, 8), (64, 16), (50, 64)])
+@pytest.mark.parametrize("with_init", [False, True])
+def test_chunked_reference_matches_naive(T, chunk, with_init):
+    x, g, k, v = _fused_inputs(T, 2, 2, 8, torch.float32, device="cpu", gate_scale=3.0)
+    init = _init_state(2, 2, 8, device="cpu") if with_init else None
+
+    def chunked(g, k, v, init, final):
+        return chunked_gated_recurrence(g, k, v, init, final, chunk_size=chunk)
+
+    _compare(chunked, naive_gated_recurrence, x, init, True, g, k, v, 2e-6, 2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused kernel vs the literal loop (interpreter on CPU)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "T,with_init,final",
+    [
+        (37, True, True),    # odd T, 5 forward tiles of 8 (last partial), 3 backward tiles of 16
+        (37, False, False),
+        (16, False, True),   # multiple of the tile
+        (1, True, True),     # single step
+        (9, True, False),    # one tile plus one step
+    ],
+)
+def test_fused_fp32(T, with_init, final):
+    B, H, D = 1, 2, 16
+    x, g, k, v = _fused_inputs(T, B, H, D, torch.float32, gate_scale=2.0)
+    init = _init_state(B, H, D) if with_init else None
+    _compare(fused_gated_recurrence, naive_gated_recurrence, x, init, final, g, k, v, 1e-5, 1e-5)
+
+
+def test_fused_bf16_views():
+    B, H, D = 1, 2, 16
+    x, g, k, v = _fused_inputs(29, B, H, D, torch.bfloat16)
+    assert not g.is_contiguous() and g.stride(-1) == 1
+    init = _init_state(B, H, D)
+    # the reference also rounds its outputs to bf16 once: differences are 1-ulp roundings
+    _compare(fused_gated_recurrence, naive_gated_recurrence, x, init, True, g, k, v, 1e-2, 1e-2)
+
+
+def test_fused_fp16_head_dim_not_multiple_of_block():
+    # D = 12 with 8-channel blocks: the second block of each head is partly masked
+    x, g, k, v = _fused_inputs(19, 2, 1, 12, torch.float16)
+    _compare(fused_gated_recurrence, naive_gated_recurrence, x, None, True, g, k, v, 5e-3, 5e-3)
+
+
+def test_fused_aggregate_chains(monkeypatch):
+    """Force the look-back through chains of up to 3 aggregates before an inclusive state (in
+    the interpreter programs run in order, so inclusive states would otherwise always be ready)."""
+    monkeypatch.setattr(fused_mod, "_LOOKBACK_INC_EVERY", 4)
+    B, H, D = 1, 2, 16
+    x, g, k, v = _fused_inputs(61, B, H, D, torch.float32, gate_shift=4.0)
+    init = _init_state(B, H, D)
+    _compare(fused_gated_recurrence, naive_gated_recurrence, x, init, True, g, k, v, 1e-5, 1e-5)
+
+
+def test_fused_backward_block_equal_to_forward_block(monkeypatch):
+    monkeypatch.setitem(fused_mod._INTERPRET_BLOCKS, "fwd", (8, 16))
+    monkeypatch.setitem(fused_mod._INTERPRET_BLOCKS, "bwd", (8, 16))
+    B, H, D = 1, 2, 16
+    x, g, k, v = _fused_inputs(21, B, H, D, torch.float32)
+    init = _init_state(B, H, D)
+    _compare(fused_gated_recurrence, naive_gated_recurrence, x, init, True, g, k, v, 1e-5, 1e-5)
+
+
+def test_fused_extreme_gates_and_other_strides():
+    """a -> 0 and a -> 1 exactly in fp32, and inputs that are transposes / strided on every dim."""
+    T, B, H, D = 17, 2, 1, 8
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    base = torch.randn(B, T, D, H, 2, 3, generator=gen)
+    base[..., 0, 0] = torch.where(base[..., 0, 0] > 0, 40.0, -40.0)   # saturated gates
+    base = base.to(DEV).requires_grad_(True)
+    g = base[..., 0, 0].permute(1, 0, 3, 2)                        # [T, B, H, D], stride_d != 1
+    k = base[..., 1, 1].permute(1, 0, 3, 2)
+    v = base[..., 0, 2].permute(1, 0, 3, 2)
+    assert g.stride(-1) != 1
+    out = _outputs(fused_gated_recurrence(g, k, v, None, True), True)
+    ref = _outputs(naive_gated_recurrence(g, k, v, None, True), True)
+    for o, r in zip(out, ref):
+        assert _rel(o, r) < 1e-6
+    grads = [torch.ones_like(o) for o in out]
+    got = torch.autograd.grad(out, [base], grads)[0]
+    exp = torch.autograd.grad(ref, [base], grads)[0]
+    assert _rel(got, exp) < 1e-5
+
+
+def test_fused_empty_and_errors():
+    g = torch.zeros(0, 1, 2, 8, device=DEV)
+    ko, vo, st = fused_gated_recurrence(g, g, g, None, True)
+    assert ko.shape == g.shape and st[0].shape == (1, 2, 8) and st[0].abs().sum() == 0
+    with pytest.raises(ValueError):
+        fused_gated_recurrence(torch.zeros(3, 1, 2, 8), torch.zeros(3, 1, 2, 4), torch.zeros(3, 1, 2, 8))
+    with pytest.raises(ValueError):
+        x = torch.zeros(3, 1, 2, 8, device=DEV)
+        fused_gated_recurrence(x, x, x, (torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)))
+
+
+def test_exported_from_package():
+    import ratplus_kernels
+
+    assert ratplus_kernels.fused_gated_recurrence is fused_gated_recurrence
+    assert "fused_gated_recurrence" in ratplus_kernels.recurrence.__all__
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: realistic shapes, autotuned kernels, NaN-poisoned outputs
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(fused_mod, "_new_output", nan_empty)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "T,B,H,D,dtype,with_init",
+    [
+        (4096, 2, 16, 128, torch.bfloat16, False),
+        (4096, 2, 16, 128, torch.float32, True),
+        (1000, 3, 5, 64, torch.bfloat16, True),      # T not a multiple of any block, odd heads
+        (65536, 1, 2, 128, torch.bfloat16, True),    # long sequence, few channels
+        (65536, 1, 1, 128, torch.float32, False),
+    ],
+)
+def test_gpu_matches_reference(poisoned_outputs, T, B, H, D, dtype, with_init):
+    # gates near 1 (a ~ 0.95..0.9999): the state carries across hundreds of tiles
+    x, g, k, v = _fused_inputs(T, B, H, D, dtype, gate_shift=6.0, gate_scale=2.0, seed=T + B)
+    init = _init_state(B, H, D) if with_init else None
+
+    def reference(g, k, v, init, final):
+        # fp32 chunked reference on the same (already rounded) inputs; exact to fp32 rounding
+        return chunked_gated_recurrence(g, k, v, init, final, chunk_size=64)
+
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    _compare(fused_gated_recurrence, reference, x, init, True, g, k, v, tol, tol)
+
+
+@pytest.mark.gpu
+def test_gpu_matches_naive_loop_fp32(poisoned_outputs):
+    x, g, k, v = _fused_inputs(777, 2, 3, 128, torch.float32, gate_shift=3.0, gate_scale=3.0)
+    init = _init_state(2, 3, 128)
+    _compare(fused_gated_recurrence, naive_gated_recurrence, x, init, True, g, k, v, 1e-5, 1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_repeatable(poisoned_outputs):
+    """Same inputs twice: bitwise-identical outputs and gradients (a race would show here)."""
+    x, g, k, v = _fused_inputs(16384, 2, 16, 128, torch.bfloat16, gate_shift=6.0, seed=5)
+    res = []
+    for _ in range(3):
+        ko, vo, st = fused_gated_recurrence(g, k, v, None, True)
+        gx = torch.autograd.grad([ko, vo], [x], [ko.detach(), vo.detach()])[0]
+        res.append((ko, vo, st[0], st[1], gx))
+    for other in res[1:]:
+        for a, b in zip(res[0], other):
+            assert torch.equal(a, b)
