@@ -8,9 +8,8 @@ autotuned kernels, with every output allocation poisoned with NaN.
 from __future__ import annotations
 
 import pytest
-import torch
-
 import ratplus_kernels.recurrence.fused as fused_mod
+import torch
 from ratplus_kernels.recurrence import (
     chunked_gated_recurrence,
     fused_gated_recurrence,

@@ -332,16 +332,17 @@ _STATUS_ARGS = ["status_ptr"]
 
 def _fwd_configs():
     cfgs = []
-    for bt, bd, nw in [(32, 64, 4), (64, 32, 4), (64, 64, 4), (64, 64, 8), (128, 32, 4),
-                       (128, 64, 8), (32, 128, 4), (64, 128, 8)]:
+    # about 16 fp32 elements of each [BT, BD] tile per thread: the tiles live in registers
+    for bt, bd, nw in [(32, 64, 4), (64, 32, 4), (64, 64, 8), (128, 32, 8), (32, 128, 8)]:
         cfgs.append(triton.Config({"BT": bt, "BD": bd}, num_warps=nw, num_stages=1))
     return cfgs
 
 
 def _bwd_configs():
     cfgs = []
-    for bt, bd, nw in [(32, 32, 4), (32, 64, 4), (32, 64, 8), (64, 32, 4), (64, 32, 8),
-                       (64, 64, 8), (128, 32, 8)]:
+    # more tiles live than in the forward: about 8 elements of each tile per thread, and at least
+    # one block for each forward tile length (the backward block must be a multiple of it)
+    for bt, bd, nw in [(32, 32, 4), (32, 64, 8), (64, 32, 8), (64, 64, 8), (128, 32, 8)]:
         cfgs.append(triton.Config({"BT": bt, "BD": bd}, num_warps=nw, num_stages=1))
     return cfgs
 
@@ -381,8 +382,8 @@ _INTERPRET_BLOCKS = {"fwd": (8, 8), "bwd": (16, 8)}
 # Tests only: use an inclusive state only every N tiles during the look-back (exercises chains
 # of aggregates); 1 in production.
 _LOOKBACK_INC_EVERY = 1
-# Forward tile length chosen by the autotuner, per tuning key (sizes the status buffer exactly).
-_FWD_BT_CHOICE: dict = {}
+# Launch kwargs chosen by the autotuner, per shape/dtype key.
+_TUNED: dict = {}
 
 
 def _new_output(shape, dtype, device):
@@ -403,6 +404,24 @@ def _status(n_chunks: int, nch: int, device) -> torch.Tensor:
     return torch.zeros(32 + n_chunks * 5 * nch, dtype=torch.int32, device=device)
 
 
+def _grid(T, B, H, D):
+    def grid(m):
+        return (triton.cdiv(T, m["BT"]) * B * H * triton.cdiv(D, m["BD"]),)
+    return grid
+
+
+def _select_config(key, tuned, launch, n_alloc_for_tuning, nch, dev):
+    """Block sizes for ``key``: tuned once by ``triton.autotune`` on a throwaway status buffer
+    (the autotuner reruns the kernel many times), then reused. Returns launch kwargs."""
+    cfg = _TUNED.get(key)
+    if cfg is None:
+        launch(tuned, _status(n_alloc_for_tuning, nch, dev), n_alloc_for_tuning, {})
+        best = tuned.best_config
+        cfg = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
+        _TUNED[key] = cfg
+    return cfg
+
+
 def _forward(g, k, v, h0k, h0v, output_final_state):
     T, B, H, D = g.shape
     nch = B * H * D
@@ -416,32 +435,28 @@ def _forward(g, k, v, h0k, h0v, output_final_state):
     t_key, bh_key = _key_buckets(T, B * H)
     has_h0 = h0k is not None
     dummy = ko
-    common = dict(D=D, HAS_H0=has_h0, STORE_FINAL=output_final_state,
-                  INC_EVERY=_LOOKBACK_INC_EVERY)
+    common = {"D": D, "HAS_H0": has_h0, "STORE_FINAL": output_final_state,
+              "INC_EVERY": _LOOKBACK_INC_EVERY}
+    grid = _grid(T, B, H, D)
+
+    def launch(kernel, status, n_alloc, meta):
+        kernel[grid](g, k, v, ko, vo,
+                     h0k if has_h0 else dummy, h0v if has_h0 else dummy,
+                     hTk if output_final_state else dummy, hTv if output_final_state else dummy,
+                     status, n_alloc, T, H, nch,
+                     *_strides(g), *_strides(k), *_strides(v), t_key, bh_key, **common, **meta)
+
     if _interpreting():
         bt, bd = _INTERPRET_BLOCKS["fwd"]
-        meta = dict(BT=bt, BD=bd)
-        kernel = _fwd_kernel
+        meta = {"BT": bt, "BD": bd}
     else:
-        choice_key = (D, t_key, bh_key, g.dtype, k.dtype, v.dtype, str(dev))
-        bt = _FWD_BT_CHOICE.get(choice_key, min(_FWD_BT))
-        meta = {}
-        kernel = _fwd_tuned
+        key = ("fwd", D, t_key, bh_key, g.dtype, k.dtype, v.dtype, has_h0, output_final_state,
+               _LOOKBACK_INC_EVERY, str(dev))
+        meta = _select_config(key, _fwd_tuned, launch, triton.cdiv(T, min(_FWD_BT)), nch, dev)
+    bt = meta["BT"]
     n_alloc = triton.cdiv(T, bt)
     status = _status(n_alloc, nch, dev)
-
-    def grid(m):
-        return (triton.cdiv(T, m["BT"]) * B * H * triton.cdiv(D, m["BD"]),)
-
-    args = (g, k, v, ko, vo,
-            h0k if has_h0 else dummy, h0v if has_h0 else dummy,
-            hTk if output_final_state else dummy, hTv if output_final_state else dummy,
-            status, n_alloc, T, H, nch,
-            *_strides(g), *_strides(k), *_strides(v), t_key, bh_key)
-    kernel[grid](*args, **common, **meta)
-    if not _interpreting():
-        bt = _fwd_tuned.best_config.kwargs["BT"]
-        _FWD_BT_CHOICE[choice_key] = bt
+    launch(_fwd_kernel, status, n_alloc, meta)
     return ko, vo, hTk, hTv, status, n_alloc, bt
 
 
@@ -459,33 +474,32 @@ def _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, fstatus, n_alloc_f, bt_f)
         dh0k = _new_output((B, H, D), torch.float32, dev)
         dh0v = _new_output((B, H, D), torch.float32, dev)
     t_key, bh_key = _key_buckets(T, B * H)
-    common = dict(D=D, HAS_H0=has_h0, HAS_DHT=has_dht, INC_EVERY=_LOOKBACK_INC_EVERY)
+    common = {"D": D, "HAS_H0": has_h0, "HAS_DHT": has_dht, "INC_EVERY": _LOOKBACK_INC_EVERY}
+    dummy = dg
+    grid = _grid(T, B, H, D)
+
+    def launch(kernel, status, n_alloc, meta):
+        kernel[grid](g, k, v, dko, dvo, dg, dk, dv,
+                     h0k if has_h0 else dummy, h0v if has_h0 else dummy,
+                     dhTk if has_dht else dummy, dhTv if has_dht else dummy,
+                     dh0k if has_h0 else dummy, dh0v if has_h0 else dummy,
+                     fstatus, n_alloc_f, bt_f, status, n_alloc, T, H, nch,
+                     *_strides(g), *_strides(k), *_strides(v), *_strides(dko), *_strides(dvo),
+                     t_key, bh_key, **common, **meta)
+
     if _interpreting():
         bt, bd = _INTERPRET_BLOCKS["bwd"]
-        if bt % bt_f != 0:
-            raise ValueError(f"backward block {bt} must be a multiple of the forward block {bt_f}")
-        meta = dict(BT=bt, BD=bd)
-        kernel = _bwd_kernel
-        min_bt = bt
+        meta = {"BT": bt, "BD": bd}
     else:
-        meta = {}
-        kernel = _bwd_tuned
-        min_bt = bt_f  # every allowed backward block is a multiple of the forward block
-    n_alloc = triton.cdiv(T, min_bt)
+        key = ("bwd", D, t_key, bh_key, bt_f, g.dtype, k.dtype, v.dtype, dko.dtype, dvo.dtype,
+               has_h0, has_dht, _LOOKBACK_INC_EVERY, str(dev))
+        # every backward block allowed by the pruning is a multiple of the forward block
+        meta = _select_config(key, _bwd_tuned, launch, triton.cdiv(T, bt_f), nch, dev)
+    if meta["BT"] % bt_f != 0:
+        raise ValueError(f"backward block {meta['BT']} must be a multiple of the forward block {bt_f}")
+    n_alloc = triton.cdiv(T, meta["BT"])
     status = _status(n_alloc, nch, dev)
-    dummy = dg
-
-    def grid(m):
-        return (triton.cdiv(T, m["BT"]) * B * H * triton.cdiv(D, m["BD"]),)
-
-    args = (g, k, v, dko, dvo, dg, dk, dv,
-            h0k if has_h0 else dummy, h0v if has_h0 else dummy,
-            dhTk if has_dht else dummy, dhTv if has_dht else dummy,
-            dh0k if has_h0 else dummy, dh0v if has_h0 else dummy,
-            fstatus, n_alloc_f, bt_f, status, n_alloc, T, H, nch,
-            *_strides(g), *_strides(k), *_strides(v), *_strides(dko), *_strides(dvo),
-            t_key, bh_key)
-    kernel[grid](*args, **common, **meta)
+    launch(_bwd_kernel, status, n_alloc, meta)
     return dg, dk, dv, dh0k, dh0v
 
 

@@ -1,0 +1,252 @@
+"""Benchmark the fused RAT+ recurrence against the reference formulations (issue 3).
+
+    PYTHONPATH=kernels:. python tools/bench/bench_recurrence.py [--no-ref] [--no-fla] [--quick]
+
+Prints the device, the measured device-to-device copy bandwidth, then for H x D = 16 x 128, bf16,
+and T in {1024, 4096, 16384, 65536} at B*T = 65536 tokens (plus the DESIGN.md anchor B=4, T=4096):
+
+* median ms of the fused kernel forward and forward+backward (triton.testing.do_bench, L2 flushed
+  between repetitions), with the achieved GB/s over the bytes the op must move
+  (forward: read g, k, v, write k~, v~ = 5 tensors; backward: read g, k, v, dk~, dv~, write dg, dk,
+  dv = 8 tensors) and that as a fraction of the measured copy bandwidth;
+* (a) the torch associative_scan formulation of the reference RAT+ code: fp32 gate sigmoid,
+  the gate repeated for the k and v halves, ``(1 - a) * cat(k, v)`` in a [B, H, T, 2D] layout,
+  ``torch._higher_order_ops.associative_scan`` (combine_mode="generic") in a torch.compile'd
+  autograd Function whose backward is the reverse scan, outputs cast back to bf16. Timed end to end
+  from the same bf16 [T, B, H, D] inputs to bf16 outputs;
+* (b) flash-linear-attention ``chunk_hgrn`` (bf16, [B, T, 2 H D], log-gate) when importable; only
+  the chunk_hgrn call is timed (its input preparation is excluded, which favours fla).
+
+Backward timings take gradients with respect to g, k, v themselves (torch.autograd.grad), so the
+views' scatter into a fused projection gradient is not counted for any of the methods.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+import ratplus_kernels.recurrence.fused as fused_mod
+from ratplus_kernels.recurrence import fused_gated_recurrence
+
+H, D = 16, 128
+SHAPES = [(64, 1024), (16, 4096), (4, 16384), (1, 65536), (4, 4096)]  # (B, T); last = anchor
+ANCHOR = {"ref_ms": 2.35, "fla_ms": 2.0, "target_ms": 0.25}  # DESIGN.md §4, fwd+bwd, B=4 T=4096
+
+
+def bench(fn, rep=200):
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (GB/s)."""
+    n = 1 << 28  # 256 Mi floats = 1 GiB
+    src = torch.empty(n, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+# ------------------------------------------------------------------------------------------------
+# (a) the reference formulation: compiled torch associative_scan in fp32
+# ------------------------------------------------------------------------------------------------
+def _affine(left, right):
+    a_l, x_l = left
+    a_r, x_r = right
+    return a_r * a_l, a_r * x_l + x_r
+
+
+def _scan_fwd(a, x):
+    from torch._higher_order_ops.associative_scan import associative_scan
+
+    return associative_scan(_affine, (a, x), dim=2, combine_mode="generic")[1]
+
+
+def _scan_bwd(a, h, dh):
+    from torch._higher_order_ops.associative_scan import associative_scan
+
+    a_next = F.pad(a[:, :, 1:], (0, 0, 0, 1))                 # a_{t+1}, 0 past the end
+    dx = associative_scan(_affine, (a_next, dh), dim=2, reverse=True, combine_mode="generic")[1]
+    da = torch.zeros_like(h)
+    da[:, :, 1:] = h[:, :, :-1] * dx[:, :, 1:]
+    return da, dx
+
+
+_scan_fwd_c = torch.compile(_scan_fwd, dynamic=False, fullgraph=True)
+_scan_bwd_c = torch.compile(_scan_bwd, dynamic=False, fullgraph=True)
+
+
+class _RefScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, x):
+        h = _scan_fwd_c(a, x)
+        ctx.save_for_backward(a, h)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        a, h = ctx.saved_tensors
+        return _scan_bwd_c(a, h, dh.contiguous())
+
+
+def reference_recurrence(g, k, v):
+    """[T, B, H, D] bf16 in, [B, H, T, D] bf16 out (the reference code's attention layout)."""
+    a = torch.sigmoid(g.float()).permute(1, 2, 0, 3)              # [B, H, T, D]
+    a2 = a.repeat(1, 1, 1, 2)
+    kv = torch.cat([k, v], dim=-1).permute(1, 2, 0, 3).float()
+    h = _RefScan.apply(a2, (1.0 - a2) * kv)
+    d = g.shape[-1]
+    return h[..., :d].to(k.dtype), h[..., d:].to(v.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+def make_inputs(B, T, dtype=torch.bfloat16, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(T, B, H, 5, D, device="cuda", dtype=dtype)
+    x[:, :, :, 4] += 3.0                                      # gates around a = 0.95
+    x.requires_grad_(True)
+    g, k, v = x[:, :, :, 4], x[:, :, :, 2], x[:, :, :, 3]   # strided views, as in the layer
+    return x, g, k, v
+
+
+def timed_pair(fwd, inputs, grads):
+    """(forward ms, forward+backward ms) of ``fwd(*inputs) -> outputs``."""
+    def f_only():
+        with torch.no_grad():
+            fwd(*inputs)
+
+    def f_and_b():
+        outs = fwd(*inputs)
+        torch.autograd.grad(outs, inputs, grads)
+
+    return bench(f_only), bench(f_and_b)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--no-ref", action="store_true", help="skip the torch associative_scan reference")
+    ap.add_argument("--no-fla", action="store_true", help="skip fla chunk_hgrn")
+    ap.add_argument("--quick", action="store_true", help="anchor shape only")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 1
+    torch._dynamo.config.cache_size_limit = 64
+    chunk_hgrn = None
+    if not args.no_fla:
+        try:
+            from fla.ops.hgrn import chunk_hgrn
+        except Exception as e:  # noqa: BLE001
+            print(f"fla chunk_hgrn not importable ({type(e).__name__}: {e}); column skipped")
+
+    dev = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    print(f"device: {dev}   torch {torch.__version__}   triton {triton.__version__}")
+    print(f"measured device copy bandwidth: {bw:.0f} GB/s (read + write)")
+    shapes = [(4, 4096)] if args.quick else SHAPES
+    rows = []
+    for B, T in shapes:
+        t0 = time.time()
+        x, g, k, v = make_inputs(B, T)
+        n = T * B * H * D
+        esz = x.element_size()
+        bytes_f, bytes_fb = 5 * n * esz, 13 * n * esz
+        dko = torch.randn(T, B, H, D, device="cuda", dtype=x.dtype)
+        dvo = torch.randn_like(dko)
+
+        def fused(g, k, v):
+            ko, vo, _ = fused_gated_recurrence(g, k, v)
+            return ko, vo
+
+        fused(g, k, v)  # autotune outside the timings
+        torch.autograd.grad(fused(g, k, v), (g, k, v), (dko, dvo))
+        f_ms, fb_ms = timed_pair(fused, (g, k, v), (dko, dvo))
+        row = {"B": B, "T": T, "f": f_ms, "fb": fb_ms,
+               "gbs_f": bytes_f / f_ms / 1e6, "gbs_fb": bytes_fb / fb_ms / 1e6,
+               "floor_fb": bytes_fb / (bw * 1e9) * 1e3}
+        tkey, bhkey = triton.next_power_of_2(T), triton.next_power_of_2(B * H)
+        row["cfg"] = " ".join(f"{key[0]}:{c['BT']}x{c['BD']}w{c['num_warps']}"
+                              for key, c in fused_mod._TUNED.items()
+                              if key[1:4] == (D, tkey, bhkey))
+
+        if not args.no_ref:
+            try:
+                dk_ref = dko.permute(1, 2, 0, 3).contiguous()
+                dv_ref = dvo.permute(1, 2, 0, 3).contiguous()
+                ko_r, vo_r = reference_recurrence(g, k, v)
+                ko_f, vo_f, _ = fused_gated_recurrence(g, k, v)
+                err = max(((ko_r.float() - ko_f.permute(1, 2, 0, 3).float()).norm()
+                           / ko_r.float().norm()).item(),
+                          ((vo_r.float() - vo_f.permute(1, 2, 0, 3).float()).norm()
+                           / vo_r.float().norm()).item())
+                row["ref_err"] = err
+                rf, rfb = timed_pair(reference_recurrence, (g, k, v), (dk_ref, dv_ref))
+                row.update(ref_f=rf, ref_fb=rfb)
+            except Exception as e:  # noqa: BLE001
+                print(f"  reference failed at B={B} T={T}: {type(e).__name__}: {e}")
+        if chunk_hgrn is not None:
+            try:
+                with torch.no_grad():
+                    a = torch.sigmoid(g.float())
+                    xh = ((1 - a).repeat(1, 1, 1, 2) * torch.cat([k, v], -1).float())
+                    xh = xh.permute(1, 0, 2, 3).reshape(B, T, 2 * H * D).to(x.dtype).contiguous()
+                    gl = F.logsigmoid(g.float()).repeat(1, 1, 1, 2).permute(1, 0, 2, 3)
+                    gl = gl.reshape(B, T, 2 * H * D).to(x.dtype).contiguous()
+                xh.requires_grad_(True)
+                gl.requires_grad_(True)
+                do = torch.randn_like(xh)
+
+                def fla(xh, gl):
+                    return chunk_hgrn(xh, gl)[0]
+
+                torch.autograd.grad(fla(xh, gl), (xh, gl), do)
+                ff, ffb = timed_pair(fla, (xh, gl), (do,))
+                row.update(fla_f=ff, fla_fb=ffb)
+            except Exception as e:  # noqa: BLE001
+                print(f"  fla failed at B={B} T={T}: {type(e).__name__}: {e}")
+        rows.append(row)
+        print(f"  B={B} T={T}: fused fwd {f_ms:.3f} ms, fwd+bwd {fb_ms:.3f} ms"
+              f" [{row['cfg']}] ({time.time() - t0:.0f}s)", flush=True)
+        del x, g, k, v, dko, dvo
+        torch.cuda.empty_cache()
+
+    def fmt(v, spec=".3f"):
+        return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+    print()
+    print(f"H={H} D={D} bf16, {dev}, copy {bw:.0f} GB/s; GB/s over 5 (fwd) / 13 (fwd+bwd) tensor passes")
+    hdr = ("| B | T | fused fwd ms | fwd GB/s (% copy) | fused fwd+bwd ms | fwd+bwd GB/s (% copy) | "
+           "HBM floor fwd+bwd ms | ref assoc_scan fwd / fwd+bwd ms | speedup fwd / fwd+bwd | "
+           "fla chunk_hgrn fwd / fwd+bwd ms | speedup fwd / fwd+bwd |")
+    print(hdr)
+    print("|" + "---|" * (hdr.count("|") - 1))
+    for r in rows:
+        ref = (f"{fmt(r.get('ref_f'))} / {fmt(r.get('ref_fb'))}",
+               f"{fmt(r['ref_f'] / r['f'], '.1f')}x / {fmt(r['ref_fb'] / r['fb'], '.1f')}x"
+               if "ref_f" in r else "—")
+        fl = (f"{fmt(r.get('fla_f'))} / {fmt(r.get('fla_fb'))}",
+              f"{fmt(r['fla_f'] / r['f'], '.1f')}x / {fmt(r['fla_fb'] / r['fb'], '.1f')}x"
+              if "fla_f" in r else "—")
+        print(f"| {r['B']} | {r['T']} | {r['f']:.3f} | {r['gbs_f']:.0f} ({100 * r['gbs_f'] / bw:.0f}%) | "
+              f"{r['fb']:.3f} | {r['gbs_fb']:.0f} ({100 * r['gbs_fb'] / bw:.0f}%) | {r['floor_fb']:.3f} | "
+              f"{ref[0]} | {ref[1]} | {fl[0]} | {fl[1]} |")
+    anchor = [r for r in rows if (r["B"], r["T"]) == (4, 4096)]
+    if anchor:
+        r = anchor[-1]
+        print(f"\nanchor B=4 T=4096 fwd+bwd: fused {r['fb']:.3f} ms; target {ANCHOR['target_ms']} ms; "
+              f"vs DESIGN.md anchors: reference {ANCHOR['ref_ms']} ms -> {ANCHOR['ref_ms'] / r['fb']:.1f}x, "
+              f"fla {ANCHOR['fla_ms']} ms -> {ANCHOR['fla_ms'] / r['fb']:.1f}x")
+    errs = [r["ref_err"] for r in rows if "ref_err" in r]
+    if errs:
+        print(f"max relative difference fused vs reference outputs (bf16): {max(errs):.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
