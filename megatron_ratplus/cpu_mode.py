@@ -12,7 +12,7 @@ What it does, only when ``torch.cuda.is_available()`` is False:
   (``"cuda"``, ``"cuda:N"``, ``torch.device("cuda")``, and bare integer device indices) to CPU
   for tensor factories and ``Tensor.to``/``Tensor.cuda``;
 * turns ``torch.cuda.synchronize/set_device/empty_cache`` into no-ops, makes
-  ``current_device()`` return 0 (mapped to CPU by the mode), and gives ``torch.cuda.Stream``,
+  ``current_device()`` return ``"cpu"``, and gives ``torch.cuda.Stream``,
   ``Event`` and ``stream()`` harmless CPU stand-ins;
 * maps the CUDA RNG API used by Megatron's ``CudaRNGStatesTracker`` onto the CPU generator, so
   ``model_parallel_cuda_manual_seed`` and the tracker's ``fork()`` work;
@@ -115,7 +115,10 @@ def _patch_cuda_module() -> None:
     cuda.synchronize = _noop
     cuda.set_device = _noop
     cuda.empty_cache = _noop
-    cuda.current_device = _zero
+    # A device string rather than an index: backward passes run on autograd's worker threads, where
+    # the (thread-local) function mode is not active, and Megatron allocates there with
+    # ``device=torch.cuda.current_device()``.
+    cuda.current_device = lambda: "cpu"
     cuda.device_count = lambda: 1
     cuda.Stream = _CpuStream
     cuda.Event = _CpuEvent

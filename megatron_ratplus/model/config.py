@@ -118,9 +118,16 @@ class RATPlusModelArgs:
         return 3.0 * (2.0 * per_layer_matmul * L + 2.0 * d * vocab + 2.0 * seq_len * d * L)
 
 
-def pad_vocab_size(vocab_size: int, tensor_parallel_size: int, divisible_by: int = 128) -> int:
-    """Megatron convention: pad the vocab so every TP shard of the embedding is equal and aligned."""
-    multiple = divisible_by * tensor_parallel_size
+def pad_vocab_size(vocab_size: int, tensor_parallel_size: int = 1, divisible_by: int = 128) -> int:
+    """Pad the vocab so every TP shard of the embedding/head is equal and aligned.
+
+    Unlike Megatron-LM's ``divisible_by * tp`` rule, the padded size does not depend on TP when
+    ``divisible_by`` is a multiple of TP (every power-of-two TP up to 128): checkpoints then
+    reshard across TP sizes without changing the model.
+    """
+    multiple = divisible_by
+    while multiple % tensor_parallel_size:
+        multiple += divisible_by
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 

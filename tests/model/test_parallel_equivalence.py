@@ -1,0 +1,45 @@
+"""TP / SP / PP give the same loss and gradients as TP=PP=1 (torchrun, 2 processes, gloo)."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from ..torchrun import torchrun
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+
+
+def run(tmp_path, name, *flags, nproc):
+    out = tmp_path / f"{name}.pt"
+    torchrun(WORKER, *flags, "--out", out, nproc=nproc)
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def baselines(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tp1")
+    return {mode: run(tmp, f"tp1_{mode}", "--mode", mode, nproc=1) for mode in ("dense", "sparse")}
+
+
+def assert_same(result, reference):
+    assert abs(result["loss"] - reference["loss"]) < 1e-5, (result["loss"], reference["loss"])
+    assert result["grads"].keys() == reference["grads"].keys()
+    for name, g in reference["grads"].items():
+        torch.testing.assert_close(result["grads"][name], g, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags,mode", [
+    (("--tp", "2"), "dense"),
+    (("--tp", "2", "--sp"), "sparse"),
+    (("--tp", "2", "--sp"), "dense"),
+    (("--pp", "2"), "sparse"),
+], ids=["tp2-dense", "tp2-sp-sparse", "tp2-sp-dense", "pp2-sparse"])
+def test_layout_matches_single_process(tmp_path, baselines, flags, mode):
+    result = run(tmp_path, "run", *flags, "--mode", mode, nproc=2)
+    assert_same(result, baselines[mode])
+
+
+def test_sparse_and_dense_baselines_differ(baselines):
+    assert abs(baselines["dense"]["loss"] - baselines["sparse"]["loss"]) > 1e-4
