@@ -14,6 +14,7 @@ What it does, only when ``torch.cuda.is_available()`` is False:
 * turns ``torch.cuda.synchronize/set_device/empty_cache`` into no-ops, makes
   ``current_device()`` return ``"cpu"``, and gives ``torch.cuda.Stream``,
   ``Event`` and ``stream()`` harmless CPU stand-ins;
+* reports CUDA type strings from ``Tensor.type()`` (Megatron's gradient clipping asserts them);
 * maps the CUDA RNG API used by Megatron's ``CudaRNGStatesTracker`` onto the CPU generator, so
   ``model_parallel_cuda_manual_seed`` and the tracker's ``fork()`` work;
 * makes ``torch.cuda.memory_*`` report 0.
@@ -53,6 +54,10 @@ class _CudaToCpuMode(TorchFunctionMode):
             return args[0]
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu") + tuple(args[2:])
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Megatron's grad clipping asserts 'torch.cuda.FloatTensor' type strings.
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         if func is torch.Tensor.pin_memory or func is torch.Tensor.is_pinned:
             return args[0] if func is torch.Tensor.pin_memory else False
         return func(*args, **kwargs)

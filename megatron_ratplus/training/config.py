@@ -1,0 +1,266 @@
+"""Training configuration: YAML recipes plus dotted command-line overrides.
+
+A recipe has six sections — ``model``, ``parallel``, ``train``, ``data``, ``checkpoint``,
+``logging`` — each a dataclass below. ``model`` names a preset and may override any
+:class:`~megatron_ratplus.model.config.RATPlusModelArgs` field. Overrides look like
+``train.lr=8e-5 model.dilation=[16,16,64]`` (values parsed as YAML). Unknown sections or keys are
+errors that list the valid ones: a typo must not silently fall back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from ..model.config import RATPlusModelArgs
+from ..model.presets import get_preset
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names the offending key."""
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"
+    spec: str = "auto"                     # auto | local | te
+    kernel_backend: str = "auto"           # auto | fused | reference
+    overrides: Dict[str, Any] = field(default_factory=dict)   # any RATPlusModelArgs field
+
+    def model_args(self, vocab_size: Optional[int] = None, seq_len: Optional[int] = None) -> RATPlusModelArgs:
+        values = dict(self.overrides)
+        if vocab_size is not None and "vocab_size" not in values:
+            values["vocab_size"] = vocab_size
+        if seq_len is not None:
+            values["max_seq_len"] = max(seq_len, values.get("max_seq_len", 0))
+        try:
+            return get_preset(self.preset, **values)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model: {e}") from e
+
+
+@dataclass
+class ParallelSection:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline_parallel: Optional[int] = None
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True     # shards optimizer state over DP (GPU); plain on CPU
+    overlap_grad_reduce: bool = True       # GPU only
+    overlap_param_gather: bool = False
+
+
+@dataclass
+class TrainSection:
+    seq_len: int = 4096
+    micro_batch_size: int = 1
+    global_batch_size: int = 512
+    max_steps: Optional[int] = None        # stop after this many global batches …
+    max_tokens: Optional[int] = None       # … or this many tokens (whichever is given/first)
+    lr: float = 8e-4
+    min_lr: float = 1e-6
+    warmup_fraction: float = 0.05
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    precision: str = "bf16"                # bf16 | fp32
+    seed: int = 1234
+    joint: bool = True                     # active recurrence learning: sparse step + dense step
+    mode: str = "dense"                    # attention mode when joint is off (adaptation: sparse)
+    max_nonfinite_steps: int = 5           # halt after this many consecutive non-finite losses
+    recompute: Optional[str] = None        # None | "full" | "selective"
+
+
+@dataclass
+class DataSection:
+    streams: List[Dict[str, Any]] = field(default_factory=list)   # [{local, remote, proportion}]
+    default_corpus: bool = True            # no streams given: prepare the embedded default corpus
+    default_dir: str = "data_cache/default"
+    default_size_mb: float = 3.0
+    default_vocab_size: int = 4096
+    cache_dir: Optional[str] = None
+    num_workers: int = 0
+    val_streams: List[Dict[str, Any]] = field(default_factory=list)  # default: the "val" split
+
+
+@dataclass
+class CheckpointSection:
+    save_dir: Optional[str] = None
+    save_interval: Optional[int] = None    # steps; a final save always happens when save_dir is set
+    keep_last: Optional[int] = None
+    load: Optional[str] = None             # "latest", an iter_* directory, or None
+    init_from: Optional[str] = None        # weights only (adaptation / evaluation); fresh optimizer
+    async_save: bool = False               # GPU only
+    exit_duration_minutes: Optional[float] = None
+
+
+@dataclass
+class LoggingSection:
+    log_interval: int = 1
+    eval_interval: Optional[int] = None
+    eval_iters: int = 2
+    tensorboard_dir: Optional[str] = None
+    progress: bool = True                  # live progress display on rank 0
+    wandb_project: Optional[str] = None    # off by default
+
+
+SECTIONS = {
+    "model": ModelSection, "parallel": ParallelSection, "train": TrainSection,
+    "data": DataSection, "checkpoint": CheckpointSection, "logging": LoggingSection,
+}
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    data: DataSection = field(default_factory=DataSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        model = d.pop("model")
+        d["model"] = {"preset": model["preset"], "spec": model["spec"],
+                      "kernel_backend": model["kernel_backend"], **model["overrides"]}
+        return d
+
+    def validate(self) -> None:
+        t = self.train
+        for name in ("seq_len", "micro_batch_size", "global_batch_size"):
+            if not isinstance(getattr(t, name), int) or getattr(t, name) <= 0:
+                raise ConfigError(f"train.{name} must be a positive integer, got {getattr(t, name)!r}")
+        if t.max_steps is None and t.max_tokens is None:
+            raise ConfigError("give train.max_steps or train.max_tokens (when to stop)")
+        if t.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"train.precision must be bf16 or fp32, got {t.precision!r}")
+        if t.mode not in ("dense", "sparse"):
+            raise ConfigError(f"train.mode must be dense or sparse, got {t.mode!r}")
+        if not 0.0 <= t.warmup_fraction < 1.0:
+            raise ConfigError(f"train.warmup_fraction must be in [0, 1), got {t.warmup_fraction}")
+        if t.lr_decay_style not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"train.lr_decay_style must be cosine|linear|constant, got {t.lr_decay_style!r}")
+        p = self.parallel
+        for name in ("tensor_parallel", "pipeline_parallel"):
+            if not isinstance(getattr(p, name), int) or getattr(p, name) < 1:
+                raise ConfigError(f"parallel.{name} must be an integer >= 1, got {getattr(p, name)!r}")
+        if p.sequence_parallel and p.tensor_parallel == 1:
+            raise ConfigError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
+        if self.checkpoint.load and self.checkpoint.init_from:
+            raise ConfigError("checkpoint.load (resume) and checkpoint.init_from (weights only) "
+                              "are mutually exclusive")
+        if self.data.streams == [] and not self.data.default_corpus:
+            raise ConfigError("data.streams is empty and data.default_corpus is off: no training data")
+        self.model.model_args(seq_len=t.seq_len)
+
+    def layout_for(self, world_size: int):
+        """Validate the parallel layout for ``world_size`` GPUs; return (dp, grad_accum_steps)."""
+        p, t = self.parallel, self.train
+        mp = p.tensor_parallel * p.pipeline_parallel
+        if world_size % mp:
+            raise ConfigError(f"world size {world_size} is not divisible by tensor_parallel × "
+                              f"pipeline_parallel = {p.tensor_parallel} × {p.pipeline_parallel} = {mp}")
+        dp = world_size // mp
+        args = self.model.model_args(seq_len=t.seq_len)
+        if args.num_layers % p.pipeline_parallel:
+            raise ConfigError(f"model has {args.num_layers} layers, not divisible by "
+                              f"parallel.pipeline_parallel={p.pipeline_parallel}")
+        if p.virtual_pipeline_parallel:
+            if p.pipeline_parallel < 2:
+                raise ConfigError("parallel.virtual_pipeline_parallel needs pipeline_parallel >= 2")
+            if args.num_layers % (p.pipeline_parallel * p.virtual_pipeline_parallel):
+                raise ConfigError(f"{args.num_layers} layers do not split into pipeline_parallel × "
+                                  f"virtual_pipeline_parallel = {p.pipeline_parallel} × "
+                                  f"{p.virtual_pipeline_parallel} chunks")
+        if args.num_attention_heads % p.tensor_parallel:
+            raise ConfigError(f"{args.num_attention_heads} attention heads are not divisible by "
+                              f"parallel.tensor_parallel={p.tensor_parallel}")
+        per_step = t.micro_batch_size * dp
+        if t.global_batch_size % per_step:
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                              f"micro_batch_size × data_parallel = {t.micro_batch_size} × {dp} = {per_step}")
+        accum = t.global_batch_size // per_step
+        if p.virtual_pipeline_parallel and accum % p.pipeline_parallel:
+            raise ConfigError(f"interleaved pipelining needs the number of micro-batches ({accum}) to "
+                              f"be a multiple of pipeline_parallel={p.pipeline_parallel}")
+        return dp, accum
+
+    def total_steps(self) -> int:
+        t = self.train
+        tokens_per_step = t.global_batch_size * t.seq_len
+        steps = []
+        if t.max_steps is not None:
+            steps.append(int(t.max_steps))
+        if t.max_tokens is not None:
+            steps.append(max(1, -(-int(t.max_tokens) // tokens_per_step)))
+        return min(steps)
+
+
+def _section_from_dict(name: str, values: dict):
+    cls = SECTIONS[name]
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"section {name!r} must be a mapping, got {type(values).__name__}")
+    if name == "model":
+        fixed = {k: values[k] for k in ("preset", "spec", "kernel_backend") if k in values}
+        rest = {k: v for k, v in values.items() if k not in fixed}
+        known = {f.name for f in dataclasses.fields(RATPlusModelArgs)}
+        unknown = sorted(set(rest) - known)
+        if unknown:
+            raise ConfigError(f"unknown key(s) model.{', model.'.join(unknown)}; valid: preset, spec, "
+                              f"kernel_backend, {', '.join(sorted(known))}")
+        return ModelSection(**fixed, overrides=rest)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
+                          f"valid keys of [{name}]: {', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; valid sections: {sorted(SECTIONS)}")
+    return RunConfig(**{name: _section_from_dict(name, raw.get(name)) for name in SECTIONS})
+
+
+def apply_overrides(raw: dict, overrides: List[str]) -> dict:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a raw recipe dict."""
+    raw = {k: dict(v or {}) for k, v in raw.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, value = item.split("=", 1)
+        if "." not in key:
+            raise ConfigError(f"override key {key!r} must be section.key (e.g. train.lr)")
+        section, name = key.split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(f"override {key!r}: unknown section {section!r}; valid: {sorted(SECTIONS)}")
+        raw.setdefault(section, {})[name] = yaml.safe_load(value) if value != "" else None
+    return raw
+
+
+def load_config(recipe: Optional[str], overrides: List[str] = ()) -> RunConfig:
+    raw: dict = {}
+    if recipe:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe file {recipe!r} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {recipe!r} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"recipe {recipe!r} must be a mapping of sections")
+    cfg = config_from_dict(apply_overrides(raw, list(overrides)))
+    cfg.validate()
+    return cfg

@@ -1,0 +1,143 @@
+"""Build what a training run holds: model chunks (DDP-wrapped), optimizer and LR scheduler.
+
+Everything is Megatron-core machinery: ``GPTModel`` chunks (one per virtual pipeline stage),
+``Float16Module`` for bf16, ``DistributedDataParallel`` (gradient buckets, overlapped reduce on
+GPU), ``get_megatron_optimizer`` (AdamW; distributed optimizer shards its state over DP on GPU)
+and ``OptimizerParamScheduler`` (linear warmup, cosine decay to ``min_lr``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                       finalize_model_grads)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
+
+from ..cpu_mode import cpu_mode_enabled
+from ..model import RATPlusModelArgs, build_gpt_model, to_transformer_config
+from .config import RunConfig
+
+
+@dataclass
+class TrainingObjects:
+    model_args: RATPlusModelArgs
+    transformer_config: object
+    model: List[torch.nn.Module]        # DDP-wrapped chunks
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+
+
+def build_transformer_config(cfg: RunConfig, args: RATPlusModelArgs):
+    p, t = cfg.parallel, cfg.train
+    bf16 = t.precision == "bf16"
+    return to_transformer_config(
+        args,
+        tensor_model_parallel_size=p.tensor_parallel,
+        pipeline_model_parallel_size=p.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_parallel,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=bf16,
+        use_cpu_initialization=cpu_mode_enabled(),
+        kernel_backend=cfg.model.kernel_backend,
+        recompute_granularity=t.recompute,
+        recompute_method="uniform" if t.recompute == "full" else None,
+        recompute_num_layers=1 if t.recompute == "full" else None,
+    )
+
+
+def build_model_chunks(cfg: RunConfig, args: RATPlusModelArgs, tconfig) -> List[torch.nn.Module]:
+    """Unwrapped ``GPTModel`` chunks of this rank (several with virtual pipelining)."""
+    vpp = cfg.parallel.virtual_pipeline_parallel
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        chunk = build_gpt_model(
+            args, tconfig, spec=cfg.model.spec,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            vp_stage=stage,
+        )
+        if not cpu_mode_enabled():
+            chunk.cuda(torch.cuda.current_device())
+        if tconfig.bf16:
+            chunk = Float16Module(tconfig, chunk)
+        chunks.append(chunk)
+    return chunks
+
+
+def wrap_ddp(cfg: RunConfig, tconfig, chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
+    on_gpu = not cpu_mode_enabled()
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce and on_gpu,
+        overlap_param_gather=cfg.parallel.overlap_param_gather and on_gpu,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer and on_gpu,
+        check_for_nan_in_grad=False,
+    )
+    wrapped = [DistributedDataParallel(tconfig, ddp_config, chunk, disable_bucketing=(i > 0))
+               for i, chunk in enumerate(chunks)]
+    # Hooks the pipeline schedules call: gradient sync deferral and the final reductions.
+    tconfig.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    tconfig.grad_sync_func = None
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    if ddp_config.overlap_grad_reduce:
+        tconfig.grad_sync_func = [m.start_grad_sync for m in wrapped] if len(wrapped) > 1 \
+            else wrapped[0].start_grad_sync
+    return wrapped
+
+
+def build_optimizer(cfg: RunConfig, tconfig, model: List[torch.nn.Module]):
+    t = cfg.train
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        bf16=tconfig.bf16,
+        params_dtype=tconfig.params_dtype,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer and not cpu_mode_enabled(),
+    )
+    return get_megatron_optimizer(opt_config, model)
+
+
+def build_scheduler(cfg: RunConfig, optimizer, total_steps: int) -> OptimizerParamScheduler:
+    """Warmup ``warmup_fraction`` of the steps from 0, then decay to ``min_lr`` at the last step.
+
+    The scheduler counts global batches: a joint step (sparse update + dense update) advances it
+    once, as in the paper.
+    """
+    t = cfg.train
+    warmup = int(round(t.warmup_fraction * total_steps))
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup else t.lr,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(total_steps, warmup + 1),
+        lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True,
+        override_opt_param_scheduler=False,
+    )
+
+
+def build_training_objects(cfg: RunConfig, args: RATPlusModelArgs, total_steps: int) -> TrainingObjects:
+    tconfig = build_transformer_config(cfg, args)
+    model = wrap_ddp(cfg, tconfig, build_model_chunks(cfg, args, tconfig))
+    optimizer = build_optimizer(cfg, tconfig, model)
+    scheduler = build_scheduler(cfg, optimizer, total_steps)
+    return TrainingObjects(args, tconfig, model, optimizer, scheduler)
