@@ -1,0 +1,169 @@
+"""Write and read Hugging Face folders of RAT+ models.
+
+``write_hf_folder`` produces a folder that loads offline with
+``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``:
+
+* ``config.json`` with ``auto_map`` (the classes live in the copied source files) and
+  ``architectures``;
+* ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards plus
+  ``model.safetensors.index.json`` when the weights exceed ``max_shard_size``;
+* ``configuration_ratplus.py`` and ``modeling_ratplus.py`` (self-contained: torch + transformers);
+* ``generation_config.json``;
+* tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``)
+  when a ``tokenizer.json`` is given; it is wrapped in a ``PreTrainedTokenizerFast``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .configuration_ratplus import RATPlusConfig
+
+SOURCE_FILES = ("configuration_ratplus.py", "modeling_ratplus.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_ratplus.RATPlusConfig",
+    "AutoModel": "modeling_ratplus.RATPlusModel",
+    "AutoModelForCausalLM": "modeling_ratplus.RATPlusForCausalLM",
+}
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """``"5GB"`` -> 5e9 bytes, ``"500MiB"`` -> 500 * 2^20; ints pass through."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(size))
+    if not m or m.group(2).upper() not in _UNITS | {"": 1}:
+        raise ValueError(f"cannot parse a size from {size!r} (examples: 5GB, 500MB, 2GiB, 1000000)")
+    return int(float(m.group(1)) * _UNITS.get(m.group(2).upper(), 1))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _shard(state_dict: Mapping[str, torch.Tensor], max_bytes: int):
+    shards, current, size = [], [], 0
+    for key in sorted(state_dict):
+        n = state_dict[key].numel() * state_dict[key].element_size()
+        if current and size + n > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(key)
+        size += n
+    if current:
+        shards.append(current)
+    return shards
+
+
+def write_hf_folder(hf_state_dict: Mapping[str, torch.Tensor], hf_config: RATPlusConfig,
+                    out_dir: Union[str, os.PathLike], *, tokenizer_json: Optional[Union[str, os.PathLike]] = None,
+                    max_shard_size: Union[int, str] = "5GB", overwrite: bool = False,
+                    tokenizer_kwargs: Optional[dict] = None, dtype: Optional[torch.dtype] = None) -> Path:
+    """Write a loadable Hugging Face folder; returns its path.
+
+    Refuses a non-empty ``out_dir`` unless ``overwrite=True`` (then stale weight files are
+    removed first). ``dtype`` casts floating tensors (e.g. ``torch.bfloat16``).
+    ``tokenizer_kwargs`` go to ``PreTrainedTokenizerFast`` (e.g. ``eos_token="</s>"``).
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} is not empty; pass overwrite=True to write into it anyway")
+        for old in out.glob("model*.safetensors*"):
+            old.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+    missing = {k for k in _expected_keys(hf_config)} - set(hf_state_dict)
+    unexpected = set(hf_state_dict) - {k for k in _expected_keys(hf_config)}
+    if missing or unexpected:
+        raise ValueError(f"state dict does not match the config: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+
+    def prepared(key):
+        t = hf_state_dict[key].detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t.to("cpu").contiguous().clone()   # clone: shards must not share storage
+
+    shards = _shard(hf_state_dict, parse_size(max_shard_size))
+    total = sum(t.numel() * (t.element_size() if dtype is None or not t.is_floating_point()
+                             else torch.empty((), dtype=dtype).element_size())
+                for t in hf_state_dict.values())
+    if len(shards) == 1:
+        save_file({k: prepared(k) for k in shards[0]}, str(out / SAFE_WEIGHTS), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, keys in enumerate(shards, start=1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file({k: prepared(k) for k in keys}, str(out / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in keys})
+        (out / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                                  "weight_map": weight_map}, indent=2, sort_keys=True))
+
+    config = RATPlusConfig.from_dict(hf_config.to_dict())
+    config.auto_map = dict(AUTO_MAP)
+    config.architectures = ["RATPlusForCausalLM"]
+    first = next(iter(hf_state_dict.values()))
+    setattr(config, "torch_dtype", _dtype_name(dtype or first.dtype))
+    config.save_pretrained(str(out))
+    here = Path(__file__).resolve().parent
+    for name in SOURCE_FILES:
+        shutil.copyfile(here / name, out / name)
+
+    from transformers import GenerationConfig
+    GenerationConfig(bos_token_id=getattr(config, "bos_token_id", None),
+                     eos_token_id=getattr(config, "eos_token_id", None),
+                     pad_token_id=getattr(config, "pad_token_id", None)).save_pretrained(str(out))
+
+    if tokenizer_json is not None:
+        from transformers import PreTrainedTokenizerFast
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), **(tokenizer_kwargs or {}))
+        tok.model_max_length = config.max_position_embeddings
+        tok.save_pretrained(str(out))
+    return out
+
+
+def _expected_keys(cfg: RATPlusConfig):
+    keys = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    attn = ["q_proj", "k_proj", "v_proj", "o_proj"] + (["output_gate_proj"] if cfg.output_gate else []) \
+        + (["recurrence_gate_proj"] if cfg.recurrence else [])
+    mlp = ["gate_proj", "up_proj", "down_proj"] if cfg.ffn_type == "swiglu" else ["up_proj", "down_proj"]
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        keys += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+        keys += [p + f"self_attn.{n}.weight" for n in attn] + [p + f"mlp.{n}.weight" for n in mlp]
+    return keys
+
+
+def read_hf_folder(path: Union[str, os.PathLike]) -> Tuple[Dict[str, torch.Tensor], RATPlusConfig]:
+    """``(state_dict, RATPlusConfig)`` of a folder written by :func:`write_hf_folder` (or by
+    ``save_pretrained`` of the RAT+ model), without executing the folder's code."""
+    path = Path(path)
+    with open(path / "config.json") as fh:
+        raw = json.load(fh)
+    if raw.get("model_type") != "ratplus":
+        raise ValueError(f"{path}/config.json has model_type={raw.get('model_type')!r}, expected 'ratplus'")
+    config = RATPlusConfig.from_dict(raw)
+    if (path / SAFE_INDEX).exists():
+        with open(path / SAFE_INDEX) as fh:
+            files = sorted(set(json.load(fh)["weight_map"].values()))
+    elif (path / SAFE_WEIGHTS).exists():
+        files = [SAFE_WEIGHTS]
+    else:
+        raise FileNotFoundError(f"no {SAFE_WEIGHTS} or {SAFE_INDEX} in {path}")
+    sd: Dict[str, torch.Tensor] = {}
+    for name in files:
+        sd.update(load_file(str(path / name)))
+    return sd, config

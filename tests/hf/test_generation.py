@@ -1,0 +1,134 @@
+"""generate() with the compact RAT+ cache against greedy decoding by full recomputation."""
+import pytest
+import torch
+
+from megatron_ratplus.hf import RATPlusCache, compact_cache_entries
+
+from .helpers import small_model, tokens
+
+PATTERNS = {
+    "D4W2P1": dict(dilation=4, local_window=2, initial_tokens=1),
+    "D3W0P0": dict(dilation=3, local_window=0, initial_tokens=0),       # W = 0: only chunk ends + self
+    "D5W0P3": dict(dilation=5, local_window=0, initial_tokens=3),       # W = 0 with sink tokens
+    "local": dict(dilation=-1, local_window=4, initial_tokens=2),       # D = -1: window + sinks only
+    "localW0": dict(dilation=-1, local_window=0, initial_tokens=1),
+    "hybrid": dict(dilation=[6, 1], local_window=[3, 0], initial_tokens=[0, 2]),   # layer 2 dense
+}
+
+
+def greedy_by_recomputation(model, ids, steps):
+    x = ids
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = model(x, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            x = torch.cat((x, nxt), dim=1)
+    return x
+
+
+@pytest.mark.parametrize("mode,overrides", [("dense", {})] + [("sparse", p) for p in PATTERNS.values()],
+                         ids=["dense"] + list(PATTERNS))
+@pytest.mark.parametrize("recurrence", [True, False], ids=["rat", "attn"])
+def test_generate_equals_greedy_recomputation(mode, overrides, recurrence):
+    # Smaller init than the logits tests: a flatter softmax over the vocabulary keeps greedy choices
+    # far from ties, and the generated text is not a constant.
+    model = small_model(seed=3, recurrence=recurrence, attention_mode=mode, initializer_range=0.15, **overrides)
+    ids = tokens(2, 9, seed=4)
+    steps = 24
+    want = greedy_by_recomputation(model, ids, steps)
+    got = model.generate(ids, max_new_tokens=steps, do_sample=False, attention_mask=torch.ones_like(ids))
+    assert torch.equal(got, want)
+    assert len(set(got[:, 9:].flatten().tolist())) > 1        # not a constant continuation
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_cache_size_equals_formula(name):
+    overrides = PATTERNS[name]
+    model = small_model(attention_mode="sparse", **overrides)
+    ids = tokens(1, 7)
+    out = model.generate(ids, max_new_tokens=40, do_sample=False, return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert isinstance(cache, RATPlusCache)
+    T = cache.get_seq_length()
+    assert T == 7 + 40 - 1                           # the last generated token is never fed back
+    c = model.config
+    d = c.hidden_size
+    expected = 0
+    for i, layer in enumerate(cache.layers):
+        D, W, P = c.layer_pattern(i)
+        # brute force: the union of the three sets of positions
+        union = {j for j in range(T) if j < P or j >= T - W - 1 or (D > 1 and (j + 1) % D == 0)}
+        if D == 1:
+            union = set(range(T))
+        assert layer.num_entries() == len(union) == compact_cache_entries(T, None if D == 1 else (D, W, P))
+        stored = sorted(int(p) for p in layer.positions if p >= 0)
+        assert stored == sorted(union)               # exactly these positions, each once
+        expected += len(union)
+    size = cache.size()
+    assert size["entries"] == expected
+    assert size["kv_bytes"] == expected * 2 * d * 4              # key + value, fp32, batch 1
+    assert size["state_bytes"] == c.num_hidden_layers * 2 * d * 4
+    assert size["allocated_bytes"] >= size["kv_bytes"] + size["state_bytes"]
+
+
+def test_compact_cache_entries_formula_brute_force():
+    for D, W, P in [(4, 2, 1), (3, 0, 0), (5, 0, 3), (-1, 4, 2), (16, 256, 4), (64, 0, 0), (7, 10, 9)]:
+        for T in list(range(0, 40)) + [300, 1000]:
+            union = {j for j in range(T) if j < P or j >= T - W - 1 or (D > 0 and (j + 1) % D == 0)}
+            assert compact_cache_entries(T, (D, W, P)) == len(union), (D, W, P, T)
+
+
+def test_sparse_cache_is_compact_dense_cache_is_full():
+    model = small_model(dilation=8, local_window=4, initial_tokens=2)
+    ids = tokens(1, 200)
+    with torch.no_grad():
+        model.set_attention_mode("sparse")
+        sparse = model(ids, use_cache=True).past_key_values
+        model.set_attention_mode("dense")
+        dense = model(ids, use_cache=True).past_key_values
+    per_layer_sparse = 2 + 5 + (200 - 5) // 8 - 0            # P + W + 1 + chunk ends outside them
+    assert sparse.num_entries() == 2 * per_layer_sparse
+    assert dense.num_entries() == 2 * 200
+    assert sparse.size()["kv_bytes"] * 4 < dense.size()["kv_bytes"]
+
+
+@pytest.mark.parametrize("mode,overrides", [("dense", {}), ("sparse", PATTERNS["D4W2P1"]),
+                                            ("sparse", PATTERNS["local"]), ("sparse", PATTERNS["hybrid"])],
+                         ids=["dense", "D4W2P1", "local", "hybrid"])
+def test_incremental_forward_in_pieces_equals_full(mode, overrides):
+    """Prefill, multi-token extensions and single steps through the cache give the full logits."""
+    model = small_model(attention_mode=mode, **overrides)
+    ids = tokens(2, 37)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = model.new_cache()
+        pieces, start = [], 0
+        for n in (5, 1, 1, 7, 1, 3, 12, 1, 1, 5):
+            pieces.append(model(ids[:, start:start + n], past_key_values=cache).logits)
+            start += n
+    assert start == 37 and cache.get_seq_length() == 37
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_continues_a_user_cache():
+    model = small_model(attention_mode="sparse", **PATTERNS["D4W2P1"])
+    ids = tokens(1, 10)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(ids[:, :6], past_key_values=cache)
+    got = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    assert torch.equal(got, greedy_by_recomputation(model, ids, 8))
+
+
+def test_padding_and_mode_mismatch_are_refused():
+    model = small_model(attention_mode="sparse", dilation=4)
+    ids = tokens(2, 6)
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match="padded"):
+        model(ids, attention_mask=mask)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    model.set_attention_mode("dense")
+    with pytest.raises(ValueError, match="cache was built"):
+        model(ids[:, :1], past_key_values=cache)
