@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from ratplus_kernels.recurrence import chunked_gated_recurrence
+from ratplus_kernels.recurrence import scan_gated_recurrence
 
 from ._backend import load_fused, use_fused
 
@@ -22,9 +22,10 @@ def gated_recurrence(
     """``k~_t = a_t k~_{t-1} + (1 - a_t) k_t`` (and v) with ``a = sigmoid(g)``, state in fp32.
 
     Inputs ``[T, B, H, D]`` time-first; returns ``(k~, v~, final_state)`` with outputs in the
-    input dtype. On CPU the chunked PyTorch reference runs (exact, O(T·C·D)).
+    input dtype. CUDA tensors use the fused Triton kernel; elsewhere the sequential PyTorch scan
+    with a hand-written backward runs (exact, fast on CPU).
     """
     if use_fused(backend, g, _FUSED, "gated_recurrence"):
         return _FUSED(g, k, v, initial_state=initial_state, output_final_state=output_final_state)
-    return chunked_gated_recurrence(g, k, v, initial_state=initial_state,
-                                    output_final_state=output_final_state)
+    return scan_gated_recurrence(g, k, v, initial_state=initial_state,
+                                 output_final_state=output_final_state)

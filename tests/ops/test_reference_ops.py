@@ -79,3 +79,25 @@ def test_attention_dispatch_matches_masked_reference(pattern):
                                    (pattern.dilation, pattern.window, pattern.initial))
     torch.testing.assert_close(out, want)
     assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_cpu_scan_matches_loop_forward_and_gradients(with_state):
+    from ratplus_kernels.recurrence import scan_gated_recurrence
+    T, B, H, D = 23, 2, 3, 4
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    g, k, v = (torch.randn(T, B, H, D, **f64) for _ in range(3))
+    init = (torch.randn(B, H, D, **f64), torch.randn(B, H, D, **f64)) if with_state else None
+    weights = [torch.randn(T, B, H, D, dtype=torch.float64) for _ in range(2)] + \
+        [torch.randn(B, H, D, dtype=torch.float64) for _ in range(2)]
+    inputs = [g, k, v] + (list(init) if init else [])
+    results = []
+    for fn in (naive_gated_recurrence, scan_gated_recurrence):
+        ko, vo, (kT, vT) = fn(g, k, v, init, True)
+        loss = sum((o * w).sum() for o, w in zip((ko, vo, kT, vT), weights))
+        results.append([ko, vo, kT, vT, *torch.autograd.grad(loss, inputs)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    torch.autograd.gradcheck(lambda g, k, v: scan_gated_recurrence(g, k, v)[:2],
+                             (g[:5, :1, :1].detach().requires_grad_(), k[:5, :1, :1].detach().requires_grad_(),
+                              v[:5, :1, :1].detach().requires_grad_()))

@@ -1,5 +1,12 @@
-"""RAT+ gated recurrence: references (``naive``) and the fused Triton kernel (``fused``)."""
-from .fused import fused_gated_recurrence
+"""RAT+ gated recurrence: references (``naive``), a CPU scan (``scan``) and the fused Triton kernel
+(``fused``), all with the same signature."""
 from .naive import chunked_gated_recurrence, naive_gated_recurrence
+from .scan import scan_gated_recurrence
 
-__all__ = ["chunked_gated_recurrence", "fused_gated_recurrence", "naive_gated_recurrence"]
+__all__ = ["chunked_gated_recurrence", "naive_gated_recurrence", "scan_gated_recurrence"]
+
+try:  # triton is optional for the references
+    from .fused import fused_gated_recurrence
+    __all__.append("fused_gated_recurrence")
+except ImportError:  # pragma: no cover - depends on the environment
+    pass
