@@ -116,7 +116,10 @@ def write_hf_folder(hf_state_dict: Mapping[str, torch.Tensor], hf_config: RATPlu
     config.auto_map = dict(AUTO_MAP)
     config.architectures = ["RATPlusForCausalLM"]
     first = next(iter(hf_state_dict.values()))
-    setattr(config, "torch_dtype", _dtype_name(dtype or first.dtype))
+    import transformers
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    # transformers >= 4.56 calls it `dtype` (and warns on `torch_dtype`); older versions `torch_dtype`
+    setattr(config, "dtype" if (major, minor) >= (4, 56) else "torch_dtype", _dtype_name(dtype or first.dtype))
     config.save_pretrained(str(out))
     here = Path(__file__).resolve().parent
     for name in SOURCE_FILES:
