@@ -19,3 +19,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def megatron_single_process():
+    """A world of one process with Megatron parallel state (TP=PP=1), in CPU mode without a GPU."""
+    import warnings
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+    from megatron_ratplus.parallel import ParallelLayout, initialize_distributed
+    return initialize_distributed(ParallelLayout(), seed=1234)

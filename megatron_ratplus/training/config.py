@@ -203,6 +203,27 @@ class RunConfig:
         return min(steps)
 
 
+def _coerce(section: str, key: str, value, annotation):
+    """YAML reads ``3e-3`` and ``100e9`` as strings and ``1e9`` tokens as floats: convert numbers
+    to the field's declared type, and refuse values that are not numbers."""
+    text = str(annotation)
+    if value is None or isinstance(value, bool):
+        return value
+    wants_int = text in ("int", "Optional[int]")
+    wants_float = text in ("float", "Optional[float]")
+    if not (wants_int or wants_float):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{section}.{key} must be a number, got {value!r}") from None
+    if wants_int:
+        if number != int(number):
+            raise ConfigError(f"{section}.{key} must be an integer, got {value!r}")
+        return int(number)
+    return number
+
+
 def _section_from_dict(name: str, values: dict):
     cls = SECTIONS[name]
     if values is None:
@@ -223,7 +244,8 @@ def _section_from_dict(name: str, values: dict):
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
                           f"valid keys of [{name}]: {', '.join(sorted(known))}")
-    return cls(**values)
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    return cls(**{k: _coerce(name, k, v, types[k]) for k, v in values.items()})
 
 
 def config_from_dict(raw: dict) -> RunConfig:

@@ -1,0 +1,79 @@
+"""``ratplus-pretrain``: pretrain / adapt RAT+ models on Megatron-core.
+
+Usage::
+
+    ratplus-pretrain RECIPE.yaml [section.key=value ...] [--dry-run --world-size N]
+    torchrun --nproc_per_node=8 -m megatron_ratplus.training.cli RECIPE.yaml train.lr=8e-5
+
+Prints the fully resolved config at start. ``--dry-run`` resolves the recipe for a world size and
+prints the plan (layout, batches, steps, parameters, FLOPs, memory per GPU, time to finish)
+without touching a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import List, Optional
+
+import yaml
+
+from .config import ConfigError, RunConfig, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ratplus-pretrain", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", nargs="?", help="YAML recipe (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=8e-5 model.dilation=16")
+    p.add_argument("--dry-run", action="store_true", help="print the plan for --world-size and exit")
+    p.add_argument("--world-size", type=int, default=None, help="GPUs for --dry-run (default: $WORLD_SIZE or 1)")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="GPU memory for --dry-run")
+    p.add_argument("--tokens-per-sec-per-gpu", type=float, default=None,
+                   help="throughput for the --dry-run time estimate")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def _split_overrides(recipe: Optional[str], overrides: List[str]):
+    """Allow ``ratplus-pretrain train.max_steps=3`` without a recipe."""
+    if recipe is not None and "=" in recipe and not os.path.exists(recipe):
+        return None, [recipe] + list(overrides)
+    return recipe, list(overrides)
+
+
+def dry_run(cfg: RunConfig, world_size: int, gpu_memory_gib: float, tokens_per_sec: Optional[float]) -> str:
+    from .plan import format_plan, make_plan
+    return format_plan(make_plan(cfg, world_size, gpu_memory_gib=gpu_memory_gib,
+                                 tokens_per_sec_per_gpu=tokens_per_sec))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|TE) .*not installed.*")
+    warnings.filterwarnings("ignore", message=".*Falling back to.*")
+    ns = _parser().parse_args(argv)
+    recipe, overrides = _split_overrides(ns.recipe, ns.overrides)
+    try:
+        cfg = load_config(recipe, overrides)
+        if ns.print_config:
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            return 0
+        if ns.dry_run:
+            world = ns.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            print(dry_run(cfg, world, ns.gpu_memory_gib, ns.tokens_per_sec_per_gpu))
+            return 0
+    except ConfigError as e:
+        print(f"ratplus-pretrain: error: {e}", file=sys.stderr)
+        return 2
+    from .run import run_training
+    try:
+        run_training(cfg)
+    except ConfigError as e:
+        print(f"ratplus-pretrain: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Wire a resolved :class:`RunConfig` into a running job: distributed set-up, data, model,
+checkpoint resume or weight initialisation, the loop, shutdown."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from ..cpu_mode import cpu_mode_enabled
+from ..model.config import pad_vocab_size
+from ..parallel import ParallelLayout, destroy_distributed, initialize_distributed
+from .config import ConfigError, RunConfig
+from .data import TrainingData, dataset_manifest, resolve_streams
+from .loop import TrainState, Trainer
+from .setup import build_training_objects
+
+
+def _rank0_print(message: str) -> None:
+    if dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def _layout(cfg: RunConfig) -> ParallelLayout:
+    p = cfg.parallel
+    return ParallelLayout(p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline_parallel, p.sequence_parallel)
+
+
+def _restore(cfg: RunConfig, objs, data, state: TrainState):
+    """Resume (``checkpoint.load``) or initialise weights (``checkpoint.init_from``)."""
+    from ..checkpoint import CheckpointManager, load_weights_only
+
+    ck = cfg.checkpoint
+    if ck.load:
+        source = ck.save_dir if ck.load == "latest" else ck.load
+        if ck.load == "latest" and not ck.save_dir:
+            raise ConfigError("checkpoint.load=latest needs checkpoint.save_dir")
+        loaded = CheckpointManager(source).load("latest" if ck.load == "latest" else ck.load,
+                                                objs.model, objs.optimizer, objs.scheduler)
+        if loaded is None:
+            _rank0_print(f"no checkpoint under {source}: starting from scratch")
+            return
+        state.step = int(loaded["step"])
+        state.consumed_tokens = int(loaded["consumed_tokens"])
+        state.optimizer_updates = int(loaded.get("optimizer_updates", 0))
+        state.skipped_updates = int(loaded.get("skipped_updates", 0))
+        data.load_state_dict(loaded.get("data_state"))
+        _rank0_print(f"resumed from step {state.step} ({state.consumed_tokens:,} tokens)")
+    elif ck.init_from:
+        info = load_weights_only(ck.init_from, objs.model)
+        _rank0_print(f"initialised weights from {ck.init_from} (pretrained for "
+                     f"{(info or {}).get('step', '?')} steps); fresh optimizer and schedule")
+
+
+def run_training(cfg: RunConfig) -> TrainState:
+    info = initialize_distributed(_layout(cfg), seed=cfg.train.seed)
+    try:
+        world = info["world_size"]
+        dp, accum = cfg.layout_for(world)
+        t = cfg.train
+        streams = resolve_streams(cfg, seq_len=t.seq_len)
+        manifest = dataset_manifest(streams)
+        args = cfg.model.model_args(vocab_size=manifest.vocab_size if manifest else None, seq_len=t.seq_len)
+        if manifest is not None:
+            from ..data import check_manifest_compat
+            try:
+                check_manifest_compat(manifest, vocab_size=args.vocab_size, seq_len=t.seq_len)
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
+        total_steps = cfg.total_steps()
+        _rank0_print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+        _rank0_print(f"model: {cfg.model.preset} with {args.num_parameters(pad_vocab_size(args.vocab_size)):,} "
+                     f"parameters | layout TP={cfg.parallel.tensor_parallel} PP={cfg.parallel.pipeline_parallel} "
+                     f"DP={dp} (world {world}{', CPU mode' if info['cpu_mode'] else ''}) | "
+                     f"{accum} micro-batches of {t.micro_batch_size} per step | {total_steps} steps | "
+                     f"{'joint sparse+dense' if t.joint else t.mode} training")
+        objs = build_training_objects(cfg, args, total_steps)
+        device = torch.device("cpu") if cpu_mode_enabled() else torch.device("cuda", torch.cuda.current_device())
+        data = TrainingData(streams, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size, seed=t.seed,
+                            device=device, val_streams=cfg.data.val_streams or None,
+                            cache_dir=cfg.data.cache_dir, num_workers=cfg.data.num_workers)
+        state = TrainState()
+        _restore(cfg, objs, data, state)
+        checkpoints = preemption = None
+        if cfg.checkpoint.save_dir:
+            from ..checkpoint import CheckpointManager, PreemptionHandler
+            checkpoints = CheckpointManager(cfg.checkpoint.save_dir, keep_last=cfg.checkpoint.keep_last,
+                                            async_save=cfg.checkpoint.async_save)
+            preemption = PreemptionHandler()
+            preemption.install()
+        trainer = Trainer(cfg, objs, data, world_size=world, rank=info["rank"], total_steps=total_steps,
+                          accum_steps=accum, checkpoints=checkpoints, preemption=preemption, state=state)
+        final = trainer.run()
+        _rank0_print(f"done: {final.step} steps, {final.consumed_tokens:,} tokens, "
+                     f"{final.optimizer_updates} optimizer updates, {final.skipped_updates} skipped")
+        return final
+    finally:
+        destroy_distributed()
