@@ -74,7 +74,7 @@ def _compare(impl, ref, x, init, final, g, k, v, tol_out, tol_grad, seed=2):
 # ---------------------------------------------------------------------------------------------
 # Reference vs reference
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("T,chunk", [(1, 4), (37, 8), (64, 16), (50, 64)])
+@pytest.mark.parametrize("T,chunk", [(1, 4), (37, 8), (64, 16), (20, 64)])
 @pytest.mark.parametrize("with_init", [False, True])
 def test_chunked_reference_matches_naive(T, chunk, with_init):
     x, g, k, v = _fused_inputs(T, 2, 2, 8, torch.float32, device="cpu", gate_scale=3.0)
@@ -121,10 +121,12 @@ def test_fused_fp16_head_dim_not_multiple_of_block():
     _compare(fused_gated_recurrence, naive_gated_recurrence, x, None, True, g, k, v, 5e-3, 5e-3)
 
 
-def test_fused_aggregate_chains(monkeypatch):
-    """Force the look-back through chains of up to 3 aggregates before an inclusive state (in
-    the interpreter programs run in order, so inclusive states would otherwise always be ready)."""
-    monkeypatch.setattr(fused_mod, "_LOOKBACK_INC_EVERY", 4)
+@pytest.mark.parametrize("depth", [0, 3, 8])
+def test_fused_look_back_depths(monkeypatch, depth):
+    """depth 0: greedy look-back; depth K: the carry always folds the K - 1 nearest aggregates
+    onto the inclusive state K tiles back (chains of aggregates even when programs run in order,
+    as in the interpreter). 61 steps = 8 forward tiles, 4 backward tiles."""
+    monkeypatch.setattr(fused_mod, "_LOOKBACK_DEPTH", depth)
     B, H, D = 1, 2, 16
     x, g, k, v = _fused_inputs(61, B, H, D, torch.float32, gate_shift=4.0)
     init = _init_state(B, H, D)
@@ -132,8 +134,8 @@ def test_fused_aggregate_chains(monkeypatch):
 
 
 def test_fused_backward_block_equal_to_forward_block(monkeypatch):
-    monkeypatch.setitem(fused_mod._INTERPRET_BLOCKS, "fwd", (8, 16))
-    monkeypatch.setitem(fused_mod._INTERPRET_BLOCKS, "bwd", (8, 16))
+    monkeypatch.setitem(fused_mod._INTERPRET_BLOCKS, "fwd", (8, 16, 1))
+    monkeypatch.setitem(fused_mod._INTERPRET_BLOCKS, "bwd", (8, 16, 1))
     B, H, D = 1, 2, 16
     x, g, k, v = _fused_inputs(21, B, H, D, torch.float32)
     init = _init_state(B, H, D)
@@ -222,9 +224,13 @@ def test_gpu_matches_naive_loop_fp32(poisoned_outputs):
 
 
 @pytest.mark.gpu
-def test_gpu_repeatable(poisoned_outputs):
-    """Same inputs twice: bitwise-identical outputs and gradients (a race would show here)."""
-    x, g, k, v = _fused_inputs(16384, 2, 16, 128, torch.bfloat16, gate_shift=6.0, seed=5)
+@pytest.mark.parametrize("depth", [8, 0])
+def test_gpu_repeatable(poisoned_outputs, monkeypatch, depth):
+    """Same inputs three times. Deterministic look-back (depth > 0): bitwise-identical outputs and
+    gradients. Greedy look-back: identical up to fp32 rounding of the carries. A race (a read of
+    a carry before it was written) would show as a much larger difference."""
+    monkeypatch.setattr(fused_mod, "_LOOKBACK_DEPTH", depth)
+    x, g, k, v = _fused_inputs(16384, 2, 16, 128, torch.float32, gate_shift=6.0, seed=5)
     res = []
     for _ in range(3):
         ko, vo, st = fused_gated_recurrence(g, k, v, None, True)
@@ -232,4 +238,7 @@ def test_gpu_repeatable(poisoned_outputs):
         res.append((ko, vo, st[0], st[1], gx))
     for other in res[1:]:
         for a, b in zip(res[0], other):
-            assert torch.equal(a, b)
+            if depth > 0:
+                assert torch.equal(a, b)
+            else:
+                assert _rel(a, b) < 1e-6

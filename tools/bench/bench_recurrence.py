@@ -128,11 +128,50 @@ def timed_pair(fwd, inputs, grads):
     return bench(f_only), bench(f_and_b)
 
 
+def sweep():
+    """Forward and backward time of each block config, forced (no autotuner)."""
+    legacy = {"BT": 64, "BD": 32, "VEC": 8, "num_warps": 4, "num_stages": 1}
+    fwd_cfgs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=1) for c in fused_mod._fwd_configs()]
+    bwd_cfgs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=1) for c in fused_mod._bwd_configs()]
+    print("config sweep (ms; BTxBD/VEC wWARPS; lookback depth %d)" % fused_mod._LOOKBACK_DEPTH)
+    for B, T in [(4, 4096), (1, 65536)]:
+        x, g, k, v = make_inputs(B, T)
+        dko = torch.randn(T, B, H, D, device="cuda", dtype=x.dtype)
+        dvo = torch.randn_like(dko)
+
+        def fused(g, k, v):
+            ko, vo, _ = fused_gated_recurrence(g, k, v)
+            return ko, vo
+
+        line = []
+        for cfg in fwd_cfgs + [legacy]:
+            fused_mod._FORCE_CONFIG["fwd"] = cfg
+            with torch.no_grad():
+                fused(g, k, v)
+            ms = bench(lambda: fused(g, k, v), rep=50)
+            line.append(f"{cfg['BT']}x{cfg['BD']}/{cfg['VEC']}w{cfg['num_warps']}={ms:.3f}")
+        print(f"  fwd B={B} T={T}: " + "  ".join(line), flush=True)
+        if B == 4:
+            fused_mod._FORCE_CONFIG["fwd"] = fwd_cfgs[-1]           # BT=32: any backward block fits
+            f_ms = bench(lambda: fused(g, k, v), rep=50)
+            line = []
+            for cfg in bwd_cfgs:
+                fused_mod._FORCE_CONFIG["bwd"] = cfg
+                torch.autograd.grad(fused(g, k, v), (g, k, v), (dko, dvo))
+                ms = bench(lambda: torch.autograd.grad(fused(g, k, v), (g, k, v), (dko, dvo)), rep=50)
+                line.append(f"{cfg['BT']}x{cfg['BD']}/{cfg['VEC']}w{cfg['num_warps']}={ms - f_ms:.3f}")
+            print(f"  bwd B={B} T={T}: " + "  ".join(line), flush=True)
+        fused_mod._FORCE_CONFIG.update(fwd=None, bwd=None)
+    torch.cuda.empty_cache()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--no-ref", action="store_true", help="skip the torch associative_scan reference")
     ap.add_argument("--no-fla", action="store_true", help="skip fla chunk_hgrn")
     ap.add_argument("--quick", action="store_true", help="anchor shape only")
+    ap.add_argument("--sweep", action="store_true",
+                    help="first time every forward / backward block config (anchor and T=65536)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -149,6 +188,8 @@ def main(argv=None):
     bw = copy_bandwidth()
     print(f"device: {dev}   torch {torch.__version__}   triton {triton.__version__}")
     print(f"measured device copy bandwidth: {bw:.0f} GB/s (read + write)")
+    if args.sweep:
+        sweep()
     shapes = [(4, 4096)] if args.quick else SHAPES
     rows = []
     for B, T in shapes:
@@ -188,6 +229,16 @@ def main(argv=None):
                 row["ref_err"] = err
                 rf, rfb = timed_pair(reference_recurrence, (g, k, v), (dk_ref, dv_ref))
                 row.update(ref_f=rf, ref_fb=rfb)
+                # the compiled scan alone, on prepared fp32 [B, H, T, 2D] inputs
+                with torch.no_grad():
+                    a2 = torch.sigmoid(g.float()).permute(1, 2, 0, 3).repeat(1, 1, 1, 2).contiguous()
+                    xs = ((1 - a2) * torch.cat([k, v], -1).permute(1, 2, 0, 3).float()).contiguous()
+                a2.requires_grad_(True)
+                xs.requires_grad_(True)
+                dh = torch.randn_like(xs)
+                sf, sfb = timed_pair(_RefScan.apply, (a2, xs), (dh,))
+                row.update(scan_f=sf, scan_fb=sfb)
+                del a2, xs, dh
             except Exception as e:  # noqa: BLE001
                 print(f"  reference failed at B={B} T={T}: {type(e).__name__}: {e}")
         if chunk_hgrn is not None:
@@ -223,6 +274,7 @@ def main(argv=None):
     print(f"H={H} D={D} bf16, {dev}, copy {bw:.0f} GB/s; GB/s over 5 (fwd) / 13 (fwd+bwd) tensor passes")
     hdr = ("| B | T | fused fwd ms | fwd GB/s (% copy) | fused fwd+bwd ms | fwd+bwd GB/s (% copy) | "
            "HBM floor fwd+bwd ms | ref assoc_scan fwd / fwd+bwd ms | speedup fwd / fwd+bwd | "
+           "ref scan only fwd / fwd+bwd ms | speedup | "
            "fla chunk_hgrn fwd / fwd+bwd ms | speedup fwd / fwd+bwd |")
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
@@ -230,12 +282,15 @@ def main(argv=None):
         ref = (f"{fmt(r.get('ref_f'))} / {fmt(r.get('ref_fb'))}",
                f"{fmt(r['ref_f'] / r['f'], '.1f')}x / {fmt(r['ref_fb'] / r['fb'], '.1f')}x"
                if "ref_f" in r else "—")
+        sc = (f"{fmt(r.get('scan_f'))} / {fmt(r.get('scan_fb'))}",
+              f"{fmt(r['scan_f'] / r['f'], '.1f')}x / {fmt(r['scan_fb'] / r['fb'], '.1f')}x"
+              if "scan_f" in r else "—")
         fl = (f"{fmt(r.get('fla_f'))} / {fmt(r.get('fla_fb'))}",
               f"{fmt(r['fla_f'] / r['f'], '.1f')}x / {fmt(r['fla_fb'] / r['fb'], '.1f')}x"
               if "fla_f" in r else "—")
         print(f"| {r['B']} | {r['T']} | {r['f']:.3f} | {r['gbs_f']:.0f} ({100 * r['gbs_f'] / bw:.0f}%) | "
               f"{r['fb']:.3f} | {r['gbs_fb']:.0f} ({100 * r['gbs_fb'] / bw:.0f}%) | {r['floor_fb']:.3f} | "
-              f"{ref[0]} | {ref[1]} | {fl[0]} | {fl[1]} |")
+              f"{ref[0]} | {ref[1]} | {sc[0]} | {sc[1]} | {fl[0]} | {fl[1]} |")
     anchor = [r for r in rows if (r["B"], r["T"]) == (4, 4096)]
     if anchor:
         r = anchor[-1]

@@ -2,7 +2,7 @@
 # GPU checks and benchmark of the fused RAT+ recurrence (issue 3). Run from the repository root on
 # a CUDA machine; results go to $OUT (default /tmp/recurrence_out).
 #   bash tools/gpu/recurrence.sh            # GPU tests + full benchmark (reference + fla columns)
-#   BENCH_ARGS=--quick bash tools/gpu/recurrence.sh
+#   BENCH_ARGS=--quick bash tools/gpu/recurrence.sh     (also --sweep, --no-ref, --no-fla; SKIP_TESTS=1)
 # fla comparison: put the fla-core wheel in .whl_fla/ (pip download --no-deps fla-core==0.6.0);
 # einops must already be installed.
 set -o pipefail
@@ -18,9 +18,11 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu 
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$OUT/gpu.txt"
 
 # whole test file: on a GPU the CPU-sized cases run the compiled, autotuned kernels too
-timeout -s KILL "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_recurrence.py \
-  2>&1 | tee "$OUT/recurrence_tests.log"
-echo "tests exit: $?" | tee -a "$OUT/recurrence_tests.log"
+if [ -z "${SKIP_TESTS:-}" ]; then
+  timeout -s KILL "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_recurrence.py \
+    ${TEST_ARGS:-} 2>&1 | tee "$OUT/recurrence_tests.log"
+  echo "tests exit: $?" | tee -a "$OUT/recurrence_tests.log"
+fi
 
 timeout -s KILL "${BENCH_TIMEOUT:-420}" python3 tools/bench/bench_recurrence.py ${BENCH_ARGS:-} \
   2>&1 | tee "$OUT/recurrence_bench.log"

@@ -87,19 +87,28 @@ def _row(x, rows, r):
 
 
 @triton.jit
-def _look_back(agg_ptr, inc_ptr, n, NCH, mask, c, step, stop, hk, hv, INC_EVERY: tl.constexpr):
-    """Decoupled look-back over tiles ``c - step, c - 2 step, ...`` (step = +1 forward, -1 backward).
+def _look_back(agg_ptr, inc_ptr, n, NCH, mask, c, STEP: tl.constexpr, stop, hk, hv,
+               DEPTH: tl.constexpr):
+    """Decoupled look-back over tiles ``c - STEP, c - 2 STEP, ...`` (STEP = +1 forward, -1 backward).
 
     Returns the state entering tile ``c`` per channel; ``hk, hv`` are returned untouched for
     channels that need no look-back (``mask`` false). ``stop`` is the first tile in scan order,
-    which only ever publishes an inclusive state. With INC_EVERY > 1 (tests only) an inclusive
-    state is used only every INC_EVERY tiles (counted from ``stop``), so that chains of aggregates
-    are exercised even when programs run one after another (the interpreter).
+    which only ever publishes an inclusive state.
+
+    DEPTH == 0: greedy, the first predecessor found with an inclusive state ends the walk (the
+    association of the fp32 carry then depends on timing: results can differ in the last bits
+    between runs). DEPTH > 0: deterministic, always the aggregates of the DEPTH - 1 nearest
+    predecessors folded onto the inclusive state of tile ``c - DEPTH STEP`` (or ``stop``): the
+    same arithmetic whatever the timing, bitwise reproducible.
     """
     acc_a = tl.full(hk.shape, 1.0, tl.float32)
     acc_k = tl.zeros(hk.shape, tl.float32)
     acc_v = tl.zeros(hk.shape, tl.float32)
-    p = tl.zeros(hk.shape, tl.int32) + (c - step)
+    p = tl.zeros(hk.shape, tl.int32) + (c - STEP)
+    if STEP > 0:
+        target = tl.maximum(c - DEPTH, stop)
+    else:
+        target = tl.minimum(c + DEPTH, stop)
     pending = mask
     while tl.max(pending.to(tl.int32), axis=0) > 0:
         pl = p.to(tl.int64)
@@ -111,23 +120,35 @@ def _look_back(agg_ptr, inc_ptr, n, NCH, mask, c, step, stop, hk, hv, INC_EVERY:
         w_ak = tl.load(agg_ptr + o_agg + NCH, mask=pending, other=0, volatile=True)
         w_av = tl.load(agg_ptr + o_agg + 2 * NCH, mask=pending, other=0, volatile=True)
         inc_ok = pending & (w_ik != 0) & (w_iv != 0)
-        if INC_EVERY > 1:
-            inc_ok = inc_ok & (((p - stop) % INC_EVERY) == 0)
+        if DEPTH > 0:
+            inc_ok = inc_ok & (p == target)
         agg_ok = pending & (~inc_ok) & (w_aa != 0) & (w_ak != 0) & (w_av != 0)
+        if DEPTH > 0:
+            agg_ok = agg_ok & (p != target)
         hk = tl.where(inc_ok, acc_a * _decode(w_ik) + acc_k, hk)
         hv = tl.where(inc_ok, acc_a * _decode(w_iv) + acc_v, hv)
         acc_k = tl.where(agg_ok, acc_a * _decode(w_ak) + acc_k, acc_k)
         acc_v = tl.where(agg_ok, acc_a * _decode(w_av) + acc_v, acc_v)
         acc_a = tl.where(agg_ok, acc_a * _decode(w_aa), acc_a)
-        p = tl.where(agg_ok, p - step, p)
+        p = tl.where(agg_ok, p - STEP, p)
         pending = pending & (~inc_ok)
     return hk, hv
+
+
+@triton.jit
+def _gates(gx, valid):
+    """a = sigmoid(g) and 1 - a = sigmoid(-g) in fp32 with one exp and one fast reciprocal;
+    invalid (padding) elements get the identity map a = 1, 1 - a = 0."""
+    e = tl.exp(-tl.clamp(gx, -80.0, 80.0))
+    a = tl.fdiv(tl.full(gx.shape, 1.0, tl.float32), 1.0 + e)
+    w = e * a
+    return tl.where(valid, a, 1.0), tl.where(valid, w, 0.0)
 
 
 # --------------------------------------------------------------------------------------------
 # Forward kernel
 # --------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["NC_ALLOC"])
 def _fwd_kernel(
     g_ptr, k_ptr, v_ptr, ko_ptr, vo_ptr,
     h0k_ptr, h0v_ptr, hTk_ptr, hTv_ptr,
@@ -140,9 +161,10 @@ def _fwd_kernel(
     D: tl.constexpr,
     HAS_H0: tl.constexpr,
     STORE_FINAL: tl.constexpr,
-    INC_EVERY: tl.constexpr,
+    DEPTH: tl.constexpr,
     BT: tl.constexpr,
     BD: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     NDB: tl.constexpr = (D + BD - 1) // BD
     NCB = (NCH // D) * NDB
@@ -154,6 +176,7 @@ def _fwd_kernel(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     d = (j % NDB) * BD + tl.arange(0, BD)
+    d = tl.max_contiguous(tl.multiple_of(d, VEC), VEC)   # VEC channels per thread: time in-thread
     mask_d = d < D
     n = bh * D + d                               # flat channel index (b, h, d)
     rows = tl.arange(0, BT)
@@ -167,8 +190,7 @@ def _fwd_kernel(
                  mask=m2, other=0.0).to(tl.float32)
     vx = tl.load(v_ptr + t[:, None] * sv_t + (b * sv_b + h * sv_h) + d[None, :] * sv_d,
                  mask=m2, other=0.0).to(tl.float32)
-    a = tl.where(m2, tl.sigmoid(gx), 1.0)        # padding rows are the identity map
-    w = tl.where(m2, tl.sigmoid(-gx), 0.0)       # 1 - a, accurate when a -> 1
+    a, w = _gates(gx, m2)                        # padding rows are the identity map
     P, Lk, Lv = tl.associative_scan((a, w * kx, w * vx), 0, _affine_combine)
 
     agg_ptr = status_ptr + 32
@@ -190,7 +212,7 @@ def _fwd_kernel(
         hk_in = tl.zeros([BD], tl.float32)
         hv_in = tl.zeros([BD], tl.float32)
     hk_in, hv_in = _look_back(agg_ptr, inc_ptr, n, NCH, mask_d & (c > 0), c, 1, 0,
-                              hk_in, hv_in, INC_EVERY)
+                              hk_in, hv_in, DEPTH)
 
     hk_end = A_c * hk_in + Bk_c
     hv_end = A_c * hv_in + Bv_c
@@ -211,7 +233,7 @@ def _fwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Backward kernel
 # --------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["NC_ALLOC_F", "NC_ALLOC"])
 def _bwd_kernel(
     g_ptr, k_ptr, v_ptr, dko_ptr, dvo_ptr,
     dg_ptr, dk_ptr, dv_ptr,
@@ -228,9 +250,10 @@ def _bwd_kernel(
     D: tl.constexpr,
     HAS_H0: tl.constexpr,
     HAS_DHT: tl.constexpr,
-    INC_EVERY: tl.constexpr,
+    DEPTH: tl.constexpr,
     BT: tl.constexpr,
     BD: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     NDB: tl.constexpr = (D + BD - 1) // BD
     NCB = (NCH // D) * NDB
@@ -242,6 +265,7 @@ def _bwd_kernel(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     d = (j % NDB) * BD + tl.arange(0, BD)
+    d = tl.max_contiguous(tl.multiple_of(d, VEC), VEC)   # VEC channels per thread: time in-thread
     mask_d = d < D
     n = bh * D + d
     rows = tl.arange(0, BT)
@@ -262,9 +286,8 @@ def _bwd_kernel(
                   mask=m2, other=0.0).to(tl.float32)
     dyv = tl.load(dvo_ptr + t[:, None] * sdv_t + (b * sdv_b + h * sdv_h) + dd * sdv_d,
                   mask=m2, other=0.0).to(tl.float32)
-    a = tl.where(m2, tl.sigmoid(gx), 1.0)
-    w = tl.where(m2, tl.sigmoid(-gx), 0.0)
-    a_next = tl.where(mn, tl.sigmoid(gn), 1.0)   # a_{t+1}; 1 past the end (carry = d final state)
+    a, w = _gates(gx, m2)
+    a_next, _ = _gates(gn, mn)                   # a_{t+1}; 1 past the end (carry = d final state)
 
     # ---- reverse-time scan of dh_t = a_{t+1} dh_{t+1} + dy_t (aggregate first: it unblocks others)
     Al, Bk, Bv = tl.associative_scan((a_next, dyk, dyv), 0, _affine_combine, reverse=True)
@@ -287,7 +310,7 @@ def _bwd_kernel(
         ck = tl.zeros([BD], tl.float32)
         cv = tl.zeros([BD], tl.float32)
     ck, cv = _look_back(agg_ptr, inc_ptr, n, NCH, mask_d & (c < NC - 1), c, -1, NC - 1,
-                        ck, cv, INC_EVERY)
+                        ck, cv, DEPTH)
     o_inc = cl * 2 * NCH + n
     tl.store(inc_ptr + o_inc, _encode(A_c * ck + Bk_c), mask=mask_d)
     tl.store(inc_ptr + o_inc + NCH, _encode(A_c * cv + Bv_c), mask=mask_d)
@@ -330,21 +353,23 @@ def _bwd_kernel(
 _STATUS_ARGS = ["status_ptr"]
 
 
+def _cfg(bt, vec, nw):
+    # one warp spans BD = 32 * VEC channels (VEC per thread); the warps and the register
+    # repetitions run along time, so the scans are mostly sequential inside each thread
+    return triton.Config({"BT": bt, "BD": 32 * vec, "VEC": vec}, num_warps=nw, num_stages=1)
+
+
 def _fwd_configs():
-    cfgs = []
-    # about 16 fp32 elements of each [BT, BD] tile per thread: the tiles live in registers
-    for bt, bd, nw in [(32, 64, 4), (64, 32, 4), (64, 64, 8), (128, 32, 8), (32, 128, 8)]:
-        cfgs.append(triton.Config({"BT": bt, "BD": bd}, num_warps=nw, num_stages=1))
-    return cfgs
+    # (BT, VEC, warps): 16-32 fp32 elements of each [BT, BD] tile per thread
+    return [_cfg(bt, vec, nw) for bt, vec, nw in
+            [(64, 2, 8), (64, 2, 4), (128, 2, 8), (64, 4, 8), (128, 1, 8), (32, 2, 4)]]
 
 
 def _bwd_configs():
-    cfgs = []
-    # more tiles live than in the forward: about 8 elements of each tile per thread, and at least
-    # one block for each forward tile length (the backward block must be a multiple of it)
-    for bt, bd, nw in [(32, 32, 4), (32, 64, 8), (64, 32, 8), (64, 64, 8), (128, 32, 8)]:
-        cfgs.append(triton.Config({"BT": bt, "BD": bd}, num_warps=nw, num_stages=1))
-    return cfgs
+    # more tiles live than in the forward: 8-16 elements of each tile per thread, and blocks for
+    # each forward tile length (the backward block must be a multiple of the forward block)
+    return [_cfg(bt, vec, nw) for bt, vec, nw in
+            [(64, 2, 16), (64, 1, 8), (32, 2, 8), (128, 1, 16), (128, 2, 16), (64, 2, 8), (32, 1, 4)]]
 
 
 _FWD_BT = sorted({c.kwargs["BT"] for c in _fwd_configs()})
@@ -352,19 +377,17 @@ _FWD_BT = sorted({c.kwargs["BT"] for c in _fwd_configs()})
 
 def _prune_fwd(configs, named_args, **kwargs):
     D = named_args["D"] if "D" in named_args else kwargs["D"]
-    dmax = max(16, triton.next_power_of_2(D))
+    dmax = max(32, triton.next_power_of_2(D))
     keep = [c for c in configs if c.kwargs["BD"] <= dmax]
-    return keep or configs[:1]
+    return keep or [_cfg(64, 1, 4)]
 
 
 def _prune_bwd(configs, named_args, **kwargs):
     D = named_args["D"] if "D" in named_args else kwargs["D"]
     bt_f = named_args["BT_F"]
-    dmax = max(16, triton.next_power_of_2(D))
+    dmax = max(32, triton.next_power_of_2(D))
     keep = [c for c in configs if c.kwargs["BD"] <= dmax and c.kwargs["BT"] % bt_f == 0]
-    if not keep:  # no tuned backward block is a multiple of the forward block: use the forward's
-        keep = [triton.Config({"BT": bt_f, "BD": min(32, dmax)}, num_warps=8, num_stages=1)]
-    return keep
+    return keep or [_cfg(bt_f, 1, max(4, min(16, bt_f // 8)))]
 
 
 _fwd_tuned = triton.autotune(
@@ -377,11 +400,14 @@ _bwd_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune_bwd},
 )(_bwd_kernel)
 
-# Interpreter blocks (tests may change them): small so that short sequences span many tiles.
-_INTERPRET_BLOCKS = {"fwd": (8, 8), "bwd": (16, 8)}
-# Tests only: use an inclusive state only every N tiles during the look-back (exercises chains
-# of aggregates); 1 in production.
-_LOOKBACK_INC_EVERY = 1
+# Interpreter blocks (BT, BD, VEC; tests may change them): small so that short sequences span
+# many tiles.
+_INTERPRET_BLOCKS = {"fwd": (8, 8, 1), "bwd": (16, 8, 1)}
+# Look-back depth: 0 = greedy (fastest, last-bit differences between runs), K > 0 = deterministic
+# (folds exactly K - 1 aggregates onto the inclusive state K tiles back).
+_LOOKBACK_DEPTH = 8
+# Benchmarks only: launch kwargs to use instead of the autotuner's, {"fwd": {...}, "bwd": {...}}.
+_FORCE_CONFIG: dict = {"fwd": None, "bwd": None}
 # Launch kwargs chosen by the autotuner, per shape/dtype key.
 _TUNED: dict = {}
 
@@ -436,7 +462,7 @@ def _forward(g, k, v, h0k, h0v, output_final_state):
     has_h0 = h0k is not None
     dummy = ko
     common = {"D": D, "HAS_H0": has_h0, "STORE_FINAL": output_final_state,
-              "INC_EVERY": _LOOKBACK_INC_EVERY}
+              "DEPTH": _LOOKBACK_DEPTH}
     grid = _grid(T, B, H, D)
 
     def launch(kernel, status, n_alloc, meta):
@@ -447,11 +473,13 @@ def _forward(g, k, v, h0k, h0v, output_final_state):
                      *_strides(g), *_strides(k), *_strides(v), t_key, bh_key, **common, **meta)
 
     if _interpreting():
-        bt, bd = _INTERPRET_BLOCKS["fwd"]
-        meta = {"BT": bt, "BD": bd}
+        bt, bd, vec = _INTERPRET_BLOCKS["fwd"]
+        meta = {"BT": bt, "BD": bd, "VEC": vec}
+    elif _FORCE_CONFIG["fwd"] is not None:
+        meta = dict(_FORCE_CONFIG["fwd"])
     else:
         key = ("fwd", D, t_key, bh_key, g.dtype, k.dtype, v.dtype, has_h0, output_final_state,
-               _LOOKBACK_INC_EVERY, str(dev))
+               _LOOKBACK_DEPTH, str(dev))
         meta = _select_config(key, _fwd_tuned, launch, triton.cdiv(T, min(_FWD_BT)), nch, dev)
     bt = meta["BT"]
     n_alloc = triton.cdiv(T, bt)
@@ -474,7 +502,7 @@ def _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, fstatus, n_alloc_f, bt_f)
         dh0k = _new_output((B, H, D), torch.float32, dev)
         dh0v = _new_output((B, H, D), torch.float32, dev)
     t_key, bh_key = _key_buckets(T, B * H)
-    common = {"D": D, "HAS_H0": has_h0, "HAS_DHT": has_dht, "INC_EVERY": _LOOKBACK_INC_EVERY}
+    common = {"D": D, "HAS_H0": has_h0, "HAS_DHT": has_dht, "DEPTH": _LOOKBACK_DEPTH}
     dummy = dg
     grid = _grid(T, B, H, D)
 
@@ -488,11 +516,13 @@ def _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, fstatus, n_alloc_f, bt_f)
                      t_key, bh_key, **common, **meta)
 
     if _interpreting():
-        bt, bd = _INTERPRET_BLOCKS["bwd"]
-        meta = {"BT": bt, "BD": bd}
+        bt, bd, vec = _INTERPRET_BLOCKS["bwd"]
+        meta = {"BT": bt, "BD": bd, "VEC": vec}
+    elif _FORCE_CONFIG["bwd"] is not None:
+        meta = dict(_FORCE_CONFIG["bwd"])
     else:
         key = ("bwd", D, t_key, bh_key, bt_f, g.dtype, k.dtype, v.dtype, dko.dtype, dvo.dtype,
-               has_h0, has_dht, _LOOKBACK_INC_EVERY, str(dev))
+               has_h0, has_dht, _LOOKBACK_DEPTH, str(dev))
         # every backward block allowed by the pruning is a multiple of the forward block
         meta = _select_config(key, _bwd_tuned, launch, triton.cdiv(T, bt_f), nch, dev)
     if meta["BT"] % bt_f != 0:
