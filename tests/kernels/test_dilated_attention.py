@@ -1,0 +1,282 @@
+"""RAT+ dilated attention: fused Triton kernel (forward, backward, lse) and decode kernel.
+
+On CPU the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
+with 16-wide blocks, so short sequences span several far, near and diagonal tiles. The reference
+is the masked-dense ``naive_dilated_attention`` in float64 on the same (rounded) inputs. Tests
+marked ``gpu`` run realistic shapes with every output / gradient allocation prefilled with NaN.
+"""
+from __future__ import annotations
+
+import pytest
+import ratplus_kernels.dilated_attention.fused as fused_mod
+import torch
+import torch.nn.functional as F
+from ratplus_kernels import fused_dilated_attention as top_level_export
+from ratplus_kernels.dilated_attention import (
+    decode_attention,
+    fused_dilated_attention,
+    naive_dilated_attention,
+    sparse_mask,
+)
+from ratplus_kernels.dilated_attention.decode import sdpa_decode_attention, triton_decode_attention
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values (unwritten or overflowed elements)"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _inputs(T, B, H, Dh, dtype, device=DEV, fused_view=False, seed=0):
+    """q, k, v ([T, B, H, Dh]) and upstream grads; optionally strided views of one fused
+    [T, B, H, 4, Dh] projection output, as Megatron's fused W_in produces."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    if fused_view:
+        x = torch.randn(T, B, H, 4, Dh, generator=gen).to(device=device, dtype=dtype)
+        x.requires_grad_(True)
+        leaves = [x]
+        q, k, v = x[:, :, :, 1], x[:, :, :, 2], x[:, :, :, 3]
+    else:
+        q, k, v = (torch.randn(T, B, H, Dh, generator=gen).to(device=device, dtype=dtype)
+                   .requires_grad_(True) for _ in range(3))
+        leaves = [q, k, v]
+    do = torch.randn(T, B, H, Dh, generator=gen).to(device)
+    dlse = torch.randn(B, H, T, generator=gen).to(device)
+    return leaves, (q, k, v), do, dlse
+
+
+def _run(fn, qkv, do, dlse, pattern, with_lse):
+    """Outputs and input gradients of ``fn`` for loss = <out, do> (+ <lse, dlse>)."""
+    out, lse = fn(*qkv, *pattern, return_lse=True)
+    loss = (out.double() * do.double()).sum()
+    if with_lse:
+        loss = loss + (lse.double() * dlse.double()).sum()
+    grads = torch.autograd.grad(loss, qkv)
+    return out, lse, grads
+
+
+def _reference(qkv, do, dlse, pattern, with_lse):
+    ref_in = [x.detach().double().requires_grad_(True) for x in qkv]
+    return _run(naive_dilated_attention, ref_in, do, dlse, pattern, with_lse)
+
+
+def _check(T, B, H, Dh, pattern, dtype=torch.float32, fused_view=False, with_lse=True,
+           tol=(2e-5, 2e-5), seed=0, device=DEV):
+    _, qkv, do, dlse = _inputs(T, B, H, Dh, dtype, device, fused_view, seed)
+    out, lse, grads = _run(fused_dilated_attention, qkv, do, dlse, pattern, with_lse)
+    r_out, r_lse, r_grads = _reference(qkv, do, dlse, pattern, with_lse)
+    assert out.dtype == dtype and out.shape == (T, B, H, Dh) and out.is_contiguous()
+    assert lse.dtype == torch.float32 and lse.shape == (B, H, T)
+    tol_out, tol_grad = tol
+    assert _rel(out, r_out) < tol_out, ("out", _rel(out, r_out))
+    assert _rel(lse, r_lse) < tol_out, ("lse", _rel(lse, r_lse))
+    for name, g, r in zip("qkv", grads, r_grads):
+        assert g.shape == r.shape
+        assert _rel(g, r) < tol_grad, ("d" + name, _rel(g, r))
+
+
+# (T, D, W, P): every regime of the partition into near band / initial / chunk-end keys
+CASES = [
+    (64, 64, 0, 0),      # training pattern, T = D: a single chunk end
+    (80, 16, 0, 0),      # many chunk ends, several gathered tiles
+    (75, 16, 20, 4),     # band + initial + chunk ends, odd T
+    (70, 8, 33, 4),      # band wider than a block, not block-aligned
+    (90, 4, 0, 0),       # many gathered keys (several BG tiles)
+    (40, 64, 0, 0),      # T < D: no chunk end at all
+    (45, 64, 5, 3),      # T < D with band and initial keys
+    (33, 5, 40, 0),      # W >= T: everything is near
+    (33, 5, 2, 40),      # P > T: every key is global
+    (48, 7, 3, 9),       # P > D: initial keys that are also chunk ends
+    (50, 1, 0, 0),       # D = 1: dense causal through the gathered path
+    (37, 1, 10, 2),      # D = 1 with a band
+    (53, -1, 6, 2),      # local-only
+    (40, -1, 0, 0),      # local-only, W = 0: attention to itself
+    (17, 16, 1, 1),      # T = D + 1
+    (1, 16, 256, 4),     # T = 1
+    (31, 16, 256, 4),    # adaptation preset, T < W
+]
+
+
+@pytest.mark.parametrize("T,D,W,P", CASES)
+def test_fused_matches_reference_fp32(T, D, W, P):
+    _check(T, 1, 2, 16, (D, W, P))
+
+
+@pytest.mark.parametrize("T,D,W,P,Dh", [(70, 16, 20, 4, 32), (66, 8, 0, 0, 64), (45, 6, 7, 2, 24)])
+def test_fused_head_dims(T, D, W, P, Dh):
+    _check(T, 1, 1, Dh, (D, W, P))
+
+
+@pytest.mark.parametrize("T,D,W,P", [(72, 16, 20, 4), (50, 64, 0, 0), (41, 3, 0, 2)])
+def test_fused_strided_views(T, D, W, P):
+    """q, k, v as interleaved views of one fused projection, batch and heads > 1."""
+    _check(T, 2, 3, 16, (D, W, P), fused_view=True)
+
+
+def test_fused_grads_flow_into_fused_projection():
+    leaves, qkv, do, _ = _inputs(40, 2, 2, 16, torch.float32, fused_view=True)
+    out = fused_dilated_attention(*qkv, 8, 3, 1)
+    out.backward(do)
+    x = leaves[0]
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = naive_dilated_attention(ref_x[:, :, :, 1], ref_x[:, :, :, 2], ref_x[:, :, :, 3], 8, 3, 1)
+    ref.backward(do)
+    assert _rel(x.grad, ref_x.grad) < 2e-5
+    assert torch.count_nonzero(x.grad[:, :, :, 0]) == 0       # the unused slot gets no gradient
+
+
+@pytest.mark.parametrize("T,D,W,P", [(75, 16, 20, 4), (64, 64, 0, 0), (45, 1, 0, 0)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_half_precision(T, D, W, P, dtype):
+    _check(T, 1, 2, 32, (D, W, P), dtype=dtype, tol=(1e-2, 2e-2))
+
+
+def test_fused_without_lse_gradient_and_scale():
+    _, qkv, do, _ = _inputs(60, 1, 2, 16, torch.float32, seed=3)
+    out = fused_dilated_attention(*qkv, 16, 8, 2, scale=0.3)
+    assert isinstance(out, torch.Tensor)
+    grads = torch.autograd.grad(out, qkv, do)
+    ref_in = [x.detach().double().requires_grad_(True) for x in qkv]
+    ref = naive_dilated_attention(*ref_in, 16, 8, 2, scale=0.3)
+    r_grads = torch.autograd.grad(ref, ref_in, do.double())
+    assert _rel(out, ref) < 2e-5
+    for g, r in zip(grads, r_grads):
+        assert _rel(g, r) < 2e-5
+
+
+def test_fused_lse_only_gradient():
+    _, qkv, _, dlse = _inputs(50, 1, 1, 16, torch.float32, seed=4)
+    _, lse = fused_dilated_attention(*qkv, 8, 4, 1, return_lse=True)
+    grads = torch.autograd.grad((lse * dlse).sum(), qkv)
+    ref_in = [x.detach().double().requires_grad_(True) for x in qkv]
+    _, r_lse = naive_dilated_attention(*ref_in, 8, 4, 1, return_lse=True)
+    r_dq, r_dk = torch.autograd.grad((r_lse * dlse.double()).sum(), ref_in[:2])
+    assert _rel(grads[0], r_dq) < 2e-5
+    assert _rel(grads[1], r_dk) < 2e-5
+    assert torch.count_nonzero(grads[2]) == 0                 # lse does not depend on v
+
+
+@pytest.mark.parametrize("fwd,bwd", [
+    (dict(BM=32, BN=16, BG=16), dict(BLK=32, BN1=16, BM2=16, BG=32)),
+    (dict(BM=16, BN=32, BG=32), dict(BLK=32, BN1=32, BM2=32, BG=16)),
+])
+def test_fused_other_block_shapes(fwd, bwd):
+    """Forward query block != key tile, backward block != its inner tiles."""
+    extra = dict(num_warps=4, num_stages=1)
+    with fused_mod.block_config(fwd=dict(fwd, **extra), bwd=dict(bwd, **extra)):
+        for T, D, W, P in [(83, 16, 20, 4), (70, 4, 0, 1), (47, -1, 37, 0)]:
+            _check(T, 1, 1, 16, (D, W, P), seed=T)
+
+
+def test_fused_partition_counts_each_pair_once():
+    """With v = one-hot key ids, the output is the attention matrix itself: compare it with the
+    allowed mask (each allowed key weighted once, no key outside the mask)."""
+    T, D, W, P = 70, 8, 12, 3
+    q = torch.zeros(T, 1, 1, 128, device=DEV)                 # uniform attention weights
+    k = torch.randn(T, 1, 1, 128, device=DEV)
+    v = torch.eye(T, 128, device=DEV).reshape(T, 1, 1, 128)
+    out = fused_dilated_attention(q, k, v, D, W, P)[:, 0, 0, :T]
+    mask = sparse_mask(T, D, W, P, device=DEV).float()
+    expected = mask / mask.sum(1, keepdim=True)
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_fused_rejects_bad_inputs():
+    q = torch.randn(8, 1, 1, 16, device=DEV)
+    with pytest.raises(ValueError):
+        fused_dilated_attention(q, q, q, 0, 0, 0)
+    with pytest.raises(ValueError):
+        fused_dilated_attention(q, q, q, 4, -1, 0)
+    with pytest.raises(ValueError):
+        fused_dilated_attention(q, q[:4], q, 4, 0, 0)
+    with pytest.raises(TypeError):
+        fused_dilated_attention(q, q.double(), q, 4, 0, 0)
+
+
+def test_top_level_export():
+    assert top_level_export is fused_dilated_attention
+
+
+# ------------------------------------------------------------------------------------------------
+# decode
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("B,H,N,Dh,splits", [(2, 3, 37, 32, None), (1, 2, 5, 16, None),
+                                            (2, 2, 100, 24, 1), (1, 1, 70, 16, 5), (1, 2, 1, 16, None)])
+def test_triton_decode_matches_sdpa(B, H, N, Dh, splits):
+    gen = torch.Generator(device="cpu").manual_seed(N)
+    q = torch.randn(B, H, Dh, generator=gen).to(DEV)
+    kbuf = torch.randn(B, H, N + 9, Dh, generator=gen).to(DEV)        # cache = view of a buffer
+    vbuf = torch.randn(B, H, N + 9, Dh, generator=gen).to(DEV)
+    kc, vc = kbuf[:, :, 4:N + 4], vbuf[:, :, :N]
+    ref = sdpa_decode_attention(q.double(), kc.double(), vc.double())
+    got = triton_decode_attention(q, kc, vc, num_splits=splits)
+    assert got.shape == (B, H, Dh) and got.dtype == q.dtype
+    assert _rel(got, ref) < 1e-5
+    got_bf = triton_decode_attention(q.bfloat16(), kc.bfloat16(), vc.bfloat16(), scale=0.2,
+                                     num_splits=splits)
+    ref_bf = sdpa_decode_attention(q.bfloat16().double(), kc.bfloat16().double(),
+                                   vc.bfloat16().double(), scale=0.2)
+    assert got_bf.dtype == torch.bfloat16 and _rel(got_bf, ref_bf) < 1e-2
+
+
+def test_decode_matches_last_row_of_sparse_attention():
+    """The compact cache (P initial + last W+1 + chunk ends) reproduces the sparse attention of
+    the newest token."""
+    T, D, W, P, Dh = 70, 8, 5, 3, 16
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    q, k, v = (torch.randn(T, 1, 2, Dh, generator=gen).to(DEV) for _ in range(3))
+    full = naive_dilated_attention(q, k, v, D, W, P)[-1]                     # [B, H, Dh]
+    keep = sparse_mask(T, D, W, P, device=DEV)[-1].nonzero().squeeze(1)
+    kc = k[keep].permute(1, 2, 0, 3)
+    vc = v[keep].permute(1, 2, 0, 3)
+    assert _rel(decode_attention(q[-1], kc, vc), full) < 1e-5
+    assert _rel(triton_decode_attention(q[-1], kc, vc), full) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: realistic shapes, poisoned allocations
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def poisoned(monkeypatch):
+    def _nan_output(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(fused_mod, "_new_output", _nan_output)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", [(64, 0, 0), (16, 256, 4), (16, 0, 0)])
+def test_gpu_realistic_bf16(poisoned, pattern):
+    T, B, H, Dh = 4096, 2, 16, 128
+    _, qkv, do, dlse = _inputs(T, B, H, Dh, torch.bfloat16, fused_view=True, seed=11)
+    out, lse, grads = _run(fused_dilated_attention, qkv, do, dlse, pattern, True)
+    ref_in = [x.detach().float().requires_grad_(True) for x in qkv]        # fp32 reference
+    r_out, r_lse, r_grads = _run(naive_dilated_attention, ref_in, do, dlse, pattern, True)
+    assert _rel(out, r_out) < 1e-2
+    assert _rel(lse, r_lse) < 1e-3
+    for g, r in zip(grads, r_grads):
+        assert _rel(g, r) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,D,W,P,Dh", [(1000, 64, 0, 0, 64), (777, 16, 100, 4, 128),
+                                        (300, 1, 0, 0, 128), (513, -1, 200, 4, 64), (100, 256, 3, 300, 32)])
+def test_gpu_odd_shapes(poisoned, T, D, W, P, Dh):
+    _check(T, 2, 4, Dh, (D, W, P), dtype=torch.bfloat16, fused_view=True, tol=(1e-2, 2e-2), seed=T)
+    _check(T, 1, 2, Dh, (D, W, P), dtype=torch.float32, tol=(1e-5, 1e-5), seed=T + 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 4, 16])
+@pytest.mark.parametrize("T", [4096, 65536])
+def test_gpu_decode(B, T):
+    H, Dh = 16, 128
+    N = 4 + 257 + T // 16
+    q = torch.randn(B, H, Dh, device="cuda", dtype=torch.bfloat16)
+    kc = torch.randn(B, H, N + 32, Dh, device="cuda", dtype=torch.bfloat16)[:, :, :N]
+    vc = torch.randn(B, H, N + 32, Dh, device="cuda", dtype=torch.bfloat16)[:, :, :N]
+    ref = F.scaled_dot_product_attention(q.float()[:, :, None], kc.float(), vc.float()).squeeze(2)
+    assert _rel(decode_attention(q, kc, vc), ref) < 1e-2
+    assert _rel(triton_decode_attention(q, kc, vc), ref) < 1e-2

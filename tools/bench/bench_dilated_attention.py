@@ -1,0 +1,340 @@
+"""Benchmark the fused RAT+ dilated attention against dense SDPA and flex_attention (issue 4).
+
+    PYTHONPATH=kernels:. python tools/bench/bench_dilated_attention.py [--no-flex] [--quick]
+        [--sweep] [--no-decode] [--selftest]
+
+Prints the device, then for H x Dh = 16 x 128, bf16, T in {4096, 16384, 65536} at B*T = 65536
+tokens (plus the DESIGN.md anchor shape B=4, T=4096) and (D, W, P) in {(64,0,0), (16,256,4),
+(16,0,0)}:
+
+* median fwd and fwd+bwd ms (``triton.testing.do_bench``) of
+  - dense causal SDPA (``F.scaled_dot_product_attention(is_causal=True)``, [B, H, T, Dh] inputs),
+  - the flex_attention two-pass formulation of the same mask (the reference approach): pass 1
+    attends the chunk-end keys ``j >= P`` gathered with a stride-D slice of K/V, masked to
+    ``t - j > W``; pass 2 attends the local band and the initial keys of the full K/V
+    (``j <= t and (t - j <= W or j < P)``); both return their log-sum-exp and the outputs are merged
+    by it. The whole two-pass function (gather, two flex calls, merge) is ``torch.compile``d; the
+    block masks are built once per shape outside the timed region (which favours flex: the
+    reference code rebuilds them on every call),
+  - ``fused_dilated_attention`` ([T, B, H, Dh] inputs, Megatron layout);
+* TFLOP/s counted on the allowed (query, key) pairs only: 4 Dh flops per pair forward, 14 Dh per
+  pair forward+backward (backward = 2.5 x forward), the same count for every method (dense SDPA
+  included, so its column says how fast it computes the sparse result);
+* speedups of the fused kernel over SDPA and flex, and the DESIGN.md anchor ratios.
+
+Backward timings take gradients with respect to q, k, v (``torch.autograd.grad``).
+``--sweep`` first times several launch configurations of the fused kernel at the anchor shape.
+A decode table follows: ``decode_attention`` (split-K Triton) vs SDPA on the compact cache
+N = 4 + 257 + T/16 entries, B in {1, 4, 16}, H=16, Dh=128, timed with CUDA graphs.
+``--selftest`` checks the flex two-pass formulation against the masked-dense reference on CPU
+(eager flex, tiny shapes) and exits.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+H, DH = 16, 128
+PATTERNS = [(64, 0, 0), (16, 256, 4), (16, 0, 0)]
+SHAPES = [(4, 4096), (16, 4096), (4, 16384), (1, 65536)]      # (B, T); first = DESIGN anchor
+ANCHORS = {(64, 0, 0): {"flex": 1.415, "target": 0.30}, (16, 256, 4): {"flex": 2.06, "target": 0.45},
+           "sdpa": 2.23}
+
+
+def allowed_pairs(T: int, D: int, W: int, P: int) -> int:
+    """Allowed (query, key) pairs of one head: band + initial + chunk-end keys below the band."""
+    t = torch.arange(T, dtype=torch.int64)
+    band = torch.clamp(t, max=W) + 1
+    c = torch.clamp(t - W, min=0)                   # number of keys j <= t - W - 1
+    far = torch.clamp(c, max=P)
+    if D > 0:
+        far = far + torch.clamp(c // D - P // D, min=0)
+    return int((band + far).sum())
+
+
+# ------------------------------------------------------------------------------------------------
+# flex_attention two-pass formulation
+# ------------------------------------------------------------------------------------------------
+def _merge(o1, lse1, o2, lse2):
+    m = torch.maximum(lse1, lse2)
+    w1 = torch.exp(lse1 - m)
+    w2 = torch.exp(lse2 - m)
+    den = w1 + w2
+    return (o1 * (w1 / den).unsqueeze(-1).to(o1.dtype) + o2 * (w2 / den).unsqueeze(-1).to(o2.dtype))
+
+
+class FlexTwoPass:
+    """Sparse RAT+ attention as two flex_attention calls merged by log-sum-exp ([B, H, T, Dh])."""
+
+    def __init__(self, T, D, W, P, device, compile=True):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        self.T, self.D, self.W, self.P = T, D, W, P
+        self.start = (P // D + 1) * D - 1 if D > 0 else T        # first chunk-end key >= P
+        self.n_far = len(range(self.start, T, D)) if D > 0 else 0
+        start, Dd = self.start, max(D, 1)
+
+        def far_mask(b, h, q_idx, kv_idx):
+            return q_idx - (start + kv_idx * Dd) > W
+
+        def near_mask(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & ((q_idx - kv_idx <= W) | (kv_idx < P))
+
+        dev = str(device)
+        self.bm_near = create_block_mask(near_mask, None, None, T, T, device=dev)
+        self.bm_far = (create_block_mask(far_mask, None, None, T, self.n_far, device=dev)
+                       if self.n_far > 0 else None)
+        try:                                  # torch >= 2.9 spelling of return_lse
+            from torch.nn.attention.flex_attention import AuxRequest
+
+            def fa(q, k, v, block_mask):
+                out, aux = flex_attention(q, k, v, block_mask=block_mask,
+                                          return_aux=AuxRequest(lse=True))
+                return out, aux.lse
+        except ImportError:
+            def fa(q, k, v, block_mask):
+                return flex_attention(q, k, v, block_mask=block_mask, return_lse=True)
+
+        def two_pass(q, k, v, bm_near, bm_far):
+            o2, lse2 = fa(q, k, v, bm_near)
+            if bm_far is None:
+                return o2
+            kc = k[:, :, start::Dd]
+            vc = v[:, :, start::Dd]
+            o1, lse1 = fa(q, kc, vc, bm_far)
+            return _merge(o1, lse1, o2, lse2)
+
+        self.fn = torch.compile(two_pass, dynamic=False) if compile else two_pass
+
+    def __call__(self, q, k, v):
+        return self.fn(q, k, v, self.bm_near, self.bm_far)
+
+
+def selftest() -> None:
+    from ratplus_kernels.dilated_attention import naive_dilated_attention
+
+    torch.manual_seed(0)
+    for T, D, W, P in [(256, 16, 20, 4), (300, 64, 0, 0), (200, 16, 0, 0), (130, 7, 3, 9),
+                       (150, -1, 10, 2), (100, 256, 5, 0)]:
+        q, k, v = (torch.randn(1, 2, T, 32, dtype=torch.float32) for _ in range(3))
+        ref = naive_dilated_attention(*(x.permute(2, 0, 1, 3) for x in (q, k, v)), D, W, P)
+        got = FlexTwoPass(T, D, W, P, "cpu", compile=False)(q, k, v).permute(2, 0, 1, 3)
+        err = (got - ref).abs().max().item()
+        print(f"flex two-pass vs naive T={T} D={D} W={W} P={P}: max abs err {err:.2e}")
+        assert err < 1e-4, err
+    for T, D, W, P in [(100, 16, 10, 4), (77, 64, 0, 0)]:
+        pairs = allowed_pairs(T, D, W, P)
+        from ratplus_kernels.dilated_attention import sparse_mask
+
+        assert pairs == int(sparse_mask(T, D, W, P).sum()), (pairs, T, D, W, P)
+    print("selftest ok")
+
+
+# ------------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------------
+def bench(fn, rep=100):
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def time_fwd_bwd(fn, q, k, v, do, rep):
+    def fwd():
+        with torch.no_grad():
+            fn(q, k, v)
+
+    def fwd_bwd():
+        out = fn(q, k, v)
+        torch.autograd.grad(out, (q, k, v), do)
+
+    return bench(fwd, rep), bench(fwd_bwd, rep)
+
+
+def _regs(fm, which) -> str:
+    k = fm._LAST_KERNELS.get(which)
+    return f"(regs {getattr(k, 'n_regs', '?')}, spills {getattr(k, 'n_spills', '?')})" if k else ""
+
+
+def run_sweep(args) -> None:
+    import ratplus_kernels.dilated_attention.fused as fm
+    from ratplus_kernels.dilated_attention import fused_dilated_attention
+
+    B, T = 4, 4096
+    q, k, v, do = (torch.randn(T, B, H, DH, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    fwd_cfgs = [dict(BM=128, BN=64, BG=64, num_warps=8, num_stages=3),
+                dict(BM=128, BN=64, BG=64, num_warps=8, num_stages=2),
+                dict(BM=128, BN=128, BG=64, num_warps=8, num_stages=2),
+                dict(BM=64, BN=64, BG=64, num_warps=4, num_stages=3),
+                dict(BM=64, BN=64, BG=32, num_warps=4, num_stages=3)]
+    bwd_cfgs = [dict(BLK=64, BN1=64, BM2=64, BG=64, num_warps=8, num_stages=2),
+                dict(BLK=64, BN1=64, BM2=64, BG=64, num_warps=4, num_stages=2),
+                dict(BLK=64, BN1=64, BM2=64, BG=32, num_warps=4, num_stages=2),
+                dict(BLK=64, BN1=32, BM2=32, BG=32, num_warps=4, num_stages=3),
+                dict(BLK=32, BN1=32, BM2=32, BG=32, num_warps=4, num_stages=2),
+                dict(BLK=64, BN1=64, BM2=64, BG=64, num_warps=8, num_stages=1)]
+    print("\nsweep at B=4 T=4096 (ms)")
+    for pat in PATTERNS:
+        for fc in fwd_cfgs:
+            with fm.block_config(fwd=fc):
+                try:
+                    qd, kd, vd = q.detach(), k.detach(), v.detach()
+                    ms = bench(lambda pat=pat: fused_dilated_attention(qd, kd, vd, *pat))
+                except Exception as e:  # noqa: BLE001  (a config may not compile / fit)
+                    ms = float("nan")
+                    print("  fwd cfg failed:", fc, type(e).__name__, str(e)[:120])
+            print(f"  {pat} fwd {fc}: {ms:.4f} {_regs(fm, 'fwd')}")
+        out = fused_dilated_attention(q, k, v, *pat)
+        for bc in bwd_cfgs:
+            with fm.block_config(bwd=bc):
+                try:
+                    def run(pat=pat):
+                        o = fused_dilated_attention(q, k, v, *pat)
+                        torch.autograd.grad(o, (q, k, v), do)
+                    ms = bench(run)
+                except Exception as e:  # noqa: BLE001
+                    ms = float("nan")
+                    print("  bwd cfg failed:", bc, type(e).__name__, str(e)[:120])
+            print(f"  {pat} fwd+bwd {bc}: {ms:.4f} {_regs(fm, 'bwd')}")
+        del out
+
+
+def run_main(args) -> None:
+    from ratplus_kernels.dilated_attention import fused_dilated_attention
+
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    rows = []
+    header = (f"{'B':>3} {'T':>6} {'D':>3} {'W':>4} {'P':>2} | {'sdpa f':>8} {'sdpa fb':>8} | "
+              f"{'flex f':>8} {'flex fb':>8} | {'ours f':>8} {'ours fb':>8} | "
+              f"{'TF/s f':>7} {'TF/s fb':>7} | {'x sdpa':>6} {'x flex':>6} | {'err':>8}")
+    print("\nms (median); TFLOP/s of the fused kernel over allowed pairs; speedup = fwd+bwd")
+    print(header)
+    for B, T in shapes:
+        rep = 30 if T >= 65536 else 100
+        torch.manual_seed(0)
+        qb, kb, vb, dob = (torch.randn(B, H, T, DH, device="cuda", dtype=torch.bfloat16)
+                           for _ in range(4))
+        for x in (qb, kb, vb):
+            x.requires_grad_(True)
+        # ours: [T, B, H, Dh]
+        qt, kt, vt, dot = (x.detach().permute(2, 0, 1, 3).contiguous() for x in (qb, kb, vb, dob))
+        for x in (qt, kt, vt):
+            x.requires_grad_(True)
+        sd_f, sd_fb = time_fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
+                                   qb, kb, vb, dob, rep)
+        for D, W, P in PATTERNS:
+            pairs = allowed_pairs(T, D, W, P) * B * H
+            fl_f = fl_fb = float("nan")
+            err = float("nan")
+            def ours(a, b, c, D=D, W=W, P=P):
+                return fused_dilated_attention(a, b, c, D, W, P)
+
+            if not args.no_flex:
+                try:
+                    t0 = time.time()
+                    flex = FlexTwoPass(T, D, W, P, "cuda")
+                    with torch.no_grad():
+                        ref = flex(qb, kb, vb)
+                        got = ours(qt, kt, vt).permute(1, 2, 0, 3)
+                    err = (got.float() - ref.float()).abs().max().item()
+                    fl_f, fl_fb = time_fwd_bwd(flex, qb, kb, vb, dob, rep)
+                    print(f"  (flex compiled+timed in {time.time() - t0:.0f}s)", file=sys.stderr)
+                    del flex, ref, got
+                except Exception as e:  # noqa: BLE001
+                    print(f"  flex failed at B={B} T={T} {(D, W, P)}: {type(e).__name__}: "
+                          f"{str(e)[:300]}", file=sys.stderr)
+            ou_f, ou_fb = time_fwd_bwd(ours, qt, kt, vt, dot, rep)
+            tf_f = 4 * DH * pairs / (ou_f * 1e-3) / 1e12
+            tf_fb = 14 * DH * pairs / (ou_fb * 1e-3) / 1e12
+            row = (B, T, D, W, P, sd_f, sd_fb, fl_f, fl_fb, ou_f, ou_fb, tf_f, tf_fb,
+                   sd_fb / ou_fb, fl_fb / ou_fb, err)
+            rows.append(row)
+            print(f"{B:>3} {T:>6} {D:>3} {W:>4} {P:>2} | {sd_f:8.3f} {sd_fb:8.3f} | {fl_f:8.3f} "
+                  f"{fl_fb:8.3f} | {ou_f:8.3f} {ou_fb:8.3f} | {tf_f:7.0f} {tf_fb:7.0f} | "
+                  f"{sd_fb / ou_fb:6.1f} {fl_fb / ou_fb:6.1f} | {err:8.1e}")
+        del qb, kb, vb, dob, qt, kt, vt, dot
+        torch.cuda.empty_cache()
+    print("\nanchor shape B=4 T=4096 vs DESIGN.md §4 (fwd+bwd):")
+    for r in rows:
+        if (r[0], r[1]) != (4, 4096):
+            continue
+        pat = (r[2], r[3], r[4])
+        a = ANCHORS.get(pat)
+        if a:
+            print(f"  {pat}: ours {r[10]:.3f} ms, target {a['target']} ms "
+                  f"({'met' if r[10] <= a['target'] else 'missed'}), reference flex anchor "
+                  f"{a['flex']} ms -> {a['flex'] / r[10]:.1f}x, dense SDPA anchor "
+                  f"{ANCHORS['sdpa']} ms -> {ANCHORS['sdpa'] / r[10]:.1f}x")
+        else:
+            print(f"  {pat}: ours {r[10]:.3f} ms (dense SDPA anchor {ANCHORS['sdpa']} ms -> "
+                  f"{ANCHORS['sdpa'] / r[10]:.1f}x)")
+
+
+def run_decode(args) -> None:
+    import triton.testing
+    from ratplus_kernels.dilated_attention.decode import sdpa_decode_attention, triton_decode_attention
+
+    print("\ndecode: one query over the compact cache N = 4 + 257 + T/16, H=16, Dh=128, bf16; "
+          "us (median, CUDA-graph replay); err = max abs vs SDPA")
+    print(f"{'B':>3} {'T':>6} {'N':>5} | {'sdpa':>8} {'triton':>8} {'x':>5} | {'GB/s tri':>8} | {'err':>8}")
+    for B in (1, 4, 16):
+        for T in (4096, 16384, 65536):
+            N = 4 + 257 + T // 16
+            q = torch.randn(B, H, DH, device="cuda", dtype=torch.bfloat16)
+            # caches as views of a larger preallocated buffer (capacity N + 64)
+            kbuf = torch.randn(B, H, N + 64, DH, device="cuda", dtype=torch.bfloat16)
+            vbuf = torch.randn(B, H, N + 64, DH, device="cuda", dtype=torch.bfloat16)
+            kc, vc = kbuf[:, :, :N], vbuf[:, :, :N]
+            a = sdpa_decode_attention(q, kc, vc)
+            b = triton_decode_attention(q, kc, vc)
+            err = (a.float() - b.float()).abs().max().item()
+            def f_sdpa(q=q, kc=kc, vc=vc):
+                return sdpa_decode_attention(q, kc, vc)
+
+            def f_triton(q=q, kc=kc, vc=vc):
+                return triton_decode_attention(q, kc, vc)
+
+            t_s = triton.testing.do_bench_cudagraph(f_sdpa, rep=50, return_mode="median") * 1e3
+            t_t = triton.testing.do_bench_cudagraph(f_triton, rep=50, return_mode="median") * 1e3
+            gbs = 2 * B * H * N * DH * 2 / (t_t * 1e-6) / 1e9
+            print(f"{B:>3} {T:>6} {N:>5} | {t_s:8.1f} {t_t:8.1f} {t_s / t_t:5.2f} | {gbs:8.0f} | {err:8.1e}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="T=4096 shapes only")
+    ap.add_argument("--sweep", action="store_true", help="time launch configurations first")
+    ap.add_argument("--shapes", default="", help="comma-separated BxT list, e.g. 4x4096,1x65536")
+    ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--no-main", action="store_true")
+    ap.add_argument("--selftest", action="store_true", help="CPU check of the flex formulation")
+    args = ap.parse_args()
+    if args.selftest:
+        selftest()
+        return
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU (use --selftest on CPU)")
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
+          f"triton {triton.__version__}; H={H}, Dh={DH}, bf16")
+    if args.sweep:
+        run_sweep(args)
+    if not args.no_main:
+        run_main(args)
+    if not args.no_decode:
+        run_decode(args)
+
+
+if __name__ == "__main__":
+    main()
