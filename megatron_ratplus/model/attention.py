@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from ..ops import gated_recurrence, ratplus_attention
+from ..ops.elementwise import output_gate, rope_qk
 from .config import RATPlusTransformerConfig
 
 
@@ -97,7 +97,8 @@ class RATPlusSelfAttention(MegatronModule):
         """``[s, b, heads*blocks*d_h]`` -> dict of ``[s, b, heads, d_h]`` strided views per block."""
         s, b = projected.shape[:2]
         blocks = projected.view(s, b, self.num_heads_per_rank, self.num_blocks, self.head_dim)
-        return {name: blocks[:, :, :, i] for i, name in enumerate(self.block_names)}
+        # unbind: one gradient buffer for all blocks in backward (slicing would allocate one per block)
+        return dict(zip(self.block_names, blocks.unbind(dim=3)))
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, rotary_pos_emb=None,
                 **kwargs):
@@ -107,14 +108,12 @@ class RATPlusSelfAttention(MegatronModule):
         if self.use_recurrence:
             k, v, _ = gated_recurrence(parts["g"], k, v, backend=self.kernel_backend)
         if rotary_pos_emb is not None:
-            q_freqs, k_freqs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else \
-                (rotary_pos_emb, rotary_pos_emb)
-            q = apply_rotary_pos_emb(q, q_freqs, config=self.config)
-            k = apply_rotary_pos_emb(k, k_freqs, config=self.config)
+            freqs = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
+            q, k = rope_qk(q, k, freqs)
         attn = ratplus_attention(q, k, v, self.active_pattern(), scale=self.softmax_scale,
                                  backend=self.kernel_backend)
         if self.use_output_gate:
-            attn = attn * torch.sigmoid(parts["o"])
+            attn = output_gate(attn, parts["o"])
         s, b = attn.shape[:2]
         output, bias = self.linear_out(attn.reshape(s, b, -1))
         return output, bias

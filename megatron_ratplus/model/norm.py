@@ -14,7 +14,11 @@ from megatron.core.transformer.module import MegatronModule
 
 
 class RMSNorm(MegatronModule):
-    """``y = x / sqrt(mean(x^2) + eps) * weight``, statistics in fp32, weight initialised to 1."""
+    """``y = x / sqrt(mean(x^2) + eps) * weight``, statistics in fp32, weight initialised to 1.
+
+    ``F.rms_norm`` is one fused kernel on CUDA (fp32 accumulation for bf16 inputs); on CPU the input
+    is upcast explicitly so bf16 runs keep fp32 statistics there too.
+    """
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-6, **kwargs):
         super().__init__(config=config)
@@ -24,5 +28,7 @@ class RMSNorm(MegatronModule):
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), eps=self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return (y * self.weight.float()).to(x.dtype)

@@ -48,6 +48,9 @@ def build_transformer_config(cfg: RunConfig, args: RATPlusModelArgs):
         recompute_granularity=t.recompute,
         recompute_method="uniform" if t.recompute == "full" else None,
         recompute_num_layers=1 if t.recompute == "full" else None,
+        # Megatron's fused (torch.compile'd) vocab-parallel cross entropy on GPU.
+        cross_entropy_loss_fusion=not cpu_mode_enabled(),
+        cross_entropy_fusion_impl="native",
     )
 
 
@@ -107,7 +110,29 @@ def build_optimizer(cfg: RunConfig, tconfig, model: List[torch.nn.Module]):
         params_dtype=tconfig.params_dtype,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer and not cpu_mode_enabled(),
     )
-    return get_megatron_optimizer(opt_config, model)
+    optimizer = get_megatron_optimizer(opt_config, model)
+    if not cpu_mode_enabled():
+        use_fused_adamw(optimizer)
+    return optimizer
+
+
+def use_fused_adamw(optimizer) -> int:
+    """Switch torch AdamW (Megatron's optimizer without TE/apex) to its fused CUDA kernel.
+
+    Megatron builds ``torch.optim.AdamW`` with default (foreach) kernels when TE/apex are absent;
+    the fused implementation does the whole update in one pass over master params and moments.
+    Returns the number of param groups switched (0 with TE/apex FusedAdam, already fused).
+    """
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    switched = 0
+    for opt in inner:
+        torch_opt = getattr(opt, "optimizer", None)
+        if isinstance(torch_opt, (torch.optim.AdamW, torch.optim.Adam)):
+            for group in torch_opt.param_groups:
+                if all(p.is_cuda and p.dtype == torch.float32 for p in group["params"]):
+                    group["fused"], group["foreach"] = True, False
+                    switched += 1
+    return switched
 
 
 def build_scheduler(cfg: RunConfig, optimizer, total_steps: int) -> OptimizerParamScheduler:
