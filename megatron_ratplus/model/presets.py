@@ -10,8 +10,8 @@ from typing import Dict
 from .config import RATPlusModelArgs
 
 _SIZES: Dict[str, dict] = {
-    # CPU-sized: the README demo and the CPU test-suite's recipes.
-    "tiny": dict(num_layers=4, hidden_size=256, num_attention_heads=2, vocab_size=4096, max_seq_len=256),
+    # CPU-sized (d_h = 64): the README demo. The paper presets below all use d_h = 128.
+    "tiny": dict(num_layers=4, hidden_size=128, num_attention_heads=2, vocab_size=4096, max_seq_len=256),
     "125m": dict(num_layers=12, hidden_size=768, num_attention_heads=6, vocab_size=32000, max_seq_len=4096),
     "1.5b": dict(num_layers=24, hidden_size=2048, num_attention_heads=16, vocab_size=32000, max_seq_len=4096),
     "2.6b": dict(num_layers=28, hidden_size=2560, num_attention_heads=20, vocab_size=32000, max_seq_len=4096),

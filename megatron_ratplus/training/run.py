@@ -27,10 +27,9 @@ def _layout(cfg: RunConfig) -> ParallelLayout:
 
 def _restore(cfg: RunConfig, objs, data, state: TrainState):
     """Resume (``checkpoint.load``) or initialise weights (``checkpoint.init_from``)."""
-    from ..checkpoint import CheckpointManager, load_weights_only
-
     ck = cfg.checkpoint
     if ck.load:
+        from ..checkpoint import CheckpointManager
         source = ck.save_dir if ck.load == "latest" else ck.load
         if ck.load == "latest" and not ck.save_dir:
             raise ConfigError("checkpoint.load=latest needs checkpoint.save_dir")
@@ -46,6 +45,7 @@ def _restore(cfg: RunConfig, objs, data, state: TrainState):
         data.load_state_dict(loaded.get("data_state"))
         _rank0_print(f"resumed from step {state.step} ({state.consumed_tokens:,} tokens)")
     elif ck.init_from:
+        from ..checkpoint import load_weights_only
         info = load_weights_only(ck.init_from, objs.model)
         _rank0_print(f"initialised weights from {ck.init_from} (pretrained for "
                      f"{(info or {}).get('step', '?')} steps); fresh optimizer and schedule")
