@@ -39,11 +39,13 @@ With ``P`` = parameters of the stage on this GPU:
         + 2d   (recurrence on)             recurrence outputs k~, v~
         + 2d                               RoPE outputs q, k~ (saved by attention)
         + d                                attention output
-        + 2d   (output gate on)            sigmoid(o) and the gated product (input to W_out)
+        + d    (output gate on)            the gated product (input to W_out); the compiled
+                                           gate recomputes sigmoid(o) from the saved o
         + 2f   (gelu; 3f for swiglu)       FFN fc1 output and activation output (f = 4d)
       4·H/t                                fp32 log-sum-exp of the flash-style attention
 
-  RAT+ (gelu, f = 4d): ``R + S = 24d`` elements per token per layer, i.e. ``48·d`` bytes in bf16.
+  RAT+ (gelu, f = 4d): ``R + S = 23d`` elements per token per layer, i.e. ``46·d`` bytes in bf16
+  (the attention baseline: 20d).
   A stage holds ``A_layer × L/PP × m`` where ``m`` is the number of micro-batches in flight:
   1F1B keeps ``min(PP, accum)`` on the first stage and 1 on the last; the interleaved schedule
   (VPP chunks) keeps ``min(2(PP−1) + (VPP−1)·PP + 1, accum·VPP)`` chunk-micro-batches of
@@ -63,10 +65,11 @@ Check against a measurement: DESIGN.md §4 reports 53 GB peak for the 1.5B model
 d=2048) at B=2, T=4096, bf16, on one H100 without TP/PP (the reference code: fp32 weights, grads
 and Adam state = 16 B/param, plus autocast's bf16 weight copies = 2 B/param — the same 18 B/param
 this Megatron layout uses: 2 bf16 + 4 main grad + 12 optimizer). For that setting this model gives
-27.7 GB of weights+grads+optimizer, 19.3 GB of activations (24 layers × 0.81 GB), 1.6 GB of
-logits and 2.1 GB of overhead: **50.8 GB (47.3 GiB), 4% under the measured 53 GB** — a test keeps
-it within ±15%. The remaining gap is plausibly the reference's fp32 recurrence intermediates and
-torch.compile's saved buffers; it is a planning estimate, not a guarantee.
+27.7 GB of weights+grads+optimizer, 18.5 GB of activations (24 layers × 0.77 GB), 1.6 GB of
+logits and 2.1 GB of overhead: **50.0 GB (46.6 GiB), 6% under the measured 53 GB** — a test keeps
+it within ±15%. The gap is plausibly the reference code's extra saved tensors (fp32 recurrence
+intermediates of its associative scan, the uncompiled gate's sigmoid) and allocator
+fragmentation; it is a planning estimate, not a guarantee.
 
 Throughput
 ----------
@@ -79,7 +82,6 @@ joint 16.7K batch tokens/s. The anchor's achieved model-FLOP rate is carried ove
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -201,7 +203,7 @@ def _layer_activation_elements(args: RATPlusModelArgs) -> Tuple[int, int]:
     if args.recurrence:
         sharded += 2 * d
     if args.output_gate:
-        sharded += 2 * d
+        sharded += d
     sharded += (3 if args.ffn_type == "swiglu" else 2) * f
     return replicated, sharded
 
@@ -333,12 +335,16 @@ def _throughput(cfg: RunConfig, args: RATPlusModelArgs, padded: int, flops_per_t
     tps = rate / (flops_per_token * passes)
     bubble = (p.pipeline_parallel - 1) / ((p.virtual_pipeline_parallel or 1) * accum)
     tps /= 1.0 + bubble
-    note = (f"ESTIMATE from the DESIGN.md §4 anchor (reference code, H100, 1.5B: "
-            f"{ANCHOR_TOKENS_PER_SEC[kind] / 1e3:.1f}K {kind} tokens/s = "
-            f"{rate / 1e12:.0f} TFLOP/s of model FLOPs), scaled by model FLOPs per token")
+    note = (f"estimate: the DESIGN.md §4 anchor (reference code, 1 H100, 1.5B: "
+            f"{ANCHOR_TOKENS_PER_SEC[kind] / 1e3:.1f}K {kind} tokens/s = {rate / 1e12:.0f} TFLOP/s "
+            f"of model FLOPs) scaled by model FLOPs per token")
     if bubble:
         note += f", pipeline bubble +{bubble:.1%}"
     note += "; communication not modelled"
+    ratio = args.num_parameters(padded) / anchor.num_parameters(pad_vocab_size(anchor.vocab_size))
+    if not 1 / 3 <= ratio <= 3:
+        note += ("; UNRELIABLE for a model this far from the anchor's size "
+                 "(pass a measured tokens/s per GPU)")
     return tps, note
 
 
@@ -371,7 +377,7 @@ def make_plan(cfg: RunConfig, world_size: int, *, gpu_memory_gib: float = 80.0,
             f"{peak.optimizer / GIB:.1f}, activations {peak.activations / GIB:.1f}, logits "
             f"{peak.logits / GIB:.1f}, overhead {peak.overhead / GIB:.1f} GiB) at "
             f"TP={p.tensor_parallel} PP={p.pipeline_parallel} micro_batch_size="
-            f"{t.micro_batch_size} recompute={t.recompute}{hint}")
+            f"{t.micro_batch_size} recompute={t.recompute or 'none'}{hint}")
 
     passes = 2 if t.joint else 1
     steps = cfg.total_steps()
@@ -439,6 +445,8 @@ def _si(x: float) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
     if seconds < 120:
         return f"{seconds:.1f} s"
     if seconds < 2 * 3600:
@@ -463,7 +471,7 @@ def format_plan(plan: Plan) -> str:
         f"  batch         micro-batch {p.micro_batch_size} × DP {p.data_parallel} × "
         f"{p.grad_accum_steps} accumulation steps = global batch {p.global_batch_size} sequences "
         f"= {p.tokens_per_step:,} tokens/step",
-        f"  training      " + (f"joint: {p.passes_per_step} forward/backward passes and optimizer "
+        "  training      " + (f"joint: {p.passes_per_step} forward/backward passes and optimizer "
                                f"updates per batch (sparse, then dense); LR advances once per batch"
                                if p.joint else f"{p.mode} mode, 1 pass per batch"),
     ]
@@ -493,8 +501,8 @@ def format_plan(plan: Plan) -> str:
         (w, m.weights),
         ("gradients (fp32 main grads)", m.grads),
         (opt_label, m.optimizer),
-        (f"activations ({m.microbatches_in_flight:g} micro-batch(es) in flight × "
-         f"{p.num_layers // p.pipeline_parallel} layers"
+        (f"activations ({p.num_layers // p.pipeline_parallel} layers × "
+         f"{m.microbatches_in_flight:.3g} micro-batches in flight"
          + (", full recompute" if p.recompute == "full" else "") + ")", m.activations),
         ("logits / loss buffers", m.logits),
         ("runtime overhead (context, workspaces)", m.overhead),
@@ -503,9 +511,11 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"    {label:<58s}{value / GIB:8.2f}")
     lines.append(f"    {'total':<58s}{m.total_gib:8.2f}  of {p.gpu_memory_gib:g} GiB "
                  f"({m.total_gib / p.gpu_memory_gib:.0%})")
-    lines.append(f"  throughput    {p.tokens_per_sec_per_gpu / 1e3:.1f}K tokens/s/GPU "
-                 f"({p.throughput_note}) → {p.model_tflops_per_gpu:.0f} TFLOP/s/GPU, MFU "
-                 f"{p.mfu:.1%} of {p.peak_tflops:g}")
+    lines.append(f"  throughput    {p.tokens_per_sec_per_gpu / 1e3:.1f}K tokens/s/GPU → "
+                 f"{p.model_tflops_per_gpu:.0f} TFLOP/s/GPU of model FLOPs, MFU {p.mfu:.1%} of "
+                 f"{p.peak_tflops:g} TFLOP/s ({'given' if not p.throughput_estimated else 'estimate'})")
+    if p.throughput_estimated:
+        lines.append(f"                ({p.throughput_note})")
     lines.append(f"  time          {_duration(p.step_time_s)}/step → {_duration(p.total_time_s)} "
                  f"for {p.steps:,} steps on {p.world_size} GPU(s)"
                  + (" (estimate)" if p.throughput_estimated else ""))
@@ -514,4 +524,4 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Plan", "MemoryEstimate", "make_plan", "format_plan"]
+__all__ = ["MemoryEstimate", "Plan", "format_plan", "make_plan"]
