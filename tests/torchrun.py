@@ -14,9 +14,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(script, *args, nproc=2, timeout=300, extra_env=None, nnodes=None):
+def torchrun(script, *args, nproc=2, timeout=300, extra_env=None, module=False):
+    """``script`` is a file, or a module name with ``module=True`` (``torchrun -m``)."""
+    target = ["-m", script] if module else [str(script)]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", str(script), *map(str, args)]
+           f"--master_port={free_port()}", *target, *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.update(extra_env or {})
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

@@ -84,6 +84,7 @@ class DataSection:
     default_dir: str = "data_cache/default"
     default_size_mb: float = 3.0
     default_vocab_size: int = 4096
+    default_seed: int = 1234             # corpus sampling (independent of train.seed)
     cache_dir: Optional[str] = None
     num_workers: int = 0
     val_streams: List[Dict[str, Any]] = field(default_factory=list)  # default: the "val" split
@@ -95,7 +96,9 @@ class CheckpointSection:
     save_interval: Optional[int] = None    # steps; a final save always happens when save_dir is set
     keep_last: Optional[int] = None
     load: Optional[str] = None             # "latest", an iter_* directory, or None
-    init_from: Optional[str] = None        # weights only (adaptation / evaluation); fresh optimizer
+    # weights only (adaptation / evaluation), fresh optimizer; with load=latest it applies only
+    # when save_dir holds no checkpoint yet (so a preempted adaptation run resumes itself)
+    init_from: Optional[str] = None
     async_save: bool = False               # GPU only
     exit_duration_minutes: Optional[float] = None
 
@@ -108,6 +111,8 @@ class LoggingSection:
     tensorboard_dir: Optional[str] = None
     progress: bool = True                  # live progress display on rank 0
     wandb_project: Optional[str] = None    # off by default
+    metrics_jsonl: Optional[str] = None    # machine-readable per-step metrics (rank 0)
+    peak_tflops: Optional[float] = None    # for MFU; default: the GPU's datasheet bf16 peak
 
 
 SECTIONS = {
@@ -153,9 +158,10 @@ class RunConfig:
                 raise ConfigError(f"parallel.{name} must be an integer >= 1, got {getattr(p, name)!r}")
         if p.sequence_parallel and p.tensor_parallel == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
-        if self.checkpoint.load and self.checkpoint.init_from:
-            raise ConfigError("checkpoint.load (resume) and checkpoint.init_from (weights only) "
-                              "are mutually exclusive")
+        if self.checkpoint.load and self.checkpoint.load != "latest" and self.checkpoint.init_from:
+            raise ConfigError("checkpoint.load names a checkpoint to resume and checkpoint.init_from "
+                              "names weights to start from: give one (load=latest may be combined with "
+                              "init_from: resume if save_dir has a checkpoint, else start from init_from)")
         if self.data.streams == [] and not self.data.default_corpus:
             raise ConfigError("data.streams is empty and data.default_corpus is off: no training data")
         self.model.model_args(seq_len=t.seq_len)

@@ -30,7 +30,7 @@ def resolve_streams(cfg: RunConfig, *, seq_len: int) -> List[Dict]:
     directory = Path(cfg.data.default_dir)
     if dist.get_rank() == 0:
         prepare_default_dataset(directory, seq_len=seq_len, vocab_size=cfg.data.default_vocab_size,
-                                size_mb=cfg.data.default_size_mb, seed=cfg.train.seed)
+                                size_mb=cfg.data.default_size_mb, seed=cfg.data.default_seed)
     dist.barrier()
     return [{"local": str(directory), "remote": None, "proportion": None}]
 

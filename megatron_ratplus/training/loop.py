@@ -94,7 +94,9 @@ class Trainer:
             rank=rank, world_size=world_size, total_steps=total_steps, start_step=self.state.step,
             tokens_per_step=self.tokens_per_step, flops_per_step=self.flops_per_step,
             log_interval=cfg.logging.log_interval, tensorboard_dir=cfg.logging.tensorboard_dir,
-            progress=cfg.logging.progress)
+            progress=cfg.logging.progress, peak_tflops=cfg.logging.peak_tflops,
+            metrics_jsonl=cfg.logging.metrics_jsonl, wandb_project=cfg.logging.wandb_project,
+            run_config=cfg.to_dict())
         self.last_saved_step = self.state.step if self.state.step else None
 
     # ------------------------------------------------------------------ checkpoint glue

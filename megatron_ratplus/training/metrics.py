@@ -10,10 +10,12 @@ accelerator's dense bf16 peak when it is known.
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, Optional
 
 import torch
@@ -59,7 +61,8 @@ class MetricsLogger:
     def __init__(self, *, rank: int, world_size: int, total_steps: int, start_step: int,
                  tokens_per_step: int, flops_per_step: float, log_interval: int = 1,
                  tensorboard_dir: Optional[str] = None, progress: bool = True,
-                 peak_tflops: Optional[float] = None):
+                 peak_tflops: Optional[float] = None, metrics_jsonl: Optional[str] = None,
+                 wandb_project: Optional[str] = None, run_config: Optional[dict] = None):
         self.active = rank == 0
         self.world_size = world_size
         self.total_steps = total_steps
@@ -73,8 +76,19 @@ class MetricsLogger:
         self.writer = None
         self.progress = None
         self.console = None
+        self.jsonl = None
+        self.wandb = None
         if not self.active:
             return
+        if metrics_jsonl:
+            Path(metrics_jsonl).parent.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(metrics_jsonl, "a")
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError as e:
+                raise RuntimeError("logging.wandb_project is set but wandb is not installed") from e
+            self.wandb = wandb.init(project=wandb_project, config=run_config or {})
         from rich.console import Console
         self.console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
         if tensorboard_dir:
@@ -130,6 +144,14 @@ class MetricsLogger:
             mem = self.memory_gib()
             if mem is not None:
                 self.writer.add_scalar("memory/max_allocated_gib", mem, rec.step)
+        record = {"step": rec.step, "losses": rec.losses, "lr": rec.lr, "grad_norm": rec.grad_norm,
+                  "step_time": rec.step_time, "skipped": rec.skipped, **tp}
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log({**{f"loss/{k}": v for k, v in rec.losses.items()}, "lr": rec.lr,
+                            "grad_norm": rec.grad_norm, **tp}, step=rec.step)
         if rec.step % self.log_interval and rec.step != self.total_steps:
             return
         mem = self.memory_gib()
@@ -151,6 +173,9 @@ class MetricsLogger:
         if self.writer is not None:
             for name, value in losses.items():
                 self.writer.add_scalar(f"val_loss/{name}", value, step)
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, "val_losses": losses}) + "\n")
+            self.jsonl.flush()
         self.print(f"validation at step {step}: " +
                    " ".join(f"{k} {v:.4f} (ppl {math.exp(min(v, 50)):.2f})" for k, v in losses.items()))
 
@@ -160,3 +185,7 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()

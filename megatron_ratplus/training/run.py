@@ -2,6 +2,8 @@
 checkpoint resume or weight initialisation, the loop, shutdown."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 import yaml
@@ -30,21 +32,24 @@ def _restore(cfg: RunConfig, objs, data, state: TrainState):
     ck = cfg.checkpoint
     if ck.load:
         from ..checkpoint import CheckpointManager
-        source = ck.save_dir if ck.load == "latest" else ck.load
         if ck.load == "latest" and not ck.save_dir:
             raise ConfigError("checkpoint.load=latest needs checkpoint.save_dir")
-        loaded = CheckpointManager(source).load("latest" if ck.load == "latest" else ck.load,
-                                                objs.model, objs.optimizer, objs.scheduler)
+        source = ck.save_dir if ck.load == "latest" else ck.load
+        manager = CheckpointManager(ck.save_dir or os.path.dirname(os.path.abspath(ck.load)))
+        loaded = manager.load(ck.load, objs.model, objs.optimizer, objs.scheduler)
         if loaded is None:
-            _rank0_print(f"no checkpoint under {source}: starting from scratch")
+            if not ck.init_from:
+                _rank0_print(f"no checkpoint under {source}: starting from scratch")
+                return
+        else:
+            state.step = int(loaded["step"])
+            state.consumed_tokens = int(loaded["consumed_tokens"])
+            state.optimizer_updates = int(loaded.get("optimizer_updates", 0))
+            state.skipped_updates = int(loaded.get("skipped_updates", 0))
+            data.load_state_dict(loaded.get("data_state"))
+            _rank0_print(f"resumed from step {state.step} ({state.consumed_tokens:,} tokens)")
             return
-        state.step = int(loaded["step"])
-        state.consumed_tokens = int(loaded["consumed_tokens"])
-        state.optimizer_updates = int(loaded.get("optimizer_updates", 0))
-        state.skipped_updates = int(loaded.get("skipped_updates", 0))
-        data.load_state_dict(loaded.get("data_state"))
-        _rank0_print(f"resumed from step {state.step} ({state.consumed_tokens:,} tokens)")
-    elif ck.init_from:
+    if ck.init_from:
         from ..checkpoint import load_weights_only
         info = load_weights_only(ck.init_from, objs.model)
         _rank0_print(f"initialised weights from {ck.init_from} (pretrained for "
