@@ -26,7 +26,6 @@ the round trip exact. ``hf_to_megatron(..., padded_vocab_size=N)`` pads with zer
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
@@ -217,7 +216,7 @@ def hf_to_megatron_state_dict(sd: Mapping[str, torch.Tensor], cfg,
 # --------------------------------------------------------------------------------------------
 # Llama import
 # --------------------------------------------------------------------------------------------
-GATE_INITS = ("zeros", "zeros-kv2", "normal")
+GATE_INITS = ("zeros", "zeros-kv2", "normal", "calibrated")
 
 
 def _llama_get(cfg, key, default=None):
@@ -242,6 +241,7 @@ def _llama_rope_theta(cfg) -> float:
 
 def llama_to_ratplus(llama_state_dict: Mapping[str, torch.Tensor], llama_config, *, recurrence: bool,
                      gate_init: str = "zeros", fold_output_gate: bool = True, seed: int = 0,
+                     calibration_ids: Optional[torch.Tensor] = None, calibration_logit: float = -4.0,
                      **config_overrides) -> Tuple[StateDict, RATPlusConfig]:
     """Import a Llama-style checkpoint (``LlamaForCausalLM`` state dict and config or config dict).
 
@@ -262,6 +262,9 @@ def llama_to_ratplus(llama_state_dict: Mapping[str, torch.Tensor], llama_config,
         adds ``k_{t-1}/2 + k_{t-2}/4 + ...``.
       - ``"normal"``: ``N(0, initializer_range)`` like a freshly initialised RAT+ model; ``a``
         spreads around 1/2 with an input-dependent spread.
+      - ``"calibrated"``: data-dependent; needs ``calibration_ids``. Fits the bias-free gate so that
+        ``a ≈ sigmoid(calibration_logit)`` (0.018 at -4) on that text, see
+        :func:`calibrated_gate_weights`: the imported model starts closest to the Llama.
 
       No bias-free init can make ``a ≈ 0`` (the exact Llama function) for all inputs. Measured on a
       small Llama trained on Python source (``python -m megatron_ratplus.hf.gate_init_study``; see
@@ -272,6 +275,8 @@ def llama_to_ratplus(llama_state_dict: Mapping[str, torch.Tensor], llama_config,
     """
     if gate_init not in GATE_INITS:
         raise ValueError(f"gate_init must be one of {GATE_INITS}, got {gate_init!r}")
+    if recurrence and gate_init == "calibrated" and calibration_ids is None:
+        raise ValueError("gate_init='calibrated' needs calibration_ids (a [B, T] batch of token ids)")
     src = {k: v for k, v in llama_state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
     d = int(_llama_get(llama_config, "hidden_size"))
     H = int(_llama_get(llama_config, "num_attention_heads"))
@@ -346,4 +351,44 @@ def llama_to_ratplus(llama_state_dict: Mapping[str, torch.Tensor], llama_config,
     else:
         raise KeyError("missing weight 'lm_head.weight' (and the Llama config does not tie embeddings)")
     _check_consumed(src, "Llama")
+    if recurrence and gate_init == "calibrated":
+        gates = calibrated_gate_weights(out, cfg, calibration_ids, calibration_logit)
+        for i, w in enumerate(gates):
+            out[f"model.layers.{i}.self_attn.recurrence_gate_proj.weight"] = w.to(out["lm_head.weight"].dtype)
     return out, cfg
+
+
+@torch.no_grad()
+def calibrated_gate_weights(hf_state_dict: Mapping[str, torch.Tensor], cfg: RATPlusConfig,
+                            calibration_ids: torch.Tensor, logit: float = -4.0, ridge: float = 1e-3):
+    """Per layer, the bias-free gate weight that best maps the layer's attention input to a constant
+    gate logit ``logit`` (``a = sigmoid(logit)``, 0.018 for -4) on calibration text.
+
+    The inputs ``u_t`` (after the input RMSNorm) come from the model with the recurrence off, i.e.
+    the imported function itself. A ridge least-squares fit gives one row ``w``:
+    ``min_w |U w - logit|^2 + ridge * N * |w|^2``; every gate channel gets that row. Tokens whose
+    ``u`` has no component along ``w`` still get ``a`` near 1/2: the fit is as close to ``a = const``
+    as a linear map without bias can be.
+    """
+    from .modeling_ratplus import RATPlusForCausalLM
+    off = {k: v for k, v in hf_state_dict.items() if "recurrence_gate_proj" not in k}
+    cfg_off = RATPlusConfig.from_dict({**cfg.to_dict(), "recurrence": False, "attention_mode": "dense"})
+    model = RATPlusForCausalLM(cfg_off).float().eval()
+    model.load_state_dict({k: v.float() for k, v in off.items()}, strict=True)
+    captured = {}
+    hooks = [layer.input_layernorm.register_forward_hook(
+        lambda mod, inp, outp, i=i: captured.__setitem__(i, outp.reshape(-1, outp.shape[-1]).double()))
+        for i, layer in enumerate(model.model.layers)]
+    try:
+        model(calibration_ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    weights = []
+    for i in range(cfg.num_hidden_layers):
+        U = captured[i]
+        n, d = U.shape
+        A = U.T @ U + ridge * n * torch.eye(d, dtype=U.dtype)
+        w = torch.linalg.solve(A, U.T @ torch.full((n,), float(logit), dtype=U.dtype))
+        weights.append(w.unsqueeze(0).expand(d, d).float().clone())
+    return weights

@@ -74,10 +74,16 @@ try:
     from ratplus_kernels.dilated_attention import fused_dilated_attention as _kernel_fused_attention
 except ImportError:  # pragma: no cover
     _kernel_fused_attention = None
+try:  # one query over the compact cache, every entry allowed (split-K Triton kernel on CUDA)
+    from ratplus_kernels.dilated_attention import decode_attention as _kernel_decode_attention
+except ImportError:  # pragma: no cover
+    _kernel_decode_attention = None
 
 # "auto": fused kernels for CUDA tensors when importable, chunked kernels-package reference else;
 # "torch": the fallback of this file only (used by tests to check the file standalone).
 KERNEL_BACKEND = "auto"
+# Tests set this to run the kernels package's decode entry point on CPU tensors too.
+DECODE_KERNEL_ON_CPU = False
 
 
 def _torch_gated_recurrence(g, k, v, initial_state=None, chunk_size: int = 64):
@@ -298,6 +304,10 @@ class RATPlusLayerCache:
             self.positions[slots] = idx
         self.seen = end
 
+    def is_full(self) -> bool:
+        """No empty slot among the used ones: every stored entry is a key of the next query."""
+        return self.pattern is None or self.seen >= self.fixed
+
     def view(self):
         """``(keys, values, positions)`` of the used slots (views, no copy)."""
         u = self.used
@@ -478,7 +488,12 @@ class RATPlusAttention(nn.Module):
         elif T == 1:
             cache.insert(kh, vh)                                    # its evictions are never needed by t
             ck, cv, cpos = cache.view()
-            attn = _sdpa(q, ck, cv, allowed_keys(positions, cpos, pattern), self.scale)
+            if _kernel_decode_attention is not None and KERNEL_BACKEND == "auto" and cache.is_full() \
+                    and (q.is_cuda or DECODE_KERNEL_ON_CPU):
+                # after the insertion every stored entry is allowed for this query: no mask needed
+                attn = _kernel_decode_attention(q[:, 0], ck, cv, self.scale).unsqueeze(1)
+            else:
+                attn = _sdpa(q, ck, cv, allowed_keys(positions, cpos, pattern), self.scale)
         else:
             ck, cv, cpos = cache.view()
             keys, values = torch.cat((ck, kh), dim=2), torch.cat((cv, vh), dim=2)
@@ -509,7 +524,6 @@ class RATPlusPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
     _no_split_modules = ["RATPlusDecoderLayer"]
-    _supports_cache_class = True
 
     def _init_weights(self, module):
         std = self.config.initializer_range

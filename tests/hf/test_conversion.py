@@ -161,12 +161,13 @@ def test_llama_import_tied_embeddings():
 @pytest.mark.parametrize("gate_init", GATE_INITS)
 def test_llama_import_with_recurrence_gives_finite_loss_and_trains(gate_init):
     llama = tiny_llama(2)
-    sd, cfg = llama_to_ratplus(llama.state_dict(), llama.config, recurrence=True, gate_init=gate_init)
+    ids = tokens(4, 32, vocab=71, seed=7)
+    extra = dict(calibration_ids=tokens(4, 32, vocab=71, seed=8)) if gate_init == "calibrated" else {}
+    sd, cfg = llama_to_ratplus(llama.state_dict(), llama.config, recurrence=True, gate_init=gate_init, **extra)
     model = RATPlusForCausalLM(cfg)
     model.load_state_dict(sd, strict=True)
     g = sd["model.layers.0.self_attn.recurrence_gate_proj.weight"]
-    assert (g.abs().sum() == 0) == (gate_init != "normal")
-    ids = tokens(4, 32, vocab=71, seed=7)
+    assert (g.abs().sum() == 0) == (gate_init in ("zeros", "zeros-kv2"))
     loss0 = model(ids, labels=ids).loss
     assert torch.isfinite(loss0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -191,3 +192,21 @@ def test_llama_import_refuses_unsupported_configs():
         llama_to_ratplus(llama.state_dict(), bad, recurrence=False)
     with pytest.raises(ValueError, match="gate_init"):
         llama_to_ratplus(llama.state_dict(), llama.config, recurrence=True, gate_init="ones")
+    with pytest.raises(ValueError, match="calibration_ids"):
+        llama_to_ratplus(llama.state_dict(), llama.config, recurrence=True, gate_init="calibrated")
+
+
+def test_calibrated_gate_is_closer_to_llama_than_zeros():
+    """The calibrated gate drives a = sigmoid(g) towards sigmoid(-4) on text like the calibration text."""
+    llama = tiny_llama(2)
+    ids = tokens(4, 40, vocab=71, seed=9)
+    with torch.no_grad():
+        want = llama(ids).logits
+        errs = {}
+        for gi in ("zeros", "calibrated"):
+            sd, cfg = llama_to_ratplus(llama.state_dict(), llama.config, recurrence=True, gate_init=gi,
+                                       calibration_ids=tokens(8, 40, vocab=71, seed=10))
+            model = RATPlusForCausalLM(cfg).eval()
+            model.load_state_dict(sd)
+            errs[gi] = (model(ids).logits - want).abs().mean().item()
+    assert errs["calibrated"] < 0.5 * errs["zeros"], errs

@@ -132,3 +132,39 @@ def test_padding_and_mode_mismatch_are_refused():
     model.set_attention_mode("dense")
     with pytest.raises(ValueError, match="cache was built"):
         model(ids[:, :1], past_key_values=cache)
+
+
+def test_beam_search_and_sampling_with_cache_equal_without_cache():
+    """Beam search reorders the cache (reorder_cache); sampling with several sequences expands it."""
+    model = small_model(seed=3, attention_mode="sparse", initializer_range=0.15, **PATTERNS["D4W2P1"])
+    ids = tokens(2, 6)
+    beams = model.generate(ids, num_beams=3, max_new_tokens=10, do_sample=False)
+    assert torch.equal(beams, model.generate(ids, num_beams=3, max_new_tokens=10, do_sample=False,
+                                             use_cache=False))
+    torch.manual_seed(0)
+    s1 = model.generate(ids, do_sample=True, max_new_tokens=10, num_return_sequences=2)
+    torch.manual_seed(0)
+    s2 = model.generate(ids, do_sample=True, max_new_tokens=10, num_return_sequences=2, use_cache=False)
+    assert s1.shape == (4, 16) and torch.equal(s1, s2)
+
+
+def test_decode_kernel_entry_point_over_full_cache(monkeypatch):
+    """Once the ring is full, decoding calls the kernels package's unmasked decode attention over
+    the cache (the Triton kernel on CUDA; forced here on CPU): the logits stay the same."""
+    from megatron_ratplus.hf import modeling_ratplus as mr
+    if mr._kernel_decode_attention is None:
+        pytest.skip("ratplus_kernels.dilated_attention.decode_attention is not importable")
+    calls = []
+    real = mr._kernel_decode_attention
+    monkeypatch.setattr(mr, "_kernel_decode_attention", lambda *a: calls.append(a[1].shape[2]) or real(*a))
+    monkeypatch.setattr(mr, "DECODE_KERNEL_ON_CPU", True)
+    model = small_model(attention_mode="sparse", **PATTERNS["D4W2P1"])     # full after P + W + 1 = 4 tokens
+    ids = tokens(2, 30)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = model.new_cache()
+        steps = [model(ids[:, :2], past_key_values=cache).logits]
+        steps += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(2, 30)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    # steps t = 2 (seen 3 < 4) run masked SDPA; t = 3 .. 29 use the kernel, 2 layers each
+    assert len(calls) == 2 * 27

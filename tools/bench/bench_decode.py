@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Decoding speed and cache memory of the Hugging Face RAT+ model with the compact sparse cache.
+
+For each model size, context length T and attention configuration (dense, D=16/W=256/P=4, D=64),
+the cache is brought to T tokens, then single-token decoding steps are timed (median over
+``--steps`` after ``--warmup``). Prints a markdown table: cache entries per layer, KV-cache memory
+(keys + values of all layers, batch 1, plus the recurrence states), ms per token, tokens/s.
+
+Cache fill (``--fill``):
+  * ``random`` (default): every layer's cache receives T random keys/values through the same
+    insertion code that prefill uses, and a random recurrence state. The cache then has exactly the
+    structure it has after a real prefill; decoding cost does not depend on the values. Use it on
+    CPU, where a real 64K prefill of the 125m model takes too long.
+  * ``prefill``: run the model over T random tokens in chunks of ``--prefill-chunk`` (real prefill).
+
+Examples::
+
+    python tools/bench/bench_decode.py                                  # tiny + 125m, 4K/16K/64K, CPU
+    python tools/bench/bench_decode.py --models 125m --device cuda --dtype bfloat16 --fill prefill
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from megatron_ratplus.hf import RATPlusConfig, RATPlusForCausalLM  # noqa: E402
+from megatron_ratplus.hf.modeling_ratplus import compact_cache_entries  # noqa: E402
+
+MODELS = {
+    # the tiny and 125m presets of megatron_ratplus.model.presets (d_h = 128)
+    "tiny": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=2, vocab_size=4096),
+    "125m": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=6, vocab_size=32000),
+}
+SETTINGS = {
+    "dense": None,
+    "D16/W256/P4": (16, 256, 4),
+    "D64": (64, 0, 0),
+}
+
+
+def build(model: str, setting: str, dtype, device):
+    pattern = SETTINGS[setting]
+    D, W, P = pattern or (64, 0, 0)
+    cfg = RATPlusConfig(**MODELS[model], dilation=D, local_window=W, initial_tokens=P,
+                        attention_mode="dense" if pattern is None else "sparse", max_position_embeddings=4096)
+    torch.manual_seed(0)
+    return RATPlusForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def fill_random(model, cache, T: int, steps: int, chunk: int = 4096):
+    cfg = model.config
+    H, dh = cfg.num_attention_heads, cfg.head_dim
+    p = next(model.parameters())
+    g = torch.Generator(device=p.device).manual_seed(0)
+    for layer in cache.layers:
+        template = torch.empty(1, H, 1, dh, dtype=p.dtype, device=p.device)
+        if layer.pattern is None:   # dense: reserve once instead of doubling
+            layer._reserve(template, T + steps + 8)
+        for start in range(0, T, chunk):
+            n = min(chunk, T - start)
+            k = torch.randn(1, H, n, dh, generator=g, dtype=torch.float32, device=p.device).to(p.dtype)
+            v = torch.randn(1, H, n, dh, generator=g, dtype=torch.float32, device=p.device).to(p.dtype)
+            layer.insert(k, v)
+        if cfg.recurrence:
+            layer.state = tuple(torch.randn(1, H, dh, generator=g, device=p.device) for _ in range(2))
+
+
+@torch.no_grad()
+def fill_prefill(model, cache, T: int, chunk: int):
+    p = next(model.parameters())
+    ids = torch.randint(0, model.config.vocab_size, (1, T), device=p.device)
+    for start in range(0, T, chunk):
+        model(ids[:, start:start + chunk], past_key_values=cache, logits_to_keep=1)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def time_decode(model, cache, warmup: int, steps: int, device):
+    ids = torch.randint(0, model.config.vocab_size, (1, 1), device=device)
+    times = []
+    for i in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        logits = model(ids, past_key_values=cache).logits
+        ids = logits[:, -1:].argmax(-1)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="tiny,125m")
+    ap.add_argument("--contexts", default="4096,16384,65536")
+    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--fill", default="random", choices=["random", "prefill"])
+    ap.add_argument("--prefill-chunk", type=int, default=2048)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    ap.add_argument("--json", help="also write the rows to this JSON file")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    dtype = getattr(torch, a.dtype)
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"# decode benchmark — {dev_name}, torch {torch.__version__}, {a.dtype}, batch 1, "
+          f"cache fill: {a.fill}{' (random keys/values through the cache insertion code, no model prefill)' if a.fill == 'random' else ''}, "
+          f"median of {a.steps} steps after {a.warmup} warm-up, {datetime.date.today()}")
+    print()
+    print("| model | context T | attention | cache entries / layer | formula | KV cache MiB | "
+          "recurrence state KiB | ms / token | tokens/s | speed vs dense | memory vs dense |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for model_name in a.models.split(","):
+        for T in (int(x) for x in a.contexts.split(",")):
+            dense_row = None
+            for setting in a.settings.split(","):
+                model = build(model_name, setting, dtype, device)
+                cache = model.new_cache()
+                if a.fill == "random":
+                    fill_random(model, cache, T, a.warmup + a.steps)
+                else:
+                    fill_prefill(model, cache, T, a.prefill_chunk)
+                size = cache.size()
+                entries = cache.layers[0].num_entries()
+                formula = compact_cache_entries(T, cache.layers[0].pattern)
+                sec = time_decode(model, cache, a.warmup, a.steps, device)
+                row = dict(model=model_name, context=T, setting=setting, entries_per_layer=entries,
+                           formula_entries=formula, kv_mib=size["kv_bytes"] / 2**20,
+                           state_kib=size["state_bytes"] / 2**10, ms_per_token=sec * 1e3, tokens_per_s=1.0 / sec,
+                           allocated_mib=size["allocated_bytes"] / 2**20)
+                if setting == "dense":
+                    dense_row = row
+                speed = f"{row['tokens_per_s'] / dense_row['tokens_per_s']:.2f}×" if dense_row else "—"
+                mem = f"{row['kv_mib'] / dense_row['kv_mib']:.3f}" if dense_row else "—"
+                rows.append(row)
+                print(f"| {model_name} | {T} | {setting} | {entries} | {formula} | {row['kv_mib']:.1f} | "
+                      f"{row['state_kib']:.0f} | {row['ms_per_token']:.1f} | {row['tokens_per_s']:.1f} | "
+                      f"{speed} | {mem} |", flush=True)
+                del model, cache
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
