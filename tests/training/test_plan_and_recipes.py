@@ -82,7 +82,7 @@ def test_adaptation_recipes(name, pattern):
     assert (t.lr, t.min_lr, t.warmup_fraction, t.max_tokens) == (8e-5, 1e-6, 0.0, 10**9)
     args = cfg.model.model_args(seq_len=t.seq_len)
     assert {(p.dilation, p.window, p.initial) for p in args.patterns()} == {pattern}
-    assert cfg.checkpoint.init_from and cfg.checkpoint.load is None
+    assert cfg.checkpoint.init_from and cfg.checkpoint.load == "latest"   # resumes itself after preemption
     # the placeholder is meant to be overridden on the command line
     cfg = recipe(name, "checkpoint.init_from=/ckpt/ratplus-1.5b")
     assert cfg.checkpoint.init_from == "/ckpt/ratplus-1.5b"
@@ -95,9 +95,9 @@ def test_tiny_cpu_recipe():
     assert cfg.model.preset == "tiny" and t.precision == "fp32" and t.joint
     assert (t.seq_len, t.micro_batch_size, t.global_batch_size, t.lr, t.warmup_fraction) == \
         (256, 4, 8, 3e-3, 0.1)
-    assert 30 <= t.max_steps <= 50
+    assert 50 <= t.max_steps <= 150
     assert cfg.data.default_corpus and not cfg.data.streams
-    assert cfg.checkpoint.save_dir == "runs/tiny-cpu/checkpoints" and cfg.checkpoint.save_interval == 20
+    assert cfg.checkpoint.save_dir == "runs/tiny-cpu/checkpoints" and cfg.checkpoint.save_interval == 50
     assert cfg.logging.tensorboard_dir == "runs/tiny-cpu/tb"
     assert (p.tensor_parallel, p.pipeline_parallel, p.distributed_optimizer) == (1, 1, False)
     # the 2-process CI runs: TP=2, PP=2 and DP=2 are all valid layouts of this recipe
