@@ -217,6 +217,32 @@ def test_gpu_matches_reference(poisoned_outputs, T, B, H, D, dtype, with_init):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("depth", [0, 8])
+def test_gpu_long_sequence_look_back_modes(poisoned_outputs, monkeypatch, depth):
+    """Few channel blocks and 1000+ time tiles: programs really wait on their predecessors."""
+    monkeypatch.setattr(fused_mod, "_LOOKBACK_DEPTH", depth)
+    x, g, k, v = _fused_inputs(65536, 1, 2, 128, torch.float32, gate_shift=6.0, gate_scale=2.0, seed=9)
+    init = _init_state(1, 2, 128)
+
+    def reference(g, k, v, init, final):
+        return chunked_gated_recurrence(g, k, v, init, final, chunk_size=64)
+
+    _compare(fused_gated_recurrence, reference, x, init, True, g, k, v, 1e-4, 1e-4)
+
+
+def test_default_look_back_follows_torch_determinism(monkeypatch):
+    monkeypatch.setattr(fused_mod, "_LOOKBACK_DEPTH", None)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert fused_mod._lookback_depth() > 0
+        torch.use_deterministic_algorithms(False)
+        assert fused_mod._lookback_depth() == 0
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+@pytest.mark.gpu
 def test_gpu_matches_naive_loop_fp32(poisoned_outputs):
     x, g, k, v = _fused_inputs(777, 2, 3, 128, torch.float32, gate_shift=3.0, gate_scale=3.0)
     init = _init_state(2, 3, 128)

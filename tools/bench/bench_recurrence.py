@@ -133,7 +133,7 @@ def sweep():
     legacy = {"BT": 64, "BD": 32, "VEC": 8, "num_warps": 4, "num_stages": 1}
     fwd_cfgs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=1) for c in fused_mod._fwd_configs()]
     bwd_cfgs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=1) for c in fused_mod._bwd_configs()]
-    print("config sweep (ms; BTxBD/VEC wWARPS; lookback depth %d)" % fused_mod._LOOKBACK_DEPTH)
+    print("config sweep (ms; BTxBD/VEC wWARPS; lookback depth %d)" % fused_mod._lookback_depth())
     for B, T in [(4, 4096), (1, 65536)]:
         x, g, k, v = make_inputs(B, T)
         dko = torch.randn(T, B, H, D, device="cuda", dtype=x.dtype)
@@ -168,6 +168,10 @@ def sweep():
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--no-ref", action="store_true", help="skip the torch associative_scan reference")
+    ap.add_argument("--ref-anchor-only", action="store_true",
+                    help="run the (slow to compile) reference at the anchor shape only")
+    ap.add_argument("--depths", action="store_true",
+                    help="also time the anchor with the deterministic look-back (depth 8)")
     ap.add_argument("--no-fla", action="store_true", help="skip fla chunk_hgrn")
     ap.add_argument("--quick", action="store_true", help="anchor shape only")
     ap.add_argument("--sweep", action="store_true",
@@ -216,7 +220,7 @@ def main(argv=None):
                               for key, c in fused_mod._TUNED.items()
                               if key[1:4] == (D, tkey, bhkey))
 
-        if not args.no_ref:
+        if not args.no_ref and (not args.ref_anchor_only or (B, T) == (4, 4096)):
             try:
                 dk_ref = dko.permute(1, 2, 0, 3).contiguous()
                 dv_ref = dvo.permute(1, 2, 0, 3).contiguous()
@@ -297,6 +301,24 @@ def main(argv=None):
         print(f"\nanchor B=4 T=4096 fwd+bwd: fused {r['fb']:.3f} ms; target {ANCHOR['target_ms']} ms; "
               f"vs DESIGN.md anchors: reference {ANCHOR['ref_ms']} ms -> {ANCHOR['ref_ms'] / r['fb']:.1f}x, "
               f"fla {ANCHOR['fla_ms']} ms -> {ANCHOR['fla_ms'] / r['fb']:.1f}x")
+    if args.depths:
+        x, g, k, v = make_inputs(4, 4096)
+        dko = torch.randn(4096, 4, H, D, device="cuda", dtype=x.dtype)
+        dvo = torch.randn_like(dko)
+
+        def fused2(g, k, v):
+            ko, vo, _ = fused_gated_recurrence(g, k, v)
+            return ko, vo
+
+        default = fused_mod._lookback_depth()
+        saved = fused_mod._LOOKBACK_DEPTH
+        for depth in (8,):
+            fused_mod._LOOKBACK_DEPTH = depth
+            torch.autograd.grad(fused2(g, k, v), (g, k, v), (dko, dvo))
+            f_ms, fb_ms = timed_pair(fused2, (g, k, v), (dko, dvo))
+            print(f"anchor, look-back depth {depth}{' (default)' if depth == default else ''}: "
+                  f"fwd {f_ms:.3f} ms, fwd+bwd {fb_ms:.3f} ms")
+        fused_mod._LOOKBACK_DEPTH = saved
     errs = [r["ref_err"] for r in rows if "ref_err" in r]
     if errs:
         print(f"max relative difference fused vs reference outputs (bf16): {max(errs):.2e}")

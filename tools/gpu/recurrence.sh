@@ -2,7 +2,8 @@
 # GPU checks and benchmark of the fused RAT+ recurrence (issue 3). Run from the repository root on
 # a CUDA machine; results go to $OUT (default /tmp/recurrence_out).
 #   bash tools/gpu/recurrence.sh            # GPU tests + full benchmark (reference + fla columns)
-#   BENCH_ARGS=--quick bash tools/gpu/recurrence.sh     (also --sweep, --no-ref, --no-fla; SKIP_TESTS=1)
+#   BENCH_ARGS=--quick bash tools/gpu/recurrence.sh     (also --sweep, --no-ref, --ref-anchor-only,
+#   --depths, --no-fla; TEST_ARGS='-m gpu', SKIP_TESTS=1, SKIP_BENCH=1)
 # fla comparison: put the fla-core wheel in .whl_fla/ (pip download --no-deps fla-core==0.6.0);
 # einops must already be installed.
 set -o pipefail
@@ -24,6 +25,8 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   echo "tests exit: $?" | tee -a "$OUT/recurrence_tests.log"
 fi
 
-timeout -s KILL "${BENCH_TIMEOUT:-420}" python3 tools/bench/bench_recurrence.py ${BENCH_ARGS:-} \
-  2>&1 | tee "$OUT/recurrence_bench.log"
-echo "bench exit: $?" | tee -a "$OUT/recurrence_bench.log"
+if [ -z "${SKIP_BENCH:-}" ]; then
+  timeout -s KILL "${BENCH_TIMEOUT:-420}" python3 tools/bench/bench_recurrence.py ${BENCH_ARGS:-} \
+    2>&1 | tee "$OUT/recurrence_bench.log"
+  echo "bench exit: $?" | tee -a "$OUT/recurrence_bench.log"
+fi

@@ -20,9 +20,10 @@ Each program owns one tile and keeps it in registers:
    order the hardware schedules blocks in.
 3. it applies the carry (``h_t = P_t h_in + L_t``) and writes ``k~, v~`` once.
 
-Published words are fp32 bit patterns stored complemented (``~bits``) in a zero-initialised int32
-buffer, so 0 means "not yet written" and each 32-bit word is self-validating: no fences or flags
-are needed between the writer's and the reader's threads.
+Each tile publishes through one int32 flag per (tile, channel block): all threads store the fp32
+values, a CTA barrier, then one thread's release store of the flag (1 = aggregate, 2 =
+inclusive). Readers spin on the flag with one-thread acquire atomics, so the look-back's control
+flow is uniform over the CTA, then read the values through L2. Only the flags are zero-filled.
 
 The backward is the same machinery run backwards in time on ``dh_t = dy_t + a_{t+1} dh_{t+1}``.
 Each backward tile recomputes its forward states from ``g, k, v`` and the forward's inclusive
@@ -67,71 +68,69 @@ def _affine_combine(a1, bk1, bv1, a2, bk2, bv2):
 
 
 @triton.jit
-def _encode(x):
-    """fp32 -> nonzero int32 word (complemented bits). The one bit pattern that would encode to
-    0 (0xFFFFFFFF, a NaN) is replaced by another NaN."""
-    bits = x.to(tl.int32, bitcast=True)
-    bits = tl.where(bits == -1, 0x7FFFFFFF, bits)
-    return bits ^ -1
-
-
-@triton.jit
-def _decode(w):
-    return (w ^ -1).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _row(x, rows, r):
     """Row ``r`` of a [BT, BD] tile as a [BD] vector."""
     return tl.sum(tl.where(rows[:, None] == r, x, 0.0), axis=0)
 
 
 @triton.jit
-def _look_back(agg_ptr, inc_ptr, n, NCH, mask, c, STEP: tl.constexpr, stop, hk, hv,
-               DEPTH: tl.constexpr):
-    """Decoupled look-back over tiles ``c - STEP, c - 2 STEP, ...`` (STEP = +1 forward, -1 backward).
+def _publish(flag_ptr, state):
+    """Release ``state`` (1 = aggregate, 2 = inclusive) for values every thread just stored: a CTA
+    barrier, then one thread's release store (the ordering CUTLASS semaphores use)."""
+    tl.debug_barrier()
+    tl.atomic_xchg(flag_ptr, state, sem="release")
 
-    Returns the state entering tile ``c`` per channel; ``hk, hv`` are returned untouched for
-    channels that need no look-back (``mask`` false). ``stop`` is the first tile in scan order,
-    which only ever publishes an inclusive state.
+
+@triton.jit
+def _look_back(flag_ptr, agg_ptr, inc_ptr, n, NCH, NCB, j, mask, c, STEP: tl.constexpr, stop,
+               hk, hv, DEPTH: tl.constexpr):
+    """Decoupled look-back over tiles ``c - STEP, c - 2 STEP, ...`` (STEP = +1 forward, -1 backward)
+    of channel block ``j``; returns the state entering tile ``c`` (``hk, hv`` unchanged when
+    ``c == stop``, the first tile in scan order, which only publishes an inclusive state).
+
+    Control flow depends only on scalar flags read with one-thread acquire atomics (uniform over
+    the CTA); the values are then read by every thread through L2 (``.cg``).
 
     DEPTH == 0: greedy, the first predecessor found with an inclusive state ends the walk (the
     association of the fp32 carry then depends on timing: results can differ in the last bits
     between runs). DEPTH > 0: deterministic, always the aggregates of the DEPTH - 1 nearest
-    predecessors folded onto the inclusive state of tile ``c - DEPTH STEP`` (or ``stop``): the
-    same arithmetic whatever the timing, bitwise reproducible.
+    predecessors folded onto the inclusive state of tile ``c - DEPTH STEP`` (or ``stop``).
     """
-    acc_a = tl.full(hk.shape, 1.0, tl.float32)
-    acc_k = tl.zeros(hk.shape, tl.float32)
-    acc_v = tl.zeros(hk.shape, tl.float32)
-    p = tl.zeros(hk.shape, tl.int32) + (c - STEP)
-    if STEP > 0:
-        target = tl.maximum(c - DEPTH, stop)
-    else:
-        target = tl.minimum(c + DEPTH, stop)
-    pending = mask
-    while tl.max(pending.to(tl.int32), axis=0) > 0:
-        pl = p.to(tl.int64)
-        o_inc = pl * 2 * NCH + n
-        o_agg = pl * 3 * NCH + n
-        w_ik = tl.load(inc_ptr + o_inc, mask=pending, other=0, volatile=True)
-        w_iv = tl.load(inc_ptr + o_inc + NCH, mask=pending, other=0, volatile=True)
-        w_aa = tl.load(agg_ptr + o_agg, mask=pending, other=0, volatile=True)
-        w_ak = tl.load(agg_ptr + o_agg + NCH, mask=pending, other=0, volatile=True)
-        w_av = tl.load(agg_ptr + o_agg + 2 * NCH, mask=pending, other=0, volatile=True)
-        inc_ok = pending & (w_ik != 0) & (w_iv != 0)
-        if DEPTH > 0:
-            inc_ok = inc_ok & (p == target)
-        agg_ok = pending & (~inc_ok) & (w_aa != 0) & (w_ak != 0) & (w_av != 0)
-        if DEPTH > 0:
-            agg_ok = agg_ok & (p != target)
-        hk = tl.where(inc_ok, acc_a * _decode(w_ik) + acc_k, hk)
-        hv = tl.where(inc_ok, acc_a * _decode(w_iv) + acc_v, hv)
-        acc_k = tl.where(agg_ok, acc_a * _decode(w_ak) + acc_k, acc_k)
-        acc_v = tl.where(agg_ok, acc_a * _decode(w_av) + acc_v, acc_v)
-        acc_a = tl.where(agg_ok, acc_a * _decode(w_aa), acc_a)
-        p = tl.where(agg_ok, p - STEP, p)
-        pending = pending & (~inc_ok)
+    if c != stop:
+        acc_a = tl.full(hk.shape, 1.0, tl.float32)
+        acc_k = tl.zeros(hk.shape, tl.float32)
+        acc_v = tl.zeros(hk.shape, tl.float32)
+        if STEP > 0:
+            target = tl.maximum(c - DEPTH, stop)
+        else:
+            target = tl.minimum(c + DEPTH, stop)
+        p = c - STEP
+        done = 0
+        while done == 0:
+            f = tl.atomic_add(flag_ptr + p * NCB + j, 0, sem="acquire")
+            if DEPTH > 0:
+                use_inc = (f == 2) & (p == target)
+                use_agg = (f >= 1) & (p != target)
+            else:
+                use_inc = f == 2
+                use_agg = f == 1
+            pl = p.to(tl.int64)
+            if use_inc:
+                o_inc = pl * 2 * NCH + n
+                ik = tl.load(inc_ptr + o_inc, mask=mask, other=0.0, cache_modifier=".cg")
+                iv = tl.load(inc_ptr + o_inc + NCH, mask=mask, other=0.0, cache_modifier=".cg")
+                hk = acc_a * ik + acc_k
+                hv = acc_a * iv + acc_v
+                done = 1
+            if use_agg:
+                o_agg = pl * 3 * NCH + n
+                aa = tl.load(agg_ptr + o_agg, mask=mask, other=1.0, cache_modifier=".cg")
+                ak = tl.load(agg_ptr + o_agg + NCH, mask=mask, other=0.0, cache_modifier=".cg")
+                av = tl.load(agg_ptr + o_agg + 2 * NCH, mask=mask, other=0.0, cache_modifier=".cg")
+                acc_k = acc_a * ak + acc_k
+                acc_v = acc_a * av + acc_v
+                acc_a = acc_a * aa
+                p = p - STEP
     return hk, hv
 
 
@@ -152,7 +151,7 @@ def _gates(gx, valid):
 def _fwd_kernel(
     g_ptr, k_ptr, v_ptr, ko_ptr, vo_ptr,
     h0k_ptr, h0v_ptr, hTk_ptr, hTv_ptr,
-    status_ptr, NC_ALLOC,
+    flag_ptr, val_ptr, NC_ALLOC,
     T, H, NCH,
     sg_t, sg_b, sg_h, sg_d,
     sk_t, sk_b, sk_h, sk_d,
@@ -169,7 +168,7 @@ def _fwd_kernel(
     NDB: tl.constexpr = (D + BD - 1) // BD
     NCB = (NCH // D) * NDB
     NC = tl.cdiv(T, BT)
-    vid = tl.atomic_add(status_ptr, 1)           # tile order = order in which programs started
+    vid = tl.atomic_add(flag_ptr, 1)             # tile order = order in which programs started
     c = vid // NCB
     j = vid % NCB
     bh = j // NDB
@@ -193,17 +192,19 @@ def _fwd_kernel(
     a, w = _gates(gx, m2)                        # padding rows are the identity map
     P, Lk, Lv = tl.associative_scan((a, w * kx, w * vx), 0, _affine_combine)
 
-    agg_ptr = status_ptr + 32
-    inc_ptr = agg_ptr + NC_ALLOC.to(tl.int64) * 3 * NCH
+    flags = flag_ptr + 32
+    agg_ptr = val_ptr
+    inc_ptr = val_ptr + NC_ALLOC.to(tl.int64) * 3 * NCH
     A_c = _row(P, rows, BT - 1)
     Bk_c = _row(Lk, rows, BT - 1)
     Bv_c = _row(Lv, rows, BT - 1)
     cl = c.to(tl.int64)
-    o_agg = cl * 3 * NCH + n
-    pub_agg = mask_d & (c > 0)
-    tl.store(agg_ptr + o_agg, _encode(A_c), mask=pub_agg)
-    tl.store(agg_ptr + o_agg + NCH, _encode(Bk_c), mask=pub_agg)
-    tl.store(agg_ptr + o_agg + 2 * NCH, _encode(Bv_c), mask=pub_agg)
+    if c > 0:
+        o_agg = cl * 3 * NCH + n
+        tl.store(agg_ptr + o_agg, A_c, mask=mask_d)
+        tl.store(agg_ptr + o_agg + NCH, Bk_c, mask=mask_d)
+        tl.store(agg_ptr + o_agg + 2 * NCH, Bv_c, mask=mask_d)
+        _publish(flags + c * NCB + j, 1)
 
     if HAS_H0:
         hk_in = tl.load(h0k_ptr + n, mask=mask_d & (c == 0), other=0.0)
@@ -211,14 +212,15 @@ def _fwd_kernel(
     else:
         hk_in = tl.zeros([BD], tl.float32)
         hv_in = tl.zeros([BD], tl.float32)
-    hk_in, hv_in = _look_back(agg_ptr, inc_ptr, n, NCH, mask_d & (c > 0), c, 1, 0,
+    hk_in, hv_in = _look_back(flags, agg_ptr, inc_ptr, n, NCH, NCB, j, mask_d, c, 1, 0,
                               hk_in, hv_in, DEPTH)
 
     hk_end = A_c * hk_in + Bk_c
     hv_end = A_c * hv_in + Bv_c
     o_inc = cl * 2 * NCH + n
-    tl.store(inc_ptr + o_inc, _encode(hk_end), mask=mask_d)
-    tl.store(inc_ptr + o_inc + NCH, _encode(hv_end), mask=mask_d)
+    tl.store(inc_ptr + o_inc, hk_end, mask=mask_d)
+    tl.store(inc_ptr + o_inc + NCH, hv_end, mask=mask_d)
+    _publish(flags + c * NCB + j, 2)
     if STORE_FINAL:
         tl.store(hTk_ptr + n, hk_end, mask=mask_d & (c == NC - 1))
         tl.store(hTv_ptr + n, hv_end, mask=mask_d & (c == NC - 1))
@@ -238,8 +240,8 @@ def _bwd_kernel(
     g_ptr, k_ptr, v_ptr, dko_ptr, dvo_ptr,
     dg_ptr, dk_ptr, dv_ptr,
     h0k_ptr, h0v_ptr, dhTk_ptr, dhTv_ptr, dh0k_ptr, dh0v_ptr,
-    fstatus_ptr, NC_ALLOC_F, BT_F,
-    status_ptr, NC_ALLOC,
+    fval_ptr, NC_ALLOC_F, BT_F,
+    flag_ptr, val_ptr, NC_ALLOC,
     T, H, NCH,
     sg_t, sg_b, sg_h, sg_d,
     sk_t, sk_b, sk_h, sk_d,
@@ -258,7 +260,7 @@ def _bwd_kernel(
     NDB: tl.constexpr = (D + BD - 1) // BD
     NCB = (NCH // D) * NDB
     NC = tl.cdiv(T, BT)
-    vid = tl.atomic_add(status_ptr, 1)
+    vid = tl.atomic_add(flag_ptr, 1)
     c = NC - 1 - vid // NCB                      # last time tile first
     j = vid % NCB
     bh = j // NDB
@@ -291,17 +293,19 @@ def _bwd_kernel(
 
     # ---- reverse-time scan of dh_t = a_{t+1} dh_{t+1} + dy_t (aggregate first: it unblocks others)
     Al, Bk, Bv = tl.associative_scan((a_next, dyk, dyv), 0, _affine_combine, reverse=True)
-    agg_ptr = status_ptr + 32
-    inc_ptr = agg_ptr + NC_ALLOC.to(tl.int64) * 3 * NCH
+    flags = flag_ptr + 32
+    agg_ptr = val_ptr
+    inc_ptr = val_ptr + NC_ALLOC.to(tl.int64) * 3 * NCH
     A_c = _row(Al, rows, 0)
     Bk_c = _row(Bk, rows, 0)
     Bv_c = _row(Bv, rows, 0)
     cl = c.to(tl.int64)
-    o_agg = cl * 3 * NCH + n
-    pub_agg = mask_d & (c < NC - 1)
-    tl.store(agg_ptr + o_agg, _encode(A_c), mask=pub_agg)
-    tl.store(agg_ptr + o_agg + NCH, _encode(Bk_c), mask=pub_agg)
-    tl.store(agg_ptr + o_agg + 2 * NCH, _encode(Bv_c), mask=pub_agg)
+    if c < NC - 1:
+        o_agg = cl * 3 * NCH + n
+        tl.store(agg_ptr + o_agg, A_c, mask=mask_d)
+        tl.store(agg_ptr + o_agg + NCH, Bk_c, mask=mask_d)
+        tl.store(agg_ptr + o_agg + 2 * NCH, Bv_c, mask=mask_d)
+        _publish(flags + c * NCB + j, 1)
 
     if HAS_DHT:
         ck = tl.load(dhTk_ptr + n, mask=mask_d & (c == NC - 1), other=0.0)
@@ -309,22 +313,21 @@ def _bwd_kernel(
     else:
         ck = tl.zeros([BD], tl.float32)
         cv = tl.zeros([BD], tl.float32)
-    ck, cv = _look_back(agg_ptr, inc_ptr, n, NCH, mask_d & (c < NC - 1), c, -1, NC - 1,
+    ck, cv = _look_back(flags, agg_ptr, inc_ptr, n, NCH, NCB, j, mask_d, c, -1, NC - 1,
                         ck, cv, DEPTH)
     o_inc = cl * 2 * NCH + n
-    tl.store(inc_ptr + o_inc, _encode(A_c * ck + Bk_c), mask=mask_d)
-    tl.store(inc_ptr + o_inc + NCH, _encode(A_c * cv + Bv_c), mask=mask_d)
+    tl.store(inc_ptr + o_inc, A_c * ck + Bk_c, mask=mask_d)
+    tl.store(inc_ptr + o_inc + NCH, A_c * cv + Bv_c, mask=mask_d)
+    _publish(flags + c * NCB + j, 2)
     dhk = Al * ck[None, :] + Bk
     dhv = Al * cv[None, :] + Bv
 
     # ---- recompute the forward states of this tile from the forward's tile-end states
-    f_inc_ptr = fstatus_ptr + 32 + NC_ALLOC_F.to(tl.int64) * 3 * NCH
+    f_inc_ptr = fval_ptr + NC_ALLOC_F.to(tl.int64) * 3 * NCH
     q = (c * BT) // BT_F - 1                     # forward tile that ends right before this tile
     ql = q.to(tl.int64)
-    w_k = tl.load(f_inc_ptr + ql * 2 * NCH + n, mask=mask_d & (c > 0), other=0)
-    w_v = tl.load(f_inc_ptr + ql * 2 * NCH + NCH + n, mask=mask_d & (c > 0), other=0)
-    hk_in = _decode(w_k)
-    hv_in = _decode(w_v)
+    hk_in = tl.load(f_inc_ptr + ql * 2 * NCH + n, mask=mask_d & (c > 0), other=0.0)
+    hv_in = tl.load(f_inc_ptr + ql * 2 * NCH + NCH + n, mask=mask_d & (c > 0), other=0.0)
     if HAS_H0:
         hk_in = tl.where(c == 0, tl.load(h0k_ptr + n, mask=mask_d, other=0.0), hk_in)
         hv_in = tl.where(c == 0, tl.load(h0v_ptr + n, mask=mask_d, other=0.0), hv_in)
@@ -350,26 +353,24 @@ def _bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Block-size selection: triton.autotune on the GPU, small fixed blocks in the interpreter
 # --------------------------------------------------------------------------------------------
-_STATUS_ARGS = ["status_ptr"]
+_STATUS_ARGS = ["flag_ptr"]
 
 
-def _cfg(bt, vec, nw):
-    # one warp spans BD = 32 * VEC channels (VEC per thread); the warps and the register
-    # repetitions run along time, so the scans are mostly sequential inside each thread
-    return triton.Config({"BT": bt, "BD": 32 * vec, "VEC": vec}, num_warps=nw, num_stages=1)
+def _cfg(bt, bd, vec, nw):
+    """VEC < 8 caps the channels per thread (BD = 32 VEC: one warp spans the block, the warps and
+    register repetitions run along time, so the scans run mostly inside each thread); VEC = 8
+    leaves Triton's default 16-byte vectors (lanes spread over time as well)."""
+    return triton.Config({"BT": bt, "BD": bd, "VEC": vec}, num_warps=nw, num_stages=1)
 
 
 def _fwd_configs():
-    # (BT, VEC, warps): 16-32 fp32 elements of each [BT, BD] tile per thread
-    return [_cfg(bt, vec, nw) for bt, vec, nw in
-            [(64, 2, 8), (64, 2, 4), (128, 2, 8), (64, 4, 8), (128, 1, 8), (32, 2, 4)]]
+    # the fastest of a wider sweep on an H100 (docs/benchmarks.md)
+    return [_cfg(32, 64, 2, 4), _cfg(64, 64, 2, 4), _cfg(64, 32, 8, 4)]
 
 
 def _bwd_configs():
-    # more tiles live than in the forward: 8-16 elements of each tile per thread, and blocks for
-    # each forward tile length (the backward block must be a multiple of the forward block)
-    return [_cfg(bt, vec, nw) for bt, vec, nw in
-            [(64, 2, 16), (64, 1, 8), (32, 2, 8), (128, 1, 16), (128, 2, 16), (64, 2, 8), (32, 1, 4)]]
+    # at least one block for each forward tile length (the backward block must be a multiple)
+    return [_cfg(64, 32, 8, 8), _cfg(32, 64, 2, 8), _cfg(32, 32, 8, 4), _cfg(64, 64, 2, 8)]
 
 
 _FWD_BT = sorted({c.kwargs["BT"] for c in _fwd_configs()})
@@ -379,7 +380,7 @@ def _prune_fwd(configs, named_args, **kwargs):
     D = named_args["D"] if "D" in named_args else kwargs["D"]
     dmax = max(32, triton.next_power_of_2(D))
     keep = [c for c in configs if c.kwargs["BD"] <= dmax]
-    return keep or [_cfg(64, 1, 4)]
+    return keep or [_cfg(64, 32, 1, 4)]
 
 
 def _prune_bwd(configs, named_args, **kwargs):
@@ -387,7 +388,7 @@ def _prune_bwd(configs, named_args, **kwargs):
     bt_f = named_args["BT_F"]
     dmax = max(32, triton.next_power_of_2(D))
     keep = [c for c in configs if c.kwargs["BD"] <= dmax and c.kwargs["BT"] % bt_f == 0]
-    return keep or [_cfg(bt_f, 1, max(4, min(16, bt_f // 8)))]
+    return keep or [_cfg(bt_f, 32, 1, max(4, min(16, bt_f // 8)))]
 
 
 _fwd_tuned = triton.autotune(
@@ -403,9 +404,18 @@ _bwd_tuned = triton.autotune(
 # Interpreter blocks (BT, BD, VEC; tests may change them): small so that short sequences span
 # many tiles.
 _INTERPRET_BLOCKS = {"fwd": (8, 8, 1), "bwd": (16, 8, 1)}
-# Look-back depth: 0 = greedy (fastest, last-bit differences between runs), K > 0 = deterministic
-# (folds exactly K - 1 aggregates onto the inclusive state K tiles back).
-_LOOKBACK_DEPTH = 8
+# Look-back depth: 0 = greedy (fastest; the carries' fp32 association, hence the last bits, can
+# change between runs), K > 0 = deterministic (folds exactly K - 1 aggregates onto the inclusive
+# state K tiles back: bitwise reproducible). None: deterministic when
+# torch.use_deterministic_algorithms(True) is on, greedy otherwise.
+_LOOKBACK_DEPTH = None
+_DETERMINISTIC_DEPTH = 8
+
+
+def _lookback_depth() -> int:
+    if _LOOKBACK_DEPTH is not None:
+        return int(_LOOKBACK_DEPTH)
+    return _DETERMINISTIC_DEPTH if torch.are_deterministic_algorithms_enabled() else 0
 # Benchmarks only: launch kwargs to use instead of the autotuner's, {"fwd": {...}, "bwd": {...}}.
 _FORCE_CONFIG: dict = {"fwd": None, "bwd": None}
 # Launch kwargs chosen by the autotuner, per shape/dtype key.
@@ -425,9 +435,13 @@ def _strides(x: torch.Tensor):
     return tuple(x.stride())
 
 
-def _status(n_chunks: int, nch: int, device) -> torch.Tensor:
-    # [counter, pad to 32 words][aggregates: n_chunks x 3 x NCH][inclusive: n_chunks x 2 x NCH]
-    return torch.zeros(32 + n_chunks * 5 * nch, dtype=torch.int32, device=device)
+def _status(n_chunks: int, nch: int, D: int, device):
+    """Look-back buffers: int32 flags [counter, pad to 32][n_chunks x channel blocks] (zeroed)
+    and fp32 values [aggregates: n_chunks x 3 x NCH][inclusive: n_chunks x 2 x NCH]."""
+    n_blocks = (nch // D) * triton.cdiv(D, 8)          # every block is at least 8 channels wide
+    flags = torch.zeros(32 + n_chunks * n_blocks, dtype=torch.int32, device=device)
+    vals = torch.empty(n_chunks * 5 * nch, dtype=torch.float32, device=device)
+    return flags, vals
 
 
 def _grid(T, B, H, D):
@@ -436,12 +450,12 @@ def _grid(T, B, H, D):
     return grid
 
 
-def _select_config(key, tuned, launch, n_alloc_for_tuning, nch, dev):
+def _select_config(key, tuned, launch, n_alloc_for_tuning, nch, D, dev):
     """Block sizes for ``key``: tuned once by ``triton.autotune`` on a throwaway status buffer
     (the autotuner reruns the kernel many times), then reused. Returns launch kwargs."""
     cfg = _TUNED.get(key)
     if cfg is None:
-        launch(tuned, _status(n_alloc_for_tuning, nch, dev), n_alloc_for_tuning, {})
+        launch(tuned, _status(n_alloc_for_tuning, nch, D, dev), n_alloc_for_tuning, {})
         best = tuned.best_config
         cfg = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
         _TUNED[key] = cfg
@@ -462,14 +476,14 @@ def _forward(g, k, v, h0k, h0v, output_final_state):
     has_h0 = h0k is not None
     dummy = ko
     common = {"D": D, "HAS_H0": has_h0, "STORE_FINAL": output_final_state,
-              "DEPTH": _LOOKBACK_DEPTH}
+              "DEPTH": _lookback_depth()}
     grid = _grid(T, B, H, D)
 
     def launch(kernel, status, n_alloc, meta):
         kernel[grid](g, k, v, ko, vo,
                      h0k if has_h0 else dummy, h0v if has_h0 else dummy,
                      hTk if output_final_state else dummy, hTv if output_final_state else dummy,
-                     status, n_alloc, T, H, nch,
+                     *status, n_alloc, T, H, nch,
                      *_strides(g), *_strides(k), *_strides(v), t_key, bh_key, **common, **meta)
 
     if _interpreting():
@@ -479,16 +493,16 @@ def _forward(g, k, v, h0k, h0v, output_final_state):
         meta = dict(_FORCE_CONFIG["fwd"])
     else:
         key = ("fwd", D, t_key, bh_key, g.dtype, k.dtype, v.dtype, has_h0, output_final_state,
-               _LOOKBACK_DEPTH, str(dev))
-        meta = _select_config(key, _fwd_tuned, launch, triton.cdiv(T, min(_FWD_BT)), nch, dev)
+               _lookback_depth(), str(dev))
+        meta = _select_config(key, _fwd_tuned, launch, triton.cdiv(T, min(_FWD_BT)), nch, D, dev)
     bt = meta["BT"]
     n_alloc = triton.cdiv(T, bt)
-    status = _status(n_alloc, nch, dev)
+    status = _status(n_alloc, nch, D, dev)
     launch(_fwd_kernel, status, n_alloc, meta)
-    return ko, vo, hTk, hTv, status, n_alloc, bt
+    return ko, vo, hTk, hTv, status[1], n_alloc, bt
 
 
-def _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, fstatus, n_alloc_f, bt_f):
+def _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, fvals, n_alloc_f, bt_f):
     T, B, H, D = g.shape
     nch = B * H * D
     dev = g.device
@@ -502,7 +516,7 @@ def _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, fstatus, n_alloc_f, bt_f)
         dh0k = _new_output((B, H, D), torch.float32, dev)
         dh0v = _new_output((B, H, D), torch.float32, dev)
     t_key, bh_key = _key_buckets(T, B * H)
-    common = {"D": D, "HAS_H0": has_h0, "HAS_DHT": has_dht, "DEPTH": _LOOKBACK_DEPTH}
+    common = {"D": D, "HAS_H0": has_h0, "HAS_DHT": has_dht, "DEPTH": _lookback_depth()}
     dummy = dg
     grid = _grid(T, B, H, D)
 
@@ -511,7 +525,7 @@ def _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, fstatus, n_alloc_f, bt_f)
                      h0k if has_h0 else dummy, h0v if has_h0 else dummy,
                      dhTk if has_dht else dummy, dhTv if has_dht else dummy,
                      dh0k if has_h0 else dummy, dh0v if has_h0 else dummy,
-                     fstatus, n_alloc_f, bt_f, status, n_alloc, T, H, nch,
+                     fvals, n_alloc_f, bt_f, *status, n_alloc, T, H, nch,
                      *_strides(g), *_strides(k), *_strides(v), *_strides(dko), *_strides(dvo),
                      t_key, bh_key, **common, **meta)
 
@@ -522,13 +536,13 @@ def _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, fstatus, n_alloc_f, bt_f)
         meta = dict(_FORCE_CONFIG["bwd"])
     else:
         key = ("bwd", D, t_key, bh_key, bt_f, g.dtype, k.dtype, v.dtype, dko.dtype, dvo.dtype,
-               has_h0, has_dht, _LOOKBACK_DEPTH, str(dev))
+               has_h0, has_dht, _lookback_depth(), str(dev))
         # every backward block allowed by the pruning is a multiple of the forward block
-        meta = _select_config(key, _bwd_tuned, launch, triton.cdiv(T, bt_f), nch, dev)
+        meta = _select_config(key, _bwd_tuned, launch, triton.cdiv(T, bt_f), nch, D, dev)
     if meta["BT"] % bt_f != 0:
         raise ValueError(f"backward block {meta['BT']} must be a multiple of the forward block {bt_f}")
     n_alloc = triton.cdiv(T, meta["BT"])
-    status = _status(n_alloc, nch, dev)
+    status = _status(n_alloc, nch, D, dev)
     launch(_bwd_kernel, status, n_alloc, meta)
     return dg, dk, dv, dh0k, dh0v
 
