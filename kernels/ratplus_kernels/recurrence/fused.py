@@ -10,7 +10,7 @@ The ``[T, B, H, D]`` inputs are cut into tiles of ``BT`` time steps x ``BD`` cha
 Each program owns one tile and keeps it in registers:
 
 1. it loads ``g, k, v`` once (any T/B/H/D strides, e.g. views of the fused input projection),
-   forms ``a = sigmoid(g)`` and ``(1 - a) = sigmoid(-g)`` in fp32 and runs a local inclusive scan of
+   forms ``a = sigmoid(g)`` and ``1 - a = e a`` (``e = exp(-g)``) in fp32 and runs a local inclusive scan of
    the affine maps ``h -> a h + (1 - a) x`` for both streams at once (``tl.associative_scan``);
 2. it gets the state entering its tile with a *decoupled look-back* over the preceding time tiles
    of the same channels: every tile publishes its aggregate map ``(prod a, local k end, local v end)``
@@ -588,6 +588,11 @@ def fused_gated_recurrence(
     ``[T, B, H, D]`` tensors in ``k``'s / ``v``'s dtype and, if ``output_final_state``, the fp32
     ``(k_T, v_T)`` of shape ``[B, H, D]``. ``initial_state = (k0, v0)``, each ``[B, H, D]``.
     Differentiable in ``g, k, v`` and the initial state.
+
+    Reproducibility: by default the carries between time tiles are combined in whatever order the
+    look-back finds them (fastest; last-bit differences between runs). Under
+    ``torch.use_deterministic_algorithms(True)`` (or with ``_LOOKBACK_DEPTH`` set > 0) the order is
+    fixed and results are bitwise reproducible, about 25% slower.
     """
     if not (g.shape == k.shape == v.shape) or g.dim() != 4:
         raise ValueError(f"g, k, v must share one [T, B, H, D] shape, got {tuple(g.shape)}, "
