@@ -159,14 +159,18 @@ def test_fused_lse_only_gradient():
 
 
 @pytest.mark.parametrize("fwd,bwd", [
-    (dict(BM=32, BN=16, BG=16), dict(BLK=32, BN1=16, BM2=16, BG=32)),
-    (dict(BM=16, BN=32, BG=32), dict(BLK=32, BN1=32, BM2=32, BG=16)),
+    (dict(BM=32, BN=16, BG=16),
+     dict(dq=dict(BLK=32, BN1=16, BG=32), dkdv=dict(BLK=16, BM2=32), far=dict(BG=16, BM2=32))),
+    (dict(BM=16, BN=32, BG=32),
+     dict(dq=dict(BLK=16, BN1=32, BG=16), dkdv=dict(BLK=32, BM2=16), far=dict(BG=32, BM2=16))),
 ])
 def test_fused_other_block_shapes(fwd, bwd):
-    """Forward query block != key tile, backward block != its inner tiles."""
+    """Forward query block != key tile; the three backward kernels with different tilings
+    (and so different far-pass query segments)."""
     extra = dict(num_warps=4, num_stages=1)
-    with fused_mod.block_config(fwd=dict(fwd, **extra), bwd=dict(bwd, **extra)):
-        for T, D, W, P in [(83, 16, 20, 4), (70, 4, 0, 1), (47, -1, 37, 0)]:
+    bwd = {name: dict(c, **extra) for name, c in bwd.items()}
+    with fused_mod.block_config(fwd=dict(fwd, **extra), bwd=bwd):
+        for T, D, W, P in [(83, 16, 20, 4), (70, 4, 0, 1), (47, -1, 37, 0), (40, 1, 3, 2)]:
             _check(T, 1, 1, 16, (D, W, P), seed=T)
 
 

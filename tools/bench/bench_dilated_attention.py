@@ -168,30 +168,39 @@ def run_sweep(args) -> None:
     q, k, v, do = (torch.randn(T, B, H, DH, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     for x in (q, k, v):
         x.requires_grad_(True)
-    fwd_cfgs = [dict(BM=128, BN=64, BG=64, num_warps=8, num_stages=3),
-                dict(BM=128, BN=64, BG=64, num_warps=8, num_stages=2),
-                dict(BM=128, BN=128, BG=64, num_warps=8, num_stages=2),
-                dict(BM=64, BN=64, BG=64, num_warps=4, num_stages=3),
-                dict(BM=64, BN=64, BG=32, num_warps=4, num_stages=3)]
-    bwd_cfgs = [dict(BLK=64, BN1=64, BM2=64, BG=64, num_warps=8, num_stages=2),
-                dict(BLK=64, BN1=64, BM2=64, BG=64, num_warps=4, num_stages=2),
-                dict(BLK=64, BN1=64, BM2=64, BG=32, num_warps=4, num_stages=2),
-                dict(BLK=64, BN1=32, BM2=32, BG=32, num_warps=4, num_stages=3),
-                dict(BLK=32, BN1=32, BM2=32, BG=32, num_warps=4, num_stages=2),
-                dict(BLK=64, BN1=64, BM2=64, BG=64, num_warps=8, num_stages=1)]
+    fwd_cfgs = [dict(BM=64, BN=32, BG=32, num_warps=4, num_stages=3),
+                dict(BM=64, BN=64, BG=32, num_warps=4, num_stages=3),
+                dict(BM=128, BN=32, BG=32, num_warps=8, num_stages=3)]
+    base = fm._bwd_config(DH, torch.bfloat16)
+    variants = {
+        "dq": [dict(BLK=64, BN1=32, BG=32, num_warps=4, num_stages=3),
+               dict(BLK=128, BN1=64, BG=64, num_warps=8, num_stages=2),
+               dict(BLK=64, BN1=64, BG=64, num_warps=8, num_stages=2),
+               dict(BLK=128, BN1=32, BG=32, num_warps=8, num_stages=2)],
+        "dkdv": [dict(BLK=128, BM2=64, num_warps=8, num_stages=2),
+                 dict(BLK=128, BM2=32, num_warps=8, num_stages=3),
+                 dict(BLK=64, BM2=32, num_warps=4, num_stages=3)],
+        "far": [dict(BG=128, BM2=64, num_warps=8, num_stages=2, PROGS_PER_SM=8),
+                dict(BG=64, BM2=32, num_warps=4, num_stages=3, PROGS_PER_SM=8),
+                dict(BG=64, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=16),
+                dict(BG=64, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=4)],
+    }
+    bwd_cfgs = [base] + [dict(base, **{name: c}) for name, cs in variants.items() for c in cs]
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
     print("\nsweep at B=4 T=4096 (ms)")
     for pat in PATTERNS:
         for fc in fwd_cfgs:
             with fm.block_config(fwd=fc):
                 try:
-                    qd, kd, vd = q.detach(), k.detach(), v.detach()
                     ms = bench(lambda pat=pat: fused_dilated_attention(qd, kd, vd, *pat))
                 except Exception as e:  # noqa: BLE001  (a config may not compile / fit)
                     ms = float("nan")
-                    print("  fwd cfg failed:", fc, type(e).__name__, str(e)[:120])
+                    print("  fwd cfg failed:", fc, type(e).__name__, str(e)[-300:])
             print(f"  {pat} fwd {fc}: {ms:.4f} {_regs(fm, 'fwd')}")
         out = fused_dilated_attention(q, k, v, *pat)
         for bc in bwd_cfgs:
+            if pat[1] == 0 and bc["dkdv"] != base["dkdv"]:
+                continue                                  # no band kernel when W = 0
             with fm.block_config(bwd=bc):
                 try:
                     def run(pat=pat):
@@ -200,9 +209,33 @@ def run_sweep(args) -> None:
                     ms = bench(run)
                 except Exception as e:  # noqa: BLE001
                     ms = float("nan")
-                    print("  bwd cfg failed:", bc, type(e).__name__, str(e)[:120])
-            print(f"  {pat} fwd+bwd {bc}: {ms:.4f} {_regs(fm, 'bwd')}")
+                    print("  bwd cfg failed:", bc, type(e).__name__, str(e)[-300:])
+            changed = {n: c for n, c in bc.items() if c != base[n]} or "default"
+            regs = " ".join(f"{n}:{_regs(fm, 'bwd_' + n)}" for n in ("dq", "dkdv", "far"))
+            print(f"  {pat} fwd+bwd {changed}: {ms:.4f} {regs}")
         del out
+
+
+def run_profile(args) -> None:
+    """Per-kernel CUDA time of the default configuration at the anchor shape."""
+    from ratplus_kernels.dilated_attention import fused_dilated_attention
+    from torch.profiler import ProfilerActivity, profile
+
+    B, T = 4, 4096
+    q, k, v, do = (torch.randn(T, B, H, DH, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    for pat in PATTERNS:
+        for _ in range(3):
+            torch.autograd.grad(fused_dilated_attention(q, k, v, *pat), (q, k, v), do)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                torch.autograd.grad(fused_dilated_attention(q, k, v, *pat), (q, k, v), do)
+            torch.cuda.synchronize()
+        print(f"\nprofile {pat} B=4 T=4096 (per call, us):")
+        for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
+            print(f"  {e.key[:60]:60s} {e.device_time_total / 10:9.1f}")
 
 
 def run_main(args) -> None:
@@ -278,11 +311,41 @@ def run_main(args) -> None:
                   f"{ANCHORS['sdpa'] / r[10]:.1f}x)")
 
 
+def run_decode_sweep(args) -> None:
+    import triton.testing
+    from ratplus_kernels.dilated_attention.decode import sdpa_decode_attention, triton_decode_attention
+
+    print("\ndecode sweep (us, CUDA-graph replay)")
+    for B, T in ((1, 65536), (16, 65536), (4, 16384)):
+        N = 4 + 257 + T // 16
+        q = torch.randn(B, H, DH, device="cuda", dtype=torch.bfloat16)
+        kc = torch.randn(B, H, N, DH, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn(B, H, N, DH, device="cuda", dtype=torch.bfloat16)
+        t_s = triton.testing.do_bench_cudagraph(lambda q=q, kc=kc, vc=vc: sdpa_decode_attention(q, kc, vc),
+                                                rep=30, return_mode="median") * 1e3
+        res = []
+        for bn in (32, 64):
+            for nw in (4, 8):
+                for per_sm in (2, 4, 8):
+                    def f(q=q, kc=kc, vc=vc, bn=bn, nw=nw, per_sm=per_sm):
+                        return triton_decode_attention(q, kc, vc, block_n=bn, num_warps=nw,
+                                                       splits_per_sm=per_sm)
+                    try:
+                        t = triton.testing.do_bench_cudagraph(f, rep=30, return_mode="median") * 1e3
+                    except Exception:  # noqa: BLE001
+                        t = float("nan")
+                    res.append((t, bn, nw, per_sm))
+        res.sort()
+        print(f"  B={B} T={T} N={N}: sdpa {t_s:.1f}; best triton " +
+              ", ".join(f"{t:.1f} (BN={bn} warps={nw} splits/SM={ps})" for t, bn, nw, ps in res[:3]))
+
+
 def run_decode(args) -> None:
     import triton.testing
     from ratplus_kernels.dilated_attention.decode import sdpa_decode_attention, triton_decode_attention
 
-    print("\ndecode: one query over the compact cache N = 4 + 257 + T/16, H=16, Dh=128, bf16; "
+    print("\ndecode: one query over the compact cache N = 4 + 257 + T/16, H=16, Dh=128, bf16 "
+          "(decode_attention = sdpa); "
           "us (median, CUDA-graph replay); err = max abs vs SDPA")
     print(f"{'B':>3} {'T':>6} {'N':>5} | {'sdpa':>8} {'triton':>8} {'x':>5} | {'GB/s tri':>8} | {'err':>8}")
     for B in (1, 4, 16):
@@ -315,6 +378,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="time launch configurations first")
     ap.add_argument("--shapes", default="", help="comma-separated BxT list, e.g. 4x4096,1x65536")
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--decode-sweep", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="per-kernel times at the anchor shape")
     ap.add_argument("--no-main", action="store_true")
     ap.add_argument("--selftest", action="store_true", help="CPU check of the flex formulation")
     args = ap.parse_args()
@@ -330,6 +395,10 @@ def main() -> None:
           f"triton {triton.__version__}; H={H}, Dh={DH}, bf16")
     if args.sweep:
         run_sweep(args)
+    if args.profile:
+        run_profile(args)
+    if args.decode_sweep:
+        run_decode_sweep(args)
     if not args.no_main:
         run_main(args)
     if not args.no_decode:

@@ -21,42 +21,38 @@ counted once (as near); initial keys that are also chunk ends are counted once (
 Forward (one program per query block of ``BM`` rows of one (batch, head))
 ---------------------------------------------------------------------------
 Online softmax in fp32 (base-2 exponentials, scale folded into the scores) over the gathered far
-tiles ``g in [0, n_far)``, then over the contiguous near tiles covering ``[n0 - W, n0 + BM)``; only
-those key tiles are visited. Stores the output (input dtype, new contiguous ``[T, B, H, Dh]``)
+tiles ``g in [0, n_far)``, then over the contiguous near tiles covering ``[n0 - W, n0 + BM)``;
+only those key tiles are visited (with ``W = 0`` the band is the diagonal, done elementwise). Stores the output (input dtype, new contiguous ``[T, B, H, Dh]``)
 and the natural-log log-sum-exp (fp32 ``[B, H, T]``). Programs run from the last query block to
 the first, so the blocks with the most far keys start first.
 
-Backward (one program per block of ``BLK`` positions, owning those queries *and* those keys)
---------------------------------------------------------------------------------------------
-``delta_t = sum(o_t * do_t)`` is recomputed in the kernel from ``o`` and ``do`` (no extra pass).
+Backward: three kernels plus a tiny finalisation
+------------------------------------------------
+``delta_t = sum(o_t * do_t)`` (minus ``dlse_t``) is computed by the first kernel and stored.
 
-1. query-major, for the program's queries: far tiles, near key tiles left of the block, then the
-   diagonal tile, accumulating ``dq`` in registers (stored once, no atomics);
-2. key-major, for the program's keys: the diagonal tile (shared with step 1: its scores are
-   computed once for ``dq``, ``dk`` and ``dv``) and the near query tiles right of the block,
-   accumulating ``dk, dv`` in registers.
+1. **dq, query-major** (one program per query block): ``dq`` from the gathered far tiles and the
+   band tiles, in registers, stored once (no atomics). With ``W = 0`` the band is the diagonal:
+   it is done elementwise (one score per row, no matrix product) and this program also produces
+   the band ``dk, dv`` of its own keys, so kernel 2 is skipped.
+2. **band dk/dv, key-major** (``W > 0``; one program per key block): queries ``[n0, n0+BLK+W)``.
+3. **far dk/dv, key-major over the gathered global keys**: one program per (tile of ``BG``
+   global keys, segment of queries, batch x head) accumulates ``dk, dv`` of its keys in
+   registers over its query segment and adds them *once* into a compact fp32 buffer
+   ``[2, B*H, NG, Dh]`` (NG = number of global keys, about ``P + T/D``). The band contributions
+   of global keys (kernels 1/2) go to the same buffer, and a final kernel writes the global rows
+   of ``dk, dv`` from it (each rounded once); other rows are stored directly by their owner.
 
-Near pairs therefore need no atomics: the diagonal tile is shared and every off-diagonal band
-tile is visited once from each side (recomputing its scores, as flash-attention-2 style Triton
-kernels do). Far pairs are the problem: a global key receives gradient from *every* later query
-block. We accumulate those contributions with fp32 atomic adds into a compact ``[2, B*H, NG, Dh]``
-buffer (NG = number of global keys, about ``P + T/D``) while the query-major step already has the
-far scores ``dS`` and ``P`` in registers, instead of a separate key-major pass. The reasons:
-
-* a key-major pass over the global keys must reread all of ``q``, ``do``, ``o`` (or a
-  precomputed ``delta``) from HBM — at T=4096, B=4, H=16, Dh=128 bf16 that is 2-3 x 67 MB,
-  0.05-0.07 ms at 3 TB/s, against a 0.30 ms budget — and recompute the far scores and ``dP``;
-* a key-major pass has only ``B*H*NG/BG`` programs (64 at D=64, T=4096), each walking all
-  later query blocks serially, so it must be split along the queries and reduced anyway;
-* the atomics land in a buffer of ``2*B*H*NG*Dh*4`` bytes (4 MB at D=64, 17 MB at D=16 for the
-  anchor shape), which stays in L2; their number is ``2*Dh*sum_n n_far(n)`` per head (about
-  0.5-1 M per head at the anchor shapes).
-
-The near-pass contributions to global keys are added to the same buffer (atomically: the far
-contributions of other programs arrive concurrently), and a small final kernel writes the global
-rows of ``dk, dv`` from it, so every global row is rounded to the output dtype once. Other rows
-are stored directly by their owning program. Atomics make ``dk, dv`` of global keys
-non-deterministic at the level of fp32 summation order (like flash-attention's ``dq``).
+Why a key-major far pass with few atomics, rather than atomics from the query-major pass: a
+global key receives gradient from every later query block. The first version added each query
+block's far contributions to the buffer with fp32 atomics straight from kernel 1 (the far ``dS``
+and ``P`` were already in registers there). On the H100 that kernel needed the ``dq`` accumulator
+*and* two ``[BG, Dh]`` fp32 partials live at once: 255 registers with 14-144 spilled, one CTA per
+SM, and 0.39-0.48 ms of backward at B=4, T=4096, D=64 (tools/bench sweep, 2026-11-23). The
+key-major pass recomputes the far scores (two extra products per far tile) and rereads
+``q, do`` per segment, but each kernel keeps one accumulator pair; the query segmentation
+(``PROGS_PER_SM``) keeps the GPU full while bounding the atomics to
+``2 * n_segments * NG * Dh`` per head. Summation order of the global rows' fp32 atomics is not
+deterministic (at the level of fp32 rounding, like flash-attention's ``dq``).
 
 The log-sum-exp output is differentiable: its gradient enters as ``delta_t - dlse_t``.
 
@@ -149,7 +145,7 @@ def _fwd_kernel(
     T, H, W, P, D, CMIN, NS, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, W_ZERO: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -183,18 +179,32 @@ def _fwd_kernel(
         allowed = gv[None, :] & ((rows[:, None] - j[None, :]) > W)
         m_i, l_i, acc = _online_update(s, allowed, vv, m_i, l_i, acc, PREC, UPCAST)
 
-    # near keys: the causal band [t - W, t], tiles covering [n0 - W, n0 + BM)
-    lo = tl.maximum(n0 - W, 0) // BN * BN
-    hi = tl.minimum(n0 + BM, T)
-    for c0 in range(lo, hi, BN):
-        cols = c0 + tl.arange(0, BN)
-        cm = cols < T
-        kk = _load_rows(k_base, cols, skt, cm, d, dmask, EVEN_D)
-        vv = _load_rows(v_base, cols, svt, cm, d, dmask, EVEN_D)
-        s = _dot(q, tl.trans(kk), PREC, UPCAST) * qk_scale
-        diff = rows[:, None] - cols[None, :]
-        allowed = cm[None, :] & (diff >= 0) & (diff <= W)
-        m_i, l_i, acc = _online_update(s, allowed, vv, m_i, l_i, acc, PREC, UPCAST)
+    if W_ZERO:
+        # the band is the query itself: one score per row, no matrix product
+        kn = _load_rows(k_base, rows, skt, rmask, d, dmask, EVEN_D).to(tl.float32)
+        vn = _load_rows(v_base, rows, svt, rmask, d, dmask, EVEN_D).to(tl.float32)
+        s = tl.sum(q.to(tl.float32) * kn, 1) * qk_scale
+        s = tl.where(rmask, s, float("-inf"))
+        m_new = tl.maximum(m_i, s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use)
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * vn
+        m_i = m_new
+    else:
+        # near keys: the causal band [t - W, t], tiles covering [n0 - W, n0 + BM)
+        lo = tl.maximum(n0 - W, 0) // BN * BN
+        hi = tl.minimum(n0 + BM, T)
+        for c0 in range(lo, hi, BN):
+            cols = c0 + tl.arange(0, BN)
+            cm = cols < T
+            kk = _load_rows(k_base, cols, skt, cm, d, dmask, EVEN_D)
+            vv = _load_rows(v_base, cols, svt, cm, d, dmask, EVEN_D)
+            s = _dot(q, tl.trans(kk), PREC, UPCAST) * qk_scale
+            diff = rows[:, None] - cols[None, :]
+            allowed = cm[None, :] & (diff >= 0) & (diff <= W)
+            m_i, l_i, acc = _online_update(s, allowed, vv, m_i, l_i, acc, PREC, UPCAST)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -208,127 +218,209 @@ def _fwd_kernel(
 # Backward
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_kernel(
-    Q, K, V, O, DO, LSE, DLSE, DQ, DK, DV, DKG, DVG,
-    sqt, sqb, sqh, skt, skb, skh, svt, svb, svh, sot, sob, soh, sdt, sdb, sdh,
-    sgt, sgb, sgh,
-    T, H, W, P, D, CMIN, NS, NG, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    BLK: tl.constexpr, BN1: tl.constexpr, BM2: tl.constexpr, BG: tl.constexpr,
-    PREC: tl.constexpr, HAS_DLSE: tl.constexpr, UPCAST: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    n0 = (tl.num_programs(0) - 1 - pid) * BLK
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    bh64 = bh.to(tl.int64)
-    q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    o_base = O + b * sob + h * soh
-    do_base = DO + b * sdb + h * sdh
-    lse_base = LSE + bh64 * T
-    dlse_base = DLSE + bh64 * T
-
-    rows = n0 + tl.arange(0, BLK)
-    rmask = rows < T
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < HEAD_DIM
-
-    q = _load_rows(q_base, rows, sqt, rmask, d, dmask, EVEN_D)
-    do = _load_rows(do_base, rows, sdt, rmask, d, dmask, EVEN_D)
-    o = _load_rows(o_base, rows, sot, rmask, d, dmask, EVEN_D)
-    lse2 = tl.load(lse_base + rows, mask=rmask, other=0.0) * 1.4426950408889634
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    if HAS_DLSE:
-        delta -= tl.load(dlse_base + rows, mask=rmask, other=0.0)
-    dq = tl.zeros([BLK, BLOCK_D], tl.float32)
-    g_off = d[None, :]
-
-    # ---- 1a. far keys (query-major; dk, dv of the global keys via atomics) -------------------
-    t_last = tl.minimum(n0 + BLK, T) - 1
-    n_far = _n_global(t_last - W - 1, P, D, CMIN)
-    for g0 in range(0, n_far, BG):
-        g = g0 + tl.arange(0, BG)
-        gv = g < n_far
-        j = _global_key(g, P, D, CMIN, NS)
-        kk = _load_rows(k_base, j, skt, gv, d, dmask, EVEN_D)
-        vv = _load_rows(v_base, j, svt, gv, d, dmask, EVEN_D)
-        sT = _dot(kk, tl.trans(q), PREC, UPCAST) * qk_scale          # [BG, BLK]
-        allowed = gv[:, None] & rmask[None, :] & ((rows[None, :] - j[:, None]) > W)
-        pT = tl.where(allowed, tl.exp2(sT - lse2[None, :]), 0.0)
-        dpT = _dot(vv, tl.trans(do), PREC, UPCAST)                   # [BG, BLK]
-        dsT = pT * (dpT - delta[None, :])
-        dq += _dot(tl.trans(dsT.to(kk.dtype)), kk, PREC, UPCAST)
-        dvc = _dot(pT.to(do.dtype), do, PREC, UPCAST)
-        dkc = _dot(dsT.to(q.dtype), q, PREC, UPCAST) * sm_scale
-        gp = (bh64 * NG + g)[:, None] * HEAD_DIM + g_off
-        gm = _row_mask(gv, dmask, EVEN_D)
-        tl.atomic_add(DKG + gp, dkc, mask=gm, sem="relaxed")
-        tl.atomic_add(DVG + gp, dvc, mask=gm, sem="relaxed")
-
-    # ---- 1b. near key tiles left of the block (dq only) ------------------------------------------
-    lo = tl.maximum(n0 - W, 0) // BN1 * BN1
-    for c0 in range(lo, n0, BN1):
-        cols = c0 + tl.arange(0, BN1)
-        kk = _load_rows(k_base, cols, skt, cols < T, d, dmask, EVEN_D)
-        vv = _load_rows(v_base, cols, svt, cols < T, d, dmask, EVEN_D)
-        s = _dot(q, tl.trans(kk), PREC, UPCAST) * qk_scale           # [BLK, BN1]
-        allowed = rmask[:, None] & ((rows[:, None] - cols[None, :]) <= W)
+def _bwd_dq_loop(dq, q, do, lse2, delta, rows, rmask, k_base, v_base, skt, svt, d, dmask,
+                 c_lo, c_hi, T, W, P, D, CMIN, NS, qk_scale,
+                 FAR: tl.constexpr, EVEN_D: tl.constexpr, BN: tl.constexpr,
+                 PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """dq of a query block from key tiles ``[c_lo, c_hi)``: global keys ``g`` gathered by stride
+    (FAR, mask ``t - j > W``) or contiguous band keys (mask ``0 <= t - j <= W``)."""
+    for c0 in range(c_lo, c_hi, BN):
+        c = c0 + tl.arange(0, BN)
+        cm = c < c_hi
+        if FAR:
+            cols = _global_key(c, P, D, CMIN, NS)
+        else:
+            cols = c
+        kk = _load_rows(k_base, cols, skt, cm, d, dmask, EVEN_D)
+        vv = _load_rows(v_base, cols, svt, cm, d, dmask, EVEN_D)
+        s = _dot(q, tl.trans(kk), PREC, UPCAST) * qk_scale                     # [BLK, BN]
+        diff = rows[:, None] - cols[None, :]
+        if FAR:
+            allowed = rmask[:, None] & cm[None, :] & (diff > W)
+        else:
+            allowed = rmask[:, None] & cm[None, :] & (diff >= 0) & (diff <= W)
         p = tl.where(allowed, tl.exp2(s - lse2[:, None]), 0.0)
         dp = _dot(do, tl.trans(vv), PREC, UPCAST)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kk.dtype), kk, PREC, UPCAST)
+    return dq
 
-    # ---- 1c / 2a. diagonal tile: queries and keys of this block --------------------------------
-    kn = _load_rows(k_base, rows, skt, rmask, d, dmask, EVEN_D)
-    vn = _load_rows(v_base, rows, svt, rmask, d, dmask, EVEN_D)
-    sT = _dot(kn, tl.trans(q), PREC, UPCAST) * qk_scale              # [keys, queries]
-    diffT = rows[None, :] - rows[:, None]
-    allowed = rmask[:, None] & rmask[None, :] & (diffT >= 0) & (diffT <= W)
-    pT = tl.where(allowed, tl.exp2(sT - lse2[None, :]), 0.0)
-    dpT = _dot(vn, tl.trans(do), PREC, UPCAST)
-    dsT = pT * (dpT - delta[None, :])
-    dq += _dot(tl.trans(dsT.to(kn.dtype)), kn, PREC, UPCAST)
-    dq_ptr = DQ + b * sgb + h * sgh + rows[:, None].to(tl.int64) * sgt + d[None, :]
-    tl.store(dq_ptr, (dq * sm_scale).to(DQ.dtype.element_ty), mask=_row_mask(rmask, dmask, EVEN_D))
-    dv_acc = _dot(pT.to(do.dtype), do, PREC, UPCAST)
-    dk_acc = _dot(dsT.to(q.dtype), q, PREC, UPCAST)
 
-    # ---- 2b. near query tiles right of the block (dk, dv) --------------------------------------
-    q_hi = tl.minimum(n0 + BLK + W, T)
-    for m0 in range(n0 + BLK, q_hi, BM2):
-        qr = m0 + tl.arange(0, BM2)
-        qm = qr < T
+@triton.jit
+def _bwd_dkdv_loop(dk, dv, kn, vn, cols, cm, q_base, do_base, lse_base, delta_base, sqt, sdt,
+                   d, dmask, m_lo, m_hi, W, qk_scale, FAR: tl.constexpr, EVEN_D: tl.constexpr,
+                   BM: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """dk (unscaled), dv of a key tile from queries ``[m_lo, m_hi)``; mask ``t - j > W`` (FAR)
+    or ``0 <= t - j <= W`` (band). Reads the delta written by the dq kernel."""
+    for m0 in range(m_lo, m_hi, BM):
+        qr = m0 + tl.arange(0, BM)
+        qm = qr < m_hi
         qq = _load_rows(q_base, qr, sqt, qm, d, dmask, EVEN_D)
         dd = _load_rows(do_base, qr, sdt, qm, d, dmask, EVEN_D)
-        oo = _load_rows(o_base, qr, sot, qm, d, dmask, EVEN_D)
         l2 = tl.load(lse_base + qr, mask=qm, other=0.0) * 1.4426950408889634
-        dl = tl.sum(oo.to(tl.float32) * dd.to(tl.float32), 1)
-        if HAS_DLSE:
-            dl -= tl.load(dlse_base + qr, mask=qm, other=0.0)
-        sT = _dot(kn, tl.trans(qq), PREC, UPCAST) * qk_scale         # [BLK, BM2]
-        allowed = rmask[:, None] & qm[None, :] & ((qr[None, :] - rows[:, None]) <= W)
+        dl = tl.load(delta_base + qr, mask=qm, other=0.0)
+        sT = _dot(kn, tl.trans(qq), PREC, UPCAST) * qk_scale                   # [BN, BM]
+        diffT = qr[None, :] - cols[:, None]
+        if FAR:
+            allowed = cm[:, None] & qm[None, :] & (diffT > W)
+        else:
+            allowed = cm[:, None] & qm[None, :] & (diffT >= 0) & (diffT <= W)
         pT = tl.where(allowed, tl.exp2(sT - l2[None, :]), 0.0)
+        dv += _dot(pT.to(dd.dtype), dd, PREC, UPCAST)
         dpT = _dot(vn, tl.trans(dd), PREC, UPCAST)
         dsT = pT * (dpT - dl[None, :])
-        dv_acc += _dot(pT.to(dd.dtype), dd, PREC, UPCAST)
-        dk_acc += _dot(dsT.to(qq.dtype), qq, PREC, UPCAST)
-    dk_acc = dk_acc * sm_scale
+        dk += _dot(dsT.to(qq.dtype), qq, PREC, UPCAST)
+    return dk, dv
 
-    # ---- store: ordinary keys directly, global keys into the compact fp32 buffer -------------
-    is_g = (rows < P) | (((rows + 1) % D) == 0)
-    own = rmask & (~is_g)
-    out_off = b * sgb + h * sgh + rows[:, None].to(tl.int64) * sgt + d[None, :]
-    tl.store(DK + out_off, dk_acc.to(DK.dtype.element_ty), mask=_row_mask(own, dmask, EVEN_D))
-    tl.store(DV + out_off, dv_acc.to(DV.dtype.element_ty), mask=_row_mask(own, dmask, EVEN_D))
-    gidx = tl.where(rows < P, rows, P + (rows + 1) // D - 1 - CMIN)
-    gidx = tl.where(rmask & is_g, gidx, 0)
-    gp = (bh64 * NG + gidx)[:, None] * HEAD_DIM + g_off
-    gm = _row_mask(rmask & is_g, dmask, EVEN_D)
-    tl.atomic_add(DKG + gp, dk_acc, mask=gm, sem="relaxed")
-    tl.atomic_add(DVG + gp, dv_acc, mask=gm, sem="relaxed")
+
+@triton.jit
+def _bwd_store_dkdv(dk, dv, cols, cm, DK, DV, DKG, DVG, out_base, sgt, d, dmask, bh64, NG,
+                    P, D, CMIN, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr):
+    """Band contributions of a key block. Ordinary keys: store dk, dv. Global keys: add into the
+    compact fp32 buffers (the far kernel adds there too; the final kernel writes those rows)."""
+    is_g = (cols < P) | (((cols + 1) % D) == 0)
+    own = cm & (~is_g)
+    off = out_base + cols[:, None].to(tl.int64) * sgt + d[None, :]
+    tl.store(DK + off, dk.to(DK.dtype.element_ty), mask=_row_mask(own, dmask, EVEN_D))
+    tl.store(DV + off, dv.to(DV.dtype.element_ty), mask=_row_mask(own, dmask, EVEN_D))
+    gsel = cm & is_g
+    gidx = tl.where(cols < P, cols, P + (cols + 1) // D - 1 - CMIN)
+    gidx = tl.where(gsel, gidx, 0)
+    gp = (bh64 * NG + gidx)[:, None] * HEAD_DIM + d[None, :]
+    gm = _row_mask(gsel, dmask, EVEN_D)
+    tl.atomic_add(DKG + gp, dk, mask=gm, sem="relaxed")
+    tl.atomic_add(DVG + gp, dv, mask=gm, sem="relaxed")
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, DK, DV, DKG, DVG,
+    sqt, sqb, sqh, skt, skb, skh, svt, svb, svh, sot, sob, soh, sdt, sdb, sdh,
+    sgt, sgb, sgh,
+    T, H, W, P, D, CMIN, NS, NG, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    BLK: tl.constexpr, BN1: tl.constexpr, BG: tl.constexpr,
+    PREC: tl.constexpr, HAS_DLSE: tl.constexpr, UPCAST: tl.constexpr, W_ZERO: tl.constexpr,
+):
+    """Query-major pass: delta, dq (far + band). With W = 0 the band is the diagonal, handled
+    elementwise, and this program also owns the band dk, dv of its keys (no band kernel)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    n0 = (tl.num_programs(0) - 1 - pid) * BLK               # most far keys first
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    bh64 = bh.to(tl.int64)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    out_base = b * sgb + h * sgh
+    rows = n0 + tl.arange(0, BLK)
+    rmask = rows < T
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    q = _load_rows(Q + b * sqb + h * sqh, rows, sqt, rmask, d, dmask, EVEN_D)
+    do = _load_rows(DO + b * sdb + h * sdh, rows, sdt, rmask, d, dmask, EVEN_D)
+    o = _load_rows(O + b * sob + h * soh, rows, sot, rmask, d, dmask, EVEN_D)
+    lse2 = tl.load(LSE + bh64 * T + rows, mask=rmask, other=0.0) * 1.4426950408889634
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + bh64 * T + rows, mask=rmask, other=0.0)
+    tl.store(DELTA + bh64 * T + rows, delta, mask=rmask)
+    dq_off = out_base + rows[:, None].to(tl.int64) * sgt + d[None, :]
+    if W_ZERO:
+        # the band is the diagonal: elementwise, done first so that its operands are dead
+        # before the far loop; dk, dv of this block's keys are complete after it
+        kn = _load_rows(k_base, rows, skt, rmask, d, dmask, EVEN_D)
+        vn = _load_rows(v_base, rows, svt, rmask, d, dmask, EVEN_D)
+        p = tl.where(rmask, tl.exp2(tl.sum(q.to(tl.float32) * kn.to(tl.float32), 1) * qk_scale
+                                    - lse2), 0.0)
+        ds = p * (tl.sum(do.to(tl.float32) * vn.to(tl.float32), 1) - delta)
+        _bwd_store_dkdv(ds[:, None] * q.to(tl.float32) * sm_scale, p[:, None] * do.to(tl.float32),
+                        rows, rmask, DK, DV, DKG, DVG, out_base, sgt, d, dmask, bh64, NG, P, D, CMIN,
+                        HEAD_DIM, EVEN_D)
+        dq = ds[:, None] * kn.to(tl.float32)
+    else:
+        dq = tl.zeros([BLK, BLOCK_D], tl.float32)
+        lo = tl.maximum(n0 - W, 0) // BN1 * BN1
+        dq = _bwd_dq_loop(dq, q, do, lse2, delta, rows, rmask, k_base, v_base, skt, svt, d, dmask,
+                          lo, tl.minimum(n0 + BLK, T), T, W, P, D, CMIN, NS, qk_scale, False,
+                          EVEN_D, BN1, PREC, UPCAST)
+    t_last = tl.minimum(n0 + BLK, T) - 1
+    n_far = _n_global(t_last - W - 1, P, D, CMIN)
+    dq = _bwd_dq_loop(dq, q, do, lse2, delta, rows, rmask, k_base, v_base, skt, svt, d, dmask,
+                      0, n_far, T, W, P, D, CMIN, NS, qk_scale, True, EVEN_D, BG, PREC, UPCAST)
+    tl.store(DQ + dq_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=_row_mask(rmask, dmask, EVEN_D))
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DKG, DVG,
+    sqt, sqb, sqh, skt, skb, skh, svt, svb, svh, sdt, sdb, sdh,
+    sgt, sgb, sgh,
+    T, H, W, P, D, CMIN, NG, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    BLK: tl.constexpr, BM2: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Key-major band pass (W > 0): dk, dv of a key block from its band queries."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    n0 = pid * BLK
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    bh64 = bh.to(tl.int64)
+    cols = n0 + tl.arange(0, BLK)
+    cm = cols < T
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    kn = _load_rows(K + b * skb + h * skh, cols, skt, cm, d, dmask, EVEN_D)
+    vn = _load_rows(V + b * svb + h * svh, cols, svt, cm, d, dmask, EVEN_D)
+    dk = tl.zeros([BLK, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLK, BLOCK_D], tl.float32)
+    dk, dv = _bwd_dkdv_loop(dk, dv, kn, vn, cols, cm, Q + b * sqb + h * sqh, DO + b * sdb + h * sdh,
+                            LSE + bh64 * T, DELTA + bh64 * T, sqt, sdt, d, dmask,
+                            n0, tl.minimum(n0 + BLK + W, T), W, qk_scale, False, EVEN_D, BM2,
+                            PREC, UPCAST)
+    _bwd_store_dkdv(dk * sm_scale, dv, cols, cm, DK, DV, DKG, DVG, b * sgb + h * sgh, sgt, d, dmask,
+                    bh64, NG, P, D, CMIN, HEAD_DIM, EVEN_D)
+
+
+@triton.jit
+def _bwd_far_kernel(
+    Q, K, V, DO, LSE, DELTA, DKG, DVG,
+    sqt, sqb, sqh, skt, skb, skh, svt, svb, svh, sdt, sdb, sdh,
+    T, H, W, P, D, CMIN, NS, NG, SEG, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    BG: tl.constexpr, BM2: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Key-major far pass: one program per (tile of BG gathered global keys, segment of SEG
+    queries, batch x head); accumulates the far dk, dv in registers and adds them once into
+    the compact fp32 buffers."""
+    pid_g = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    bh64 = bh.to(tl.int64)
+    g0 = pid_g * BG
+    j0 = tl.where(g0 < P, g0, (g0 - P + CMIN + 1) * D - 1)          # smallest key of the tile
+    m_lo = tl.maximum(pid_s * SEG, (j0 + W + 1) // BM2 * BM2)
+    m_hi = tl.minimum(pid_s * SEG + SEG, T)
+    if m_lo < m_hi:
+        g = g0 + tl.arange(0, BG)
+        gv = g < NG
+        j = _global_key(g, P, D, CMIN, NS)
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < HEAD_DIM
+        kn = _load_rows(K + b * skb + h * skh, j, skt, gv, d, dmask, EVEN_D)
+        vn = _load_rows(V + b * svb + h * svh, j, svt, gv, d, dmask, EVEN_D)
+        dk = tl.zeros([BG, BLOCK_D], tl.float32)
+        dv = tl.zeros([BG, BLOCK_D], tl.float32)
+        dk, dv = _bwd_dkdv_loop(dk, dv, kn, vn, j, gv, Q + b * sqb + h * sqh,
+                                DO + b * sdb + h * sdh, LSE + bh64 * T, DELTA + bh64 * T, sqt, sdt,
+                                d, dmask, m_lo, m_hi, W, qk_scale, True, EVEN_D, BM2, PREC, UPCAST)
+        gp = (bh64 * NG + g)[:, None] * HEAD_DIM + d[None, :]
+        gm = _row_mask(gv, dmask, EVEN_D)
+        tl.atomic_add(DKG + gp, dk * sm_scale, mask=gm, sem="relaxed")
+        tl.atomic_add(DVG + gp, dv, mask=gm, sem="relaxed")
 
 
 @triton.jit
@@ -388,21 +480,28 @@ def _fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
         return dict(_INTERPRET_BLOCKS["fwd"], num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BM=64, BN=32, BG=32, num_warps=4, num_stages=2)
-    if head_dim <= 64:
-        return dict(BM=128, BN=64, BG=64, num_warps=4, num_stages=3)
-    return dict(BM=128, BN=64, BG=64, num_warps=8, num_stages=3)
+    return dict(BM=64, BN=32, BG=32, num_warps=4, num_stages=3)
 
 
 def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """Launch configurations of the three backward kernels: ``dq`` (query-major), ``dkdv``
+    (key-major band) and ``far`` (key-major gathered global keys; PROGS_PER_SM sets how finely
+    the queries are segmented)."""
     if _OVERRIDE["bwd"] is not None:
         return dict(_OVERRIDE["bwd"])
     if _interpreting():
-        return dict(_INTERPRET_BLOCKS["bwd"], num_warps=4, num_stages=1)
+        b = _INTERPRET_BLOCKS["bwd"]
+        x = dict(num_warps=4, num_stages=1)
+        return dict(dq=dict(BLK=b["BLK"], BN1=b["BN1"], BG=b["BG"], **x),
+                    dkdv=dict(BLK=b["BLK"], BM2=b["BM2"], **x), far=dict(BG=b["BG"], BM2=b["BM2"], **x))
     if dtype == torch.float32:
-        return dict(BLK=32, BN1=32, BM2=32, BG=32, num_warps=4, num_stages=1)
-    if head_dim <= 64:
-        return dict(BLK=64, BN1=64, BM2=64, BG=64, num_warps=4, num_stages=2)
-    return dict(BLK=64, BN1=64, BM2=64, BG=64, num_warps=8, num_stages=2)
+        x = dict(num_warps=4, num_stages=1)
+        return dict(dq=dict(BLK=32, BN1=32, BG=32, **x), dkdv=dict(BLK=32, BM2=32, **x),
+                    far=dict(BG=32, BM2=32, **x))
+    # chosen by tools/bench/bench_dilated_attention.py --sweep on an H100 (2026-11-23)
+    return dict(dq=dict(BLK=64, BN1=32, BG=32, num_warps=4, num_stages=3),
+                dkdv=dict(BLK=64, BM2=64, num_warps=4, num_stages=2),
+                far=dict(BG=64, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=8))
 
 
 def _pattern_args(T: int, dilation: int, initial: int):
@@ -439,9 +538,19 @@ def _forward(q, k, v, dilation, window, initial, scale):
         q, k, v, out, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         T, H, window, initial, D, cmin, ns, scale * _LOG2E,
-        HEAD_DIM=Dh, BLOCK_D=block_d, EVEN_D=even_d, PREC=_prec(q.dtype), UPCAST=_upcast(q.dtype), **cfg,
+        HEAD_DIM=Dh, BLOCK_D=block_d, EVEN_D=even_d, PREC=_prec(q.dtype), UPCAST=_upcast(q.dtype),
+        W_ZERO=window == 0, **cfg,
     )
     return out, lse
+
+
+def _far_segments(T: int, n_tiles: int, bh: int, bm: int, progs_per_sm: int, device) -> int:
+    """Query-segment length of the far pass: enough programs to fill the GPU, few atomics."""
+    if _interpreting():
+        return 2 * bm                                        # several segments in tests
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    n_seg = max(1, min(triton.cdiv(progs_per_sm * sms, max(n_tiles * bh, 1)), triton.cdiv(T, bm)))
+    return triton.cdiv(triton.cdiv(T, n_seg), bm) * bm
 
 
 def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
@@ -451,19 +560,43 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
     dq = _new_output((T, B, H, Dh), q.dtype, dev)
     dk = _new_output((T, B, H, Dh), k.dtype, dev)
     dv = _new_output((T, B, H, Dh), v.dtype, dev)
-    gbuf = torch.zeros((2, B * H, max(ng, 1), Dh), dtype=torch.float32, device=dev)
+    ngb = max(ng, 1)
+    gbuf = torch.zeros((2, B * H, ngb, Dh), dtype=torch.float32, device=dev)
+    delta = torch.empty((B * H, T), dtype=torch.float32, device=dev)
     cfg = _bwd_config(Dh, q.dtype)
+    c1, c2, c3 = dict(cfg["dq"]), dict(cfg["dkdv"]), dict(cfg["far"])
     block_d, even_d = _dims(Dh)
     has_dlse = dlse is not None
-    grid = (triton.cdiv(T, cfg["BLK"]), B * H)
-    _LAST_KERNELS["bwd"] = _bwd_kernel[grid](
-        q, k, v, out, dout, lse, dlse if has_dlse else lse, dq, dk, dv, gbuf[0], gbuf[1],
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *dout.stride()[:3],
-        *dq.stride()[:3],
-        T, H, window, initial, D, cmin, ns, max(ng, 1), scale * _LOG2E, scale,
-        HEAD_DIM=Dh, BLOCK_D=block_d, EVEN_D=even_d, PREC=_prec(q.dtype), HAS_DLSE=has_dlse,
-        UPCAST=_upcast(q.dtype), **cfg,
+    common = dict(HEAD_DIM=Dh, BLOCK_D=block_d, EVEN_D=even_d, PREC=_prec(q.dtype),
+                  UPCAST=_upcast(q.dtype))
+    s_in = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+    scales = (scale * _LOG2E, scale)
+    # 1. query-major: delta, dq; with W = 0 also the (diagonal) band dk, dv
+    _LAST_KERNELS["bwd_dq"] = _bwd_dq_kernel[(triton.cdiv(T, c1["BLK"]), B * H)](
+        q, k, v, out, dout, lse, dlse if has_dlse else lse, delta, dq, dk, dv, gbuf[0], gbuf[1],
+        *s_in, *out.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
+        T, H, window, initial, D, cmin, ns, ngb, *scales,
+        HAS_DLSE=has_dlse, W_ZERO=window == 0, **common, **c1,
     )
+    # 2. key-major band dk, dv (W > 0)
+    if window > 0:
+        _LAST_KERNELS["bwd_dkdv"] = _bwd_dkdv_kernel[(triton.cdiv(T, c2["BLK"]), B * H)](
+            q, k, v, dout, lse, delta, dk, dv, gbuf[0], gbuf[1],
+            *s_in, *dout.stride()[:3], *dk.stride()[:3],
+            T, H, window, initial, D, cmin, ngb, *scales, **common, **c2,
+        )
+    # 3. key-major far dk, dv of the global keys (those seen beyond some query's band)
+    j0 = 0 if initial > 0 else (cmin + 1) * D - 1             # smallest global key
+    if ng > 0 and j0 + window + 1 < T:
+        per_sm = c3.pop("PROGS_PER_SM", 8)
+        n_tiles = triton.cdiv(ng, c3["BG"])
+        seg = _far_segments(T, n_tiles, B * H, c3["BM2"], per_sm, dev)
+        _LAST_KERNELS["bwd_far"] = _bwd_far_kernel[(n_tiles, triton.cdiv(T, seg), B * H)](
+            q, k, v, dout, lse, delta, gbuf[0], gbuf[1],
+            *s_in, *dout.stride()[:3],
+            T, H, window, initial, D, cmin, ns, ngb, seg, *scales, **common, **c3,
+        )
+    # 4. global rows of dk, dv from the fp32 buffers
     if ng > 0:
         br = 64
         _bwd_global_kernel[(triton.cdiv(ng, br), B * H)](
