@@ -84,6 +84,9 @@ except ImportError:  # pragma: no cover
 KERNEL_BACKEND = "auto"
 # Tests set this to run the kernels package's decode entry point on CPU tensors too.
 DECODE_KERNEL_ON_CPU = False
+# Without the fused kernel, sparse attention over more queries than this gathers keys per query
+# block instead of materialising a [T, T] mask.
+SPARSE_QUERY_BLOCK = 1024
 
 
 def _torch_gated_recurrence(g, k, v, initial_state=None, chunk_size: int = 64):
@@ -171,8 +174,29 @@ def full_attention(q, k, v, pattern, scale):
         out = _kernel_fused_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                       pattern[0], pattern[1], pattern[2], scale=scale)
         return out.transpose(0, 1)
+    if T > SPARSE_QUERY_BLOCK:
+        return blocked_sparse_attention(q, k, v, pattern, scale, SPARSE_QUERY_BLOCK)
     pos = torch.arange(T, device=q.device)
     return _sdpa(q, k.transpose(1, 2), v.transpose(1, 2), allowed_keys(pos, pos, pattern), scale)
+
+
+def blocked_sparse_attention(q, k, v, pattern, scale, block: int):
+    """Sparse attention without a ``[T, T]`` mask: for each block of queries ``[s, e)`` gather only
+    the keys any of them may see (initial tokens, chunk ends before the window, the window and the
+    block itself) and mask within. Memory ``O(block * (P + W + block + T / D))``."""
+    B, T, H, Dh = q.shape
+    D, W, P = pattern
+    dev = q.device
+    ends = torch.arange(D - 1, T, D, device=dev) if D > 0 else torch.zeros(0, dtype=torch.long, device=dev)
+    out = torch.empty_like(q)
+    for s in range(0, T, block):
+        e = min(s + block, T)
+        lo = max(0, s - W)                                  # keys in [lo, e) may be in the window
+        sel = ends[(ends >= P) & (ends < lo)]
+        idx = torch.cat((torch.arange(min(P, lo), device=dev), sel, torch.arange(lo, e, device=dev)))
+        mask = allowed_keys(torch.arange(s, e, device=dev), idx, pattern)
+        out[:, s:e] = _sdpa(q[:, s:e], k[:, idx].transpose(1, 2), v[:, idx].transpose(1, 2), mask, scale)
+    return out
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:

@@ -167,7 +167,7 @@ def test_llama_import_with_recurrence_gives_finite_loss_and_trains(gate_init):
     model = RATPlusForCausalLM(cfg)
     model.load_state_dict(sd, strict=True)
     g = sd["model.layers.0.self_attn.recurrence_gate_proj.weight"]
-    assert (g.abs().sum() == 0) == (gate_init in ("zeros", "zeros-kv2"))
+    assert (g.abs().sum() == 0) == (gate_init in ("zeros", "zeros-kv2", "auto"))   # auto w/o text: zeros
     loss0 = model(ids, labels=ids).loss
     assert torch.isfinite(loss0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -210,3 +210,7 @@ def test_calibrated_gate_is_closer_to_llama_than_zeros():
             model.load_state_dict(sd)
             errs[gi] = (model(ids).logits - want).abs().mean().item()
     assert errs["calibrated"] < 0.5 * errs["zeros"], errs
+    auto, _ = llama_to_ratplus(llama.state_dict(), llama.config, recurrence=True,
+                               calibration_ids=tokens(8, 40, vocab=71, seed=10))
+    assert torch.equal(auto["model.layers.1.self_attn.recurrence_gate_proj.weight"],
+                       sd["model.layers.1.self_attn.recurrence_gate_proj.weight"])

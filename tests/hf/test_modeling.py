@@ -111,3 +111,16 @@ def test_modeling_file_loads_without_ratplus_kernels(tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref_model(ids).logits, rtol=1e-5, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("pattern", [(4, 2, 1), (3, 0, 0), (-1, 5, 2), (7, 40, 9)])
+def test_blocked_sparse_attention_equals_masked(monkeypatch, pattern):
+    """Long sequences without the fused kernel gather keys per query block: same logits."""
+    D, W, P = pattern
+    model = small_model(dilation=D, local_window=W, initial_tokens=P, attention_mode="sparse")
+    ids = tokens(2, 100)
+    with torch.no_grad():
+        want = model(ids).logits
+        monkeypatch.setattr(modeling_ratplus, "SPARSE_QUERY_BLOCK", 16)
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

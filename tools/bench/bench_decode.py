@@ -36,11 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from megatron_ratplus.hf import RATPlusConfig, RATPlusForCausalLM  # noqa: E402
 from megatron_ratplus.hf.modeling_ratplus import compact_cache_entries  # noqa: E402
 
-MODELS = {
-    # the tiny and 125m presets of megatron_ratplus.model.presets (d_h = 128)
-    "tiny": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=2, vocab_size=4096),
-    "125m": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=6, vocab_size=32000),
-}
+def _preset_dims(name: str) -> dict:
+    """Dimensions of the ``ratplus-<name>`` preset of megatron_ratplus.model.presets."""
+    from megatron_ratplus.model.presets import PRESETS
+    p = PRESETS[f"ratplus-{name}"]
+    return dict(num_hidden_layers=p["num_layers"], hidden_size=p["hidden_size"],
+                num_attention_heads=p["num_attention_heads"], vocab_size=p["vocab_size"])
+
+
+MODELS = {"tiny": lambda: _preset_dims("tiny"), "125m": lambda: _preset_dims("125m")}
 SETTINGS = {
     "dense": None,
     "D16/W256/P4": (16, 256, 4),
@@ -51,7 +55,7 @@ SETTINGS = {
 def build(model: str, setting: str, dtype, device):
     pattern = SETTINGS[setting]
     D, W, P = pattern or (64, 0, 0)
-    cfg = RATPlusConfig(**MODELS[model], dilation=D, local_window=W, initial_tokens=P,
+    cfg = RATPlusConfig(**MODELS[model](), dilation=D, local_window=W, initial_tokens=P,
                         attention_mode="dense" if pattern is None else "sparse", max_position_embeddings=4096)
     torch.manual_seed(0)
     return RATPlusForCausalLM(cfg).to(device=device, dtype=dtype).eval()
@@ -127,6 +131,11 @@ def main(argv=None):
     print(f"# decode benchmark — {dev_name}, torch {torch.__version__}, {a.dtype}, batch 1, "
           f"cache fill: {a.fill}{' (random keys/values through the cache insertion code, no model prefill)' if a.fill == 'random' else ''}, "
           f"median of {a.steps} steps after {a.warmup} warm-up, {datetime.date.today()}")
+    for name in a.models.split(","):
+        dims = MODELS[name]()
+        print(f"# {name}: {dims['num_hidden_layers']} layers, d={dims['hidden_size']}, "
+              f"{dims['num_attention_heads']} heads of {dims['hidden_size'] // dims['num_attention_heads']}, "
+              f"vocab {dims['vocab_size']}")
     print()
     print("| model | context T | attention | cache entries / layer | formula | KV cache MiB | "
           "recurrence state KiB | ms / token | tokens/s | speed vs dense | memory vs dense |")
