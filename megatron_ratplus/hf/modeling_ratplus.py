@@ -82,8 +82,8 @@ except ImportError:  # pragma: no cover
 # "auto": fused kernels for CUDA tensors when importable, chunked kernels-package reference else;
 # "torch": the fallback of this file only (used by tests to check the file standalone).
 KERNEL_BACKEND = "auto"
-# Tests set this to run the kernels package's decode entry point on CPU tensors too.
-DECODE_KERNEL_ON_CPU = False
+# Tests set this to run the fused/decode kernels on CPU tensors too (Triton interpreter).
+KERNELS_ON_CPU = False
 # Without the fused kernel, sparse attention over more queries than this gathers keys per query
 # block instead of materialising a [T, T] mask.
 SPARSE_QUERY_BLOCK = 1024
@@ -129,7 +129,7 @@ def gated_recurrence(g, k, v, initial_state=None):
             hv = a * initial_state[1] + (1 - a) * v[:, 0].float()
         return hk.to(k.dtype).unsqueeze(1), hv.to(v.dtype).unsqueeze(1), (hk, hv)
     gt, kt, vt = g.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)   # time-first views
-    if KERNEL_BACKEND == "auto" and g.is_cuda and _kernel_fused_recurrence is not None:
+    if KERNEL_BACKEND == "auto" and (g.is_cuda or KERNELS_ON_CPU) and _kernel_fused_recurrence is not None:
         ko, vo, state = _kernel_fused_recurrence(gt, kt.contiguous(), vt.contiguous(),
                                                  initial_state=initial_state, output_final_state=True)
     elif KERNEL_BACKEND == "auto" and _kernel_chunked_recurrence is not None:
@@ -170,7 +170,7 @@ def full_attention(q, k, v, pattern, scale):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              is_causal=True, scale=scale)
         return out.transpose(1, 2)
-    if KERNEL_BACKEND == "auto" and q.is_cuda and _kernel_fused_attention is not None:
+    if KERNEL_BACKEND == "auto" and (q.is_cuda or KERNELS_ON_CPU) and _kernel_fused_attention is not None:
         out = _kernel_fused_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                       pattern[0], pattern[1], pattern[2], scale=scale)
         return out.transpose(0, 1)
@@ -513,7 +513,7 @@ class RATPlusAttention(nn.Module):
             cache.insert(kh, vh)                                    # its evictions are never needed by t
             ck, cv, cpos = cache.view()
             if _kernel_decode_attention is not None and KERNEL_BACKEND == "auto" and cache.is_full() \
-                    and (q.is_cuda or DECODE_KERNEL_ON_CPU):
+                    and (q.is_cuda or KERNELS_ON_CPU):
                 # after the insertion every stored entry is allowed for this query: no mask needed
                 attn = _kernel_decode_attention(q[:, 0], ck, cv, self.scale).unsqueeze(1)
             else:

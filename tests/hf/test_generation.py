@@ -157,7 +157,9 @@ def test_decode_kernel_entry_point_over_full_cache(monkeypatch):
     calls = []
     real = mr._kernel_decode_attention
     monkeypatch.setattr(mr, "_kernel_decode_attention", lambda *a: calls.append(a[1].shape[2]) or real(*a))
-    monkeypatch.setattr(mr, "DECODE_KERNEL_ON_CPU", True)
+    monkeypatch.setattr(mr, "KERNELS_ON_CPU", True)
+    monkeypatch.setattr(mr, "_kernel_fused_recurrence", None)      # only the decode entry point here
+    monkeypatch.setattr(mr, "_kernel_fused_attention", None)
     model = small_model(attention_mode="sparse", **PATTERNS["D4W2P1"])     # full after P + W + 1 = 4 tokens
     ids = tokens(2, 30)
     with torch.no_grad():

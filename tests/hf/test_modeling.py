@@ -1,6 +1,7 @@
 """HF RAT+ model logits against the literal loop reference (tests/hf/reference.py)."""
 import importlib
 import importlib.util
+import os
 import shutil
 import sys
 
@@ -124,3 +125,28 @@ def test_blocked_sparse_attention_equals_masked(monkeypatch, pattern):
         monkeypatch.setattr(modeling_ratplus, "SPARSE_QUERY_BLOCK", 16)
         got = model(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="needs CUDA or the Triton interpreter")
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_fused_kernel_path_matches_reference_path(monkeypatch, mode):
+    """The CUDA path of the model (fused Triton recurrence and dilated attention from ratplus_kernels),
+    run here through the Triton interpreter on CPU tensors, gives the same logits and cache."""
+    if modeling_ratplus._kernel_fused_recurrence is None or modeling_ratplus._kernel_fused_attention is None:
+        pytest.skip("fused kernels not importable")
+    model = small_model(dilation=4, local_window=2, initial_tokens=1, attention_mode=mode, num_hidden_layers=1)
+    ids = tokens(1, 20)
+    with torch.no_grad():
+        want = model(ids).logits
+        cache_ref = model.new_cache()
+        model(ids[:, :12], past_key_values=cache_ref)
+        step_ref = model(ids[:, 12:14], past_key_values=cache_ref).logits
+        monkeypatch.setattr(modeling_ratplus, "KERNELS_ON_CPU", True)
+        got = model(ids).logits
+        cache = model.new_cache()
+        model(ids[:, :12], past_key_values=cache)
+        step = model(ids[:, 12:14], past_key_values=cache).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(step, step_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cache.layers[0].state[0], cache_ref.layers[0].state[0], rtol=1e-5, atol=1e-5)
