@@ -4,7 +4,7 @@
 #   bash tools/gpu/dilated_attention.sh                  # GPU tests + whole test file + benchmark
 #   TESTS=gpu BENCH_ARGS="--sweep --no-flex" bash tools/gpu/dilated_attention.sh
 #   TESTS=none BENCH_ARGS="--shapes 4x4096" bash tools/gpu/dilated_attention.sh
-#   TESTS=gpu TEST_ARGS="-k realistic" BENCH_ARGS="--sweep --no-main --no-decode" bash ...
+#   TESTS=gpu TEST_K="realistic or decode" BENCH_ARGS="--sweep --no-main --no-decode" bash ...
 set -o pipefail
 OUT=${OUT:-/tmp/dilated_attention_out}
 mkdir -p "$OUT"
@@ -20,7 +20,7 @@ case "${TESTS:-all}" in
 esac
 if [ "${TESTS:-all}" != none ]; then
   # on a GPU the CPU-sized cases run the compiled kernels too (default GPU launch configurations)
-  timeout -s KILL "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider "${SEL[@]}" ${TEST_ARGS:-} \
+  timeout -s KILL "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider "${SEL[@]}" ${TEST_K:+-k "$TEST_K"} \
     tests/kernels/test_dilated_attention.py 2>&1 | tee "$OUT/dilated_tests.log"
   echo "tests exit: $?" | tee -a "$OUT/dilated_tests.log"
 fi

@@ -22,8 +22,9 @@ Forward (one program per query block of ``BM`` rows of one (batch, head))
 ---------------------------------------------------------------------------
 Online softmax in fp32 (base-2 exponentials, scale folded into the scores) over the gathered far
 tiles ``g in [0, n_far)``, then over the contiguous near tiles covering ``[n0 - W, n0 + BM)``;
-only those key tiles are visited (with ``W = 0`` the band is the diagonal, done elementwise). Stores the output (input dtype, new contiguous ``[T, B, H, Dh]``)
-and the natural-log log-sum-exp (fp32 ``[B, H, T]``). Programs run from the last query block to
+only those key tiles are visited (with ``W = 0`` the band is the diagonal, done elementwise).
+Stores the output (input dtype, new contiguous ``[T, B, H, Dh]``) and the natural-log
+log-sum-exp (fp32 ``[B, H, T]``). Programs run from the last query block to
 the first, so the blocks with the most far keys start first.
 
 Backward: three kernels plus a tiny finalisation
