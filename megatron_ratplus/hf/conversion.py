@@ -266,8 +266,7 @@ def llama_to_ratplus(llama_state_dict: Mapping[str, torch.Tensor], llama_config,
         weight 1 in ``k~, v~`` and the history adds ``k_{t-1}/2 + k_{t-2}/4 + ...``.
       - ``"normal"``: ``N(0, initializer_range)`` like a fresh RAT+ model (``a`` spread around 1/2).
 
-      Measured (``python -m megatron_ratplus.hf.gate_init_study --seq 128 --batch 8
-      --pretrain-steps 500 --adapt-steps 40 --corpus-bytes 3000000 --eval-seqs 48``, CPU): a Llama
+      Measured (``python -m megatron_ratplus.hf.gate_init_study``, CPU, 2026-11-23): a Llama
       (4 layers, d=128, 4 heads / 2 kv heads, BPE vocab 2048) trained on 3 MB of Python source to a
       held-out loss of 3.6066; imported, held-out loss at import → after 40 further steps
       (AdamW, lr 1e-3 cosine, same batches for every variant):

@@ -1,6 +1,7 @@
 """Measure how the recurrence-gate initialisation of a Llama import changes the loss.
 
-``python -m megatron_ratplus.hf.gate_init_study`` (CPU, a few minutes):
+``python -m megatron_ratplus.hf.gate_init_study`` (CPU; about 6 minutes on 2 idle cores, the
+defaults are the settings of the table in ``conversion.llama_to_ratplus``):
 
 1. builds a corpus from the ``.py`` sources of an installed package (real text, no download) and
    trains a byte-level BPE tokenizer on it;
@@ -105,13 +106,13 @@ def train(model, it, steps: int, lr: float, warmup: int = 0):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--package", default="transformers", help="installed package whose .py files are the corpus")
-    p.add_argument("--corpus-bytes", type=int, default=6_000_000)
+    p.add_argument("--corpus-bytes", type=int, default=3_000_000)
     p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--pretrain-steps", type=int, default=400)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--pretrain-steps", type=int, default=500)
     p.add_argument("--adapt-steps", type=int, default=40)
-    p.add_argument("--eval-seqs", type=int, default=32)
+    p.add_argument("--eval-seqs", type=int, default=48)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)

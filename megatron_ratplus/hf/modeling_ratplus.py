@@ -74,7 +74,7 @@ try:
     from ratplus_kernels.dilated_attention import fused_dilated_attention as _kernel_fused_attention
 except ImportError:  # pragma: no cover
     _kernel_fused_attention = None
-try:  # one query over the compact cache, every entry allowed (split-K Triton kernel on CUDA)
+try:  # one query over a cache whose every entry is allowed (the kernels package picks the CUDA path)
     from ratplus_kernels.dilated_attention import decode_attention as _kernel_decode_attention
 except ImportError:  # pragma: no cover
     _kernel_decode_attention = None
