@@ -1,0 +1,160 @@
+"""``ratplus-convert``: Megatron dist checkpoints <-> Hugging Face folders, and Llama imports.
+
+    ratplus-convert to-hf   CKPT OUT_DIR [--tokenizer tokenizer.json|DATASET_DIR] [--dtype bf16]
+    ratplus-convert from-hf HF_DIR SAVE_DIR
+    ratplus-convert from-llama LLAMA_DIR SAVE_DIR [--recurrence] [--gate-init auto|zeros|...]
+
+``CKPT`` is a save directory (its latest complete checkpoint) or an ``iter_*`` directory, saved
+at any TP/PP layout: it is loaded into a TP=1/PP=1 model in this process (dist_checkpointing
+reshards), then mapped to the Hugging Face names documented in ``hf/modeling_ratplus.py``. The
+output folder loads with ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``.
+Existing output directories are never overwritten unless ``--overwrite`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ConvertError(ValueError):
+    pass
+
+
+def _tokenizer_from_run_config(train_state: Optional[dict]) -> Optional[Path]:
+    """The dataset's tokenizer.json, found through the run config stored in the checkpoint."""
+    run = (train_state or {}).get("run_config") or {}
+    data = run.get("data") or {}
+    candidates = [s.get("local") for s in data.get("streams") or [] if isinstance(s, dict)]
+    if data.get("default_corpus") and not data.get("streams"):
+        candidates.append(data.get("default_dir"))
+    for directory in candidates:
+        if directory and Path(directory, "tokenizer.json").is_file():
+            return Path(directory, "tokenizer.json")
+    return None
+
+
+def _resolve_tokenizer(arg: Optional[str], train_state: Optional[dict]) -> Optional[Path]:
+    if arg:
+        path = Path(arg)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise ConvertError(f"--tokenizer {arg}: no tokenizer.json there")
+        return path
+    return _tokenizer_from_run_config(train_state)
+
+
+def to_hf(ckpt: str, out_dir: str, *, tokenizer: Optional[str] = None, dtype: str = "fp32",
+          overwrite: bool = False, max_shard_size: str = "5GB") -> Path:
+    from ..hf import hf_config_from_model_args, megatron_to_hf_state_dict, write_hf_folder
+    from ..model.config import pad_vocab_size
+    from .hf_bridge import load_full_state_dict, read_train_state
+
+    if Path(out_dir).exists() and any(Path(out_dir).iterdir()) and not overwrite:
+        raise ConvertError(f"{out_dir} is not empty; choose another directory or pass --overwrite")
+    model_args, state_dict = load_full_state_dict(ckpt)
+    train_state = read_train_state(ckpt)
+    cfg = hf_config_from_model_args(model_args, padded_vocab_size=pad_vocab_size(model_args["vocab_size"]))
+    hf_sd = megatron_to_hf_state_dict(state_dict, cfg)
+    tok = _resolve_tokenizer(tokenizer, train_state)
+    if tok is None:
+        print("note: no tokenizer found (give --tokenizer); writing the model without one", file=sys.stderr)
+    return write_hf_folder(hf_sd, cfg, out_dir, tokenizer_json=tok, max_shard_size=max_shard_size,
+                           overwrite=overwrite, dtype=_DTYPES[dtype])
+
+
+def from_hf(hf_dir: str, save_dir: str) -> Path:
+    from ..hf import hf_to_megatron_state_dict, model_args_dict_from_hf_config, read_hf_folder
+    from ..model.config import pad_vocab_size
+    from .hf_bridge import save_full_state_dict
+
+    hf_sd, cfg = read_hf_folder(hf_dir)
+    args = model_args_dict_from_hf_config(cfg)
+    sd = hf_to_megatron_state_dict(hf_sd, cfg, padded_vocab_size=pad_vocab_size(args["vocab_size"]))
+    return save_full_state_dict(args, sd, save_dir)
+
+
+def _calibration_ids(llama_dir: str, text_file: Optional[str], tokens: int = 2048, seq: int = 256):
+    """A ``[B, seq]`` batch of the Llama tokenizer's ids for the calibrated gate init."""
+    if not text_file:
+        return None
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(llama_dir, local_files_only=True)
+    ids = tok(Path(text_file).read_text(errors="replace"))["input_ids"][:tokens]
+    if len(ids) < seq:
+        raise ConvertError(f"--calibration-text {text_file} gives {len(ids)} tokens; need at least {seq}")
+    n = len(ids) // seq
+    return torch.tensor(ids[:n * seq]).view(n, seq)
+
+
+def from_llama(llama_dir: str, save_dir: str, *, recurrence: bool, gate_init: str,
+               calibration_text: Optional[str] = None) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..hf import hf_to_megatron_state_dict, llama_to_ratplus, model_args_dict_from_hf_config
+    from ..model.config import pad_vocab_size
+    from .hf_bridge import save_full_state_dict
+
+    config = AutoConfig.from_pretrained(llama_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, local_files_only=True).float()
+    hf_sd, cfg = llama_to_ratplus(model.state_dict(), config, recurrence=recurrence, gate_init=gate_init,
+                                  calibration_ids=_calibration_ids(llama_dir, calibration_text))
+    args = model_args_dict_from_hf_config(cfg)
+    sd = hf_to_megatron_state_dict(hf_sd, cfg, padded_vocab_size=pad_vocab_size(args["vocab_size"]))
+    return save_full_state_dict(args, sd, save_dir)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ratplus-convert", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("to-hf", help="Megatron dist checkpoint -> Hugging Face folder")
+    a.add_argument("checkpoint", help="save directory (latest) or iter_* directory")
+    a.add_argument("output")
+    a.add_argument("--tokenizer", help="tokenizer.json or a prepared dataset directory "
+                                       "(default: the dataset named in the checkpoint's run config)")
+    a.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
+    a.add_argument("--max-shard-size", default="5GB")
+    a.add_argument("--overwrite", action="store_true")
+    b = sub.add_parser("from-hf", help="Hugging Face RAT+ folder -> Megatron checkpoint")
+    b.add_argument("hf_dir")
+    b.add_argument("save_dir")
+    c = sub.add_parser("from-llama", help="Llama-style HF checkpoint -> RAT+ Megatron checkpoint")
+    c.add_argument("llama_dir")
+    c.add_argument("save_dir")
+    c.add_argument("--recurrence", action="store_true", help="add the recurrence (gate initialised by --gate-init)")
+    c.add_argument("--gate-init", default="auto",
+                   help="auto | calibrated | zeros | zeros-kv2 | normal (see hf/conversion.py); auto = "
+                        "calibrated when --calibration-text is given, else zeros")
+    c.add_argument("--calibration-text", help="a text file of typical data for the calibrated gate init")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+    ns = _parser().parse_args(argv)
+    try:
+        if ns.command == "to-hf":
+            out = to_hf(ns.checkpoint, ns.output, tokenizer=ns.tokenizer, dtype=ns.dtype,
+                        overwrite=ns.overwrite, max_shard_size=ns.max_shard_size)
+        elif ns.command == "from-hf":
+            out = from_hf(ns.hf_dir, ns.save_dir)
+        else:
+            out = from_llama(ns.llama_dir, ns.save_dir, recurrence=ns.recurrence, gate_init=ns.gate_init,
+                             calibration_text=ns.calibration_text)
+    except (ConvertError, ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"ratplus-convert: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"written": str(out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""Save and resume training state with Megatron-core ``dist_checkpointing`` (torch_dist format).
+
+    mgr = CheckpointManager(save_dir, keep_last=3, async_save=True)
+    state = mgr.load("latest", model_chunks, optimizer, scheduler)   # None: fresh start
+    ...
+    mgr.save(step, model_chunks, optimizer, scheduler, train_state)  # collective
+    mgr.finalize()                                                   # before exit
+
+Every method that touches checkpoint contents is collective (all ranks call it). Decisions that
+depend on the file system (does the directory exist, which checkpoint is the latest complete
+one) are taken on rank 0 and broadcast, so all ranks raise or proceed together.
+
+On-disk layout: ``<save_dir>/iter_XXXXXXX/`` per checkpoint (never overwritten) and
+``<save_dir>/latest_checkpointed_iteration.txt``, replaced atomically only after the checkpoint is
+complete on every rank and passed :func:`~.validate.checkpoint_problems`.
+
+``train_state`` is the caller's picklable dict (step, consumed tokens, data-loader state, run
+config, model args…). Rank 0's copy is stored; per-rank RNG states are added by the manager
+itself and restored when the parallel layout is unchanged.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from functools import partial
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.validation import StrictHandling
+
+from . import _dist
+from .architecture import architecture_of, compare_architectures, unwrap_model
+from .errors import CheckpointError
+from .paths import (TRACKER_NAME, iter_dir_name, is_save_dir, list_iter_dirs, looks_like_checkpoint,
+                    read_tracker, write_tracker)
+from .retention import apply_retention
+from .rng import restore_rng_state
+from .state import (FORMAT_VERSION, RNG_KEY, load_strategy, model_sharded_state_dict, model_state_key,
+                    optimizer_kind, parallel_layout, rng_sharded_object, runtime_metadata, save_strategy,
+                    sharded_metadata, versions)
+from .validate import (RATPLUS_KEY, TRAIN_STATE_KEY, checkpoint_problems, decode_train_state,
+                       encode_train_state, load_common)
+
+log = logging.getLogger(__name__)
+
+
+def _info(msg, *args):
+    if _dist.rank() == 0:
+        log.info(msg, *args)
+
+
+def _warn(msg, *args):
+    if _dist.rank() == 0:
+        log.warning(msg, *args)
+
+
+def _raise_together(error: Optional[str]) -> None:
+    """Raise ``CheckpointError(error)`` on every rank when rank 0 decided ``error``."""
+    error = _dist.broadcast_object(error)
+    if error:
+        raise CheckpointError(error)
+
+
+def _require_psutil() -> None:
+    # Megatron-core's torch_dist writer calls psutil inside its forked writer processes; without it
+    # the writers die and the save hangs instead of failing.
+    try:
+        import psutil  # noqa: F401
+    except ImportError as e:
+        raise CheckpointError("saving torch_dist checkpoints needs the 'psutil' package "
+                              "(megatron-core's checkpoint writer uses it): pip install psutil") from e
+
+
+def _model_args_dict(model_args) -> Optional[dict]:
+    if model_args is None:
+        return None
+    return model_args.to_dict() if hasattr(model_args, "to_dict") else dict(model_args)
+
+
+# --------------------------------------------------------------------------------------------
+# Which checkpoint to load
+# --------------------------------------------------------------------------------------------
+def _latest_complete(save_dir: Path, *, explicit: bool) -> Optional[Path]:
+    """Newest complete checkpoint the tracker allows (rank-0 logic; raises CheckpointError)."""
+    tracked, tracker_problem = read_tracker(save_dir)
+    entries = list_iter_dirs(save_dir)
+    had_tracker = tracked is not None or tracker_problem is not None
+    if not had_tracker and not entries:
+        if explicit:
+            raise CheckpointError(f"{save_dir} holds no checkpoint (no iter_* directory, no {TRACKER_NAME})")
+        return None
+    if tracker_problem:
+        log.warning("%s; looking for the newest complete checkpoint instead", tracker_problem)
+        candidates = entries
+    elif tracked is None:
+        log.warning("%s has checkpoint directories but no %s (no save completed, or the file was "
+                    "removed); looking for the newest complete one", save_dir, TRACKER_NAME)
+        candidates = entries
+    else:
+        newer = [p.name for it, p in entries if it > tracked]
+        if newer:
+            log.warning("ignoring %s: newer than the latest completed save (iteration %d) recorded "
+                        "in %s", ", ".join(newer), tracked, TRACKER_NAME)
+        if tracked not in [it for it, _ in entries]:
+            log.warning("%s names iteration %d but %s does not exist", TRACKER_NAME, tracked,
+                        save_dir / iter_dir_name(tracked))
+        candidates = [(it, p) for it, p in entries if it <= tracked]
+    rejected = []
+    for it, path in reversed(candidates):
+        problems = checkpoint_problems(path)
+        if not problems:
+            if rejected:
+                log.warning("resuming from the previous complete checkpoint %s instead", path)
+            return path
+        rejected.append(f"{path.name}: {'; '.join(problems)}")
+        log.warning("checkpoint %s is incomplete or corrupt (%s); falling back to the previous one",
+                    path, "; ".join(problems))
+    if had_tracker or explicit:
+        detail = ("\n  " + "\n  ".join(rejected)) if rejected else " (no iter_* directory)"
+        raise CheckpointError(f"no complete checkpoint in {save_dir}" +
+                              (f" (the tracker names iteration {tracked})" if tracked is not None else "") +
+                              f":{detail}")
+    log.warning("no complete checkpoint in %s (earlier saves never finished): starting from scratch",
+                save_dir)
+    return None
+
+
+def resolve_checkpoint(which, save_dir=None) -> Optional[Path]:
+    """The checkpoint directory ``which`` designates ("latest", an iter_* dir, or a save_dir).
+
+    Rank 0 decides, every rank gets the answer (or the same CheckpointError).
+    """
+    result, error = None, None
+    if _dist.rank() == 0:
+        try:
+            result = resolve_checkpoint_local(which, save_dir)
+        except CheckpointError as e:
+            error = str(e)
+    _raise_together(error)
+    result = _dist.broadcast_object(str(result) if result is not None else None)
+    return Path(result) if result is not None else None
+
+
+def resolve_checkpoint_local(which, save_dir) -> Optional[Path]:
+    if which is None or which == "latest":
+        if save_dir is None:
+            raise CheckpointError("loading 'latest' needs a save_dir (checkpoint.save_dir)")
+        return _latest_complete(Path(save_dir), explicit=False)
+    path = Path(which)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if looks_like_checkpoint(path):
+        problems = checkpoint_problems(path)
+        if problems:
+            raise CheckpointError(f"checkpoint {path} is incomplete or corrupt:\n  " + "\n  ".join(problems))
+        return path
+    if is_save_dir(path):
+        return _latest_complete(path, explicit=True)
+    raise CheckpointError(f"{path} is neither a checkpoint directory (iter_XXXXXXX with metadata.json) "
+                          f"nor a save_dir holding checkpoints")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading into a model
+# --------------------------------------------------------------------------------------------
+def _check_architecture(ckpt_dir: Path, info: dict, model_chunks, model_args) -> None:
+    stored = dict(info.get("architecture") or {})
+    stored_args = info.get("model_args")
+    if stored_args and stored_args.get("vocab_size") is not None:
+        stored.setdefault("vocab_size", stored_args["vocab_size"])
+    current = architecture_of(model_chunks, model_args)
+    errors, notes = compare_architectures(stored, current)
+    if errors:
+        raise CheckpointError(f"checkpoint {ckpt_dir} does not match the model being loaded "
+                              f"({len(errors)} difference{'s' if len(errors) > 1 else ''}):\n  " +
+                              "\n  ".join(errors))
+    if notes:
+        _info("loading %s into a model with a different attention configuration (allowed): %s",
+              ckpt_dir, "; ".join(notes))
+
+
+def load_checkpoint_into(ckpt_dir, model_chunks: Sequence[torch.nn.Module], optimizer=None,
+                         scheduler=None, *, model_args=None, weights_only: bool = False) -> dict:
+    """Load ``ckpt_dir`` (already validated) into the given objects; returns the train state."""
+    ckpt_dir = Path(ckpt_dir)
+    chunks = list(model_chunks)
+    common = load_common(ckpt_dir)
+    info = common[RATPLUS_KEY]
+    if info.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {ckpt_dir} has format version {info['format_version']}, "
+                              f"newer than this code understands ({FORMAT_VERSION}): upgrade megatron-ratplus")
+    _check_architecture(ckpt_dir, info, chunks, model_args)
+
+    load_optimizer = optimizer is not None and not weights_only
+    if load_optimizer:
+        stored_opt = info.get("optimizer")
+        if not stored_opt:
+            raise CheckpointError(f"checkpoint {ckpt_dir} holds no optimizer state (a weights-only "
+                                  f"checkpoint): load it as initial weights (checkpoint.init_from / "
+                                  f"load_weights_only) instead of resuming")
+        if stored_opt["kind"] != optimizer_kind(optimizer):
+            raise CheckpointError(f"checkpoint {ckpt_dir} was saved with the {stored_opt['kind']} optimizer, "
+                                  f"this run uses the {optimizer_kind(optimizer)} one: resume with the same "
+                                  f"optimizer setting, or load weights only")
+        meta = dict(stored_opt["metadata"])
+    else:
+        meta = sharded_metadata(None)
+    runtime = runtime_metadata(meta)
+
+    sharded = model_sharded_state_dict(chunks, runtime)
+    if load_optimizer:
+        sharded["optimizer"] = optimizer.sharded_state_dict(dict(sharded), is_loading=True, metadata=runtime)
+    restore_rng = not weights_only and info.get("layout") == parallel_layout()
+    if restore_rng:
+        sharded[RNG_KEY] = rng_sharded_object()
+
+    try:
+        loaded, _missing, unexpected = dist_checkpointing.load(
+            sharded, str(ckpt_dir), sharded_strategy=load_strategy(str(ckpt_dir)),
+            strict=StrictHandling.RETURN_UNEXPECTED)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"reading checkpoint {ckpt_dir} failed: {type(e).__name__}: {e}") from e
+    if _dist.any_rank(bool(unexpected)):
+        names = sorted(unexpected)
+        raise CheckpointError(f"checkpoint {ckpt_dir} lacks tensors the model needs"
+                              + (f": {', '.join(names[:8])}{' …' if len(names) > 8 else ''}" if names else
+                                 " (on another rank)"))
+
+    for i, chunk in enumerate(chunks):
+        unwrap_model(chunk).load_state_dict(loaded[model_state_key(i, len(chunks))], strict=True)
+    if load_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
+    elif optimizer is not None:
+        # Fresh optimizer on loaded weights: its fp32 master copies must follow the new weights.
+        optimizer.reload_model_params()
+    if scheduler is not None and not weights_only:
+        if loaded.get("scheduler") is None:
+            _warn("checkpoint %s holds no LR scheduler state; the scheduler starts fresh", ckpt_dir)
+        else:
+            scheduler.load_state_dict(loaded["scheduler"])
+    if restore_rng:
+        restore_rng_state(loaded[RNG_KEY])
+    elif not weights_only:
+        _info("parallel layout changed since the save (%s -> %s): RNG states not restored",
+              info.get("layout"), parallel_layout())
+    _info("loaded checkpoint %s (iteration %s%s)", ckpt_dir, info.get("iteration"),
+          ", weights only" if weights_only or optimizer is None else "")
+    return decode_train_state(loaded)
+
+
+def load_weights_only(path_or_latest_dir, model_chunks: Sequence[torch.nn.Module], *, optimizer=None,
+                      model_args=None) -> dict:
+    """Load only the model weights of a checkpoint (adaptation, evaluation).
+
+    ``path_or_latest_dir``: an ``iter_*`` directory, or a save_dir (its latest complete
+    checkpoint). Pass a freshly built ``optimizer`` to have its fp32 master weights refreshed from
+    the loaded weights (bf16 runs and the distributed optimizer keep separate copies). Returns the
+    stored train state, for information.
+    """
+    ckpt_dir = resolve_checkpoint(path_or_latest_dir)
+    if ckpt_dir is None:
+        raise CheckpointError(f"no checkpoint to load in {path_or_latest_dir}")
+    return load_checkpoint_into(ckpt_dir, model_chunks, optimizer, None, model_args=model_args,
+                                weights_only=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The manager
+# --------------------------------------------------------------------------------------------
+class CheckpointManager:
+    """Periodic sharded saves into ``save_dir`` and resumption from them (see module doc)."""
+
+    def __init__(self, save_dir, keep_last: Optional[int] = None, async_save: bool = False):
+        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int)
+                                      or keep_last < 1):
+            raise CheckpointError(f"keep_last must be a positive integer or None, got {keep_last!r}")
+        self.save_dir = Path(save_dir) if save_dir is not None else None
+        self.keep_last = keep_last
+        self.async_requested = bool(async_save)
+        self._async_queue = None
+        self._pending_steps = []
+
+    # -- saving ------------------------------------------------------------------------------
+    @property
+    def async_active(self) -> bool:
+        """Whether saves run in the background (``dist_checkpointing``'s async request, scheduled
+        on an ``AsyncCallsQueue``: tensors are staged to host memory, a forked process writes
+        them). It also works in CPU mode, so a laptop smoke test exercises the cluster's path."""
+        return self.async_requested
+
+    def save(self, step: int, model_chunks: Sequence[torch.nn.Module], optimizer, scheduler,
+             train_state: Optional[dict]) -> Path:
+        """Write ``<save_dir>/iter_{step:07d}``; collective. Returns the checkpoint directory.
+
+        With async saves the tensors are written in the background and the tracker is updated
+        when :meth:`finalize` (or the next save) completes the request.
+        """
+        if self.save_dir is None:
+            raise CheckpointError("CheckpointManager has no save_dir: cannot save")
+        _require_psutil()
+        self.finalize()
+        ckpt_dir = self.save_dir / iter_dir_name(step)
+        train_state = dict(train_state or {})
+        try:
+            train_state_blob = encode_train_state(train_state)
+            error = None
+        except Exception as e:
+            error = f"train_state is not picklable ({type(e).__name__}: {e})"
+        if _dist.any_rank(error is not None):
+            raise CheckpointError(error or "train_state is not picklable on another rank")
+        self._prepare_directory(ckpt_dir)
+
+        chunks = list(model_chunks)
+        meta = sharded_metadata(optimizer)
+        runtime = runtime_metadata(meta)
+        sharded = model_sharded_state_dict(chunks, runtime)
+        if optimizer is not None:
+            sharded["optimizer"] = optimizer.sharded_state_dict(dict(sharded), is_loading=False,
+                                                                metadata=runtime)
+        sharded[RNG_KEY] = rng_sharded_object()
+        sharded["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+        sharded[TRAIN_STATE_KEY] = train_state_blob
+        model_args = _model_args_dict(train_state.get("model_args"))
+        sharded[RATPLUS_KEY] = _dist.broadcast_object({
+            "format_version": FORMAT_VERSION,
+            "iteration": int(step),
+            "layout": parallel_layout(),
+            "architecture": architecture_of(chunks, model_args),
+            "model_args": model_args,
+            "model_chunks": len(chunks),
+            "optimizer": {"kind": optimizer_kind(optimizer), "metadata": meta} if optimizer is not None else None,
+            "versions": versions(),
+            "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        })
+
+        use_async = self.async_active
+        try:
+            request = dist_checkpointing.save(
+                sharded, str(ckpt_dir), sharded_strategy=save_strategy(), async_sharded_save=use_async,
+                # train_state comes from rank 0; other ranks may hold their own data-loader view.
+                preprocess_common_before_consistancy_check=lambda common: {
+                    k: v for k, v in common.items() if k != TRAIN_STATE_KEY},
+            )
+        except Exception as e:
+            raise CheckpointError(f"saving checkpoint {ckpt_dir} failed: {type(e).__name__}: {e}") from e
+        if use_async:
+            request.add_finalize_fn(partial(self._complete, int(step), ckpt_dir))
+            if self._async_queue is None:
+                from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+                self._async_queue = AsyncCallsQueue()
+            self._async_queue.schedule_async_request(request)
+            self._pending_steps.append(int(step))
+            _info("checkpoint %s: writing in the background", ckpt_dir)
+        else:
+            self._complete(int(step), ckpt_dir)
+        return ckpt_dir
+
+    def _prepare_directory(self, ckpt_dir: Path) -> None:
+        error = None
+        if _dist.rank() == 0:
+            try:
+                self.save_dir.mkdir(parents=True, exist_ok=True)
+                if ckpt_dir.exists():
+                    problems = checkpoint_problems(ckpt_dir)
+                    if not problems:
+                        error = (f"checkpoint {ckpt_dir} already exists and is complete; refusing to "
+                                 f"overwrite it (use another checkpoint.save_dir, or move it away)")
+                    elif ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()):
+                        ckpt_dir.rmdir()
+                    else:
+                        stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+                        aside = ckpt_dir.with_name(f"{ckpt_dir.name}.incomplete-{stamp}")
+                        os.rename(ckpt_dir, aside)
+                        log.warning("%s exists but is incomplete (%s); moved it to %s and saving afresh",
+                                    ckpt_dir, "; ".join(problems), aside)
+                if error is None:
+                    ckpt_dir.mkdir()
+            except OSError as e:
+                error = f"cannot create checkpoint directory {ckpt_dir}: {e}"
+        _raise_together(error)
+        _dist.barrier()
+
+    def _complete(self, step: int, ckpt_dir: Path) -> None:
+        """After every rank wrote its part: verify, move the tracker, apply retention."""
+        _dist.barrier()
+        error = None
+        if _dist.rank() == 0:
+            problems = checkpoint_problems(ckpt_dir)
+            if problems:
+                error = f"checkpoint {ckpt_dir} failed verification after saving:\n  " + "\n  ".join(problems)
+            else:
+                write_tracker(self.save_dir, step)
+                log.info("saved checkpoint %s", ckpt_dir)
+                for path in apply_retention(self.save_dir, step, self.keep_last):
+                    log.info("retention (keep_last=%d): removed %s", self.keep_last, path)
+        if step in self._pending_steps:
+            self._pending_steps.remove(step)
+        _raise_together(error)
+        _dist.barrier()
+
+    def finalize(self) -> None:
+        """Wait for pending async saves and complete them (tracker, retention); collective."""
+        if self._async_queue is not None and self._async_queue.get_num_unfinalized_calls():
+            self._async_queue.maybe_finalize_async_calls(blocking=True)
+
+    def maybe_finalize(self) -> None:
+        """Complete async saves that already finished, without waiting; collective.
+
+        Call it once per training step when saving asynchronously, so the tracker moves as soon
+        as a background save is done rather than at the next save."""
+        if self._async_queue is not None and self._async_queue.get_num_unfinalized_calls():
+            self._async_queue.maybe_finalize_async_calls(blocking=False)
+
+    @property
+    def pending_saves(self) -> list:
+        return list(self._pending_steps)
+
+    # -- loading -----------------------------------------------------------------------------
+    def resolve(self, which="latest") -> Optional[Path]:
+        return resolve_checkpoint(which, self.save_dir)
+
+    def load(self, which, model_chunks: Sequence[torch.nn.Module], optimizer=None, scheduler=None, *,
+             model_args=None) -> Optional[dict]:
+        """Restore model (and optimizer, scheduler, RNG) from ``which``; collective.
+
+        ``which``: "latest" (this manager's save_dir; falls back past incomplete checkpoints;
+        returns None when there is none), an ``iter_*`` directory (an error if it is broken) or
+        another save_dir. ``model_args`` (optional) adds the unpadded vocabulary size to the
+        architecture check. Returns the stored train state.
+        """
+        self.finalize()
+        ckpt_dir = self.resolve(which)
+        if ckpt_dir is None:
+            return None
+        return load_checkpoint_into(ckpt_dir, model_chunks, optimizer, scheduler, model_args=model_args)

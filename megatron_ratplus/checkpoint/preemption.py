@@ -1,0 +1,86 @@
+"""Stop cleanly when the scheduler preempts the job (Slurm sends SIGTERM, or SIGUSR1 ahead of
+time with ``--signal``) or when the allotted wall time runs out.
+
+The signal handler only raises a flag; the training loop polls :meth:`PreemptionHandler.should_stop`
+once per step, which agrees across ranks (all_reduce MAX of the flag), so every rank stops after
+the same step, saves, and exits 0.
+
+    handler = PreemptionHandler().install()
+    for step in ...:
+        train_step()
+        if handler.should_stop() or handler.time_exceeded(cfg.checkpoint.exit_duration_minutes):
+            mgr.save(...); mgr.finalize(); sys.exit(0)
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import Optional, Sequence
+
+from . import _dist
+
+log = logging.getLogger(__name__)
+
+
+class PreemptionHandler:
+    def __init__(self, signals: Sequence[str] = ("SIGTERM", "SIGUSR1"), start_time: Optional[float] = None):
+        self.signals = []
+        for name in signals:
+            sig = getattr(signal, name, None) if isinstance(name, str) else signal.Signals(name)
+            if sig is None:
+                raise ValueError(f"unknown signal {name!r}")
+            self.signals.append(signal.Signals(sig))
+        self.start_time = time.time() if start_time is None else float(start_time)
+        self.received: Optional[str] = None
+        self._previous = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            # No logging machinery here: the handler may interrupt a logging call.
+
+    def install(self) -> "PreemptionHandler":
+        """Install the handlers (main thread only); returns self."""
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def __enter__(self):
+        return self.install()
+
+    def __exit__(self, *exc):
+        self.uninstall()
+        return False
+
+    @property
+    def signal_received(self) -> bool:
+        """This rank's own flag (no communication)."""
+        return self.received is not None
+
+    def should_stop(self) -> bool:
+        """True on every rank when any rank received one of the signals; collective."""
+        stop = _dist.any_rank(self.received is not None)
+        if stop and not getattr(self, "_logged", False):
+            self._logged = True
+            if _dist.rank() == 0:
+                log.warning("preemption signal received (%s): stopping after this step",
+                            self.received or "on another rank")
+        return stop
+
+    def elapsed_minutes(self) -> float:
+        return (time.time() - self.start_time) / 60.0
+
+    def time_exceeded(self, minutes: Optional[float]) -> bool:
+        """True on every rank once any rank has run longer than ``minutes``; collective.
+
+        ``None`` (no limit) returns False without communicating, on every rank alike.
+        """
+        if minutes is None:
+            return False
+        return _dist.any_rank(self.elapsed_minutes() >= float(minutes))

@@ -1,0 +1,125 @@
+"""What goes into a checkpoint: the sharded state dicts handed to ``dist_checkpointing``.
+
+* ``model`` (or ``model0``, ``model1``… with virtual pipelining): each chunk's
+  ``GPTModel.sharded_state_dict()``. Tensor keys are global (layer index folded into a stacked
+  ``decoder.layers.*`` tensor, TP shards placed by offset), so any TP/PP/VPP layout can load them.
+* ``optimizer``: ``optimizer.sharded_state_dict(model_sd)``: Adam moments (and fp32 master
+  weights in bf16 runs) keyed after the model tensors they belong to. The distributed optimizer
+  (GPU) uses the ``fully_sharded_model_space`` format, which reshards over TP, PP and DP.
+* ``rng_state``: one ``ShardedObject`` per global rank (Python/NumPy/torch/CUDA/Megatron tracker).
+* plain values (rank 0 writes them to ``common.pt``): scheduler state, the caller's train state,
+  and a ``ratplus`` section (format version, iteration, parallel layout, architecture).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedObject
+from megatron.core.dist_checkpointing.serialization import (get_default_load_sharded_strategy,
+                                                            get_default_save_sharded_strategy)
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelLoadStrategyWrapper, FullyParallelSaveStrategyWrapper)
+
+from . import _dist
+from .architecture import unwrap_model
+from .rng import capture_rng_state
+
+FORMAT_VERSION = 1
+RNG_KEY = "rng_state"
+DISTRIBUTED_OPTIMIZER_FORMAT = "fully_sharded_model_space"
+
+# Transformer-Engine's fused norm+linear stores the RMSNorm weight inside the linear; the local
+# spec keeps a separate norm module. Checkpoints always use the local names so that a model built
+# with either spec loads them.
+_TE_TO_LOCAL_KEYS = (
+    (".self_attention.linear_in.layer_norm_weight", ".input_layernorm.weight"),
+    (".mlp.linear_fc1.layer_norm_weight", ".pre_mlp_layernorm.weight"),
+)
+
+
+def model_state_key(index: int, num_chunks: int) -> str:
+    return "model" if num_chunks == 1 else f"model{index}"
+
+
+def parallel_layout() -> Dict[str, Optional[int]]:
+    return {
+        "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
+        "virtual_pipeline_parallel": parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+        "data_parallel": parallel_state.get_data_parallel_world_size(),
+        "world_size": _dist.world_size(),
+    }
+
+
+def _optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+
+
+def optimizer_kind(optimizer) -> Optional[str]:
+    if optimizer is None:
+        return None
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    return "distributed" if any(isinstance(o, DistributedOptimizer) for o in _optimizers(optimizer)) \
+        else "plain"
+
+
+def sharded_metadata(optimizer) -> dict:
+    """The (serialisable) metadata steering ``sharded_state_dict`` of model and optimizer."""
+    meta = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if optimizer_kind(optimizer) == "distributed":
+        meta["distrib_optim_sharding_type"] = DISTRIBUTED_OPTIMIZER_FORMAT
+    return meta
+
+
+def runtime_metadata(meta: dict) -> dict:
+    return dict(meta, dp_cp_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+
+
+def canonicalize_keys(sharded_state_dict: dict) -> dict:
+    """Rename Transformer-Engine fused-norm tensor keys to the local spec's names (in place)."""
+    for item in nested_values(sharded_state_dict):
+        if isinstance(item, ShardedBase):
+            for te_suffix, local_suffix in _TE_TO_LOCAL_KEYS:
+                if item.key.endswith(te_suffix):
+                    item.key = item.key[: -len(te_suffix)] + local_suffix
+    return sharded_state_dict
+
+
+def model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module], metadata: dict) -> dict:
+    chunks = list(model_chunks)
+    out = {}
+    for i, chunk in enumerate(chunks):
+        sd = unwrap_model(chunk).sharded_state_dict(metadata=metadata)
+        out[model_state_key(i, len(chunks))] = canonicalize_keys(sd)
+    return out
+
+
+def rng_sharded_object() -> ShardedObject:
+    """This rank's RNG states, one slot per global rank."""
+    return ShardedObject(RNG_KEY, capture_rng_state(), (_dist.world_size(),), (_dist.rank(),),
+                         replica_id=0)
+
+
+def _dp_group():
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def save_strategy():
+    """torch_dist, with the writes spread over data-parallel replicas (fully parallel save)."""
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy("torch_dist"), _dp_group())
+
+
+def load_strategy(checkpoint_dir: str):
+    """torch_dist, each DP replica reading a part and exchanging it (fully parallel load)."""
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(checkpoint_dir), _dp_group())
+
+
+def versions() -> dict:
+    try:
+        from megatron.core.package_info import __version__ as mcore_version
+    except ImportError:  # pragma: no cover
+        mcore_version = None
+    return {"torch": str(torch.__version__), "megatron_core": str(mcore_version)}

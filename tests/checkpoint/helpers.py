@@ -1,0 +1,99 @@
+"""Small training set-up shared by the checkpoint tests and their torchrun worker.
+
+A 4-layer RAT+ model (d=64, 4 heads, vocab 100 -> padded 128) built by the real training set-up
+(``build_training_objects``: Megatron DDP, Megatron optimizer, OptimizerParamScheduler) and
+stepped with the real pipeline ``forward_backward`` on synthetic token batches.
+"""
+from __future__ import annotations
+
+import warnings
+
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+from megatron_ratplus.model import set_attention_mode  # noqa: E402
+from megatron_ratplus.training.config import load_config  # noqa: E402
+from megatron_ratplus.training.setup import build_training_objects  # noqa: E402
+from megatron_ratplus.training.step import forward_backward  # noqa: E402
+
+SEQ = 16
+VOCAB = 100
+MICRO = 2
+GLOBAL = 4
+TOTAL_STEPS = 20
+
+
+def run_config(tp=1, pp=1, precision="fp32", extra=()):
+    return load_config(None, [
+        f"train.max_steps={TOTAL_STEPS}", f"train.seq_len={SEQ}", f"train.global_batch_size={GLOBAL}",
+        f"train.micro_batch_size={MICRO}", f"train.precision={precision}", "train.lr=3e-3",
+        "train.warmup_fraction=0.1", "model.spec=local", "model.kernel_backend=reference",
+        "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
+        f"model.max_seq_len={SEQ}", "model.dilation=4", "model.local_window=1", "model.initial_tokens=1",
+        f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}", *extra,
+    ])
+
+
+def build(cfg):
+    args = cfg.model.model_args(vocab_size=VOCAB, seq_len=SEQ)
+    return build_training_objects(cfg, args, TOTAL_STEPS)
+
+
+def batch(step, dp_rank=0, dp_size=1):
+    """Micro-batches of global batch ``step`` that this DP rank consumes."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    tokens = torch.randint(0, VOCAB, (GLOBAL, SEQ + 1), generator=gen)
+    per_rank = GLOBAL // dp_size
+    mine = tokens[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    return list(mine.split(MICRO))
+
+
+def train_step(objs, step, mode="dense", dp_rank=0, dp_size=1):
+    set_attention_mode(objs.model, mode)
+    for m in objs.model:
+        m.zero_grad_buffer()
+    objs.optimizer.zero_grad()
+    loss = forward_backward(objs.model, batch(step, dp_rank, dp_size), seq_len=SEQ)
+    objs.optimizer.step()
+    objs.scheduler.step(1)
+    return loss.item()
+
+
+def eval_loss(objs, step, mode="dense", dp_rank=0, dp_size=1):
+    set_attention_mode(objs.model, mode)
+    with torch.no_grad():
+        return forward_backward(objs.model, batch(step, dp_rank, dp_size), seq_len=SEQ,
+                                forward_only=True).item()
+
+
+def model_weights(objs):
+    """Plain copies of every model tensor (TP=1 names), ``_extra_state`` left out."""
+    from megatron_ratplus.checkpoint.architecture import unwrap_model
+    out = {}
+    for i, chunk in enumerate(objs.model):
+        for k, v in unwrap_model(chunk).state_dict().items():
+            if not k.endswith("_extra_state"):
+                out[f"{i}.{k}"] = v.detach().clone()
+    return out
+
+
+def optimizer_states(objs):
+    """Adam state of every parameter, in parameter-group order: [(exp_avg, exp_avg_sq, step)]."""
+    out = []
+    for opt in getattr(objs.optimizer, "chained_optimizers", None) or [objs.optimizer]:
+        for group in opt.optimizer.param_groups:
+            for p in group["params"]:
+                st = opt.optimizer.state[p]
+                out.append({k: (v.detach().clone() if hasattr(v, "detach") else v) for k, v in st.items()})
+    for opt in getattr(objs.optimizer, "chained_optimizers", None) or [objs.optimizer]:
+        for group in getattr(opt, "fp32_from_float16_groups", []):
+            for p in group:
+                out.append({"fp32_master": p.detach().clone()})
+    return out
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
