@@ -1,0 +1,250 @@
+"""Broken checkpoints are detected; 'latest' falls back; nothing is overwritten; retention is safe;
+architecture mismatches are refused with every difference listed."""
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_ratplus.checkpoint import CheckpointError, CheckpointManager, checkpoint_problems
+from megatron_ratplus.checkpoint.architecture import unwrap_model
+from megatron_ratplus.checkpoint.paths import TRACKER_NAME, read_tracker, write_tracker
+from megatron_ratplus.checkpoint.retention import select_for_deletion
+
+from .helpers import build, run_config, train_step
+
+PROBE = "output_layer.weight"
+
+
+def probe(objs):
+    return unwrap_model(objs.model[0]).state_dict()[PROBE].detach().clone()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, megatron_world):
+    """A save_dir with complete checkpoints at steps 1, 2, 3 and the probe weight of each."""
+    save_dir = tmp_path_factory.mktemp("integrity") / "ckpt"
+    objs = build(run_config())
+    mgr = CheckpointManager(save_dir)
+    weights = {}
+    for step in (1, 2, 3):
+        train_step(objs, step)
+        mgr.save(step, objs.model, objs.optimizer, objs.scheduler,
+                 {"step": step, "model_args": objs.model_args.to_dict()})
+        weights[step] = probe(objs)
+    assert len({tuple(w.flatten()[:8].tolist()) for w in weights.values()}) == 3
+    return save_dir, weights, objs
+
+
+@pytest.fixture
+def copy(saved, tmp_path):
+    save_dir, weights, objs = saved
+    target = tmp_path / "ckpt"
+    shutil.copytree(save_dir, target)
+    return target, weights, objs
+
+
+def load_latest(save_dir, objs):
+    return CheckpointManager(save_dir).load("latest", objs.model)
+
+
+def biggest_shard(ckpt: Path) -> Path:
+    return max(ckpt.glob("*.distcp"), key=lambda p: p.stat().st_size)
+
+
+def truncate(path: Path):
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+CORRUPTIONS = {
+    "no-metadata": (lambda ckpt: (ckpt / "metadata.json").unlink(), "metadata.json is missing"),
+    "truncated-shard": (lambda ckpt: truncate(biggest_shard(ckpt)), "is truncated"),
+    "no-common": (lambda ckpt: (ckpt / "common.pt").unlink(), "common.pt"),
+    "no-index": (lambda ckpt: (ckpt / ".metadata").unlink(), "tensor index .metadata is missing"),
+    "garbled-common": (lambda ckpt: (ckpt / "common.pt").write_bytes(b"not a pickle"), "common.pt is unreadable"),
+}
+
+
+def test_complete_checkpoints_pass(saved):
+    save_dir, _, _ = saved
+    for step in (1, 2, 3):
+        assert checkpoint_problems(save_dir / f"iter_{step:07d}") == []
+
+
+def test_latest_loads_newest(copy):
+    save_dir, weights, objs = copy
+    assert load_latest(save_dir, objs)["step"] == 3
+    assert torch.equal(probe(objs), weights[3])
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_broken_latest_falls_back_with_warning(copy, caplog, kind):
+    save_dir, weights, objs = copy
+    corrupt, message = CORRUPTIONS[kind]
+    corrupt(save_dir / "iter_0000003")
+    with caplog.at_level(logging.WARNING, logger="megatron_ratplus.checkpoint"):
+        state = load_latest(save_dir, objs)
+    assert state["step"] == 2
+    assert torch.equal(probe(objs), weights[2])
+    text = caplog.text
+    assert "iter_0000003" in text and message in text and "falling back" in text
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_broken_explicit_path_is_an_error(copy, kind):
+    save_dir, weights, objs = copy
+    corrupt, message = CORRUPTIONS[kind]
+    ckpt = save_dir / "iter_0000003"
+    corrupt(ckpt)
+    before = probe(objs).clone()
+    with pytest.raises(CheckpointError, match="incomplete or corrupt") as err:
+        CheckpointManager(save_dir).load(str(ckpt), objs.model)
+    assert message in str(err.value) and str(ckpt) in str(err.value)
+    assert torch.equal(probe(objs), before)  # nothing was loaded
+
+
+def test_missing_explicit_path_is_an_error(tmp_path, saved):
+    _, _, objs = saved
+    with pytest.raises(CheckpointError, match="does not exist"):
+        CheckpointManager(tmp_path).load(str(tmp_path / "iter_0000042"), objs.model)
+
+
+def test_every_checkpoint_broken_is_an_error(copy):
+    save_dir, _, objs = copy
+    for step in (1, 2, 3):
+        (save_dir / f"iter_{step:07d}" / "metadata.json").unlink()
+    with pytest.raises(CheckpointError, match="no complete checkpoint") as err:
+        load_latest(save_dir, objs)
+    for step in (1, 2, 3):
+        assert f"iter_{step:07d}" in str(err.value)
+
+
+def test_tracker_naming_a_deleted_checkpoint_falls_back(copy, caplog):
+    save_dir, weights, objs = copy
+    shutil.rmtree(save_dir / "iter_0000003")
+    with caplog.at_level(logging.WARNING, logger="megatron_ratplus.checkpoint"):
+        assert load_latest(save_dir, objs)["step"] == 2
+    assert "does not exist" in caplog.text
+
+
+def test_checkpoint_newer_than_tracker_is_not_used(copy, caplog):
+    save_dir, weights, objs = copy
+    write_tracker(save_dir, 2)
+    with caplog.at_level(logging.WARNING, logger="megatron_ratplus.checkpoint"):
+        assert load_latest(save_dir, objs)["step"] == 2
+    assert "ignoring iter_0000003" in caplog.text
+
+
+def test_fresh_start_returns_none(tmp_path, saved):
+    _, _, objs = saved
+    assert CheckpointManager(tmp_path / "never-created").load("latest", objs.model) is None
+    (tmp_path / "empty").mkdir()
+    assert CheckpointManager(tmp_path / "empty").load("latest", objs.model) is None
+
+
+def test_only_unfinished_saves_start_fresh_with_warning(copy, caplog):
+    save_dir, _, objs = copy
+    for step in (1, 2):
+        shutil.rmtree(save_dir / f"iter_{step:07d}")
+    (save_dir / "iter_0000003" / "metadata.json").unlink()
+    (save_dir / TRACKER_NAME).unlink()
+    with caplog.at_level(logging.WARNING, logger="megatron_ratplus.checkpoint"):
+        assert load_latest(save_dir, objs) is None
+    assert "starting from scratch" in caplog.text
+
+
+def tree_digest(path: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+
+
+def test_existing_checkpoint_is_never_overwritten(copy):
+    save_dir, _, objs = copy
+    ckpt = save_dir / "iter_0000002"
+    before = tree_digest(ckpt)
+    with pytest.raises(CheckpointError, match="already exists"):
+        CheckpointManager(save_dir).save(2, objs.model, objs.optimizer, objs.scheduler, {"step": 2})
+    assert tree_digest(ckpt) == before
+    assert read_tracker(save_dir) == (3, None)
+
+
+def test_incomplete_directory_is_set_aside_not_overwritten(copy, caplog):
+    save_dir, _, objs = copy
+    ckpt = save_dir / "iter_0000003"
+    (ckpt / "metadata.json").unlink()
+    before = tree_digest(ckpt)
+    with caplog.at_level(logging.WARNING, logger="megatron_ratplus.checkpoint"):
+        CheckpointManager(save_dir).save(3, objs.model, objs.optimizer, objs.scheduler, {"step": 3})
+    aside = [p for p in save_dir.iterdir() if p.name.startswith("iter_0000003.incomplete-")]
+    assert len(aside) == 1 and tree_digest(aside[0]) == before
+    assert checkpoint_problems(ckpt) == []
+    assert "moved it to" in caplog.text
+
+
+def test_retention_keeps_newest_and_never_touches_others(tmp_path, saved):
+    source, _, objs = saved
+    save_dir = tmp_path / "ckpt"
+    save_dir.mkdir()
+    # An unfinished save (must survive) and a later-iteration checkpoint (another timeline).
+    shutil.copytree(source / "iter_0000001", save_dir / "iter_0000002")
+    (save_dir / "iter_0000002" / "metadata.json").unlink()
+    shutil.copytree(source / "iter_0000003", save_dir / "iter_0000009")
+    mgr = CheckpointManager(save_dir, keep_last=2)
+    for step in (3, 4, 5, 6):
+        mgr.save(step, objs.model, objs.optimizer, objs.scheduler, {"step": step})
+    names = sorted(p.name for p in save_dir.iterdir() if p.name.startswith("iter_"))
+    assert names == ["iter_0000002", "iter_0000005", "iter_0000006", "iter_0000009"]
+    assert read_tracker(save_dir) == (6, None)
+    assert not [p for p in save_dir.iterdir() if p.name.startswith(".deleting")]
+
+    # keep_last=1 keeps exactly the checkpoint just saved.
+    assert [p.name for p in select_for_deletion(save_dir, 6, 1)] == ["iter_0000005"]
+    assert select_for_deletion(save_dir, 6, None) == []
+
+
+def test_bad_keep_last_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="keep_last"):
+        CheckpointManager(tmp_path, keep_last=0)
+
+
+def other_model(**overrides):
+    from megatron_ratplus.model import RATPlusModelArgs, build_gpt_model, to_transformer_config
+    values = dict(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=100, max_seq_len=16,
+                  dilation=4, local_window=1, initial_tokens=1)
+    values.update(overrides)
+    args = RATPlusModelArgs(**values)
+    cfg = to_transformer_config(args, use_cpu_initialization=True, kernel_backend="reference")
+    return [build_gpt_model(args, cfg, spec="local")], args
+
+
+def test_architecture_mismatch_lists_every_difference(saved):
+    save_dir, _, _ = saved
+    chunks, args = other_model(num_layers=2, hidden_size=128, vocab_size=300, recurrence=False)
+    with pytest.raises(CheckpointError, match="does not match the model") as err:
+        CheckpointManager(save_dir).load("latest", chunks, model_args=args)
+    text = str(err.value)
+    for line in ("num_layers: checkpoint 4 vs model 2", "hidden_size: checkpoint 64 vs model 128",
+                 "vocab_size: checkpoint 100 vs model 300", "padded_vocab_size: checkpoint 128 vs model 384",
+                 "recurrence: checkpoint True vs model False", "ffn_hidden_size: checkpoint 256 vs model 512"):
+        assert line in text, text
+    assert "dilation" not in text
+
+
+def test_unpadded_vocab_difference_is_caught(saved):
+    save_dir, _, _ = saved
+    chunks, args = other_model(vocab_size=120)   # same padded size (128): loadable, but wrong
+    with pytest.raises(CheckpointError, match="vocab_size: checkpoint 100 vs model 120"):
+        CheckpointManager(save_dir).load("latest", chunks, model_args=args)
+
+
+def test_sparse_pattern_difference_is_allowed_and_logged(saved, caplog):
+    save_dir, weights, _ = saved
+    chunks, args = other_model(dilation=16, local_window=8, initial_tokens=2, attention_mode="sparse")
+    with caplog.at_level(logging.INFO, logger="megatron_ratplus.checkpoint"):
+        state = CheckpointManager(save_dir).load("latest", chunks, model_args=args)
+    assert state["step"] == 3
+    assert torch.equal(chunks[0].state_dict()[PROBE], weights[3])
+    assert "dilation: checkpoint 4 (all layers) vs model 16 (all layers)" in caplog.text
+    assert "attention_mode" in caplog.text
