@@ -5,6 +5,7 @@
   ``state_dict()`` in fp32 (``_extra_state`` entries dropped). When the checkpoint holds fp32
   master weights (bf16 training with the plain optimizer), those are used instead of the bf16
   model weights.
+* :func:`read_train_state` returns a checkpoint's stored train state (run config, step, tokens).
 * :func:`save_full_state_dict` writes such a state dict as a weights-only checkpoint
   (``iter_0000000`` + the ``latest`` tracker) that training can start from
   (``checkpoint.init_from``) or that :func:`load_full_state_dict` reads back.
@@ -64,6 +65,15 @@ def _plain_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
             if not k.endswith("_extra_state")}
 
 
+def read_train_state(ckpt_dir) -> dict:
+    """The train state a checkpoint stores (step, tokens, run config, model args…), read without
+    building a model; ``ckpt_dir`` is an ``iter_*`` directory or a save_dir (its latest)."""
+    path = resolve_checkpoint(str(ckpt_dir))
+    if path is None:
+        raise CheckpointError(f"no checkpoint in {ckpt_dir}")
+    return decode_train_state(load_common(path))
+
+
 def load_full_state_dict(ckpt_dir) -> Tuple[dict, Dict[str, torch.Tensor]]:
     """``(model_args_dict, state_dict)`` of a checkpoint (an ``iter_*`` dir or a save_dir)."""
     _ensure_single_process()
@@ -96,7 +106,8 @@ def load_full_state_dict(ckpt_dir) -> Tuple[dict, Dict[str, torch.Tensor]]:
     except Exception as e:
         raise CheckpointError(f"reading checkpoint {path} failed: {type(e).__name__}: {e}") from e
     if unexpected:
-        raise CheckpointError(f"checkpoint {path} lacks tensors the model needs: {', '.join(sorted(unexpected))}")
+        raise CheckpointError(f"checkpoint {path} lacks tensors the model needs: "
+                              f"{', '.join(sorted(unexpected))}")
     model.load_state_dict(loaded["model"], strict=True)
     return dict(model_args), _plain_state_dict(model)
 

@@ -35,7 +35,8 @@ def _tensor_list(ckpt_dir: Path) -> List[dict]:
                    for key, t in meta.items()]
     except Exception:  # fall back to the PyTorch-DCP index Megatron's reader is built on
         index = read_dcp_index(ckpt_dir).state_dict_metadata
-        tensors = [{"name": key, "shape": list(m.size), "dtype": str(m.properties.dtype).replace("torch.", "")}
+        tensors = [{"name": key, "shape": list(m.size),
+                    "dtype": str(m.properties.dtype).replace("torch.", "")}
                    for key, m in index.items() if hasattr(m, "size")]
     return sorted(tensors, key=lambda t: t["name"])
 
@@ -82,7 +83,8 @@ def _print_description(d: dict) -> None:
     print(f"tokens consumed  {d['consumed_tokens'] if d['consumed_tokens'] is not None else 'unknown'}")
     if d.get("saved_at"):
         v = d.get("versions") or {}
-        print(f"saved at         {d['saved_at']} (torch {v.get('torch')}, megatron-core {v.get('megatron_core')})")
+        print(f"saved at         {d['saved_at']} "
+              f"(torch {v.get('torch')}, megatron-core {v.get('megatron_core')})")
     if layout:
         vpp = layout.get("virtual_pipeline_parallel")
         print(f"saved layout     TP={layout.get('tensor_parallel')} PP={layout.get('pipeline_parallel')}"
@@ -147,7 +149,8 @@ def cmd_list(path: Path, as_json: bool) -> int:
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory")
     if looks_like_checkpoint(path) and not list_iter_dirs(path):
-        raise CheckpointError(f"{path} is a single checkpoint, not a save_dir: use 'ratplus-ckpt inspect {path}'")
+        raise CheckpointError(f"{path} is a single checkpoint, not a save_dir: "
+                              f"use 'ratplus-ckpt inspect {path}'")
     listing = list_checkpoints(path)
     if as_json:
         print(json.dumps(listing, indent=2))

@@ -191,7 +191,8 @@ def load_checkpoint_into(ckpt_dir, model_chunks: Sequence[torch.nn.Module], opti
     info = common[RATPLUS_KEY]
     if info.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {ckpt_dir} has format version {info['format_version']}, "
-                              f"newer than this code understands ({FORMAT_VERSION}): upgrade megatron-ratplus")
+                              f"newer than this code understands ({FORMAT_VERSION}): "
+                              f"upgrade megatron-ratplus")
     _check_architecture(ckpt_dir, info, chunks, model_args)
 
     load_optimizer = optimizer is not None and not weights_only
@@ -333,7 +334,8 @@ class CheckpointManager:
             "architecture": architecture_of(chunks, model_args),
             "model_args": model_args,
             "model_chunks": len(chunks),
-            "optimizer": {"kind": optimizer_kind(optimizer), "metadata": meta} if optimizer is not None else None,
+            "optimizer": ({"kind": optimizer_kind(optimizer), "metadata": meta}
+                          if optimizer is not None else None),
             "versions": versions(),
             "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         })

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from megatron_ratplus.checkpoint import CheckpointError, CheckpointManager, load_weights_only
-from megatron_ratplus.checkpoint.hf_bridge import build_tp1_model, load_full_state_dict, save_full_state_dict
+from megatron_ratplus.checkpoint.hf_bridge import (build_tp1_model, load_full_state_dict, read_train_state,
+                                                   save_full_state_dict)
 
 from .helpers import build, run_config, train_step
 
@@ -28,6 +29,8 @@ def test_save_then_load_is_identical(tmp_path, megatron_world):
     assert "decoder.layers.1.self_attention.linear_in.weight" in loaded
     for k in sd:
         assert loaded[k].dtype == torch.float32 and torch.equal(loaded[k], sd[k]), k
+    assert read_train_state(tmp_path / "out") == {"source": "hf", "step": 0, "consumed_tokens": 0,
+                                                  "model_args": ARGS}
     # An iter_* path works as well as the save_dir.
     assert torch.equal(load_full_state_dict(ckpt)[1]["output_layer.weight"], sd["output_layer.weight"])
 

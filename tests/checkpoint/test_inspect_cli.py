@@ -66,7 +66,8 @@ def test_list_shows_complete_and_incomplete(save_dir, tmp_path, capsys):
     assert "INCOMPLETE" in rows["iter_0000009"] and "metadata.json" in rows["iter_0000009"]
     assert main(["list", str(target), "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
-    assert [(c["iteration"], c["complete"]) for c in listing["checkpoints"]] == [(5, True), (7, True), (9, False)]
+    assert [(c["iteration"], c["complete"]) for c in listing["checkpoints"]] == \
+        [(5, True), (7, True), (9, False)]
     assert listing["tracker"] == 7
 
 

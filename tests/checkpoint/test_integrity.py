@@ -64,7 +64,8 @@ CORRUPTIONS = {
     "truncated-shard": (lambda ckpt: truncate(biggest_shard(ckpt)), "is truncated"),
     "no-common": (lambda ckpt: (ckpt / "common.pt").unlink(), "common.pt"),
     "no-index": (lambda ckpt: (ckpt / ".metadata").unlink(), "tensor index .metadata is missing"),
-    "garbled-common": (lambda ckpt: (ckpt / "common.pt").write_bytes(b"not a pickle"), "common.pt is unreadable"),
+    "garbled-common": (lambda ckpt: (ckpt / "common.pt").write_bytes(b"not a pickle"),
+                       "common.pt is unreadable"),
 }
 
 
@@ -227,7 +228,8 @@ def test_architecture_mismatch_lists_every_difference(saved):
     text = str(err.value)
     for line in ("num_layers: checkpoint 4 vs model 2", "hidden_size: checkpoint 64 vs model 128",
                  "vocab_size: checkpoint 100 vs model 300", "padded_vocab_size: checkpoint 128 vs model 384",
-                 "recurrence: checkpoint True vs model False", "ffn_hidden_size: checkpoint 256 vs model 512"):
+                 "recurrence: checkpoint True vs model False",
+                 "ffn_hidden_size: checkpoint 256 vs model 512"):
         assert line in text, text
     assert "dilation" not in text
 
