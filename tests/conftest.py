@@ -28,3 +28,21 @@ def megatron_single_process():
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
     from megatron_ratplus.parallel import ParallelLayout, initialize_distributed
     return initialize_distributed(ParallelLayout(), seed=1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """The embedded default corpus, small: seq_len 64, a 512-token BPE, ~1 MB of text."""
+    from megatron_ratplus.data import prepare_default_dataset
+    out = tmp_path_factory.mktemp("data") / "default"
+    prepare_default_dataset(out, seq_len=64, vocab_size=512, size_mb=1.0, seed=1234)
+    return out
+
+
+def tiny_cli_overrides(data_dir, out_dir, steps=20):
+    """Overrides that turn recipes/tiny-cpu.yaml into a fast test run on ``tiny_dataset``."""
+    return ["recipes/tiny-cpu.yaml", "train.seq_len=64", "train.micro_batch_size=2",
+            "train.global_batch_size=4", f"train.max_steps={steps}", "train.lr=3.0e-3",
+            "train.warmup_fraction=0.1", f"data.default_dir={data_dir}", "data.default_vocab_size=512",
+            "data.default_size_mb=1.0", "checkpoint.save_dir=", "logging.tensorboard_dir=",
+            "logging.eval_interval=", "logging.progress=false", f"logging.metrics_jsonl={out_dir}/metrics.jsonl"]

@@ -4,25 +4,10 @@ import re
 
 import pytest
 
+from ..conftest import tiny_cli_overrides
 from ..torchrun import torchrun
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    from megatron_ratplus.data import prepare_default_dataset
-    out = tmp_path_factory.mktemp("data") / "default"
-    prepare_default_dataset(out, seq_len=64, vocab_size=512, size_mb=1.0, seed=1234)
-    return out
-
-
-def base_overrides(data_dir, out_dir, steps=20):
-    return ["recipes/tiny-cpu.yaml", "train.seq_len=64", "train.micro_batch_size=2",
-            "train.global_batch_size=4", f"train.max_steps={steps}", "train.lr=3.0e-3",
-            "train.warmup_fraction=0.1", f"data.default_dir={data_dir}", "data.default_vocab_size=512",
-            "data.default_size_mb=1.0", "checkpoint.save_dir=", "logging.tensorboard_dir=",
-            "logging.eval_interval=", "logging.progress=false", f"logging.metrics_jsonl={out_dir}/metrics.jsonl"]
 
 
 def read_metrics(out_dir):
@@ -33,7 +18,7 @@ def read_metrics(out_dir):
 def run_cli(tmp_path, data_dir, *extra, nproc=2, steps=20):
     out = tmp_path / "run"
     out.mkdir()
-    proc = torchrun("megatron_ratplus.training.cli", *base_overrides(data_dir, out, steps), *extra,
+    proc = torchrun("megatron_ratplus.training.cli", *tiny_cli_overrides(data_dir, out, steps), *extra,
                     nproc=nproc, module=True, timeout=600)
     done = re.search(r"done: (\d+) steps, ([\d,]+) tokens, (\d+) optimizer updates", proc.stdout)
     assert done, proc.stdout[-3000:]
