@@ -43,17 +43,6 @@ def _tokenizer_from_run_config(train_state: Optional[dict]) -> Optional[Path]:
     return None
 
 
-def _read_train_state(ckpt: str) -> dict:
-    """The train_state a checkpoint stores (run config, steps, tokens)."""
-    from .manager import resolve_checkpoint
-    from .validate import decode_train_state, load_common
-
-    path = resolve_checkpoint(str(ckpt))
-    if path is None:
-        raise ConvertError(f"no checkpoint in {ckpt}")
-    return decode_train_state(load_common(path))
-
-
 def _resolve_tokenizer(arg: Optional[str], train_state: Optional[dict]) -> Optional[Path]:
     if arg:
         path = Path(arg)
@@ -69,12 +58,12 @@ def to_hf(ckpt: str, out_dir: str, *, tokenizer: Optional[str] = None, dtype: st
           overwrite: bool = False, max_shard_size: str = "5GB") -> Path:
     from ..hf import hf_config_from_model_args, megatron_to_hf_state_dict, write_hf_folder
     from ..model.config import pad_vocab_size
-    from .hf_bridge import load_full_state_dict
+    from .hf_bridge import load_full_state_dict, read_train_state
 
     if Path(out_dir).exists() and any(Path(out_dir).iterdir()) and not overwrite:
         raise ConvertError(f"{out_dir} is not empty; choose another directory or pass --overwrite")
     model_args, state_dict = load_full_state_dict(ckpt)
-    train_state = _read_train_state(ckpt)
+    train_state = read_train_state(ckpt)
     cfg = hf_config_from_model_args(model_args, padded_vocab_size=pad_vocab_size(model_args["vocab_size"]))
     hf_sd = megatron_to_hf_state_dict(state_dict, cfg)
     tok = _resolve_tokenizer(tokenizer, train_state)
