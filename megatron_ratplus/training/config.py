@@ -51,6 +51,9 @@ class ParallelSection:
     distributed_optimizer: bool = True     # shards optimizer state over DP (GPU); plain on CPU
     overlap_grad_reduce: bool = True       # GPU only
     overlap_param_gather: bool = False
+    # Initialise full weights on CPU and shard them (Megatron's use_cpu_initialization): the same
+    # model for every TP/PP layout from one seed, at the cost of a slower start. Always on in CPU mode.
+    cpu_initialization: bool = False
 
 
 @dataclass

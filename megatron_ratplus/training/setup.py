@@ -43,7 +43,7 @@ def build_transformer_config(cfg: RunConfig, args: RATPlusModelArgs):
         sequence_parallel=p.sequence_parallel,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         bf16=bf16,
-        use_cpu_initialization=cpu_mode_enabled(),
+        use_cpu_initialization=cpu_mode_enabled() or cfg.parallel.cpu_initialization,
         kernel_backend=cfg.model.kernel_backend,
         recompute_granularity=t.recompute,
         recompute_method="uniform" if t.recompute == "full" else None,
