@@ -42,8 +42,15 @@ def overrides(data_dir, run_dir, *extra, steps=STEPS, save=True):
             "logging.eval_interval=", "logging.progress=false", *extra]
 
 
+# initialize_distributed() in this pytest process (other test modules) exports a world of one with
+# its own MASTER_PORT: a child must not inherit it (it would try to listen on the same port).
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+              "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
 def env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+    clean = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    return dict(clean, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
 
 
 def cli(*args, nproc=None):
