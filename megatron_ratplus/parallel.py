@@ -44,13 +44,14 @@ def initialize_distributed(layout: ParallelLayout, seed: int = 1234, timeout_min
     """
     cpu = enable_cpu_mode()
     if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         if not cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="gloo" if cpu else "nccl",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        kwargs = dict(backend="gloo" if cpu else "nccl", timeout=datetime.timedelta(minutes=timeout_minutes))
+        if "WORLD_SIZE" not in os.environ:
+            # A plain single process: a private rendezvous, without writing RANK/MASTER_PORT into
+            # the environment (child processes would inherit them and collide on the port).
+            kwargs.update(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group(**kwargs)
     world = dist.get_world_size()
     dp = layout.data_parallel_size(world)
     if not parallel_state.model_parallel_is_initialized():

@@ -170,6 +170,8 @@ class Trainer:
                 interval = cfg.checkpoint.save_interval
                 if interval and st.step % interval == 0 and st.step < self.total_steps:
                     self.save()
+                if self.checkpoints is not None:
+                    self.checkpoints.maybe_finalize()     # completes finished async saves (tracker)
                 stop_reason = self._should_stop_early()
                 if stop_reason:
                     break

@@ -36,7 +36,7 @@ def _restore(cfg: RunConfig, objs, data, state: TrainState):
             raise ConfigError("checkpoint.load=latest needs checkpoint.save_dir")
         source = ck.save_dir if ck.load == "latest" else ck.load
         manager = CheckpointManager(ck.save_dir or os.path.dirname(os.path.abspath(ck.load)))
-        loaded = manager.load(ck.load, objs.model, objs.optimizer, objs.scheduler)
+        loaded = manager.load(ck.load, objs.model, objs.optimizer, objs.scheduler, model_args=objs.model_args)
         if loaded is None:
             if not ck.init_from:
                 _rank0_print(f"no checkpoint under {source}: starting from scratch")
@@ -51,7 +51,8 @@ def _restore(cfg: RunConfig, objs, data, state: TrainState):
             return
     if ck.init_from:
         from ..checkpoint import load_weights_only
-        info = load_weights_only(ck.init_from, objs.model)
+        # The optimizer is passed so its fp32 master weights (bf16 training) take the loaded values.
+        info = load_weights_only(ck.init_from, objs.model, optimizer=objs.optimizer, model_args=objs.model_args)
         _rank0_print(f"initialised weights from {ck.init_from} (pretrained for "
                      f"{(info or {}).get('step', '?')} steps); fresh optimizer and schedule")
 
