@@ -147,6 +147,7 @@ class Trainer:
                         grad_norm = norm
                     else:
                         skipped += 1
+                lr = self.objs.optimizer.param_groups[0]["lr"]     # the LR this batch trained with
                 self.objs.scheduler.step(increment=1)
                 st.step += 1
                 st.consumed_tokens += self.tokens_per_step
@@ -162,7 +163,6 @@ class Trainer:
                 else:
                     st.consecutive_nonfinite = 0
                 st.history = (st.history + [dict(losses, step=st.step)])[-1000:]
-                lr = self.objs.optimizer.param_groups[0]["lr"]
                 self.metrics.log_step(StepRecord(st.step, losses, lr, grad_norm, time.time() - t0,
                                                  self.tokens_per_step, skipped))
                 if cfg.logging.eval_interval and st.step % cfg.logging.eval_interval == 0:
