@@ -1,0 +1,32 @@
+"""Tokenisation in worker processes (kept free of torch/streaming imports so workers start fast)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+_TOKENIZER = None
+
+
+def init_worker(tokenizer_path: str, single_threaded: bool = True) -> None:
+    """Pool initializer: load the tokenizer once per process."""
+    global _TOKENIZER
+    if single_threaded:
+        # One worker process = one core; tokenizers' own thread pool would oversubscribe.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    _TOKENIZER = Tokenizer.from_file(tokenizer_path)
+
+
+def encode_pieces(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of each text (no special tokens added), as one uint32 array plus lengths."""
+    if _TOKENIZER is None:
+        raise RuntimeError("init_worker was not called in this process")
+    encode = getattr(_TOKENIZER, "encode_batch_fast", _TOKENIZER.encode_batch)
+    encodings = encode(texts, add_special_tokens=False)
+    lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+    ids = np.fromiter(
+        (i for e in encodings for i in e.ids), dtype=np.uint32, count=int(lengths.sum())
+    )
+    return ids, lengths

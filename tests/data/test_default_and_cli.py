@@ -1,0 +1,100 @@
+"""The embedded default corpus, prepare_default_dataset's idempotence, and the ratplus-data command."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from megatron_ratplus.data import prepare_default_dataset, read_manifest, select_default_corpus
+from megatron_ratplus.data.cli import main
+
+from .conftest import SEQ_LEN
+
+
+def test_default_corpus_selection_is_deterministic_real_text():
+    a = select_default_corpus(0.2, seed=1)
+    assert a == select_default_corpus(0.2, seed=1)
+    b = select_default_corpus(0.2, seed=2)
+    assert a.names != b.names and a.fingerprint != b.fingerprint
+    assert 0.2e6 <= a.total_bytes < 0.2e6 + (1 << 20)
+    assert all(n.startswith("stdlib/") and n.endswith(".py") for n in a.names)  # stdlib first
+    text = a.files[0].read_text(encoding="utf-8", errors="ignore")
+    assert len(text) > 0
+    big = select_default_corpus(40.0, seed=1)  # more than the standard library: site-packages join
+    assert any(not n.startswith("stdlib/") for n in big.names)
+    with pytest.raises(ValueError, match="has only"):
+        select_default_corpus(1e7)
+
+
+def test_prepare_default_dataset_is_idempotent(tmp_path, dataset_dir):
+    out = tmp_path / "default"
+    path = prepare_default_dataset(out, seq_len=SEQ_LEN, vocab_size=512, size_mb=0.25, seed=3, workers=2)
+    assert path == out.resolve()
+    m = read_manifest(out)
+    assert m.params["kind"] == "default-corpus" and m.params["corpus"]["files"] > 1
+    assert m.vocab_size == 512 and m.splits["train"].samples > 100 and m.splits["val"].samples > 0
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    files = sorted(p.name for p in out.rglob("*"))
+    # same parameters: reused as is
+    assert prepare_default_dataset(out, seq_len=SEQ_LEN, vocab_size=512, size_mb=0.25, seed=3, workers=1) == path
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp and sorted(p.name for p in out.rglob("*")) == files
+    # different parameters: a clear error, nothing overwritten
+    with pytest.raises(ValueError, match=r"different dataset.*seed: existing 3 vs requested 4"):
+        prepare_default_dataset(out, seq_len=SEQ_LEN, vocab_size=512, size_mb=0.25, seed=4)
+    with pytest.raises(ValueError, match=r"vocab_size: existing 512 vs requested 1024"):
+        prepare_default_dataset(out, seq_len=SEQ_LEN, vocab_size=1024, size_mb=0.25, seed=3)
+    with pytest.raises(ValueError, match="different dataset"):
+        prepare_default_dataset(dataset_dir, seq_len=SEQ_LEN, vocab_size=512, size_mb=0.25, seed=3)
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
+    # deterministic: a second directory gets identical shards content
+    again = prepare_default_dataset(tmp_path / "again", seq_len=SEQ_LEN, vocab_size=512, size_mb=0.25, seed=3, workers=1)
+    assert read_manifest(again).splits == m.splits and read_manifest(again).tokenizer_sha256 == m.tokenizer_sha256
+
+
+def test_cli_prepare_inspect_and_errors(tmp_path, corpus_dir, dataset_dir, capsys):
+    out = tmp_path / "ds"
+    rc = main(["prepare", str(corpus_dir), "--output", str(out), "--seq-len", str(SEQ_LEN), "--tokenizer",
+               str(dataset_dir / "tokenizer.json"), "--val-fraction", "0.2", "--workers", "1"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "train" in printed and "tokens/s" in printed
+    assert read_manifest(out).splits == read_manifest(dataset_dir).splits
+    assert main(["inspect", str(out), "--verify"]) == 0
+    assert "verify: OK" in capsys.readouterr().out
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["seq_len"] == SEQ_LEN
+    # refusing to clobber: exit status 2 and one line naming the problem
+    rc = main(["prepare", str(corpus_dir), "--output", str(out), "--seq-len", str(SEQ_LEN), "--tokenizer",
+               str(dataset_dir / "tokenizer.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "already holds a dataset" in err and "Traceback" not in err
+    assert main(["prepare", str(corpus_dir), "-o", str(tmp_path / "x"), "--seq-len", "8", "--train-tokenizer"]) == 2
+    assert "needs --vocab-size" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+    # a corrupt shard makes --verify fail
+    shard = next((out / "train").glob("shard.*.zstd"))
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
+    assert main(["inspect", str(out), "--verify"]) == 1
+    assert "CORRUPT" in capsys.readouterr().out
+
+
+def test_cli_default_corpus_as_a_command(tmp_path):
+    """The real entry point in a subprocess: writes the corpus as JSONL and prepares it."""
+    jsonl = tmp_path / "corpus.jsonl"
+    cmd = [sys.executable, "-m", "megatron_ratplus.data.cli", "default-corpus", "--text-out", str(jsonl),
+           "--output", str(tmp_path / "ds"), "--size-mb", "0.1", "--seq-len", "64", "--vocab-size", "300",
+           "--workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    selection = select_default_corpus(0.1, seed=1234)
+    nonblank = [n for n, f in zip(selection.names, selection.files) if f.read_text(errors="ignore").strip()]
+    assert [r["source"] for r in records] == nonblank and len(nonblank) > 5
+    m = read_manifest(tmp_path / "ds")
+    assert m.params["corpus"]["sha256"] == selection.fingerprint and m.vocab_size == 300
+    assert "default-corpus" in proc.stdout
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "already exists" in proc.stderr  # the JSONL is not overwritten

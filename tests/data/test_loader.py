@@ -1,0 +1,225 @@
+"""Loader: shapes, epochs, validation, exact resume in a new process, remotes, mixing, DP/TP layout."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from megatron_ratplus.data import broadcast_batch, build_pretraining_loader, read_manifest
+
+from .conftest import SEQ_LEN, free_port, run_workers
+
+
+def loader(path, split="train", **kw):
+    kw.setdefault("micro_batch_size", 4)
+    kw.setdefault("seed", 17)
+    return build_pretraining_loader([{"local": str(path), "remote": None, "proportion": None}], split=split,
+                                    seq_len=SEQ_LEN, dp_rank=kw.pop("dp_rank", 0), dp_size=kw.pop("dp_size", 1), **kw)
+
+
+def rows(batches) -> list[tuple]:
+    return [tuple(r) for b in batches for r in b.tolist()]
+
+
+def all_samples(path, split) -> list[tuple]:
+    from .test_prepare import read_samples
+
+    return [tuple(int(t) for t in s) for s in read_samples(path, split)]
+
+
+def test_batches_epochs_and_validation(dataset_dir):
+    m = read_manifest(dataset_dir)
+    train = loader(dataset_dir)
+    val = loader(dataset_dir, split="val", shuffle=False)
+    n = len(train)
+    assert n == m.splits["train"].samples // 4
+    it = iter(train)
+    epoch0 = [next(it) for _ in range(n)]
+    assert all(b.dtype == torch.int64 and b.shape == (4, SEQ_LEN + 1) for b in epoch0)
+    assert all(int(b.max()) < m.vocab_size and int(b.min()) >= 0 for b in epoch0)
+    assert train.epoch == 0
+    # one epoch = distinct samples, all from the train split
+    seen = rows(epoch0)
+    assert len(set(seen)) == len(seen) == 4 * n
+    every = set(all_samples(dataset_dir, "train"))
+    assert set(seen) <= every and len(every) - len(seen) < 4  # only the partial tail batch is dropped
+    # validation interleaved with training: two passes give the same batches, len() is honest
+    v1, v2 = list(val), list(val)
+    assert len(v1) == len(val) == m.splits["val"].samples // 4 > 0
+    assert all(torch.equal(a, b) for a, b in zip(v1, v2))
+    assert rows(v1) == all_samples(dataset_dir, "val")[:4 * len(v1)]  # unshuffled: storage order
+    # the train loader is infinite: the next epoch is a reshuffle of the same samples
+    epoch1 = [next(it) for _ in range(n)]
+    assert train.epoch == 1
+    assert set(rows(epoch1)) <= every and len(set(rows(epoch1)) ^ set(seen)) <= 2 * (len(every) - len(seen))
+    assert rows(epoch1) != seen
+    # re-iterating continues where we are (no skipped or repeated batches)
+    a = [next(it) for _ in range(3)]
+    it2 = iter(train)
+    b = [next(it2) for _ in range(3)]
+    ref = loader(dataset_dir)
+    rit = iter(ref)
+    expected = [next(rit) for _ in range(2 * n + 6)][-6:]
+    assert all(torch.equal(x, y) for x, y in zip(a + b, expected))
+    # the same seed gives the same order; another seed another order
+    assert rows([next(iter(loader(dataset_dir, seed=17)))]) == rows(epoch0[:1])
+    assert rows([next(iter(loader(dataset_dir, seed=18)))]) != rows(epoch0[:1])
+
+
+def test_resume_in_new_process_matches_uninterrupted_run(tmp_path, dataset_dir):
+    """Stop after k batches, save the state (JSON), restore in a fresh process: same next batches,
+    across an epoch boundary too."""
+    n = len(loader(dataset_dir, micro_batch_size=3))
+    k, more = n - 4, 9  # the resumed part crosses into epoch 1
+    cfg = {"dataset": str(dataset_dir), "seq_len": SEQ_LEN, "mbs": 3, "seed": 5}
+    ref = loader(dataset_dir, micro_batch_size=3, seed=5)
+    it = iter(ref)
+    uninterrupted = [next(it).tolist() for _ in range(k + more)]
+    first = loader(dataset_dir, micro_batch_size=3, seed=5)
+    it = iter(first)
+    head = [next(it).tolist() for _ in range(k)]
+    assert head == uninterrupted[:k]
+    state = first.state_dict()
+    assert state["epoch"] == 0 and state["sample_in_epoch"] == 3 * k
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    (out,) = run_workers("resume", [{**cfg, "state": str(tmp_path / "state.json"), "n": more}])
+    assert out["batches"] == uninterrupted[k:]
+    assert out["state"]["epoch"] == 1
+    # and without the state a new process starts from the beginning (the test can tell)
+    (fresh,) = run_workers("resume", [{**cfg, "state": None, "n": 2}])
+    assert fresh["batches"] == uninterrupted[:2] != uninterrupted[k:k + 2]
+
+
+def test_state_dict_rejects_other_data(dataset_dir, tmp_path, corpus_dir):
+    from megatron_ratplus.data import prepare_dataset
+
+    other = tmp_path / "other"
+    prepare_dataset([corpus_dir / "b_records.jsonl"], other, seq_len=SEQ_LEN, tokenizer=dataset_dir / "tokenizer.json",
+                    val_fraction=0.2, workers=1)
+    state = loader(dataset_dir).state_dict()
+    with pytest.raises(ValueError, match="different data"):
+        loader(other).load_state_dict(state)
+    with pytest.raises(ValueError, match="split"):
+        loader(dataset_dir, split="val", shuffle=False).load_state_dict(state)
+
+
+def test_dataloader_workers_give_the_same_batches(dataset_dir):
+    a = iter(loader(dataset_dir, seed=3))
+    b = iter(loader(dataset_dir, seed=3, num_workers=2))
+    for _ in range(6):
+        assert torch.equal(next(a), next(b))
+
+
+def test_remote_given_as_second_local_directory(tmp_path, fresh_dataset):
+    remote = tmp_path / "bucket" / "ds"
+    shutil.copytree(fresh_dataset, remote)
+    before = sorted(p.relative_to(remote) for p in remote.rglob("*"))
+    cache = tmp_path / "cache"
+    streams = [{"local": None, "remote": str(remote), "proportion": None}]
+    r = build_pretraining_loader(streams, split="train", seq_len=SEQ_LEN, micro_batch_size=4, dp_rank=0,
+                                 dp_size=1, seed=9, cache_dir=cache)
+    local = loader(fresh_dataset, seed=9)
+    ri, li = iter(r), iter(local)
+    for _ in range(len(local) + 2):
+        assert torch.equal(next(ri), next(li))
+    v = build_pretraining_loader(streams, split="val", seq_len=SEQ_LEN, micro_batch_size=4, dp_rank=0, dp_size=1,
+                                 seed=9, shuffle=False, cache_dir=cache)
+    assert rows(list(v)) == rows(list(loader(fresh_dataset, split="val", shuffle=False, seed=9)))
+    # shards were fetched into the cache (decompressed there), the remote is untouched
+    cached = {p.name for p in cache.rglob("*") if p.is_file()}
+    assert {"manifest.json", "tokenizer.json", "index.json", "shard.00000.mds"} <= cached
+    assert sorted(p.relative_to(remote) for p in remote.rglob("*")) == before
+    assert r.manifest.tokenizer_sha256 == read_manifest(remote).tokenizer_sha256
+    # a cache directory that holds another dataset's shards is refused
+    other = tmp_path / "bucket" / "other"
+    shutil.copytree(remote, other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["params"] = {"changed": True}
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="different dataset"):
+        build_pretraining_loader([{"remote": str(other), "local": r.manifest.path.as_posix()}], split="train",
+                                 seq_len=SEQ_LEN, micro_batch_size=4, dp_rank=0, dp_size=1, seed=9)
+
+
+def test_mixing_streams_by_proportion(tmp_path, dataset_dir, corpus_dir):
+    from megatron_ratplus.data import prepare_dataset
+
+    second = tmp_path / "second"
+    prepare_dataset([corpus_dir / "b_records.jsonl"], second, seq_len=SEQ_LEN,
+                    tokenizer=dataset_dir / "tokenizer.json", val_fraction=0.2, workers=1)
+    a_samples, b_samples = set(all_samples(dataset_dir, "train")), set(all_samples(second, "train"))
+    mixed = build_pretraining_loader(
+        [{"local": str(dataset_dir), "proportion": 0.5}, {"local": str(second), "proportion": 0.5}],
+        split="train", seq_len=SEQ_LEN, micro_batch_size=2, dp_rank=0, dp_size=1, seed=1)
+    it = iter(mixed)
+    seen = rows([next(it) for _ in range(len(mixed))])
+    from_a = sum(s in a_samples for s in seen)
+    from_b = sum(s in b_samples for s in seen)
+    assert from_a + from_b == len(seen)
+    # B is ~3x smaller than A but weighted equally: it is upsampled to about half of the epoch
+    assert len(b_samples) < len(a_samples) / 2
+    assert abs(from_b - len(seen) / 2) <= 2
+    with pytest.raises(ValueError, match="proportion for every stream"):
+        build_pretraining_loader([{"local": str(dataset_dir), "proportion": 0.5}, {"local": str(second)}],
+                                 split="train", seq_len=SEQ_LEN, micro_batch_size=2, dp_rank=0, dp_size=1, seed=1)
+
+
+def test_two_dp_ranks_disjoint_and_covering(dataset_dir):
+    """Two reader processes (torch.distributed world = the readers): one epoch each, disjoint, covering."""
+    port = free_port()
+    cfg = {"dataset": str(dataset_dir), "seq_len": SEQ_LEN, "mbs": 1, "seed": 11, "n": "epoch", "world": 2,
+           "tp": 1, "port": port}
+    outs = run_workers("dist", [{**cfg, "rank": r} for r in range(2)])
+    everything = all_samples(dataset_dir, "train")
+    assert len(set(everything)) == len(everything)
+    r0, r1 = (rows([torch.tensor(b) for b in o["batches"]]) for o in outs)
+    assert len(r0) == len(r1) == (len(everything) + 1) // 2
+    assert set(r0) | set(r1) == set(everything)
+    assert len(set(r0) & set(r1)) == len(r0) + len(r1) - len(everything)  # 0, or 1 padding repeat if odd
+
+
+def test_tp_ranks_of_a_replica_get_the_same_batches(dataset_dir):
+    """dp=2 x tp=2 with gloo: ranks 0 and 2 read (their own reader group), 1 and 3 receive."""
+    port = free_port()
+    cfg = {"dataset": str(dataset_dir), "seq_len": SEQ_LEN, "mbs": 2, "seed": 4, "n": 5, "world": 4, "tp": 2,
+           "port": port}
+    outs = sorted(run_workers("dist", [{**cfg, "rank": r} for r in range(4)]), key=lambda o: o["rank"])
+    assert [(o["dp_rank"], o["tp_rank"]) for o in outs] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert outs[0]["batches"] == outs[1]["batches"]
+    assert outs[2]["batches"] == outs[3]["batches"]
+    assert not set(rows([torch.tensor(b) for b in outs[0]["batches"]])) & set(
+        rows([torch.tensor(b) for b in outs[2]["batches"]]))
+    # and the readers saw what a 2-reader loader of that rank yields
+    assert len(outs[0]["batches"]) == 5 and len(outs[0]["batches"][0]) == 2
+
+
+def test_broadcast_batch_argument_checks():
+    x = torch.arange(6).reshape(2, 3)
+    assert torch.equal(broadcast_batch(x, src=0, group=None, shape=(2, 3), device="cpu"), x)
+    with pytest.raises(ValueError, match="no batch"):
+        broadcast_batch(None, src=0, group=None, shape=(2, 3), device="cpu")
+    with pytest.raises(ValueError, match="shape"):
+        broadcast_batch(x, src=0, group=None, shape=(3, 2), device="cpu")
+
+
+def test_reader_layout_argument_checks(dataset_dir, fresh_dataset):
+    with pytest.raises(ValueError, match="dp_rank"):
+        loader(dataset_dir, dp_rank=2, dp_size=2)
+    with pytest.raises(ValueError, match="torch.distributed"):
+        loader(dataset_dir, dp_rank=1, dp_size=2)  # two readers on one node need a process group
+    with pytest.raises(ValueError, match="evenly"):
+        loader(dataset_dir, dp_rank=0, dp_size=4, readers_per_node=3)
+    # several nodes must not decompress a shared dataset in place at once
+    with pytest.raises(ValueError, match="compressed shards"):
+        loader(fresh_dataset, dp_rank=0, dp_size=2, readers_per_node=1)
+    everything = set(all_samples(fresh_dataset, "train"))  # (this decompresses the shards)
+    # readers alone on their nodes need no process group: they partition by dp_rank alone
+    parts = []
+    for r in range(2):
+        ld = loader(fresh_dataset, dp_rank=r, dp_size=2, readers_per_node=1, micro_batch_size=1)
+        it = iter(ld)
+        parts.append(rows([next(it) for _ in range(len(ld))]))
+    assert set(parts[0]) | set(parts[1]) == everything
+    assert len(set(parts[0]) & set(parts[1])) <= 1

@@ -1,0 +1,133 @@
+"""Preparation: round trip of the token stream, packing, split, manifest counts, determinism."""
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from megatron_ratplus.data import prepare_dataset, read_manifest
+from megatron_ratplus.data.sources import InputFile, ReadStats, iter_pieces
+
+from .conftest import SEQ_LEN, VOCAB, write_corpus
+
+
+def read_samples(directory: Path, split: str) -> list[np.ndarray]:
+    """Every sample of a split, in storage order, through streaming's own reader."""
+    from streaming import StreamingDataset
+
+    ds = StreamingDataset(local=str(directory), split=split, shuffle=False, batch_size=1)
+    return [ds[i]["tokens"] for i in range(ds.num_samples)]
+
+
+def expected_split(docs: list[str], fraction: float) -> dict[str, list[str]]:
+    f = Fraction(fraction).limit_denominator(1_000_000)
+    out = {"train": [], "val": []}
+    for i, d in enumerate(docs):
+        out["val" if (f * (i + 1)).__floor__() > (f * i).__floor__() else "train"].append(d)
+    return out
+
+
+def test_round_trip_token_stream(tmp_path):
+    docs = write_corpus(tmp_path / "in", n_txt=25, n_jsonl=15, field="body")
+    result = prepare_dataset([tmp_path / "in"], tmp_path / "ds", seq_len=SEQ_LEN, train_tokenizer=True,
+                             vocab_size=VOCAB, val_fraction=0.25, workers=2, text_field="body")
+    m = read_manifest(tmp_path / "ds")
+    assert m == result.manifest
+    tok = Tokenizer.from_file(str(tmp_path / "ds" / "tokenizer.json"))
+    assert m.eos_id == tok.token_to_id("<|endoftext|>")
+    assert m.vocab_size == tok.get_vocab_size() <= VOCAB
+    assert m.dtype == "uint16" and m.seq_len == SEQ_LEN
+    split_docs = expected_split(docs, 0.25)
+    assert len(split_docs["val"]) == 10  # exactly a quarter, evenly spread
+    for split, docs_in_split in split_docs.items():
+        stream = []
+        for d in docs_in_split:
+            stream += tok.encode(d, add_special_tokens=False).ids + [m.eos_id]
+        samples = read_samples(tmp_path / "ds", split)
+        info = m.splits[split]
+        assert info.documents == len(docs_in_split)
+        assert info.tokens == len(stream)
+        assert info.samples == len(samples) == (len(stream) - 1) // SEQ_LEN
+        assert info.unused_tail_tokens == len(stream) - (info.samples * SEQ_LEN + 1)
+        assert all(s.shape == (SEQ_LEN + 1,) for s in samples)
+        # consecutive samples overlap by one token; together they are the stream's prefix
+        rebuilt = list(samples[0])
+        for prev, cur in zip(samples, samples[1:]):
+            assert prev[-1] == cur[0]
+            rebuilt += list(cur[1:])
+        assert rebuilt == stream[:len(rebuilt)]
+        # EOS exactly between documents (the vocabulary has no other EOS occurrences)
+        eos_at = [i for i, t in enumerate(rebuilt) if t == m.eos_id]
+        bounds = np.cumsum([len(tok.encode(d, add_special_tokens=False).ids) + 1 for d in docs_in_split]) - 1
+        assert eos_at == [b for b in bounds if b < len(rebuilt)]
+    assert m.inputs["documents"] == len(docs) and m.inputs["files"] == 26
+    assert m.tokenizer_sha256 == __import__("hashlib").sha256((tmp_path / "ds" / "tokenizer.json").read_bytes()).hexdigest()
+
+
+def test_output_independent_of_worker_count(tmp_path, corpus_dir, dataset_dir):
+    """Order is kept whatever the number of tokenizer processes (1 = in-process)."""
+    tok = dataset_dir / "tokenizer.json"
+    one = prepare_dataset([corpus_dir], tmp_path / "w1", seq_len=SEQ_LEN, tokenizer=tok, val_fraction=0.2, workers=1)
+    shared = read_manifest(dataset_dir)
+    for split in ("train", "val"):
+        assert one.manifest.splits[split] == shared.splits[split]  # dataset_dir was made with 2 workers
+    assert one.manifest.tokenizer_sha256 == shared.tokenizer_sha256
+
+
+def test_given_tokenizer_with_its_own_eos(tmp_path, corpus_dir, dataset_dir):
+    """A user tokenizer.json whose EOS is named in tokenizer_config.json (LLaMA style: </s>)."""
+    data = json.loads((dataset_dir / "tokenizer.json").read_text())
+    data["added_tokens"][0]["content"] = "</s>"
+    vocab = data["model"]["vocab"]
+    vocab["</s>"] = vocab.pop("<|endoftext|>")
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(data))
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
+    r = prepare_dataset([corpus_dir], tmp_path / "ds", seq_len=SEQ_LEN, tokenizer=tmp_path / "tok" / "tokenizer.json",
+                        val_fraction=0.2, workers=1, compression="none")
+    assert (r.manifest.eos_token, r.manifest.eos_id) == ("</s>", 0)
+    assert r.manifest.compression is None
+    assert sorted(p.suffix for p in (tmp_path / "ds" / "train").glob("shard.*")) == [".mds"]
+    # the tokenizer travels with the dataset, byte for byte
+    assert (tmp_path / "ds" / "tokenizer.json").read_bytes() == (tmp_path / "tok" / "tokenizer.json").read_bytes()
+    assert r.manifest.splits["train"].content_xxh64 == read_manifest(dataset_dir).splits["train"].content_xxh64
+
+
+def test_large_text_read_in_bounded_pieces(tmp_path):
+    lines = [f"line {i} " + "x" * (i % 50) + "\n" for i in range(3000)]
+    text = "".join(lines)
+    (tmp_path / "big.txt").write_text(text)
+    pieces = list(iter_pieces([InputFile(tmp_path / "big.txt", "text")], piece_chars=4096))
+    assert len(pieces) > 20
+    assert all(len(t) <= 2 * 4096 for t, _ in pieces)
+    assert [ends for _, ends in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert "".join(t for t, _ in pieces) == text
+    assert all(t.endswith("\n") for t, _ in pieces)  # cut at line ends
+
+
+def test_multibyte_text_split_across_reads(tmp_path):
+    text = "héllo wörld ☃ " * 2000
+    (tmp_path / "u.txt").write_text(text, encoding="utf-8")
+    stats = ReadStats()
+    pieces = list(iter_pieces([InputFile(tmp_path / "u.txt", "text")], piece_chars=1000, stats=stats))
+    assert "".join(t for t, _ in pieces) == text
+    assert stats.undecodable_bytes == 0 and stats.documents == 1
+
+
+@pytest.mark.skipif(not __import__("megatron_ratplus.data.sources", fromlist=["x"]).have_pyarrow(),
+                    reason="pyarrow not installed (the missing-pyarrow error is tested in test_bad_inputs)")
+def test_parquet_input(tmp_path, dataset_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .conftest import make_document
+
+    docs = [make_document(i) for i in range(30)]
+    pq.write_table(pa.table({"content": docs}), tmp_path / "d.parquet")
+    r = prepare_dataset([tmp_path / "d.parquet"], tmp_path / "ds", seq_len=SEQ_LEN, tokenizer=dataset_dir / "tokenizer.json",
+                        val_fraction=0.0, workers=1, text_field="content")
+    assert r.manifest.splits["train"].documents == 30
