@@ -44,5 +44,5 @@ def tiny_cli_overrides(data_dir, out_dir, steps=20):
     return ["recipes/tiny-cpu.yaml", "train.seq_len=64", "train.micro_batch_size=2",
             "train.global_batch_size=4", f"train.max_steps={steps}", "train.lr=3.0e-3",
             "train.warmup_fraction=0.1", f"data.default_dir={data_dir}", "data.default_vocab_size=512",
-            "data.default_size_mb=1.0", "checkpoint.save_dir=", "logging.tensorboard_dir=",
+            "data.default_size_mb=1.0", "checkpoint.save_dir=", "checkpoint.load=", "logging.tensorboard_dir=",
             "logging.eval_interval=", "logging.progress=false", f"logging.metrics_jsonl={out_dir}/metrics.jsonl"]

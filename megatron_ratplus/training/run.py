@@ -3,6 +3,7 @@ checkpoint resume or weight initialisation, the loop, shutdown."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,18 @@ def _rank0_print(message: str) -> None:
 def _layout(cfg: RunConfig) -> ParallelLayout:
     p = cfg.parallel
     return ParallelLayout(p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline_parallel, p.sequence_parallel)
+
+
+def _refuse_to_shadow_checkpoints(cfg: RunConfig) -> None:
+    """A fresh run into a save_dir that already holds checkpoints would stop at its first save
+    (existing checkpoints are never overwritten): say so before any time is spent."""
+    ck = cfg.checkpoint
+    if not ck.save_dir or ck.load or not Path(ck.save_dir).is_dir():
+        return
+    existing = sorted(p.name for p in Path(ck.save_dir).glob("iter_*"))
+    if existing:
+        raise ConfigError(f"checkpoint.save_dir={ck.save_dir} already holds checkpoints ({', '.join(existing[-3:])}); "
+                          f"resume with checkpoint.load=latest, or choose another checkpoint.save_dir")
 
 
 def _restore(cfg: RunConfig, objs, data, state: TrainState):
@@ -58,6 +71,7 @@ def _restore(cfg: RunConfig, objs, data, state: TrainState):
 
 
 def run_training(cfg: RunConfig) -> TrainState:
+    _refuse_to_shadow_checkpoints(cfg)
     info = initialize_distributed(_layout(cfg), seed=cfg.train.seed)
     try:
         world = info["world_size"]

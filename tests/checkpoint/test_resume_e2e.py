@@ -38,7 +38,7 @@ def overrides(data_dir, run_dir, *extra, steps=STEPS, save=True):
     return ["recipes/tiny-cpu.yaml", "train.seq_len=64", "train.micro_batch_size=2",
             "train.global_batch_size=4", f"train.max_steps={steps}", f"data.default_dir={data_dir}",
             "data.default_vocab_size=512", "data.default_size_mb=1.0",
-            f"checkpoint.save_dir={run_dir / 'ckpt' if save else ''}", "logging.tensorboard_dir=",
+            f"checkpoint.save_dir={run_dir / 'ckpt' if save else ''}", "checkpoint.load=", "logging.tensorboard_dir=",
             "logging.eval_interval=", "logging.progress=false", *extra]
 
 

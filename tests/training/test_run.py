@@ -1,0 +1,36 @@
+"""Start-up checks of the training entry point that need no training."""
+import pytest
+
+from megatron_ratplus.training.cli import main
+from megatron_ratplus.training.config import ConfigError, load_config
+from megatron_ratplus.training.run import _refuse_to_shadow_checkpoints
+
+
+def test_fresh_run_into_a_save_dir_with_checkpoints_is_refused(tmp_path):
+    (tmp_path / "iter_0000050").mkdir()
+    cfg = load_config("recipes/tiny-cpu.yaml", [f"checkpoint.save_dir={tmp_path}", "checkpoint.load="])
+    with pytest.raises(ConfigError, match="already holds checkpoints .*iter_0000050.*checkpoint.load=latest"):
+        _refuse_to_shadow_checkpoints(cfg)
+    # Resuming is fine, and so is an empty save_dir.
+    _refuse_to_shadow_checkpoints(load_config("recipes/tiny-cpu.yaml", [f"checkpoint.save_dir={tmp_path}"]))
+    _refuse_to_shadow_checkpoints(load_config("recipes/tiny-cpu.yaml", [f"checkpoint.save_dir={tmp_path / 'new'}",
+                                                                        "checkpoint.load="]))
+    assert (tmp_path / "iter_0000050").is_dir()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["recipes/tiny-cpu.yaml", "train.lrr=1"], "unknown key(s) train.lrr"),
+    (["recipes/tiny-cpu.yaml", "nodot=1"], "must be section.key"),
+    (["recipes/tiny-cpu.yaml", "train.lr=fast"], "train.lr must be a number"),
+    (["recipes/missing.yaml"], "does not exist"),
+    (["recipes/ratplus-1.5b-100bt.yaml", "--dry-run", "--world-size", "63"], "not divisible"),
+])
+def test_cli_rejects_bad_input_with_exit_code_2(capsys, argv, message):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_dry_run_prints_the_plan(capsys):
+    assert main(["recipes/ratplus-2.6b-200bt.yaml", "--dry-run", "--world-size", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "2,732,997,120" in out and "DP 128" in out
