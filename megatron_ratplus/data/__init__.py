@@ -39,7 +39,24 @@ _EXPORTS = {
     "broadcast_batch": "distributed",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CorruptShardError",
+    "DatasetManifest",
+    "PrepareResult",
+    "PretrainingLoader",
+    "broadcast_batch",
+    "build_pretraining_loader",
+    "check_manifest_compat",
+    "load_tokenizer_info",
+    "prepare_dataset",
+    "prepare_default_dataset",
+    "read_manifest",
+    "select_default_corpus",
+    "train_bpe_tokenizer",
+    "verify_dataset",
+    "write_default_corpus_jsonl",
+]
+assert sorted(__all__) == sorted(_EXPORTS)
 
 
 def __getattr__(name: str):

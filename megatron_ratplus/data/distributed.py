@@ -1,7 +1,7 @@
 """Share a reader's batch with the other ranks of its model-parallel group."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

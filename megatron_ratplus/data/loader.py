@@ -42,9 +42,10 @@ import threading
 import uuid
 import warnings
 import weakref
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -98,7 +99,7 @@ def _fetch(remote_dir: str, name: str, local_dir: Path, timeout: float) -> Path:
         downloader = CloudDownloader.get(remote_dir)
         downloader.download(remote_file, str(tmp), timeout)
         downloader.clean_up()
-    except Exception as exc:
+    except Exception:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
@@ -136,7 +137,7 @@ def _resolve_remote(remote: str, local: str | None, cache_dir: str | os.PathLike
     if not (local_path / TOKENIZER_NAME).is_file():
         try:
             os.replace(_fetch(remote, TOKENIZER_NAME, local_path, timeout), local_path / TOKENIZER_NAME)
-        except Exception as exc:  # the tokenizer copy is a convenience for export, not needed to train
+        except Exception as exc:  # noqa: BLE001 - the copy is a convenience for export, not needed to train
             warnings.warn(f"could not fetch {TOKENIZER_NAME} from {remote}: {exc}")
     return str(local_path), manifest
 
@@ -363,6 +364,19 @@ def _explain(exc: BaseException) -> BaseException:
     return RuntimeError(f"reading shards failed: {type(exc).__name__}: {exc}")
 
 
+def _worker_init(_worker_id: int) -> None:
+    """DataLoader worker: die with the parent. A worker waiting inside one of streaming's polling
+    loops never reaches torch's parent-liveness check, so a killed trainer would leave it behind."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
 def _collate(samples: list[dict]) -> torch.Tensor:
     return torch.from_numpy(np.stack([s[COLUMN] for s in samples]).astype(np.int64, copy=False))
 
@@ -394,7 +408,7 @@ class PretrainingLoader:
         self._active: weakref.ref | None = None
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_size=micro_batch_size, num_workers=num_workers, collate_fn=_collate,
-            drop_last=False, pin_memory=False)
+            drop_last=False, pin_memory=False, worker_init_fn=_worker_init if num_workers else None)
 
     # -- information ---------------------------------------------------------------------------
     @property

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 FORMAT = "megatron-ratplus/packed-tokens-mds"
 FORMAT_VERSION = 1
@@ -36,7 +37,7 @@ class SplitInfo:
     content_xxh64: str
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SplitInfo":
+    def from_dict(cls, d: Mapping[str, Any]) -> SplitInfo:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
@@ -93,7 +94,7 @@ class DatasetManifest:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], path: Path | None = None) -> "DatasetManifest":
+    def from_dict(cls, d: Mapping[str, Any], path: Path | None = None) -> DatasetManifest:
         where = f" ({path / MANIFEST_NAME})" if path is not None else ""
         if d.get("format") != FORMAT:
             raise ValueError(f"not a megatron-ratplus dataset manifest{where}: format={d.get('format')!r}")

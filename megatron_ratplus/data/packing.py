@@ -7,7 +7,7 @@ sample is dropped and counted.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import xxhash

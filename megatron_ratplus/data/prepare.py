@@ -16,17 +16,24 @@ import os
 import shutil
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from . import _tokenize_worker
 from .layout import check_output_dir, commit_staging, discard_staging, new_staging_dir
-from .manifest import (COLUMN, INDEX_NAME, MANIFEST_NAME, TOKENIZER_NAME, DatasetManifest, SplitInfo,
-                       write_manifest)
+from .manifest import (
+    COLUMN,
+    INDEX_NAME,
+    MANIFEST_NAME,
+    TOKENIZER_NAME,
+    DatasetManifest,
+    SplitInfo,
+    write_manifest,
+)
 from .packing import SamplePacker
 from .sources import InputFile, ReadStats, discover_inputs, iter_documents_text, iter_pieces
 from .tokenizer import DEFAULT_EOS, load_tokenizer_info, train_bpe_tokenizer
@@ -144,6 +151,13 @@ def _mp_context():
     return mp.get_context("spawn")
 
 
+def _writer_sink(writer) -> Callable[[np.ndarray], None]:
+    def sink(sample: np.ndarray) -> None:
+        writer.write({COLUMN: sample})
+
+    return sink
+
+
 def prepare_dataset(
     inputs: Sequence[str | os.PathLike],
     output: str | os.PathLike,
@@ -210,10 +224,7 @@ def prepare_dataset(
                          compression=compression, hashes=HASHES, size_limit=shard_size)
             for s in splits
         }
-        packers = {
-            s: SamplePacker(seq_len, np.dtype(dtype), (lambda w: (lambda x: w.write({COLUMN: x})))(writers[s]))
-            for s in splits
-        }
+        packers = {s: SamplePacker(seq_len, np.dtype(dtype), _writer_sink(writers[s])) for s in splits}
         stats = ReadStats()
         frac = Fraction(val_fraction).limit_denominator(1_000_000)
         t_pass = time.perf_counter()
@@ -302,8 +313,10 @@ def _version() -> str:
         from importlib.metadata import version
 
         return f"megatron-ratplus {version('megatron-ratplus')}"
-    except Exception:
+    except ImportError:
+        return "megatron-ratplus"
+    except Exception:  # noqa: BLE001 - metadata of an odd install must not fail a preparation
         return "megatron-ratplus"
 
 
-__all__ = ["prepare_dataset", "PrepareResult", "default_workers", "MANIFEST_NAME", "VALIDATE_HASH"]
+__all__ = ["MANIFEST_NAME", "VALIDATE_HASH", "PrepareResult", "default_workers", "prepare_dataset"]

@@ -15,9 +15,9 @@ from __future__ import annotations
 import codecs
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 KINDS_BY_SUFFIX = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
 PIECE_CHARS = 1 << 20

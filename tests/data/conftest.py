@@ -20,8 +20,7 @@ SEQ_LEN = 32
 VOCAB = 512
 WORKER = Path(__file__).with_name("loader_worker.py")
 
-_WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma "
-          "tau upsilon phi chi psi omega recurrence attention sparse dense chunk token model layer gate").split()
+_WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau", "upsilon", "phi", "chi", "psi", "omega", "recurrence", "attention", "sparse", "dense", "chunk", "token", "model", "layer", "gate"]
 
 
 def make_document(i: int, words: int = 60) -> str:

@@ -7,8 +7,14 @@ import shutil
 import pytest
 from tokenizers import Tokenizer
 
-from megatron_ratplus.data import (CorruptShardError, build_pretraining_loader, check_manifest_compat,
-                                   prepare_dataset, read_manifest, verify_dataset)
+from megatron_ratplus.data import (
+    CorruptShardError,
+    build_pretraining_loader,
+    check_manifest_compat,
+    prepare_dataset,
+    read_manifest,
+    verify_dataset,
+)
 from megatron_ratplus.data.sources import have_pyarrow
 
 from .conftest import SEQ_LEN, make_document
@@ -144,7 +150,8 @@ def test_output_holding_a_dataset_is_refused_unless_overwrite(tmp_path, corpus_d
 
 
 def test_missing_remote(tmp_path, dataset_dir, corpus_dir):
-    kw = dict(split="train", seq_len=SEQ_LEN, micro_batch_size=2, dp_rank=0, dp_size=1, seed=0, cache_dir=tmp_path / "c")
+    kw = {"split": "train", "seq_len": SEQ_LEN, "micro_batch_size": 2, "dp_rank": 0, "dp_size": 1, "seed": 0,
+          "cache_dir": tmp_path / "c"}
     with pytest.raises(ValueError, match="does not exist"):
         build_pretraining_loader([{"remote": str(tmp_path / "nowhere")}], **kw)
     (tmp_path / "empty-bucket").mkdir()

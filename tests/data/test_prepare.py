@@ -1,6 +1,7 @@
 """Preparation: round trip of the token stream, packing, split, manifest counts, determinism."""
 from __future__ import annotations
 
+import itertools
 import json
 from fractions import Fraction
 from pathlib import Path
@@ -56,7 +57,7 @@ def test_round_trip_token_stream(tmp_path):
         assert all(s.shape == (SEQ_LEN + 1,) for s in samples)
         # consecutive samples overlap by one token; together they are the stream's prefix
         rebuilt = list(samples[0])
-        for prev, cur in zip(samples, samples[1:]):
+        for prev, cur in itertools.pairwise(samples):
             assert prev[-1] == cur[0]
             rebuilt += list(cur[1:])
         assert rebuilt == stream[:len(rebuilt)]
