@@ -90,6 +90,9 @@ class DataSection:
     default_seed: int = 1234             # corpus sampling (independent of train.seed)
     cache_dir: Optional[str] = None
     num_workers: int = 0
+    # Data readers that share a host (and so streaming's shared memory and a local cache). Default:
+    # LOCAL_WORLD_SIZE // (TP×PP). Set it when several launcher "nodes" run on one host.
+    readers_per_node: Optional[int] = None
     val_streams: List[Dict[str, Any]] = field(default_factory=list)  # default: the "val" split
 
 

@@ -51,7 +51,7 @@ class TrainingData:
 
     def __init__(self, streams: List[Dict], *, seq_len: int, micro_batch_size: int, seed: int,
                  device, val_streams: Optional[List[Dict]] = None, cache_dir: Optional[str] = None,
-                 num_workers: int = 0):
+                 num_workers: int = 0, readers_per_node: Optional[int] = None):
         from ..data import build_pretraining_loader
 
         self.seq_len = seq_len
@@ -73,7 +73,7 @@ class TrainingData:
                           dp_rank=parallel_state.get_data_parallel_rank(),
                           dp_size=parallel_state.get_data_parallel_world_size(), seed=seed,
                           cache_dir=cache_dir, num_workers=num_workers,
-                          readers_per_node=max(1, local_world // mp))
+                          readers_per_node=readers_per_node or max(1, local_world // mp))
             self.train_loader = build_pretraining_loader(streams, split="train", shuffle=True, **common)
             self.val_loader = build_pretraining_loader(val_streams or streams, split="val", shuffle=False,
                                                        **common)

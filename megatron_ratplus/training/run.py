@@ -97,7 +97,8 @@ def run_training(cfg: RunConfig) -> TrainState:
         device = torch.device("cpu") if cpu_mode_enabled() else torch.device("cuda", torch.cuda.current_device())
         data = TrainingData(streams, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size, seed=t.seed,
                             device=device, val_streams=cfg.data.val_streams or None,
-                            cache_dir=cfg.data.cache_dir, num_workers=cfg.data.num_workers)
+                            cache_dir=cfg.data.cache_dir, num_workers=cfg.data.num_workers,
+                            readers_per_node=cfg.data.readers_per_node)
         state = TrainState()
         _restore(cfg, objs, data, state)
         checkpoints = preemption = None
