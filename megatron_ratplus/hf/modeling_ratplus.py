@@ -48,7 +48,6 @@ recurrence runs over every position): pass unpadded prompts of equal length.
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Tuple
 
 import torch

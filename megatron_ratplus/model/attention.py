@@ -20,7 +20,7 @@ recurrence always scans the full sequence on each rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from megatron.core.transformer.module import MegatronModule

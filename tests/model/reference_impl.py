@@ -49,7 +49,6 @@ def reference_logits(sd, tokens, *, num_layers, hidden, heads, recurrence, outpu
         q, k, v = part["q"], part["k"], part["v"]
         if recurrence:
             a = torch.sigmoid(part["g"])
-            kt, vt = torch.zeros_like(k), torch.zeros_like(v)
             hk = torch.zeros_like(k[:, 0])
             hv = torch.zeros_like(v[:, 0])
             ks, vs = [], []
