@@ -5,6 +5,7 @@
     ratplus-data default-corpus --output DIR --seq-len 1024 --vocab-size 8192 [--size-mb 3 --seed 1234]
     ratplus-data default-corpus --text-out corpus.jsonl [--size-mb 3 --seed 1234]
     ratplus-data inspect DIR [--verify] [--json]
+    ratplus-data clean-shm [--force]      (streaming leftovers of crashed jobs; idle nodes only)
 
 Errors in the inputs or arguments print one line naming the problem and exit with status 2.
 """
@@ -62,6 +63,23 @@ def _add_inspect(sub) -> None:
     p.add_argument("directory")
     p.add_argument("--verify", action="store_true", help="check every shard file against its recorded hash")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+
+def _add_clean(sub) -> None:
+    p = sub.add_parser("clean-shm", help="remove streaming's leftover shared memory and lock files on this node",
+                       description="Remove the shared memory (/dev/shm/NNNNNN_*) and lock files (TMPDIR/NNNNNN_*_filelock) "
+                                   "that mosaicml-streaming leaves after crashed jobs. Only on an idle node: it also "
+                                   "removes those of running jobs.")
+    p.add_argument("--force", action="store_true", help="really delete (otherwise only list)")
+
+
+def _cmd_clean(args) -> int:
+    from .housekeeping import clean_streaming_leftovers
+
+    shm, locks = clean_streaming_leftovers(dry_run=not args.force)
+    verb = "removed" if args.force else "would remove (pass --force; only when no streaming job runs here)"
+    print(f"{verb}: {len(shm)} shared-memory objects, {len(locks)} lock files")
+    return 0
 
 
 def _cmd_prepare(args) -> int:
@@ -149,13 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_default(sub)
     _add_inspect(sub)
+    _add_clean(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"prepare": _cmd_prepare, "default-corpus": _cmd_default, "inspect": _cmd_inspect}
+    commands = {"prepare": _cmd_prepare, "default-corpus": _cmd_default, "inspect": _cmd_inspect,
+                "clean-shm": _cmd_clean}
     try:
         return commands[args.command](args)
     except (ValueError, FileExistsError, FileNotFoundError) as exc:

@@ -115,10 +115,19 @@ def _tokenized(tasks: Iterable[tuple[list[str], list]], tokenizer_path: Path, wo
                ) -> Iterator[tuple[np.ndarray, np.ndarray, list]]:
     """Tokenise tasks in order, in ``workers`` processes (in this process when workers == 1)."""
     if workers <= 1:
-        _tokenize_worker.init_worker(str(tokenizer_path), single_threaded=False)
-        for texts, meta in tasks:
-            ids, lengths = _tokenize_worker.encode_pieces(texts)
-            yield ids, lengths, meta
+        # One process, one core (as each worker process): tokenizers' own thread pool off meanwhile.
+        saved = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            _tokenize_worker.init_worker(str(tokenizer_path), single_threaded=False)
+            for texts, meta in tasks:
+                ids, lengths = _tokenize_worker.encode_pieces(texts)
+                yield ids, lengths, meta
+        finally:
+            if saved is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = saved
         return
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool

@@ -98,3 +98,28 @@ def test_cli_default_corpus_as_a_command(tmp_path):
     assert "default-corpus" in proc.stdout
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "already exists" in proc.stderr  # the JSONL is not overwritten
+
+
+def test_clean_streaming_leftovers_of_dead_jobs(tmp_path, monkeypatch, capsys):
+    """Leftover shared memory and lock files (as a killed job leaves them) are found and removed."""
+    import tempfile
+    from multiprocessing import resource_tracker, shared_memory
+
+    from megatron_ratplus.data.housekeeping import SHM_DIR, clean_streaming_leftovers
+
+    if not SHM_DIR.is_dir():
+        pytest.skip("no /dev/shm")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    prefix = "9" + f"{abs(hash(str(tmp_path))) % 10**5:05d}"
+    shm = shared_memory.SharedMemory(name=f"{prefix}_resume", create=True, size=16)
+    resource_tracker.unregister(shm._name, "shared_memory")  # as if its process had died
+    shm.close()
+    (tmp_path / f"{prefix}_barrier_filelock").write_text("")
+    (tmp_path / "unrelated_filelock").write_text("")
+    found = clean_streaming_leftovers(dry_run=True, only_prefixes={prefix})
+    assert [p.name for p in found[0]] == [f"{prefix}_resume"] and len(found[1]) == 1
+    assert (SHM_DIR / f"{prefix}_resume").exists()
+    clean_streaming_leftovers(only_prefixes={prefix})
+    assert not (SHM_DIR / f"{prefix}_resume").exists()
+    assert not (tmp_path / f"{prefix}_barrier_filelock").exists() and (tmp_path / "unrelated_filelock").exists()
+    assert main(["clean-shm"]) == 0 and "would remove" in capsys.readouterr().out  # lists, deletes nothing
