@@ -49,7 +49,9 @@ def dist(cfg: dict) -> dict:
     loader = None
     if tp_rank == 0:
         loader = _loader(cfg, dp_rank=dp_rank, dp_size=dp_size, group=reader_group)
-        n = len(loader) if cfg["n"] == "epoch" else cfg["n"]
+        if cfg.get("state"):
+            loader.load_state_dict(cfg["state"])
+        n = (len(loader) if cfg["n"] == "epoch" else cfg["n"]) + cfg.get("extra", 0)
         count = torch.tensor([n])
     else:
         count = torch.tensor([0])
@@ -58,14 +60,17 @@ def dist(cfg: dict) -> dict:
     n = int(count.item())
     it = iter(loader) if loader is not None else None
     batches = []
-    for _ in range(n):
+    state = None
+    for i in range(n):
+        if i == cfg.get("save_after") and loader is not None:
+            state = json.loads(json.dumps(loader.state_dict()))
         tokens = next(it) if it is not None else None
         if tp > 1:
             tokens = broadcast_batch(tokens, src=src, group=mp_group, shape=shape, device="cpu")
         batches.append(tokens.tolist())
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
-    return {"rank": rank, "dp_rank": dp_rank, "tp_rank": tp_rank, "batches": batches,
+    return {"rank": rank, "dp_rank": dp_rank, "tp_rank": tp_rank, "batches": batches, "state": state,
             "epoch_len": len(loader) if loader is not None else None}
 
 

@@ -166,18 +166,28 @@ def test_mixing_streams_by_proportion(tmp_path, dataset_dir, corpus_dir):
                                  split="train", seq_len=SEQ_LEN, micro_batch_size=2, dp_rank=0, dp_size=1, seed=1)
 
 
-def test_two_dp_ranks_disjoint_and_covering(dataset_dir):
-    """Two reader processes (torch.distributed world = the readers): one epoch each, disjoint, covering."""
+def test_two_dp_ranks_disjoint_and_covering_and_resume(dataset_dir):
+    """Two reader processes (torch.distributed world = the readers): one epoch each is disjoint and
+    covers the split; both ranks resume exactly (in new processes) from the state saved mid-epoch."""
+    cfg = {"dataset": str(dataset_dir), "seq_len": SEQ_LEN, "mbs": 1, "seed": 11, "n": "epoch", "extra": 4,
+           "world": 2, "tp": 1, "save_after": 7}
     port = free_port()
-    cfg = {"dataset": str(dataset_dir), "seq_len": SEQ_LEN, "mbs": 1, "seed": 11, "n": "epoch", "world": 2,
-           "tp": 1, "port": port}
-    outs = run_workers("dist", [{**cfg, "rank": r} for r in range(2)])
+    outs = run_workers("dist", [{**cfg, "rank": r, "port": port} for r in range(2)])
     everything = all_samples(dataset_dir, "train")
     assert len(set(everything)) == len(everything)
-    r0, r1 = (rows([torch.tensor(b) for b in o["batches"]]) for o in outs)
-    assert len(r0) == len(r1) == (len(everything) + 1) // 2
+    epoch_len = outs[0]["epoch_len"]
+    assert epoch_len == outs[1]["epoch_len"] == (len(everything) + 1) // 2
+    r0, r1 = (rows([torch.tensor(b) for b in o["batches"][:epoch_len]]) for o in outs)
     assert set(r0) | set(r1) == set(everything)
     assert len(set(r0) & set(r1)) == len(r0) + len(r1) - len(everything)  # 0, or 1 padding repeat if odd
+    # resume both ranks from the state saved after 7 batches: the rest, across the epoch boundary
+    state = outs[0]["state"]
+    assert state == outs[1]["state"] and state["sample_in_epoch"] == 7 * 2
+    port = free_port()
+    resumed = run_workers("dist", [{**cfg, "rank": r, "port": port, "state": state, "n": epoch_len - 7,
+                                    "save_after": None} for r in range(2)])
+    for before, after in zip(outs, resumed):
+        assert after["batches"] == before["batches"][7:]
 
 
 def test_tp_ranks_of_a_replica_get_the_same_batches(dataset_dir):
