@@ -36,47 +36,35 @@ except ImportError:  # pragma: no cover - depends on the environment
     HAVE_TE = False
 
 
-def get_ratplus_layer_local_spec() -> ModuleSpec:
-    """Layer spec built from Megatron-core modules only (works on CPU, no TE/apex)."""
+def _layer_spec(norm, column_linear, row_linear) -> ModuleSpec:
+    """A RAT+ TransformerLayer from a norm and column/row-parallel linear classes."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=RMSNorm,
+            input_layernorm=norm,
             self_attention=ModuleSpec(
                 module=RATPlusSelfAttention,
-                submodules=RATPlusAttentionSubmodules(
-                    linear_in=ColumnParallelLinear, linear_out=RowParallelLinear),
+                submodules=RATPlusAttentionSubmodules(linear_in=column_linear, linear_out=row_linear),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=RMSNorm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
-                linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column_linear, linear_fc2=row_linear)),
             mlp_bda=get_bias_dropout_add,
         ),
     )
+
+
+def get_ratplus_layer_local_spec() -> ModuleSpec:
+    """Layer spec built from Megatron-core modules only (works on CPU, no TE/apex)."""
+    return _layer_spec(RMSNorm, ColumnParallelLinear, RowParallelLinear)
 
 
 def get_ratplus_layer_te_spec() -> ModuleSpec:
-    """Layer spec with Transformer-Engine linears and the RMSNorm fused into them."""
+    """Layer spec with Transformer-Engine linears and the RMSNorm fused into them (no separate norm)."""
     if not HAVE_TE:
         raise RuntimeError("the Transformer-Engine spec needs transformer_engine; install the `te` "
                            "extra or use the local spec (model.spec=local)")
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=IdentityOp,
-            self_attention=ModuleSpec(
-                module=RATPlusSelfAttention,
-                submodules=RATPlusAttentionSubmodules(
-                    linear_in=TELayerNormColumnParallelLinear, linear_out=TERowParallelLinear),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=IdentityOp,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
-                linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear)),
-            mlp_bda=get_bias_dropout_add,
-        ),
-    )
+    return _layer_spec(IdentityOp, TELayerNormColumnParallelLinear, TERowParallelLinear)
 
 
 def resolve_spec_name(name: str) -> str:
