@@ -84,7 +84,7 @@ class TrainingData:
         shape = (self.micro_batch_size, self.seq_len + 1)
         if batch is not None:
             batch = batch.to(self.device, non_blocking=True)
-        if parallel_state.get_model_parallel_group().size() == 1:
+        if self.group.size() == 1:
             return batch
         return broadcast_batch(batch, src=self.src, group=self.group, shape=shape, device=self.device)
 

@@ -131,6 +131,7 @@ class MetricsLogger:
         tp = self.throughput(avg_time)
         eta = avg_time * (self.total_steps - rec.step)
         loss_text = " ".join(f"{k} {v:.4f}" for k, v in rec.losses.items())
+        mem = self.memory_gib()
         if self.progress is not None:
             self.progress.update(self.task, completed=rec.step, status=loss_text)
         if self.writer is not None:
@@ -141,7 +142,6 @@ class MetricsLogger:
                 self.writer.add_scalar("grad_norm", rec.grad_norm, rec.step)
             for name, value in tp.items():
                 self.writer.add_scalar(f"throughput/{name}", value, rec.step)
-            mem = self.memory_gib()
             if mem is not None:
                 self.writer.add_scalar("memory/max_allocated_gib", mem, rec.step)
         record = {"step": rec.step, "losses": rec.losses, "lr": rec.lr, "grad_norm": rec.grad_norm,
@@ -154,7 +154,6 @@ class MetricsLogger:
                             "grad_norm": rec.grad_norm, **tp}, step=rec.step)
         if rec.step % self.log_interval and rec.step != self.total_steps:
             return
-        mem = self.memory_gib()
         parts = [f"step {rec.step}/{self.total_steps}", loss_text,
                  f"lr {rec.lr:.3e}",
                  f"grad_norm {rec.grad_norm:.3f}" if rec.grad_norm is not None else "grad_norm -",

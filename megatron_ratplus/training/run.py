@@ -72,10 +72,12 @@ def _restore(cfg: RunConfig, objs, data, state: TrainState):
 
 def run_training(cfg: RunConfig) -> TrainState:
     _refuse_to_shadow_checkpoints(cfg)
+    # Validate the layout against torchrun's world size before any process group exists, so an
+    # impossible layout is a ConfigError (exit 2 with a message), not a traceback from Megatron's set-up.
+    dp, accum = cfg.layout_for(int(os.environ.get("WORLD_SIZE", "1")))
     info = initialize_distributed(_layout(cfg), seed=cfg.train.seed)
     try:
         world = info["world_size"]
-        dp, accum = cfg.layout_for(world)
         t = cfg.train
         streams = resolve_streams(cfg, seq_len=t.seq_len)
         manifest = dataset_manifest(streams)

@@ -34,3 +34,11 @@ def test_cli_dry_run_prints_the_plan(capsys):
     assert main(["recipes/ratplus-2.6b-200bt.yaml", "--dry-run", "--world-size", "128"]) == 0
     out = capsys.readouterr().out
     assert "2,732,997,120" in out and "DP 128" in out
+
+
+def test_impossible_layout_for_the_launched_world_is_a_config_error(monkeypatch, capsys):
+    """Checked before any process group exists: under torchrun with 3 processes, TP=2 cannot fit."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert main(["recipes/tiny-cpu.yaml", "parallel.tensor_parallel=2", "checkpoint.save_dir=",
+                 "checkpoint.load="]) == 2
+    assert "world size 3 is not divisible by tensor_parallel" in capsys.readouterr().err
