@@ -198,10 +198,22 @@ def blocked_sparse_attention(q, k, v, pattern, scale, block: int):
     return out
 
 
+_INV_FREQ: dict = {}
+
+
+def _inv_freq(dim: int, theta: float, device) -> torch.Tensor:
+    """RoPE inverse frequencies, computed once per (dim, theta, device): a decoding step calls
+    ``rope`` twice per layer and should not rebuild them (extra kernels on the GPU)."""
+    key = (dim, float(theta), str(device))
+    if key not in _INV_FREQ:
+        _INV_FREQ[key] = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    return _INV_FREQ[key]
+
+
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotate-half RoPE over all channels of ``x [B, T, H, D]`` at absolute ``positions [T]``."""
     dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=x.device) / dim))
+    inv_freq = _inv_freq(dim, theta, x.device)
     freqs = torch.outer(positions.to(torch.float32), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)[None, :, None, :]
     cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
@@ -288,6 +300,9 @@ class RATPlusLayerCache:
             return
         D, W, P = self.pattern
         self._reserve(k, self.fixed)
+        if n == 1:
+            self._insert_one(k, v)
+            return
         new_pos = torch.arange(start, end, device=dev)
         # 1. initial tokens
         n_init = max(0, min(end, P) - start)
@@ -326,6 +341,30 @@ class RATPlusLayerCache:
             self.values[:, :, slots] = v[:, :, first - start:]
             self.positions[slots] = idx
         self.seen = end
+
+    def _insert_one(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """One decoding step of a sparse cache. Where every entry goes is a function of the
+        position alone, so it is decided with Python integers: no boolean indexing, hence no
+        device synchronisation per layer and step (the general path needs several)."""
+        D, W, P = self.pattern
+        p = self.seen
+        if p < P:                                         # an initial token
+            slot = p
+        else:
+            ring = W + 1
+            slot = P + p % ring
+            q = p - ring                                  # the ring entry this token replaces
+            if q >= P and D > 0 and (q + 1) % D == 0:     # a chunk end leaving the ring: keep it
+                self._reserve(k, self.used + 1)
+                u = self.used
+                self.keys[:, :, u] = self.keys[:, :, slot]
+                self.values[:, :, u] = self.values[:, :, slot]
+                self.positions[u] = q
+                self.extra += 1
+        self.keys[:, :, slot] = k[:, :, 0]
+        self.values[:, :, slot] = v[:, :, 0]
+        self.positions[slot] = p
+        self.seen = p + 1
 
     def is_full(self) -> bool:
         """No empty slot among the used ones: every stored entry is a key of the next query."""

@@ -77,6 +77,29 @@ def test_compact_cache_entries_formula_brute_force():
             assert compact_cache_entries(T, (D, W, P)) == len(union), (D, W, P, T)
 
 
+@pytest.mark.parametrize("pattern", [(4, 2, 1), (3, 0, 0), (5, 0, 3), (-1, 4, 2), (7, 10, 9), (2, 3, 40)])
+def test_single_token_insert_matches_chunked_insert(pattern):
+    """The decoding fast path (one token, slots decided on the host) lays the cache out exactly as
+    the general insertion does for any mix of chunks and single tokens."""
+    from megatron_ratplus.hf.modeling_ratplus import RATPlusLayerCache
+
+    T = 61
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(2, 3, T, 4, generator=gen)
+    v = torch.randn(2, 3, T, 4, generator=gen)
+    whole = RATPlusLayerCache(pattern)
+    whole.insert(k, v)
+    for pieces in ([1] * T, [7] + [1] * 20 + [13] + [1] * 21):
+        cache, start = RATPlusLayerCache(pattern), 0
+        for n in pieces:
+            cache.insert(k[:, :, start:start + n], v[:, :, start:start + n])
+            start += n
+        assert start == T and cache.seen == T and cache.used == whole.used
+        for got, want in zip(cache.view(), whole.view()):
+            assert torch.equal(got, want)
+        assert cache.num_entries() == compact_cache_entries(T, pattern)
+
+
 def test_sparse_cache_is_compact_dense_cache_is_full():
     model = small_model(dilation=8, local_window=4, initial_tokens=2)
     ids = tokens(1, 200)

@@ -133,11 +133,27 @@ def test_fused_look_back_depths(monkeypatch, depth):
     _compare(fused_gated_recurrence, naive_gated_recurrence, x, init, True, g, k, v, 1e-5, 1e-5)
 
 
-def test_fused_backward_block_equal_to_forward_block(monkeypatch):
+@pytest.mark.parametrize("early", [0, 1])
+def test_fused_backward_block_equal_to_forward_block(monkeypatch, early):
+    """Also both orders of the backward: forward recompute before / after the look-back."""
+    monkeypatch.setattr(fused_mod, "_INTERPRET_EARLY", early)
     monkeypatch.setitem(fused_mod._INTERPRET_BLOCKS, "fwd", (8, 16, 1))
     monkeypatch.setitem(fused_mod._INTERPRET_BLOCKS, "bwd", (8, 16, 1))
     B, H, D = 1, 2, 16
     x, g, k, v = _fused_inputs(21, B, H, D, torch.float32)
+    init = _init_state(B, H, D)
+    _compare(fused_gated_recurrence, naive_gated_recurrence, x, init, True, g, k, v, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("D,blocks", [(8, (8, 32, 1)), (12, (16, 16, 1))])
+def test_fused_channel_blocks_spanning_heads(monkeypatch, D, blocks):
+    """Channel blocks wider than a head (several heads and batch rows per block) or straddling
+    head boundaries (D = 12, 16-channel blocks): the flat channel indexing must map every block
+    element back to its own (b, h, d)."""
+    monkeypatch.setitem(fused_mod._INTERPRET_BLOCKS, "fwd", blocks)
+    monkeypatch.setitem(fused_mod._INTERPRET_BLOCKS, "bwd", (16, blocks[1], 1))
+    B, H = 2, 3
+    x, g, k, v = _fused_inputs(27, B, H, D, torch.float32)
     init = _init_state(B, H, D)
     _compare(fused_gated_recurrence, naive_gated_recurrence, x, init, True, g, k, v, 1e-5, 1e-5)
 

@@ -4,7 +4,8 @@
 For each model size, context length T and attention configuration (dense, D=16/W=256/P=4, D=64),
 the cache is brought to T tokens, then single-token decoding steps are timed (median over
 ``--steps`` after ``--warmup``). Prints a markdown table: cache entries per layer, KV-cache memory
-(keys + values of all layers, batch 1, plus the recurrence states), ms per token, tokens/s.
+(keys + values of all layers and sequences, plus the recurrence states), ms per decoding step,
+tokens/s (batch x steps / time).
 
 Cache fill (``--fill``):
   * ``random`` (default): every layer's cache receives T random keys/values through the same
@@ -62,28 +63,28 @@ def build(model: str, setting: str, dtype, device):
 
 
 @torch.no_grad()
-def fill_random(model, cache, T: int, steps: int, chunk: int = 4096):
+def fill_random(model, cache, T: int, steps: int, chunk: int = 4096, batch: int = 1):
     cfg = model.config
     H, dh = cfg.num_attention_heads, cfg.head_dim
     p = next(model.parameters())
     g = torch.Generator(device=p.device).manual_seed(0)
     for layer in cache.layers:
-        template = torch.empty(1, H, 1, dh, dtype=p.dtype, device=p.device)
+        template = torch.empty(batch, H, 1, dh, dtype=p.dtype, device=p.device)
         if layer.pattern is None:   # dense: reserve once instead of doubling
             layer._reserve(template, T + steps + 8)
         for start in range(0, T, chunk):
             n = min(chunk, T - start)
-            k = torch.randn(1, H, n, dh, generator=g, dtype=torch.float32, device=p.device).to(p.dtype)
-            v = torch.randn(1, H, n, dh, generator=g, dtype=torch.float32, device=p.device).to(p.dtype)
+            k = torch.randn(batch, H, n, dh, generator=g, dtype=torch.float32, device=p.device).to(p.dtype)
+            v = torch.randn(batch, H, n, dh, generator=g, dtype=torch.float32, device=p.device).to(p.dtype)
             layer.insert(k, v)
         if cfg.recurrence:
-            layer.state = tuple(torch.randn(1, H, dh, generator=g, device=p.device) for _ in range(2))
+            layer.state = tuple(torch.randn(batch, H, dh, generator=g, device=p.device) for _ in range(2))
 
 
 @torch.no_grad()
-def fill_prefill(model, cache, T: int, chunk: int):
+def fill_prefill(model, cache, T: int, chunk: int, batch: int = 1):
     p = next(model.parameters())
-    ids = torch.randint(0, model.config.vocab_size, (1, T), device=p.device)
+    ids = torch.randint(0, model.config.vocab_size, (batch, T), device=p.device)
     for start in range(0, T, chunk):
         model(ids[:, start:start + chunk], past_key_values=cache, logits_to_keep=1)
 
@@ -94,8 +95,8 @@ def sync(device):
 
 
 @torch.no_grad()
-def time_decode(model, cache, warmup: int, steps: int, device):
-    ids = torch.randint(0, model.config.vocab_size, (1, 1), device=device)
+def time_decode(model, cache, warmup: int, steps: int, device, batch: int = 1):
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
     times = []
     for i in range(warmup + steps):
         sync(device)
@@ -106,6 +107,27 @@ def time_decode(model, cache, warmup: int, steps: int, device):
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+@torch.no_grad()
+def profile_steps(a, dtype, device, steps: int = 4):
+    """Where the host time of a decoding step goes (syncs, plan building, launches)."""
+    from ratplus_kernels.dilated_attention import decode as decode_mod
+    from torch.profiler import ProfilerActivity, profile
+
+    model_name, T = a.models.split(",")[0], int(a.contexts.split(",")[0])
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for backends in (decode_mod.DECODE_SDPA_BACKENDS, None):
+        decode_mod.DECODE_SDPA_BACKENDS = backends
+        for setting in a.settings.split(","):
+            model = build(model_name, setting, dtype, device)
+            cache = model.new_cache()
+            fill_prefill(model, cache, T, a.prefill_chunk)
+            time_decode(model, cache, 2, 2, device)
+            with profile(activities=acts) as prof:
+                sec = time_decode(model, cache, 0, steps, device)
+            print(f"## {model_name} T={T} {setting} SDPA backends {backends}: {sec * 1e3:.2f} ms / token")
+            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=60))
 
 
 def main(argv=None):
@@ -119,8 +141,12 @@ def main(argv=None):
     ap.add_argument("--prefill-chunk", type=int, default=2048)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--profile", action="store_true",
+                    help="only profile a few decoding steps (first model and context, every setting, "
+                         "SDPA backends: ours, then PyTorch's choice) and print the top operators")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -128,7 +154,7 @@ def main(argv=None):
     dtype = getattr(torch, a.dtype)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"# decode benchmark — {dev_name}, torch {torch.__version__}, {a.dtype}, batch 1, "
+    print(f"# decode benchmark — {dev_name}, torch {torch.__version__}, {a.dtype}, batch {a.batch}, "
           f"cache fill: {a.fill}{' (random keys/values through the cache insertion code, no model prefill)' if a.fill == 'random' else ''}, "
           f"median of {a.steps} steps after {a.warmup} warm-up, {datetime.date.today()}")
     for name in a.models.split(","):
@@ -137,8 +163,11 @@ def main(argv=None):
               f"{dims['num_attention_heads']} heads of {dims['hidden_size'] // dims['num_attention_heads']}, "
               f"vocab {dims['vocab_size']}")
     print()
+    if a.profile:
+        profile_steps(a, dtype, device)
+        return
     print("| model | context T | attention | cache entries / layer | formula | KV cache MiB | "
-          "recurrence state KiB | ms / token | tokens/s | speed vs dense | memory vs dense |")
+          "recurrence state KiB | ms / step | tokens/s | speed vs dense | memory vs dense |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for model_name in a.models.split(","):
@@ -148,16 +177,16 @@ def main(argv=None):
                 model = build(model_name, setting, dtype, device)
                 cache = model.new_cache()
                 if a.fill == "random":
-                    fill_random(model, cache, T, a.warmup + a.steps)
+                    fill_random(model, cache, T, a.warmup + a.steps, batch=a.batch)
                 else:
-                    fill_prefill(model, cache, T, a.prefill_chunk)
+                    fill_prefill(model, cache, T, a.prefill_chunk, a.batch)
                 size = cache.size()
                 entries = cache.layers[0].num_entries()
                 formula = compact_cache_entries(T, cache.layers[0].pattern)
-                sec = time_decode(model, cache, a.warmup, a.steps, device)
+                sec = time_decode(model, cache, a.warmup, a.steps, device, a.batch)
                 row = dict(model=model_name, context=T, setting=setting, entries_per_layer=entries,
                            formula_entries=formula, kv_mib=size["kv_bytes"] / 2**20,
-                           state_kib=size["state_bytes"] / 2**10, ms_per_token=sec * 1e3, tokens_per_s=1.0 / sec,
+                           state_kib=size["state_bytes"] / 2**10, ms_per_token=sec * 1e3, tokens_per_s=a.batch / sec, batch=a.batch,
                            allocated_mib=size["allocated_bytes"] / 2**20)
                 if setting == "dense":
                     dense_row = row

@@ -128,13 +128,34 @@ def timed_pair(fwd, inputs, grads):
     return bench(f_only), bench(f_and_b)
 
 
-def sweep():
-    """Forward and backward time of each block config, forced (no autotuner)."""
-    legacy = {"BT": 64, "BD": 32, "VEC": 8, "num_warps": 4, "num_stages": 1}
-    fwd_cfgs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=1) for c in fused_mod._fwd_configs()]
-    bwd_cfgs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=1) for c in fused_mod._bwd_configs()]
-    print("config sweep (ms; BTxBD/VEC wWARPS; lookback depth %d)" % fused_mod._lookback_depth())
-    for B, T in [(4, 4096), (1, 65536)]:
+# (BT, BD, VEC, num_warps): BD = 32 VEC num_warps keeps every time row inside one thread (warps
+# along channels); BD = 32 VEC puts the warps along time.
+FWD_SWEEP = [(32, 64, 2, 4), (64, 64, 2, 4), (64, 32, 8, 4), (16, 64, 2, 2), (32, 64, 2, 2),
+             (32, 32, 8, 4), (32, 128, 4, 4), (16, 128, 4, 4), (64, 128, 4, 8), (32, 64, 4, 2),
+             (16, 64, 2, 4)]
+BWD_SWEEP = [(bt, bd, vec, nw, early) for early in (1, 0) for bt, bd, vec, nw in
+             ((16, 64, 2, 4), (16, 64, 2, 2), (32, 32, 4, 4), (32, 64, 2, 4), (32, 32, 8, 4),
+              (16, 32, 4, 4), (16, 64, 4, 4), (32, 32, 2, 2))]
+
+
+def _as_meta(cfg):
+    bt, bd, vec, nw = cfg[:4]
+    meta = {"BT": bt, "BD": bd, "VEC": vec, "num_warps": nw, "num_stages": 1}
+    if len(cfg) > 4:
+        meta["EARLY"] = cfg[4]
+    return meta
+
+
+def _regs(kind):
+    k = fused_mod._LAST_COMPILED.get(kind)
+    return f"{getattr(k, 'n_regs', '?')}r/{getattr(k, 'n_spills', '?')}s" if k is not None else "?"
+
+
+def sweep(shapes=((4, 4096), (1, 65536))):
+    """Forward and backward time (and registers / spills) of each block config, forced."""
+    print("config sweep (ms; BTxBD/VEC wWARPS regs/spills; lookback depth %d)"
+          % fused_mod._lookback_depth())
+    for B, T in shapes:
         x, g, k, v = make_inputs(B, T)
         dko = torch.randn(T, B, H, D, device="cuda", dtype=x.dtype)
         dvo = torch.randn_like(dko)
@@ -143,26 +164,66 @@ def sweep():
             ko, vo, _ = fused_gated_recurrence(g, k, v)
             return ko, vo
 
-        line = []
-        for cfg in fwd_cfgs + [legacy]:
-            fused_mod._FORCE_CONFIG["fwd"] = cfg
+        results = []
+        for cfg in FWD_SWEEP:
+            fused_mod._FORCE_CONFIG["fwd"] = _as_meta(cfg)
             with torch.no_grad():
                 fused(g, k, v)
             ms = bench(lambda: fused(g, k, v), rep=50)
-            line.append(f"{cfg['BT']}x{cfg['BD']}/{cfg['VEC']}w{cfg['num_warps']}={ms:.3f}")
-        print(f"  fwd B={B} T={T}: " + "  ".join(line), flush=True)
-        if B == 4:
-            fused_mod._FORCE_CONFIG["fwd"] = fwd_cfgs[-1]           # BT=32: any backward block fits
-            f_ms = bench(lambda: fused(g, k, v), rep=50)
-            line = []
-            for cfg in bwd_cfgs:
-                fused_mod._FORCE_CONFIG["bwd"] = cfg
-                torch.autograd.grad(fused(g, k, v), (g, k, v), (dko, dvo))
-                ms = bench(lambda: torch.autograd.grad(fused(g, k, v), (g, k, v), (dko, dvo)), rep=50)
-                line.append(f"{cfg['BT']}x{cfg['BD']}/{cfg['VEC']}w{cfg['num_warps']}={ms - f_ms:.3f}")
-            print(f"  bwd B={B} T={T}: " + "  ".join(line), flush=True)
+            results.append((ms, cfg, _regs("fwd")))
+        for ms, cfg, regs in sorted(results):
+            print(f"  fwd B={B} T={T}: %dx%d/%d w%d %s = %.3f ms" % (*cfg, regs, ms), flush=True)
+        fused_mod._FORCE_CONFIG["fwd"] = _as_meta((16, 64, 2, 4))   # BT=16: any backward BT fits
+        f_ms = bench(lambda: fused(g, k, v), rep=50)
+        results = []
+        for cfg in BWD_SWEEP:
+            fused_mod._FORCE_CONFIG["bwd"] = _as_meta(cfg)
+            torch.autograd.grad(fused(g, k, v), (g, k, v), (dko, dvo))
+            ms = bench(lambda: torch.autograd.grad(fused(g, k, v), (g, k, v), (dko, dvo)), rep=50)
+            results.append((ms - f_ms, cfg, _regs("bwd")))
+        for ms, cfg, regs in sorted(results):
+            print(f"  bwd B={B} T={T}: %dx%d/%d w%d early=%d %s = %.3f ms" % (*cfg, regs, ms),
+                  flush=True)
         fused_mod._FORCE_CONFIG.update(fwd=None, bwd=None)
     torch.cuda.empty_cache()
+
+
+# forced (forward, backward) block pairs timed by --compare next to the autotuned kernels
+AB_PAIRS = [((32, 64, 2, 2), (32, 32, 4, 4, 1)), ((16, 64, 2, 2), (16, 64, 2, 4, 0)),
+            ((16, 64, 2, 2), (16, 64, 2, 2, 1)), ((16, 64, 2, 2), (16, 32, 4, 4, 1))]
+
+
+def compare_previous(path, rounds=3):
+    """A/B at the anchor against another version of fused.py (e.g. the previous commit's), both
+    autotuned, plus forced block pairs of the current one; interleaved rounds expose run-to-run
+    noise (the greedy look-back's timing depends on which tiles run together)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_prev_recurrence", path)
+    prev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prev)
+    x, g, k, v = make_inputs(4, 4096)
+    dko = torch.randn(4096, 4, H, D, device="cuda", dtype=x.dtype)
+    dvo = torch.randn_like(dko)
+    variants = [("previous (autotuned)", prev.fused_gated_recurrence, None),
+                ("current (autotuned)", fused_gated_recurrence, None)]
+    variants += [("current %dx%d/%d w%d + %dx%d/%d w%d e%d" % (*f, *b), fused_gated_recurrence, (f, b))
+                 for f, b in AB_PAIRS]
+    times = {name: [] for name, _, _ in variants}
+    for _ in range(rounds):
+        for name, fn, pair in variants:
+            fused_mod._FORCE_CONFIG.update(fwd=_as_meta(pair[0]) if pair else None,
+                                           bwd=_as_meta(pair[1]) if pair else None)
+
+            def run(g, k, v, fn=fn):
+                ko, vo, _ = fn(g, k, v)
+                return ko, vo
+            times[name].append(timed_pair(run, (g, k, v), (dko, dvo)))
+    fused_mod._FORCE_CONFIG.update(fwd=None, bwd=None)
+    for name, ts in times.items():
+        print(f"  A/B anchor {name:42s}: fwd " + " ".join(f"{f:.3f}" for f, _ in ts)
+              + "  fwd+bwd " + " ".join(f"{fb:.3f}" for _, fb in ts) + " ms", flush=True)
+    for key, cfg in fused_mod._TUNED.items():
+        print(f"  tuned {key[0]} {key[1:4]}: {cfg}")
 
 
 def main(argv=None):
@@ -176,6 +237,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="anchor shape only")
     ap.add_argument("--sweep", action="store_true",
                     help="first time every forward / backward block config (anchor and T=65536)")
+    ap.add_argument("--compare", metavar="FUSED_PY",
+                    help="first A/B the anchor against another version of recurrence/fused.py")
+    ap.add_argument("--sweep-only", action="store_true", help="stop after --sweep / --compare")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -192,8 +256,12 @@ def main(argv=None):
     bw = copy_bandwidth()
     print(f"device: {dev}   torch {torch.__version__}   triton {triton.__version__}")
     print(f"measured device copy bandwidth: {bw:.0f} GB/s (read + write)")
+    if args.compare:
+        compare_previous(args.compare)
     if args.sweep:
         sweep()
+    if args.sweep_only:
+        return 0
     shapes = [(4, 4096)] if args.quick else SHAPES
     rows = []
     for B, T in shapes:

@@ -157,9 +157,21 @@ def triton_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return out
 
 
+# SDPA backends for decoding on CUDA. cuDNN attention is left out: it builds an execution plan per
+# key length, and during generation the cache grows by one entry per step, so every step paid a
+# new plan (measured on an H100: ~50 ms per token for a 4-layer model with a dense cache). None:
+# let PyTorch choose.
+DECODE_SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
 def sdpa_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           scale: Optional[float] = None) -> torch.Tensor:
     """The same attention through ``torch.nn.functional.scaled_dot_product_attention``."""
+    if q.is_cuda and DECODE_SDPA_BACKENDS is not None:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([getattr(SDPBackend, b) for b in DECODE_SDPA_BACKENDS]):
+            return F.scaled_dot_product_attention(q.unsqueeze(2), k_cache, v_cache, scale=scale).squeeze(2)
     return F.scaled_dot_product_attention(q.unsqueeze(2), k_cache, v_cache, scale=scale).squeeze(2)
 
 

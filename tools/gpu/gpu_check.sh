@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One-call GPU check: build/install, kernel tests, kernel benchmarks and the decode benchmark, as
+# selected by STEPS (space-separated, run in the order given). Each step has its own time limit and
+# writes its log to $OUT/<step>.log. Run from the repository root on the GPU host:
+#   STEPS="rec_tests rec_bench da_tests da_bench decode" bash tools/gpu/gpu_check.sh
+# Steps:
+#   rec_tests   pytest tests/kernels/test_recurrence.py (GPU tests run, poisoned outputs)
+#   rec_sweep   bench_recurrence.py --sweep (every block config) and the A/B against REC_PREV if set
+#   rec_ab      A/B of the anchor against REC_PREV (another fused.py) and forced block pairs
+#   rec_bench   bench_recurrence.py $REC_ARGS (the docs/benchmarks.md table)
+#   da_tests    pytest -m gpu tests/kernels/test_dilated_attention.py
+#   da_bench    bench_dilated_attention.py $DA_ARGS
+#   decode_profile  torch.profiler tables of a few decoding steps (tiny, 4K, dense and D16/W256/P4)
+#   decode      bench_decode.py on CUDA, bf16, real prefill, $DECODE_ARGS
+# Wheels: .whl (bash ../shared/gpu/prepare_wheels.sh .whl transformers==... for decode) and
+# optionally .whl_fla (fla-core, einops) for the fla column of rec_bench.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+source tools/gpu/setup_env.sh || exit 1
+if ls .whl_fla/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target .site_fla .whl_fla/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:$PWD/.site_fla
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.txt"
+
+step() {  # step NAME TIMEOUT_S COMMAND...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date -u +%H:%M:%S))"
+  timeout -s KILL "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name rc=$rc"
+  grep -v "UserWarning\|warnings.warn" "$OUT/$name.log" | tail -n "${TAIL:-40}"
+}
+
+for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
+  case "$s" in
+    rec_tests) step rec_tests 300 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_recurrence.py ;;
+    rec_sweep) step rec_sweep 420 python3 tools/bench/bench_recurrence.py --no-fla --sweep --sweep-only \
+                 ${REC_PREV:+--compare "$REC_PREV"} ;;
+    rec_ab)    step rec_ab 300 python3 tools/bench/bench_recurrence.py --no-fla --sweep-only \
+                 --compare "${REC_PREV:?set REC_PREV to another fused.py}" ;;
+    rec_bench) step rec_bench 420 python3 tools/bench/bench_recurrence.py ${REC_ARGS:-} ;;
+    da_tests)  step da_tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_dilated_attention.py ;;
+    da_bench)  step da_bench 420 python3 tools/bench/bench_dilated_attention.py ${DA_ARGS:-} ;;
+    decode)    step decode 540 python3 tools/bench/bench_decode.py --device cuda --dtype bfloat16 --fill prefill \
+                 --steps 32 --warmup 4 ${DECODE_ARGS:-} ;;
+    decode_profile) step decode_profile 300 python3 tools/bench/bench_decode.py --device cuda --dtype bfloat16 \
+                 --fill prefill --profile --models tiny --contexts 4096 --settings dense,D16/W256/P4 ;;
+    *) echo "unknown step $s"; exit 2 ;;
+  esac
+done
