@@ -10,6 +10,7 @@
 #   rec_bench   bench_recurrence.py $REC_ARGS (the docs/benchmarks.md table)
 #   da_tests    pytest -m gpu tests/kernels/test_dilated_attention.py
 #   da_bench    bench_dilated_attention.py $DA_ARGS
+#   decode16    the same with 16 sequences per step
 #   decode_profile  torch.profiler tables of a few decoding steps (tiny, 4K, dense and D16/W256/P4)
 #   decode      bench_decode.py on CUDA, bf16, real prefill, $DECODE_ARGS
 # Wheels: .whl (bash ../shared/gpu/prepare_wheels.sh .whl transformers==... for decode) and
@@ -45,6 +46,8 @@ for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
     da_bench)  step da_bench 420 python3 tools/bench/bench_dilated_attention.py ${DA_ARGS:-} ;;
     decode)    step decode 540 python3 tools/bench/bench_decode.py --device cuda --dtype bfloat16 --fill prefill \
                  --steps 32 --warmup 4 ${DECODE_ARGS:-} ;;
+    decode16)  step decode16 540 python3 tools/bench/bench_decode.py --device cuda --dtype bfloat16 --fill prefill \
+                 --steps 16 --warmup 3 --batch 16 ${DECODE_ARGS:-} ;;
     decode_profile) step decode_profile 300 python3 tools/bench/bench_decode.py --device cuda --dtype bfloat16 \
                  --fill prefill --profile --models tiny --contexts 4096 --settings dense,D16/W256/P4 ;;
     *) echo "unknown step $s"; exit 2 ;;
