@@ -4,9 +4,12 @@
 # writes its log to $OUT/<step>.log. Run from the repository root on the GPU host:
 #   STEPS="rec_tests rec_bench da_tests da_bench decode" bash tools/gpu/gpu_check.sh
 # Steps:
+#   gpu_tests   every test marked gpu (kernels, Hugging Face model on CUDA)
 #   rec_tests   pytest tests/kernels/test_recurrence.py (GPU tests run, poisoned outputs)
 #   rec_sweep   bench_recurrence.py --sweep (every block config) and the A/B against REC_PREV if set
-#   rec_ab      A/B of the anchor against REC_PREV (another fused.py) and forced block pairs
+#   rec_ab      A/B of the anchor against REC_PREV (another fused.py, e.g.
+#               git show <rev>:kernels/ratplus_kernels/recurrence/fused.py > .bench_prev/fused.py,
+#               carried as an ignored path) and forced block pairs
 #   rec_bench   bench_recurrence.py $REC_ARGS (the docs/benchmarks.md table)
 #   da_tests    pytest -m gpu tests/kernels/test_dilated_attention.py
 #   da_bench    bench_dilated_attention.py $DA_ARGS
@@ -41,7 +44,10 @@ for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
                  ${REC_PREV:+--compare "$REC_PREV"} ;;
     rec_ab)    step rec_ab 300 python3 tools/bench/bench_recurrence.py --no-fla --sweep-only \
                  --compare "${REC_PREV:?set REC_PREV to another fused.py}" ;;
-    rec_bench) step rec_bench 420 python3 tools/bench/bench_recurrence.py ${REC_ARGS:-} ;;
+    # without .site: fla-core needs the host's (newer) transformers, not the carried one
+    rec_bench) step rec_bench 420 env PYTHONPATH="$PWD/.site_fla:$PWD/kernels:$PWD" \
+                 python3 tools/bench/bench_recurrence.py ${REC_ARGS:-} ;;
+    gpu_tests) step gpu_tests 480 python3 -m pytest -q -p no:cacheprovider -m gpu tests ;;
     da_tests)  step da_tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_dilated_attention.py ;;
     da_bench)  step da_bench 420 python3 tools/bench/bench_dilated_attention.py ${DA_ARGS:-} ;;
     decode)    step decode 540 python3 tools/bench/bench_decode.py --device cuda --dtype bfloat16 --fill prefill \
