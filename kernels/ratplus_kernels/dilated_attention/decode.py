@@ -22,6 +22,11 @@ Dh=128, N = 4 + 257 + T/16, CUDA-graph replay, best of 12 launch configurations 
     B=4,  T=16K (N=1285):  SDPA 14.7 us, Triton split-K 21.7 us
     B=16, T=64K (N=4357):  SDPA 190.5 us (3.0 TB/s), Triton split-K 240.6 us
 
+Those SDPA timings let PyTorch choose the backend, with a fixed ``N`` under CUDA-graph replay. In real
+generation ``N`` grows by one entry per step and cuDNN attention (one of PyTorch's choices on the H100)
+builds a new execution plan for every new length, so ``decode_attention`` leaves cuDNN out on CUDA
+(``DECODE_SDPA_BACKENDS``); the fixed-``N`` comparison with the kernel was not rerun with that restriction.
+
 The kernel stays available (``triton_decode_attention``), tested against SDPA, and benchmarked.
 """
 from __future__ import annotations
