@@ -31,6 +31,7 @@ The kernel stays available (``triton_decode_attention``), tested against SDPA, a
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = ["decode_attention", "triton_decode_attention"]
 
@@ -172,12 +174,11 @@ DECODE_SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 def sdpa_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           scale: Optional[float] = None) -> torch.Tensor:
     """The same attention through ``torch.nn.functional.scaled_dot_product_attention``."""
+    backends = contextlib.nullcontext()
     if q.is_cuda and DECODE_SDPA_BACKENDS is not None:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel([getattr(SDPBackend, b) for b in DECODE_SDPA_BACKENDS]):
-            return F.scaled_dot_product_attention(q.unsqueeze(2), k_cache, v_cache, scale=scale).squeeze(2)
-    return F.scaled_dot_product_attention(q.unsqueeze(2), k_cache, v_cache, scale=scale).squeeze(2)
+        backends = sdpa_kernel([getattr(SDPBackend, b) for b in DECODE_SDPA_BACKENDS])
+    with backends:
+        return F.scaled_dot_product_attention(q.unsqueeze(2), k_cache, v_cache, scale=scale).squeeze(2)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

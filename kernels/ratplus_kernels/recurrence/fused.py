@@ -159,6 +159,14 @@ def _store_row(ptr, x, rows, r: tl.constexpr, mask):
 
 
 @triton.jit
+def _load_tile(ptr, t, b, h, d, m2, s_t, s_b, s_h, s_d):
+    """The ``[BT, BD]`` tile (time rows ``t``, channels ``d`` of head ``(b, h)``) of a strided
+    ``[T, B, H, D]`` tensor, in fp32; masked elements are 0."""
+    return tl.load(ptr + t[:, None] * s_t + (b * s_b + h * s_h) + d[None, :] * s_d,
+                   mask=m2, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _tile_channels(j, H, D: tl.constexpr, BD: tl.constexpr, VEC: tl.constexpr):
     """Channels of channel block ``j``: blocks never span heads, so (b, h) are scalars of the
     program and the addresses of VEC consecutive channels are provably contiguous (vectorised
@@ -203,12 +211,9 @@ def _fwd_kernel(
     mask_t = t < T
     m2 = mask_t[:, None] & mask_d[None, :]
 
-    gx = tl.load(g_ptr + t[:, None] * sg_t + (b * sg_b + h * sg_h) + d[None, :] * sg_d,
-                 mask=m2, other=0.0).to(tl.float32)
-    kx = tl.load(k_ptr + t[:, None] * sk_t + (b * sk_b + h * sk_h) + d[None, :] * sk_d,
-                 mask=m2, other=0.0).to(tl.float32)
-    vx = tl.load(v_ptr + t[:, None] * sv_t + (b * sv_b + h * sv_h) + d[None, :] * sv_d,
-                 mask=m2, other=0.0).to(tl.float32)
+    gx = _load_tile(g_ptr, t, b, h, d, m2, sg_t, sg_b, sg_h, sg_d)
+    kx = _load_tile(k_ptr, t, b, h, d, m2, sk_t, sk_b, sk_h, sk_d)
+    vx = _load_tile(v_ptr, t, b, h, d, m2, sv_t, sv_b, sv_h, sv_d)
     a, w, _ = _gates(gx, m2)                     # padding rows are the identity map
     P, Lk, Lv = tl.associative_scan((a, w * kx, w * vx), 0, _affine_combine)
 
@@ -254,10 +259,8 @@ def _recompute_residuals(k_ptr, v_ptr, h0k_ptr, h0v_ptr, fval_ptr, NC_ALLOC_F, B
     """Backward helper: the forward states h_t of this tile, recomputed from ``k, v`` and the
     forward's inclusive state of the tile that ends right before it; returns ``h_t - x_t`` for
     both streams (all the gradient needs of them)."""
-    kx = tl.load(k_ptr + t[:, None] * sk_t + (b * sk_b + h * sk_h) + d[None, :] * sk_d,
-                 mask=m2, other=0.0).to(tl.float32)
-    vx = tl.load(v_ptr + t[:, None] * sv_t + (b * sv_b + h * sv_h) + d[None, :] * sv_d,
-                 mask=m2, other=0.0).to(tl.float32)
+    kx = _load_tile(k_ptr, t, b, h, d, m2, sk_t, sk_b, sk_h, sk_d)
+    vx = _load_tile(v_ptr, t, b, h, d, m2, sv_t, sv_b, sv_h, sv_d)
     f_inc_ptr = fval_ptr + NC_ALLOC_F.to(tl.int64) * 3 * NCH
     ql = ((c * BT) // BT_F - 1).to(tl.int64)     # forward tile that ends right before this tile
     hk_in = tl.load(f_inc_ptr + ql * 2 * NCH + n, mask=mask_d & (c > 0), other=0.0)
@@ -309,12 +312,9 @@ def _bwd_kernel(
     mask_t = t < T
     m2 = mask_t[:, None] & mask_d[None, :]
 
-    gx = tl.load(g_ptr + t[:, None] * sg_t + (b * sg_b + h * sg_h) + d[None, :] * sg_d,
-                 mask=m2, other=0.0).to(tl.float32)
-    dyk = tl.load(dko_ptr + t[:, None] * sdk_t + (b * sdk_b + h * sdk_h) + d[None, :] * sdk_d,
-                  mask=m2, other=0.0).to(tl.float32)
-    dyv = tl.load(dvo_ptr + t[:, None] * sdv_t + (b * sdv_b + h * sdv_h) + d[None, :] * sdv_d,
-                  mask=m2, other=0.0).to(tl.float32)
+    gx = _load_tile(g_ptr, t, b, h, d, m2, sg_t, sg_b, sg_h, sg_d)
+    dyk = _load_tile(dko_ptr, t, b, h, d, m2, sdk_t, sdk_b, sdk_h, sdk_d)
+    dyv = _load_tile(dvo_ptr, t, b, h, d, m2, sdv_t, sdv_b, sdv_h, sdv_d)
     a, w, e = _gates(gx, m2)
 
     # ---- reverse-time scan of u_t = a_t (dy_t + u_{t+1}) = a_t dh_t (aggregate first: it
@@ -399,21 +399,21 @@ def _bwd_configs():
 _FWD_BT = sorted({c.kwargs["BT"] for c in _fwd_configs()})
 
 
-def _vec_ok(c, D):
+def _fits_head(c, D):
     """Blocks never span heads: skip blocks much wider than the head (masked lanes)."""
     return c.kwargs["BD"] <= max(32, triton.next_power_of_2(D))
 
 
 def _prune_fwd(configs, named_args, **kwargs):
     D = named_args["D"] if "D" in named_args else kwargs["D"]
-    keep = [c for c in configs if _vec_ok(c, D)]
+    keep = [c for c in configs if _fits_head(c, D)]
     return keep or [_cfg(64, 32, 1, 4)]
 
 
 def _prune_bwd(configs, named_args, **kwargs):
     D = named_args["D"] if "D" in named_args else kwargs["D"]
     bt_f = named_args["BT_F"]
-    keep = [c for c in configs if _vec_ok(c, D) and c.kwargs["BT"] % bt_f == 0]
+    keep = [c for c in configs if _fits_head(c, D) and c.kwargs["BT"] % bt_f == 0]
     return keep or [_cfg(bt_f, 32, 1, max(4, min(16, bt_f // 8)), 1)]
 
 
