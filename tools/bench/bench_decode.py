@@ -117,17 +117,21 @@ def profile_steps(a, dtype, device, steps: int = 4):
 
     model_name, T = a.models.split(",")[0], int(a.contexts.split(",")[0])
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    for backends in (decode_mod.DECODE_SDPA_BACKENDS, None):
-        decode_mod.DECODE_SDPA_BACKENDS = backends
-        for setting in a.settings.split(","):
-            model = build(model_name, setting, dtype, device)
-            cache = model.new_cache()
-            fill_prefill(model, cache, T, a.prefill_chunk)
-            time_decode(model, cache, 2, 2, device)
-            with profile(activities=acts) as prof:
-                sec = time_decode(model, cache, 0, steps, device)
-            print(f"## {model_name} T={T} {setting} SDPA backends {backends}: {sec * 1e3:.2f} ms / token")
-            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=60))
+    ours = decode_mod.DECODE_SDPA_BACKENDS
+    try:
+        for backends in (ours, None):
+            decode_mod.DECODE_SDPA_BACKENDS = backends
+            for setting in a.settings.split(","):
+                model = build(model_name, setting, dtype, device)
+                cache = model.new_cache()
+                fill_prefill(model, cache, T, a.prefill_chunk)
+                time_decode(model, cache, 2, 2, device)
+                with profile(activities=acts) as prof:
+                    sec = time_decode(model, cache, 0, steps, device)
+                print(f"## {model_name} T={T} {setting} SDPA backends {backends}: {sec * 1e3:.2f} ms / token")
+                print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=60))
+    finally:
+        decode_mod.DECODE_SDPA_BACKENDS = ours
 
 
 def main(argv=None):
