@@ -174,6 +174,39 @@ def test_fused_other_block_shapes(fwd, bwd):
             _check(T, 1, 1, 16, (D, W, P), seed=T)
 
 
+_SPLIT_BWD = dict(dq=dict(BLK=16, BN1=16, BG=16), dkdv=dict(BLK=16, BM2=16), far=dict(BG=16, BM2=16))
+
+
+@pytest.mark.parametrize("T,D,P", [(80, 16, 0), (90, 4, 0), (70, 4, 1), (48, 7, 9), (33, 5, 40),
+                                   (50, 1, 0), (40, -1, 0), (64, 64, 0), (17, 16, 0)])
+@pytest.mark.parametrize("path", ["single_pass", "single_pass_reload", "split"])
+def test_fused_w0_backward_paths(T, D, P, path):
+    """W = 0 has two backwards: the single pass (global keys held per query segment, delta from
+    the scores; RELOAD: the keys reread per query block) and the split three-kernel one. Both
+    against the reference, with the lse gradient, several query segments (interpreter: 2 blocks
+    each) and several heads."""
+    extra = dict(num_warps=4, num_stages=1)
+    bwd = {name: dict(c, **extra) for name, c in _SPLIT_BWD.items()}
+    bwd["w0"] = (dict(BLK=16, NGC_MAX=64, RELOAD=path.endswith("reload"), **extra)
+                 if path.startswith("single_pass") else None)
+    fused_mod._LAST_KERNELS.clear()
+    with fused_mod.block_config(fwd=dict(BM=16, BN=16, BG=16, **extra), bwd=bwd):
+        _check(T, 2, 2, 16, (D, 0, P), seed=T + P)
+    used = {"bwd_w0"} if path.startswith("single_pass") else {"bwd_dq"}
+    assert used <= set(fused_mod._LAST_KERNELS), sorted(fused_mod._LAST_KERNELS)
+
+
+def test_fused_w0_single_pass_needs_few_global_keys():
+    """More global keys than the tile holds: the split backward runs (and is right)."""
+    extra = dict(num_warps=4, num_stages=1)
+    bwd = {name: dict(c, **extra) for name, c in _SPLIT_BWD.items()}
+    bwd["w0"] = dict(BLK=16, NGC_MAX=32, **extra)
+    fused_mod._LAST_KERNELS.clear()
+    with fused_mod.block_config(fwd=dict(BM=16, BN=16, BG=16, **extra), bwd=bwd):
+        _check(90, 1, 2, 16, (2, 0, 0), seed=5)                # 45 global keys > 32
+    assert "bwd_dq" in fused_mod._LAST_KERNELS and "bwd_w0" not in fused_mod._LAST_KERNELS
+
+
 def test_fused_partition_counts_each_pair_once():
     """With v = one-hot key ids, the output is the attention matrix itself: compare it with the
     allowed mask (each allowed key weighted once, no key outside the mask)."""
@@ -270,6 +303,18 @@ def test_gpu_realistic_bf16(poisoned, pattern):
 def test_gpu_odd_shapes(poisoned, T, D, W, P, Dh):
     _check(T, 2, 4, Dh, (D, W, P), dtype=torch.bfloat16, fused_view=True, tol=(1e-2, 2e-2), seed=T)
     _check(T, 1, 2, Dh, (D, W, P), dtype=torch.float32, tol=(1e-5, 1e-5), seed=T + 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,D,P,Dh", [(4096, 64, 0, 128), (1000, 64, 0, 64), (777, 16, 3, 128)])
+def test_gpu_w0_single_pass(poisoned, T, D, P, Dh):
+    """The single-pass W = 0 backward (whether or not it is the default) at realistic shapes."""
+    bwd = dict(fused_mod._bwd_config(Dh, torch.bfloat16),
+               w0=dict(BLK=32, NGC_MAX=64, RELOAD=False, num_warps=8, num_stages=1, PROGS_PER_SM=4))
+    fused_mod._LAST_KERNELS.clear()
+    with fused_mod.block_config(bwd=bwd):
+        _check(T, 2, 4, Dh, (D, 0, P), dtype=torch.bfloat16, fused_view=True, tol=(1e-2, 2e-2), seed=T)
+    assert "bwd_w0" in fused_mod._LAST_KERNELS
 
 
 @pytest.mark.gpu

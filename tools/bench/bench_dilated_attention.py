@@ -178,6 +178,37 @@ def _regs(fm, which) -> str:
     return f"(regs {getattr(k, 'n_regs', '?')}, spills {getattr(k, 'n_spills', '?')})" if k else ""
 
 
+# Launch configurations timed by --sweep (and compiled offline by tools/bench/kernel_resources.py):
+# the forward's, and per backward kernel the variants tried one at a time against the default.
+FWD_SWEEP = [dict(BM=64, BN=32, BG=32, num_warps=4, num_stages=3),
+             dict(BM=64, BN=64, BG=32, num_warps=4, num_stages=3),
+             dict(BM=128, BN=32, BG=32, num_warps=8, num_stages=3),
+             dict(BM=64, BN=32, BG=32, num_warps=8, num_stages=3)]
+BWD_SWEEP_VARIANTS = {
+    "dq": [dict(BLK=128, BN1=64, BG=64, num_warps=8, num_stages=2),
+           dict(BLK=64, BN1=64, BG=64, num_warps=8, num_stages=2),
+           dict(BLK=128, BN1=32, BG=32, num_warps=8, num_stages=2),
+           dict(BLK=32, BN1=32, BG=32, num_warps=4, num_stages=3),        # no spills offline (W=0)
+           dict(BLK=64, BN1=32, BG=32, num_warps=8, num_stages=3)],
+    "dkdv": [dict(BLK=128, BM2=64, num_warps=8, num_stages=2),
+             dict(BLK=128, BM2=32, num_warps=8, num_stages=3),
+             dict(BLK=64, BM2=32, num_warps=4, num_stages=3),              # no spills offline
+             dict(BLK=64, BM2=64, num_warps=8, num_stages=2)],
+    "far": [dict(BG=128, BM2=64, num_warps=8, num_stages=2, PROGS_PER_SM=8),
+            dict(BG=64, BM2=32, num_warps=4, num_stages=3, PROGS_PER_SM=8),  # no spills offline
+            dict(BG=64, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=16),
+            dict(BG=64, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=4),
+            dict(BG=32, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=8)],
+    # the single-pass W = 0 backward (replaces dq + far when it applies)
+    "w0": [dict(BLK=32, NGC_MAX=64, RELOAD=False, num_warps=8, num_stages=1, PROGS_PER_SM=4),
+           dict(BLK=32, NGC_MAX=64, RELOAD=False, num_warps=8, num_stages=1, PROGS_PER_SM=2),
+           dict(BLK=32, NGC_MAX=64, RELOAD=False, num_warps=8, num_stages=1, PROGS_PER_SM=8),
+           dict(BLK=16, NGC_MAX=64, RELOAD=False, num_warps=8, num_stages=2, PROGS_PER_SM=4),
+           dict(BLK=32, NGC_MAX=64, RELOAD=True, num_warps=8, num_stages=2, PROGS_PER_SM=4),
+           dict(BLK=64, NGC_MAX=64, RELOAD=False, num_warps=8, num_stages=1, PROGS_PER_SM=4)],
+}
+
+
 def run_sweep(args) -> None:
     import ratplus_kernels.dilated_attention.fused as fm
     from ratplus_kernels.dilated_attention import fused_dilated_attention
@@ -186,23 +217,9 @@ def run_sweep(args) -> None:
     q, k, v, do = (torch.randn(T, B, H, DH, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     for x in (q, k, v):
         x.requires_grad_(True)
-    fwd_cfgs = [dict(BM=64, BN=32, BG=32, num_warps=4, num_stages=3),
-                dict(BM=64, BN=64, BG=32, num_warps=4, num_stages=3),
-                dict(BM=128, BN=32, BG=32, num_warps=8, num_stages=3)]
+    fwd_cfgs = FWD_SWEEP
     base = fm._bwd_config(DH, torch.bfloat16)
-    variants = {
-        "dq": [dict(BLK=64, BN1=32, BG=32, num_warps=4, num_stages=3),
-               dict(BLK=128, BN1=64, BG=64, num_warps=8, num_stages=2),
-               dict(BLK=64, BN1=64, BG=64, num_warps=8, num_stages=2),
-               dict(BLK=128, BN1=32, BG=32, num_warps=8, num_stages=2)],
-        "dkdv": [dict(BLK=128, BM2=64, num_warps=8, num_stages=2),
-                 dict(BLK=128, BM2=32, num_warps=8, num_stages=3),
-                 dict(BLK=64, BM2=32, num_warps=4, num_stages=3)],
-        "far": [dict(BG=128, BM2=64, num_warps=8, num_stages=2, PROGS_PER_SM=8),
-                dict(BG=64, BM2=32, num_warps=4, num_stages=3, PROGS_PER_SM=8),
-                dict(BG=64, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=16),
-                dict(BG=64, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=4)],
-    }
+    variants = BWD_SWEEP_VARIANTS
     bwd_cfgs = [base] + [dict(base, **{name: c}) for name, cs in variants.items() for c in cs]
     qd, kd, vd = q.detach(), k.detach(), v.detach()
     print("\nsweep at B=4 T=4096 (ms)")
@@ -219,6 +236,9 @@ def run_sweep(args) -> None:
         for bc in bwd_cfgs:
             if pat[1] == 0 and bc["dkdv"] != base["dkdv"]:
                 continue                                  # no band kernel when W = 0
+            if pat[1] != 0 and bc.get("w0") != base.get("w0"):
+                continue                                  # the single pass is W = 0 only
+            fm._LAST_KERNELS.clear()
             with fm.block_config(bwd=bc):
                 try:
                     def run(pat=pat):
@@ -229,13 +249,16 @@ def run_sweep(args) -> None:
                     ms = float("nan")
                     print("  bwd cfg failed:", bc, type(e).__name__, str(e)[-300:])
             changed = {n: c for n, c in bc.items() if c != base[n]} or "default"
-            regs = " ".join(f"{n}:{_regs(fm, 'bwd_' + n)}" for n in ("dq", "dkdv", "far"))
+            regs = " ".join(f"{n}:{_regs(fm, 'bwd_' + n)}" for n in ("dq", "dkdv", "far", "w0")
+                            if "bwd_" + n in fm._LAST_KERNELS)
             print(f"  {pat} fwd+bwd {changed}: {ms:.4f} {regs}")
         del out
 
 
 def run_profile(args) -> None:
-    """Per-kernel CUDA time of the default configuration at the anchor shape."""
+    """Per-kernel CUDA time at the anchor shape: the default configuration, and for W = 0 also
+    the single-pass backward's first candidate when it is not the default."""
+    import ratplus_kernels.dilated_attention.fused as fm
     from ratplus_kernels.dilated_attention import fused_dilated_attention
     from torch.profiler import ProfilerActivity, profile
 
@@ -243,17 +266,23 @@ def run_profile(args) -> None:
     q, k, v, do = (torch.randn(T, B, H, DH, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     for x in (q, k, v):
         x.requires_grad_(True)
+    base = fm._bwd_config(DH, torch.bfloat16)
     for pat in PATTERNS:
-        for _ in range(3):
-            torch.autograd.grad(fused_dilated_attention(q, k, v, *pat), (q, k, v), do)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                torch.autograd.grad(fused_dilated_attention(q, k, v, *pat), (q, k, v), do)
-            torch.cuda.synchronize()
-        print(f"\nprofile {pat} B=4 T=4096 (per call, us):")
-        for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
-            print(f"  {e.key[:60]:60s} {e.device_time_total / 10:9.1f}")
+        settings = [("default", None)]
+        if pat[1] == 0 and base.get("w0") is None:
+            settings.append(("single-pass w0", dict(base, w0=BWD_SWEEP_VARIANTS["w0"][0])))
+        for label, bwd in settings:
+            with fm.block_config(bwd=bwd):
+                for _ in range(3):
+                    torch.autograd.grad(fused_dilated_attention(q, k, v, *pat), (q, k, v), do)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(10):
+                        torch.autograd.grad(fused_dilated_attention(q, k, v, *pat), (q, k, v), do)
+                    torch.cuda.synchronize()
+            print(f"\nprofile {pat} {label} B=4 T=4096 (per call, us):")
+            for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
+                print(f"  {e.key[:60]:60s} {e.device_time_total / 10:9.1f}")
 
 
 def run_main(args) -> None:

@@ -13,6 +13,9 @@
 #   rec_bench   bench_recurrence.py $REC_ARGS (the docs/benchmarks.md table)
 #   da_tests    pytest -m gpu tests/kernels/test_dilated_attention.py
 #   da_bench    bench_dilated_attention.py $DA_ARGS
+#   da_sweep    bench_dilated_attention.py --sweep --no-main --no-decode (every launch configuration,
+#               the single-pass W = 0 backward included) and --profile (per-kernel times)
+#   resources   tools/bench/kernel_resources.py --sweep (registers / spills with the host's Triton)
 #   decode16    the same with 16 sequences per step
 #   decode_profile  torch.profiler tables of a few decoding steps (tiny, 4K, dense and D16/W256/P4)
 #   decode      bench_decode.py on CUDA, bf16, real prefill, $DECODE_ARGS
@@ -50,6 +53,9 @@ for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
     gpu_tests) step gpu_tests 480 python3 -m pytest -q -p no:cacheprovider -m gpu tests ;;
     da_tests)  step da_tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_dilated_attention.py ;;
     da_bench)  step da_bench 420 python3 tools/bench/bench_dilated_attention.py ${DA_ARGS:-} ;;
+    da_sweep)  TAIL=200 step da_sweep 540 python3 tools/bench/bench_dilated_attention.py --sweep --no-main \
+                 --no-decode --profile ;;
+    resources) TAIL=120 step resources 300 python3 tools/bench/kernel_resources.py --sweep ;;
     decode)    step decode 540 python3 tools/bench/bench_decode.py --device cuda --dtype bfloat16 --fill prefill \
                  --steps 32 --warmup 4 ${DECODE_ARGS:-} ;;
     decode16)  step decode16 540 python3 tools/bench/bench_decode.py --device cuda --dtype bfloat16 --fill prefill \

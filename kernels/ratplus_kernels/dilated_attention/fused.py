@@ -55,6 +55,15 @@ key-major pass recomputes the far scores (two extra products per far tile) and r
 ``2 * n_segments * NG * Dh`` per head. Summation order of the global rows' fp32 atomics is not
 deterministic (at the level of fp32 rounding, like flash-attention's ``dq``).
 
+Single-pass backward for ``W = 0`` (``_bwd_w0_kernel``, used instead of kernels 1 and 3 when
+``_W0_CONFIG`` is set and the global keys fit one tile, e.g. T=4096 with D=64): one program per
+(query segment, batch x head) holds every global key of its head and their ``dk, dv``
+accumulators, walks its query blocks once and adds the accumulators into the compact buffer once.
+It takes ``delta_t = sum_j P_tj dP_tj`` from the scores in registers instead of ``sum(o_t do_t)``,
+so ``o`` is not read: 7 tensor passes (q, k, v, do in; dq, dk, dv out) against the split
+backward's 8 plus the far pass's reread of q and do. The products are written key-major
+(``[global keys, queries]``) so that no operand is replicated across warps.
+
 The log-sum-exp output is differentiable: its gradient enters as ``delta_t - dlse_t``.
 
 Under ``TRITON_INTERPRET=1`` (CPU) the same kernels run through Triton's interpreter with small
@@ -425,6 +434,88 @@ def _bwd_far_kernel(
 
 
 @triton.jit
+def _bwd_w0_kernel(
+    Q, K, V, DO, LSE, DLSE, DQ, DK, DV, DKG, DVG,
+    sqt, sqb, sqh, skt, skb, skh, svt, svb, svh, sdt, sdb, sdh,
+    sgt, sgb, sgh,
+    T, H, P, D, CMIN, NS, NG, SEG, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    BLK: tl.constexpr, NGC: tl.constexpr, PREC: tl.constexpr, HAS_DLSE: tl.constexpr,
+    UPCAST: tl.constexpr, RELOAD: tl.constexpr,
+):
+    """Single-pass backward for W = 0 with few global keys (``NG <= NGC``): one program per
+    (segment of SEG queries, batch x head) holds all global keys of its head and their dk, dv
+    accumulators, walks its query blocks once (dq and the diagonal dk, dv stored directly) and
+    adds its global-key gradients into the compact fp32 buffers once at the end.
+
+    ``delta_t = sum_j P_tj dP_tj`` is formed from the scores already in registers (every allowed
+    key of a row is visited in the same iteration), so the output ``o`` is not read: the pass
+    moves q, k, v, do in and dq, dk, dv out (7 tensors) instead of the split backward's 8 plus
+    the far pass's reread of q, do."""
+    pid_s = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    bh64 = bh.to(tl.int64)
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    do_base = DO + b * sdb + h * sdh
+    out_base = b * sgb + h * sgh
+    m_lo = pid_s * SEG
+    m_hi = tl.minimum(m_lo + SEG, T)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    # global keys some query of the segment sees beyond its diagonal (j < t <= m_hi - 1)
+    n_vis = _n_global(m_hi - 2, P, D, CMIN)
+    g = tl.arange(0, NGC)
+    gv = g < n_vis
+    j = _global_key(g, P, D, CMIN, NS)
+    if not RELOAD:
+        kg = _load_rows(k_base, j, skt, gv, d, dmask, EVEN_D)
+        vg = _load_rows(v_base, j, svt, gv, d, dmask, EVEN_D)
+    dkg = tl.zeros([NGC, BLOCK_D], tl.float32)
+    dvg = tl.zeros([NGC, BLOCK_D], tl.float32)
+    for m0 in range(m_lo, m_hi, BLK):
+        rows = m0 + tl.arange(0, BLK)
+        rm = rows < m_hi
+        q = _load_rows(q_base, rows, sqt, rm, d, dmask, EVEN_D)
+        do = _load_rows(do_base, rows, sdt, rm, d, dmask, EVEN_D)
+        lse2 = tl.load(LSE + bh64 * T + rows, mask=rm, other=0.0) * 1.4426950408889634
+        if RELOAD:   # from L2 each block: fewer live registers than holding them
+            kg = _load_rows(k_base, j, skt, gv, d, dmask, EVEN_D)
+            vg = _load_rows(v_base, j, svt, gv, d, dmask, EVEN_D)
+        # far: the gathered global keys j < t, key-major ([NGC, BLK]: the global keys are the
+        # M side of every product, so no operand is replicated across the warps)
+        sT = _dot(kg, tl.trans(q), PREC, UPCAST) * qk_scale
+        allowed = gv[:, None] & rm[None, :] & (j[:, None] < rows[None, :])
+        pT = tl.where(allowed, tl.exp2(sT - lse2[None, :]), 0.0)
+        dpT = _dot(vg, tl.trans(do), PREC, UPCAST)
+        # diagonal: one score per row
+        kn = _load_rows(k_base, rows, skt, rm, d, dmask, EVEN_D)
+        vn = _load_rows(v_base, rows, svt, rm, d, dmask, EVEN_D)
+        p_d = tl.where(rm, tl.exp2(tl.sum(q.to(tl.float32) * kn.to(tl.float32), 1) * qk_scale - lse2), 0.0)
+        dp_d = tl.sum(do.to(tl.float32) * vn.to(tl.float32), 1)
+        delta = tl.sum(pT * dpT, 0) + p_d * dp_d
+        if HAS_DLSE:
+            delta -= tl.load(DLSE + bh64 * T + rows, mask=rm, other=0.0)
+        dsT = pT * (dpT - delta[None, :])
+        ds_d = p_d * (dp_d - delta)
+        dkg += _dot(dsT.to(q.dtype), q, PREC, UPCAST)
+        dvg += _dot(pT.to(do.dtype), do, PREC, UPCAST)
+        dq = _dot(tl.trans(dsT.to(kg.dtype)), kg, PREC, UPCAST) + ds_d[:, None] * kn.to(tl.float32)
+        dq_off = out_base + rows[:, None].to(tl.int64) * sgt + d[None, :]
+        tl.store(DQ + dq_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=_row_mask(rm, dmask, EVEN_D))
+        _bwd_store_dkdv(ds_d[:, None] * q.to(tl.float32) * sm_scale, p_d[:, None] * do.to(tl.float32),
+                        rows, rm, DK, DV, DKG, DVG, out_base, sgt, d, dmask, bh64, NG, P, D, CMIN,
+                        HEAD_DIM, EVEN_D)
+    gp = (bh64 * NG + g)[:, None] * HEAD_DIM + d[None, :]
+    gm = _row_mask(gv, dmask, EVEN_D)
+    tl.atomic_add(DKG + gp, dkg * sm_scale, mask=gm, sem="relaxed")
+    tl.atomic_add(DVG + gp, dvg, mask=gm, sem="relaxed")
+
+
+@triton.jit
 def _bwd_global_kernel(
     DKG, DVG, DK, DV, sgt, sgb, sgh, H, NG, P, D, CMIN, NS,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BR: tl.constexpr,
@@ -453,6 +544,12 @@ def _bwd_global_kernel(
 _INTERPRET_BLOCKS = {"fwd": dict(BM=16, BN=16, BG=16), "bwd": dict(BLK=16, BN1=16, BM2=16, BG=16)}
 # Optional override of the launch configuration (tests and the benchmark's sweep).
 _OVERRIDE: dict = {"fwd": None, "bwd": None}
+# Launch configuration of the single-pass W = 0 backward (bf16/fp16), or None for the split
+# backward. Off until it is timed against the split backward on a GPU: it compiles for sm_90
+# without spills (tools/bench/kernel_resources.py) and moves 7 tensors instead of 10, but holds
+# one CTA per SM; `bench_dilated_attention.py --sweep` times its candidates
+# (BWD_SWEEP_VARIANTS["w0"]).
+_W0_CONFIG: Optional[dict] = None
 # The last launched compiled kernels (the benchmark prints their registers / spills).
 _LAST_KERNELS: dict = {}
 
@@ -485,24 +582,27 @@ def _fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
 
 
 def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Launch configurations of the three backward kernels: ``dq`` (query-major), ``dkdv``
-    (key-major band) and ``far`` (key-major gathered global keys; PROGS_PER_SM sets how finely
-    the queries are segmented)."""
+    """Launch configurations of the backward kernels: ``dq`` (query-major), ``dkdv`` (key-major
+    band) and ``far`` (key-major gathered global keys; PROGS_PER_SM sets how finely the queries
+    are segmented), and ``w0``, the single-pass kernel used instead of all three when ``W = 0``
+    and the global keys fit one tile of ``NGC_MAX`` rows (``None``: never)."""
     if _OVERRIDE["bwd"] is not None:
         return dict(_OVERRIDE["bwd"])
     if _interpreting():
         b = _INTERPRET_BLOCKS["bwd"]
         x = dict(num_warps=4, num_stages=1)
         return dict(dq=dict(BLK=b["BLK"], BN1=b["BN1"], BG=b["BG"], **x),
-                    dkdv=dict(BLK=b["BLK"], BM2=b["BM2"], **x), far=dict(BG=b["BG"], BM2=b["BM2"], **x))
+                    dkdv=dict(BLK=b["BLK"], BM2=b["BM2"], **x), far=dict(BG=b["BG"], BM2=b["BM2"], **x),
+                    w0=dict(BLK=b["BLK"], NGC_MAX=64, RELOAD=False, **x) if _W0_CONFIG else None)
     if dtype == torch.float32:
         x = dict(num_warps=4, num_stages=1)
         return dict(dq=dict(BLK=32, BN1=32, BG=32, **x), dkdv=dict(BLK=32, BM2=32, **x),
-                    far=dict(BG=32, BM2=32, **x))
+                    far=dict(BG=32, BM2=32, **x), w0=None)
     # chosen by tools/bench/bench_dilated_attention.py --sweep on an H100 (2026-11-23)
     return dict(dq=dict(BLK=64, BN1=32, BG=32, num_warps=4, num_stages=3),
                 dkdv=dict(BLK=64, BM2=64, num_warps=4, num_stages=2),
-                far=dict(BG=64, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=8))
+                far=dict(BG=64, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=8),
+                w0=_W0_CONFIG)
 
 
 def _pattern_args(T: int, dilation: int, initial: int):
@@ -545,13 +645,23 @@ def _forward(q, k, v, dilation, window, initial, scale):
     return out, lse
 
 
-def _far_segments(T: int, n_tiles: int, bh: int, bm: int, progs_per_sm: int, device) -> int:
-    """Query-segment length of the far pass: enough programs to fill the GPU, few atomics."""
+def _query_segment(T: int, n_programs_other: int, bm: int, progs_per_sm: int, device) -> int:
+    """Query-segment length (a multiple of ``bm``) of the kernels that split the queries into
+    segments: enough programs to fill the GPU, as few segments (hence atomics) as possible."""
     if _interpreting():
         return 2 * bm                                        # several segments in tests
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    n_seg = max(1, min(triton.cdiv(progs_per_sm * sms, max(n_tiles * bh, 1)), triton.cdiv(T, bm)))
+    n_seg = max(1, min(triton.cdiv(progs_per_sm * sms, max(n_programs_other, 1)), triton.cdiv(T, bm)))
     return triton.cdiv(triton.cdiv(T, n_seg), bm) * bm
+
+
+def _w0_tile(cfg: Optional[dict], window: int, ng: int, block_d: int) -> int:
+    """Rows of the global-key tile of the single-pass W = 0 backward, or 0 when it does not
+    apply (W > 0, disabled, or more global keys than its tile holds)."""
+    if cfg is None or window != 0 or block_d > 128:
+        return 0
+    ngc = max(16, triton.next_power_of_2(max(ng, 1)))
+    return ngc if ngc <= cfg["NGC_MAX"] else 0
 
 
 def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
@@ -563,15 +673,48 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
     dv = _new_output((T, B, H, Dh), v.dtype, dev)
     ngb = max(ng, 1)
     gbuf = torch.zeros((2, B * H, ngb, Dh), dtype=torch.float32, device=dev)
-    delta = torch.empty((B * H, T), dtype=torch.float32, device=dev)
     cfg = _bwd_config(Dh, q.dtype)
-    c1, c2, c3 = dict(cfg["dq"]), dict(cfg["dkdv"]), dict(cfg["far"])
     block_d, even_d = _dims(Dh)
     has_dlse = dlse is not None
     common = dict(HEAD_DIM=Dh, BLOCK_D=block_d, EVEN_D=even_d, PREC=_prec(q.dtype),
                   UPCAST=_upcast(q.dtype))
     s_in = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
     scales = (scale * _LOG2E, scale)
+    ngc = _w0_tile(cfg.get("w0"), window, ng, block_d)
+    if ngc:
+        # W = 0, few global keys: one pass (dq, diagonal dk/dv, global dk/dv)
+        c0 = dict(cfg["w0"])
+        per_sm = c0.pop("PROGS_PER_SM", 2)
+        c0.pop("NGC_MAX")
+        c0.setdefault("RELOAD", False)
+        seg = _query_segment(T, B * H, c0["BLK"], per_sm, dev)
+        _LAST_KERNELS["bwd_w0"] = _bwd_w0_kernel[(triton.cdiv(T, seg), B * H)](
+            q, k, v, dout, lse, dlse if has_dlse else lse, dq, dk, dv, gbuf[0], gbuf[1],
+            *s_in, *dout.stride()[:3], *dq.stride()[:3],
+            T, H, initial, D, cmin, ns, ngb, seg, *scales,
+            NGC=ngc, HAS_DLSE=has_dlse, **common, **c0,
+        )
+    else:
+        _backward_split(q, k, v, out, lse, dout, dlse, dq, dk, dv, gbuf, cfg, window, initial,
+                        D, cmin, ns, ng, common, s_in, scales)
+    # global rows of dk, dv from the fp32 buffers
+    if ng > 0:
+        br = 64
+        _bwd_global_kernel[(triton.cdiv(ng, br), B * H)](
+            gbuf[0], gbuf[1], dk, dv, *dk.stride()[:3], H, ng, initial, D, cmin, ns,
+            HEAD_DIM=Dh, BLOCK_D=block_d, EVEN_D=even_d, BR=br, num_warps=4,
+        )
+    return dq, dk, dv
+
+
+def _backward_split(q, k, v, out, lse, dout, dlse, dq, dk, dv, gbuf, cfg, window, initial,
+                    D, cmin, ns, ng, common, s_in, scales):
+    """The general backward: query-major dq, key-major band dk/dv, key-major far dk/dv."""
+    T, B, H, Dh = q.shape
+    ngb = max(ng, 1)
+    has_dlse = dlse is not None
+    delta = torch.empty((B * H, T), dtype=torch.float32, device=q.device)
+    c1, c2, c3 = dict(cfg["dq"]), dict(cfg["dkdv"]), dict(cfg["far"])
     # 1. query-major: delta, dq; with W = 0 also the (diagonal) band dk, dv
     _LAST_KERNELS["bwd_dq"] = _bwd_dq_kernel[(triton.cdiv(T, c1["BLK"]), B * H)](
         q, k, v, out, dout, lse, dlse if has_dlse else lse, delta, dq, dk, dv, gbuf[0], gbuf[1],
@@ -591,20 +734,12 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
     if ng > 0 and j0 + window + 1 < T:
         per_sm = c3.pop("PROGS_PER_SM", 8)
         n_tiles = triton.cdiv(ng, c3["BG"])
-        seg = _far_segments(T, n_tiles, B * H, c3["BM2"], per_sm, dev)
+        seg = _query_segment(T, n_tiles * B * H, c3["BM2"], per_sm, q.device)
         _LAST_KERNELS["bwd_far"] = _bwd_far_kernel[(n_tiles, triton.cdiv(T, seg), B * H)](
             q, k, v, dout, lse, delta, gbuf[0], gbuf[1],
             *s_in, *dout.stride()[:3],
             T, H, window, initial, D, cmin, ns, ngb, seg, *scales, **common, **c3,
         )
-    # 4. global rows of dk, dv from the fp32 buffers
-    if ng > 0:
-        br = 64
-        _bwd_global_kernel[(triton.cdiv(ng, br), B * H)](
-            gbuf[0], gbuf[1], dk, dv, *dk.stride()[:3], H, ng, initial, D, cmin, ns,
-            HEAD_DIM=Dh, BLOCK_D=block_d, EVEN_D=even_d, BR=br, num_warps=4,
-        )
-    return dq, dk, dv
 
 
 class _FusedDilatedAttention(torch.autograd.Function):

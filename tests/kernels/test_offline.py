@@ -1,0 +1,92 @@
+"""Offline compilation of the kernels for sm_90 (ratplus_kernels.offline, tools/bench/kernel_resources.py).
+
+The compile must happen outside the Triton interpreter (which tests/conftest.py turns on for the
+whole CPU session), so it runs in a subprocess with TRITON_INTERPRET=0.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from ratplus_kernels.offline import KernelResources
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _ptxas_available() -> bool:
+    try:
+        from ratplus_kernels.offline import ptxas_path
+        return os.path.exists(ptxas_path())
+    except (ImportError, FileNotFoundError):
+        return False
+
+
+needs_ptxas = pytest.mark.skipif(not _ptxas_available(), reason="this Triton ships no ptxas")
+
+
+def _run(code: str = "", args=()):
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "kernels"), str(ROOT)]))
+    cmd = [sys.executable] + (["-c", textwrap.dedent(code)] if code else list(args))
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_ctas_per_sm_follows_the_sm90_limits():
+    def res(regs, warps, shared):
+        return KernelResources("k", warps, 1, regs, 0, 0, 0, shared)
+    assert res(255, 8, 0).ctas_per_sm == 1            # 8 warps x 32 x 256 registers = 64K
+    assert res(128, 4, 0).ctas_per_sm == 4
+    assert res(128, 4, 96 * 1024).ctas_per_sm == 2    # shared memory binds first
+    assert res(32, 1, 0).ctas_per_sm == 32             # CTA limit
+    assert res(255, 8, 240 * 1024).ctas_per_sm == 0    # does not fit at all
+
+
+@needs_ptxas
+def test_offline_compile_launches_nothing_and_reports_resources():
+    """Inside offline_compilation a launch compiles for sm_90 and returns without running: the
+    outputs keep their poison, and ptxas reports the kernel's registers."""
+    proc = _run("""
+        import torch
+        import ratplus_kernels.dilated_attention.fused as fm
+        from ratplus_kernels.offline import offline_compilation, kernel_resources
+        fm._new_output = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype)
+        q = torch.randn(300, 1, 2, 64, dtype=torch.bfloat16)
+        with offline_compilation(90) as compiled:
+            out, lse = fm._forward(q, q, q, 16, 32, 4, 0.125)
+        assert len(compiled) == 1 and compiled[0].metadata.target.arch == 90
+        assert torch.isnan(out.float()).all() and torch.isnan(lse).all()
+        r = kernel_resources(compiled[0])
+        assert r.name == "_fwd_kernel" and 0 < r.registers <= 255 and r.num_warps == 4
+        print("regs", r.registers, "ctas", r.ctas_per_sm)
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "regs" in proc.stdout
+
+
+@needs_ptxas
+def test_kernel_resources_tool_table():
+    """The tool compiles every default launch configuration of both kernel families; the
+    recurrence's autotuning candidates must not spill (they were chosen that way)."""
+    proc = _run(args=["tools/bench/kernel_resources.py"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ")]
+    header, body = [c.strip() for c in rows[0]], [[c.strip() for c in r] for r in rows[1:]]
+    col = {name: i for i, name in enumerate(header)}
+    kernels = {(r[col["family"]], r[col["kernel"]]) for r in body}
+    assert {("recurrence", "fwd_kernel"), ("recurrence", "bwd_kernel"), ("dilated", "fwd_kernel"),
+            ("dilated", "bwd_dq_kernel"), ("dilated", "bwd_dkdv_kernel"), ("dilated", "bwd_far_kernel"),
+            ("dilated", "bwd_w0_kernel")} <= kernels
+    for r in body:
+        assert 0 < int(r[col["regs"]]) <= 255
+        if r[col["family"]] == "recurrence":
+            assert r[col["spill st/ld B"]] == "0/0", r
+
+
+def test_kernel_resources_tool_rejects_unknown_family():
+    proc = _run(args=["tools/bench/kernel_resources.py", "--kernels", "recurrence,flash"])
+    assert proc.returncode == 2
+    assert "unknown kernels ['flash']" in proc.stderr

@@ -1,0 +1,140 @@
+"""Registers, spills, shared memory and resident CTAs per SM of the RAT+ Triton kernels, compiled
+offline for an H100 (compute capability 9.0) — no GPU needed.
+
+    PYTHONPATH=kernels:. python tools/bench/kernel_resources.py [--kernels recurrence,dilated]
+        [--sweep] [--arch 90]
+
+For the same compiler as the GPU host, put that Triton first on the path, e.g.
+``pip install --target /tmp/triton36 --no-deps triton==3.6.0`` and ``PYTHONPATH=/tmp/triton36:kernels:.``.
+
+Every kernel is compiled through its real host code at the DESIGN.md anchor shape (B=4, T=4096,
+16 heads x 128, bf16), so constexprs, launch options and argument specialisations are those of a
+GPU launch (see ``ratplus_kernels.offline``). Rows: the default launch configurations (the
+recurrence's autotuning candidates; the dilated attention's per-pattern defaults), and with
+``--sweep`` every configuration the GPU benchmarks' ``--sweep`` times. A configuration that
+spills registers, or fits one CTA per SM, is a candidate to drop before spending GPU time on it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from ratplus_kernels.offline import kernel_resources, offline_compilation  # noqa: E402
+
+B, T, H, DH = 4, 4096, 16, 128
+
+
+def _row(family: str, setting: str, kernel) -> dict:
+    r = kernel_resources(kernel)
+    return dict(family=family, setting=setting, kernel=r.name.strip("_"), warps=r.num_warps,
+                stages=r.num_stages, regs=r.registers, spill=f"{r.spill_stores}/{r.spill_loads}",
+                smem_kib=f"{r.shared / 1024:.0f}", ctas=r.ctas_per_sm, note="SPILLS" if r.spills else "")
+
+
+def recurrence_rows(sweep: bool, arch: int):
+    import bench_recurrence as bench
+    import ratplus_kernels.recurrence.fused as fm
+
+    g, k, v = (torch.empty(T, B, H, DH, dtype=torch.bfloat16) for _ in range(3))
+    fwd = [(c.kwargs["BT"], c.kwargs["BD"], c.kwargs["VEC"], c.num_warps) for c in fm._fwd_configs()]
+    bwd = [(c.kwargs["BT"], c.kwargs["BD"], c.kwargs["VEC"], c.num_warps, c.kwargs["EARLY"])
+           for c in fm._bwd_configs()]
+    if sweep:
+        fwd += [c for c in bench.FWD_SWEEP if c not in fwd]
+        bwd += [c for c in bench.BWD_SWEEP if c not in bwd]
+    rows = []
+    try:
+        fm._FORCE_CONFIG["fwd"] = bench._as_meta((16, 64, 2, 4))   # BT=16 fits every backward
+        with offline_compilation(arch) as compiled:
+            ko, vo, _, _, status, n_alloc, bt = fm._forward(g, k, v, None, None, False)
+        for cfg in fwd:
+            fm._FORCE_CONFIG["fwd"] = bench._as_meta(cfg)
+            with offline_compilation(arch) as compiled:
+                fm._forward(g, k, v, None, None, False)
+            rows.append(_row("recurrence", "fwd %dx%d/%d w%d" % cfg, compiled[0]))
+        for cfg in bwd:
+            fm._FORCE_CONFIG["bwd"] = bench._as_meta(cfg)
+            with offline_compilation(arch) as compiled:
+                fm._backward(g, k, v, ko, vo, None, None, None, None, status, n_alloc, bt)
+            rows.append(_row("recurrence", "bwd %dx%d/%d w%d early=%d" % cfg, compiled[0]))
+    finally:
+        fm._FORCE_CONFIG.update(fwd=None, bwd=None)
+    return rows
+
+
+def dilated_rows(sweep: bool, arch: int):
+    import bench_dilated_attention as bench
+    import ratplus_kernels.dilated_attention.fused as fm
+
+    q, k, v, do = (torch.empty(T, B, H, DH, dtype=torch.bfloat16) for _ in range(4))
+    lse = torch.empty(B, H, T, dtype=torch.float32)
+    scale = DH ** -0.5
+    base = fm._bwd_config(DH, torch.bfloat16)
+    rows = []
+    for pattern in bench.PATTERNS:
+        name = "D=%d W=%d P=%d" % pattern
+        fwd_cfgs = [None] + (bench.FWD_SWEEP if sweep else [])
+        for fc in fwd_cfgs:
+            with fm.block_config(fwd=fc), offline_compilation(arch) as compiled:
+                fm._forward(q, k, v, *pattern, scale)
+            rows.append(_row("dilated", f"{name} fwd {fc or 'default'}", compiled[0]))
+        bwd_cfgs = [("default", base)]
+        if base.get("w0") is None:             # the single pass is not the default: show it too
+            bwd_cfgs.append(("w0", dict(base, w0=bench.BWD_SWEEP_VARIANTS["w0"][0])))
+        if sweep:
+            bwd_cfgs += [(f"{kind} {c}", dict(base, **{kind: c}))
+                         for kind, cs in bench.BWD_SWEEP_VARIANTS.items() for c in cs]
+        for label, bc in bwd_cfgs:
+            with fm.block_config(bwd=bc), offline_compilation(arch) as compiled:
+                fm._backward(q, k, v, q, lse, do, None, *pattern, scale)
+            for kernel in compiled:
+                if "global" in kernel.metadata.name:
+                    continue                   # the tiny row-copy kernel
+                rows.append(_row("dilated", f"{name} bwd {label}", kernel))
+    # one row per distinct compiled kernel and setting (the sweep repeats the unchanged ones)
+    seen, unique = set(), []
+    for r in rows:
+        key = (r["setting"].split(" bwd ")[0], r["kernel"], r["warps"], r["stages"], r["regs"],
+               r["spill"], r["smem_kib"])
+        if key not in seen or "default" in r["setting"]:
+            seen.add(key)
+            unique.append(r)
+    return unique
+
+
+def print_table(rows) -> None:
+    cols = ["family", "setting", "kernel", "warps", "stages", "regs", "spill", "smem_kib", "ctas", "note"]
+    head = {"spill": "spill st/ld B", "smem_kib": "smem KiB", "ctas": "CTAs/SM"}
+    print("| " + " | ".join(head.get(c, c) for c in cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kernels", default="recurrence,dilated")
+    ap.add_argument("--sweep", action="store_true", help="also every configuration the GPU sweeps time")
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10")
+    args = ap.parse_args(argv)
+    families = {"recurrence": recurrence_rows, "dilated": dilated_rows}
+    unknown = set(args.kernels.split(",")) - set(families)
+    if unknown:
+        ap.error(f"unknown kernels {sorted(unknown)}; choose from {sorted(families)}")
+    print(f"offline compilation for sm_{args.arch}: triton {triton.__version__}, torch {torch.__version__}, "
+          f"B={B} T={T} H={H} Dh={DH} bf16")
+    rows = []
+    for fam in args.kernels.split(","):
+        rows += families[fam](args.sweep, args.arch)
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
