@@ -200,12 +200,12 @@ BWD_SWEEP_VARIANTS = {
             dict(BG=64, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=4),
             dict(BG=32, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=8)],
     # the single-pass W = 0 backward (replaces dq + far when it applies)
-    "w0": [dict(BLK=32, NGC_MAX=64, RELOAD=False, num_warps=8, num_stages=1, PROGS_PER_SM=4),
-           dict(BLK=32, NGC_MAX=64, RELOAD=False, num_warps=8, num_stages=1, PROGS_PER_SM=2),
-           dict(BLK=32, NGC_MAX=64, RELOAD=False, num_warps=8, num_stages=1, PROGS_PER_SM=8),
-           dict(BLK=16, NGC_MAX=64, RELOAD=False, num_warps=8, num_stages=2, PROGS_PER_SM=4),
-           dict(BLK=32, NGC_MAX=64, RELOAD=True, num_warps=8, num_stages=2, PROGS_PER_SM=4),
-           dict(BLK=64, NGC_MAX=64, RELOAD=False, num_warps=8, num_stages=1, PROGS_PER_SM=4)],
+    # (spill-free offline; BLK=64 or 4 warps spill 0.3-3 KB per thread)
+    "w0": [dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=4),
+           dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=2),
+           dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=8),
+           dict(BLK=16, NGC_MAX=64, num_warps=8, num_stages=2, PROGS_PER_SM=4),
+           dict(BLK=16, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=4)],
 }
 
 

@@ -441,7 +441,7 @@ def _bwd_w0_kernel(
     T, H, P, D, CMIN, NS, NG, SEG, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     BLK: tl.constexpr, NGC: tl.constexpr, PREC: tl.constexpr, HAS_DLSE: tl.constexpr,
-    UPCAST: tl.constexpr, RELOAD: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Single-pass backward for W = 0 with few global keys (``NG <= NGC``): one program per
     (segment of SEG queries, batch x head) holds all global keys of its head and their dk, dv
@@ -471,9 +471,8 @@ def _bwd_w0_kernel(
     g = tl.arange(0, NGC)
     gv = g < n_vis
     j = _global_key(g, P, D, CMIN, NS)
-    if not RELOAD:
-        kg = _load_rows(k_base, j, skt, gv, d, dmask, EVEN_D)
-        vg = _load_rows(v_base, j, svt, gv, d, dmask, EVEN_D)
+    kg = _load_rows(k_base, j, skt, gv, d, dmask, EVEN_D)
+    vg = _load_rows(v_base, j, svt, gv, d, dmask, EVEN_D)
     dkg = tl.zeros([NGC, BLOCK_D], tl.float32)
     dvg = tl.zeros([NGC, BLOCK_D], tl.float32)
     for m0 in range(m_lo, m_hi, BLK):
@@ -482,9 +481,6 @@ def _bwd_w0_kernel(
         q = _load_rows(q_base, rows, sqt, rm, d, dmask, EVEN_D)
         do = _load_rows(do_base, rows, sdt, rm, d, dmask, EVEN_D)
         lse2 = tl.load(LSE + bh64 * T + rows, mask=rm, other=0.0) * 1.4426950408889634
-        if RELOAD:   # from L2 each block: fewer live registers than holding them
-            kg = _load_rows(k_base, j, skt, gv, d, dmask, EVEN_D)
-            vg = _load_rows(v_base, j, svt, gv, d, dmask, EVEN_D)
         # far: the gathered global keys j < t, key-major ([NGC, BLK]: the global keys are the
         # M side of every product, so no operand is replicated across the warps)
         sT = _dot(kg, tl.trans(q), PREC, UPCAST) * qk_scale
@@ -593,7 +589,7 @@ def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
         x = dict(num_warps=4, num_stages=1)
         return dict(dq=dict(BLK=b["BLK"], BN1=b["BN1"], BG=b["BG"], **x),
                     dkdv=dict(BLK=b["BLK"], BM2=b["BM2"], **x), far=dict(BG=b["BG"], BM2=b["BM2"], **x),
-                    w0=dict(BLK=b["BLK"], NGC_MAX=64, RELOAD=False, **x) if _W0_CONFIG else None)
+                    w0=dict(BLK=b["BLK"], NGC_MAX=64, **x) if _W0_CONFIG else None)
     if dtype == torch.float32:
         x = dict(num_warps=4, num_stages=1)
         return dict(dq=dict(BLK=32, BN1=32, BG=32, **x), dkdv=dict(BLK=32, BM2=32, **x),
@@ -686,7 +682,6 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
         c0 = dict(cfg["w0"])
         per_sm = c0.pop("PROGS_PER_SM", 2)
         c0.pop("NGC_MAX")
-        c0.setdefault("RELOAD", False)
         seg = _query_segment(T, B * H, c0["BLK"], per_sm, dev)
         _LAST_KERNELS["bwd_w0"] = _bwd_w0_kernel[(triton.cdiv(T, seg), B * H)](
             q, k, v, dout, lse, dlse if has_dlse else lse, dq, dk, dv, gbuf[0], gbuf[1],
