@@ -194,6 +194,66 @@ def test_fused_w0_backward_paths(T, D, P, path):
     assert used <= set(fused_mod._LAST_KERNELS), sorted(fused_mod._LAST_KERNELS)
 
 
+@pytest.fixture
+def w0_auto(monkeypatch):
+    """"auto" selection with a fake timer: records which backward was timed, returns set times."""
+    timed, times = [], {}
+
+    def fake_time(fn):
+        timed.append(fn.__name__)
+        fn()                                                   # runs the candidate once
+        if isinstance(times.get(fn.__name__), Exception):
+            raise times[fn.__name__]
+        return times[fn.__name__]
+
+    monkeypatch.setattr(fused_mod, "_can_time", lambda: True)
+    monkeypatch.setattr(fused_mod, "_time_ms", fake_time)
+    monkeypatch.setattr(fused_mod, "_W0_CHOICE", {})
+    monkeypatch.setattr(fused_mod, "_W0_TIMINGS", {})
+    return timed, times
+
+
+@pytest.mark.parametrize("single_faster", [True, False])
+def test_fused_w0_auto_selection_times_once_per_shape(w0_auto, single_faster):
+    timed, times = w0_auto
+    times.update(single_pass=1.0 if single_faster else 3.0, split=2.0)
+    _check(80, 1, 2, 16, (16, 0, 0), seed=1)                   # times both, runs the faster
+    fused_mod._LAST_KERNELS.clear()
+    _check(80, 1, 2, 16, (16, 0, 0), seed=1)                   # reuses the choice
+    assert ("bwd_w0" in fused_mod._LAST_KERNELS) == single_faster
+    assert ("bwd_dq" in fused_mod._LAST_KERNELS) != single_faster
+    assert timed == ["single_pass", "split"]
+    assert list(fused_mod._W0_CHOICE.values()) == [single_faster]
+    _check(96, 1, 2, 16, (16, 0, 0), seed=2)                   # a new shape is timed again
+    assert timed == ["single_pass", "split"] * 2
+
+
+def test_fused_w0_auto_falls_back_when_the_single_pass_fails(w0_auto):
+    timed, times = w0_auto
+    times.update(single_pass=RuntimeError("out of resources: shared memory"), split=1.0)
+    with pytest.warns(RuntimeWarning, match="single-pass W=0"):
+        _check(80, 1, 2, 16, (16, 0, 0), seed=3)
+    assert list(fused_mod._W0_CHOICE.values()) == [False]
+    fused_mod._LAST_KERNELS.clear()
+    _check(80, 1, 2, 16, (16, 0, 0), seed=4)                   # no second attempt
+    assert timed == ["single_pass"] and "bwd_dq" in fused_mod._LAST_KERNELS
+
+
+def test_fused_w0_modes(monkeypatch):
+    """Without a timer (CPU, graph capture) "auto" runs the split backward and caches nothing;
+    "on" forces the single pass; W > 0 never uses it."""
+    monkeypatch.setattr(fused_mod, "_W0_CHOICE", {})
+    for mode, expected in [("auto", "bwd_dq"), ("on", "bwd_w0"), ("off", "bwd_dq")]:
+        monkeypatch.setattr(fused_mod, "_W0_MODE", mode)
+        fused_mod._LAST_KERNELS.clear()
+        _check(80, 1, 2, 16, (16, 0, 0), seed=5)
+        assert expected in fused_mod._LAST_KERNELS and len(fused_mod._W0_CHOICE) == 0
+    monkeypatch.setattr(fused_mod, "_W0_MODE", "on")
+    fused_mod._LAST_KERNELS.clear()
+    _check(80, 1, 2, 16, (16, 3, 0), seed=6)
+    assert "bwd_w0" not in fused_mod._LAST_KERNELS
+
+
 def test_fused_w0_single_pass_needs_few_global_keys():
     """More global keys than the tile holds: the split backward runs (and is right)."""
     extra = dict(num_warps=4, num_stages=1)

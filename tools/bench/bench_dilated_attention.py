@@ -364,6 +364,12 @@ def run_main(args) -> None:
         line += f", dense SDPA anchor {ANCHORS['sdpa']} ms -> {ANCHORS['sdpa'] / fb:.1f}x / " \
                 f"{ANCHORS['sdpa'] / g:.1f}x"
         print(line)
+    import ratplus_kernels.dilated_attention.fused as fm
+    if fm._W0_TIMINGS:
+        print("\nW = 0 backward chosen at first use (_W0_MODE = 'auto'; ms single pass / split):")
+        for (T, B, Hh, Dh, D, P, *_), (t1, t2) in fm._W0_TIMINGS.items():
+            print(f"  B={B} T={T} D={D} P={P}: {t1:.3f} / {t2:.3f} -> "
+                  f"{'single pass' if t1 < t2 else 'split'}")
 
 
 def run_decode_sweep(args) -> None:

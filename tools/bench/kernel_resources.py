@@ -84,9 +84,11 @@ def dilated_rows(sweep: bool, arch: int):
             with fm.block_config(fwd=fc), offline_compilation(arch) as compiled:
                 fm._forward(q, k, v, *pattern, scale)
             rows.append(_row("dilated", f"{name} fwd {fc or 'default'}", compiled[0]))
-        bwd_cfgs = [("default", base)]
-        if base.get("w0") is None:             # the single pass is not the default: show it too
-            bwd_cfgs.append(("w0", dict(base, w0=bench.BWD_SWEEP_VARIANTS["w0"][0])))
+        if pattern[1] == 0:                    # W = 0 has two backwards (chosen at run time)
+            single = base.get("w0") or bench.BWD_SWEEP_VARIANTS["w0"][0]
+            bwd_cfgs = [("default split", dict(base, w0=None)), ("default single pass", dict(base, w0=single))]
+        else:
+            bwd_cfgs = [("default", base)]
         if sweep:
             bwd_cfgs += [(f"{kind} {c}", dict(base, **{kind: c}))
                          for kind, cs in bench.BWD_SWEEP_VARIANTS.items() for c in cs]
@@ -102,7 +104,7 @@ def dilated_rows(sweep: bool, arch: int):
     for r in rows:
         key = (r["setting"].split(" bwd ")[0], r["kernel"], r["warps"], r["stages"], r["regs"],
                r["spill"], r["smem_kib"])
-        if key not in seen or "default" in r["setting"]:
+        if key not in seen:
             seen.add(key)
             unique.append(r)
     return unique

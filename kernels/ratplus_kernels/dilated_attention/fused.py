@@ -55,8 +55,9 @@ key-major pass recomputes the far scores (two extra products per far tile) and r
 ``2 * n_segments * NG * Dh`` per head. Summation order of the global rows' fp32 atomics is not
 deterministic (at the level of fp32 rounding, like flash-attention's ``dq``).
 
-Single-pass backward for ``W = 0`` (``_bwd_w0_kernel``, used instead of kernels 1 and 3 when
-``_W0_CONFIG`` is set and the global keys fit one tile, e.g. T=4096 with D=64): one program per
+Single-pass backward for ``W = 0`` (``_bwd_w0_kernel``, an alternative to kernels 1 and 3 when
+the global keys fit one tile, e.g. T=4096 with D=64; on the GPU the first backward of each shape
+times both and keeps the faster, see ``_W0_MODE``): one program per
 (query segment, batch x head) holds every global key of its head and their ``dk, dv``
 accumulators, walks its query blocks once and adds the accumulators into the compact buffer once.
 It takes ``delta_t = sum_j P_tj dP_tj`` from the scores in registers instead of ``sum(o_t do_t)``,
@@ -73,11 +74,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from .naive import validate_pattern
 
@@ -540,12 +543,12 @@ def _bwd_global_kernel(
 _INTERPRET_BLOCKS = {"fwd": dict(BM=16, BN=16, BG=16), "bwd": dict(BLK=16, BN1=16, BM2=16, BG=16)}
 # Optional override of the launch configuration (tests and the benchmark's sweep).
 _OVERRIDE: dict = {"fwd": None, "bwd": None}
-# Launch configuration of the single-pass W = 0 backward (bf16/fp16), or None for the split
-# backward. Off until it is timed against the split backward on a GPU: it compiles for sm_90
-# without spills (tools/bench/kernel_resources.py) and moves 7 tensors instead of 10, but holds
-# one CTA per SM; `bench_dilated_attention.py --sweep` times its candidates
-# (BWD_SWEEP_VARIANTS["w0"]).
-_W0_CONFIG: Optional[dict] = None
+# Launch configuration of the single-pass W = 0 backward (bf16/fp16 on the GPU), or None for the
+# split backward only. It compiles for sm_90 without spills (tools/bench/kernel_resources.py) and
+# moves 7 tensors instead of 10, but holds one CTA per SM; it has not been timed on a GPU yet, so
+# `_W0_MODE = "auto"` (below) times it against the split backward on first use of each shape.
+# `bench_dilated_attention.py --sweep` times its candidates (BWD_SWEEP_VARIANTS["w0"]).
+_W0_CONFIG: Optional[dict] = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=4)
 # The last launched compiled kernels (the benchmark prints their registers / spills).
 _LAST_KERNELS: dict = {}
 
@@ -589,7 +592,7 @@ def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
         x = dict(num_warps=4, num_stages=1)
         return dict(dq=dict(BLK=b["BLK"], BN1=b["BN1"], BG=b["BG"], **x),
                     dkdv=dict(BLK=b["BLK"], BM2=b["BM2"], **x), far=dict(BG=b["BG"], BM2=b["BM2"], **x),
-                    w0=dict(BLK=b["BLK"], NGC_MAX=64, **x) if _W0_CONFIG else None)
+                    w0=dict(BLK=b["BLK"], NGC_MAX=64, **x))
     if dtype == torch.float32:
         x = dict(num_warps=4, num_stages=1)
         return dict(dq=dict(BLK=32, BN1=32, BG=32, **x), dkdv=dict(BLK=32, BM2=32, **x),
@@ -668,7 +671,6 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
     dk = _new_output((T, B, H, Dh), k.dtype, dev)
     dv = _new_output((T, B, H, Dh), v.dtype, dev)
     ngb = max(ng, 1)
-    gbuf = torch.zeros((2, B * H, ngb, Dh), dtype=torch.float32, device=dev)
     cfg = _bwd_config(Dh, q.dtype)
     block_d, even_d = _dims(Dh)
     has_dlse = dlse is not None
@@ -676,9 +678,30 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
                   UPCAST=_upcast(q.dtype))
     s_in = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
     scales = (scale * _LOG2E, scale)
+
+    def global_rows(gbuf):
+        """The global rows of dk, dv from the fp32 buffers."""
+        if ng > 0:
+            br = 64
+            _bwd_global_kernel[(triton.cdiv(ng, br), B * H)](
+                gbuf[0], gbuf[1], dk, dv, *dk.stride()[:3], H, ng, initial, D, cmin, ns,
+                HEAD_DIM=Dh, BLOCK_D=block_d, EVEN_D=even_d, BR=br, num_warps=4,
+            )
+
+    def split():
+        gbuf = torch.zeros((2, B * H, ngb, Dh), dtype=torch.float32, device=dev)
+        _backward_split(q, k, v, out, lse, dout, dlse, dq, dk, dv, gbuf, cfg, window, initial,
+                        D, cmin, ns, ng, common, s_in, scales)
+        global_rows(gbuf)
+
     ngc = _w0_tile(cfg.get("w0"), window, ng, block_d)
-    if ngc:
+    if not ngc:
+        split()
+        return dq, dk, dv
+
+    def single_pass():
         # W = 0, few global keys: one pass (dq, diagonal dk/dv, global dk/dv)
+        gbuf = torch.zeros((2, B * H, ngb, Dh), dtype=torch.float32, device=dev)
         c0 = dict(cfg["w0"])
         per_sm = c0.pop("PROGS_PER_SM", 2)
         c0.pop("NGC_MAX")
@@ -689,17 +712,58 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
             T, H, initial, D, cmin, ns, ngb, seg, *scales,
             NGC=ngc, HAS_DLSE=has_dlse, **common, **c0,
         )
-    else:
-        _backward_split(q, k, v, out, lse, dout, dlse, dq, dk, dv, gbuf, cfg, window, initial,
-                        D, cmin, ns, ng, common, s_in, scales)
-    # global rows of dk, dv from the fp32 buffers
-    if ng > 0:
-        br = 64
-        _bwd_global_kernel[(triton.cdiv(ng, br), B * H)](
-            gbuf[0], gbuf[1], dk, dv, *dk.stride()[:3], H, ng, initial, D, cmin, ns,
-            HEAD_DIM=Dh, BLOCK_D=block_d, EVEN_D=even_d, BR=br, num_warps=4,
-        )
+        global_rows(gbuf)
+
+    key = (T, B, H, Dh, dilation, initial, q.dtype, has_dlse, str(dev))
+    (single_pass if _prefer_single_pass(key, split, single_pass) else split)()
     return dq, dk, dv
+
+
+# "auto": on the GPU, the first backward of each shape times the single-pass and the split W = 0
+# backwards on the real inputs (like cudnn.benchmark) and keeps the faster; "on" / "off" force.
+_W0_MODE = "auto"
+_W0_CHOICE: dict = {}          # shape key -> True (single pass) / False (split)
+_W0_TIMINGS: dict = {}         # shape key -> (single-pass ms, split ms) measured by "auto"
+
+
+def _time_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=2, rep=10, return_mode="median")
+
+
+def _can_time() -> bool:
+    """Timing needs a real GPU outside graph capture and compilation."""
+    if _interpreting() or not torch.cuda.is_available():
+        return False
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    return not torch.compiler.is_compiling()
+
+
+def _prefer_single_pass(key, split, single_pass) -> bool:
+    """Whether the W = 0 backward of this shape runs as the single pass. An explicit
+    configuration (``block_config``) or ``_W0_MODE`` "on" means yes; in "auto" the two are
+    timed once per shape and the choice is cached (without a timer, the split backward runs and
+    nothing is cached). A single pass that fails to compile or run falls back to the split
+    backward, with a warning."""
+    if _OVERRIDE["bwd"] is not None or _W0_MODE == "on":
+        return True
+    if _W0_MODE != "auto":
+        return False
+    if key in _W0_CHOICE:
+        return _W0_CHOICE[key]
+    if not _can_time():
+        return False
+    try:
+        t_single = _time_ms(single_pass)
+    except Exception as e:  # noqa: BLE001 - e.g. not enough shared memory on this GPU
+        warnings.warn(f"single-pass W=0 dilated-attention backward failed ({type(e).__name__}: "
+                      f"{str(e)[:200]}); using the split backward", RuntimeWarning, stacklevel=2)
+        _W0_CHOICE[key] = False
+        return False
+    t_split = _time_ms(split)
+    _W0_CHOICE[key] = t_single < t_split
+    _W0_TIMINGS[key] = (t_single, t_split)
+    return _W0_CHOICE[key]
 
 
 def _backward_split(q, k, v, out, lse, dout, dlse, dq, dk, dv, gbuf, cfg, window, initial,
