@@ -42,27 +42,38 @@ def recurrence_rows(sweep: bool, arch: int):
     import ratplus_kernels.recurrence.fused as fm
 
     g, k, v = (torch.empty(T, B, H, DH, dtype=torch.bfloat16) for _ in range(3))
-    fwd = [(c.kwargs["BT"], c.kwargs["BD"], c.kwargs["VEC"], c.num_warps) for c in fm._fwd_configs()]
-    bwd = [(c.kwargs["BT"], c.kwargs["BD"], c.kwargs["VEC"], c.num_warps, c.kwargs["EARLY"])
-           for c in fm._bwd_configs()]
+
+    def meta(c):      # autotuning candidate -> launch kwargs
+        m = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        if c.maxnreg is not None:
+            m["maxnreg"] = c.maxnreg
+        return m
+
+    def label(m):
+        text = "%dx%d/%d w%d" % (m["BT"], m["BD"], m["VEC"], m["num_warps"])
+        text += f" early={m['EARLY']}" if "EARLY" in m else ""
+        return text + (f" maxnreg={m['maxnreg']}" if m.get("maxnreg") else "")
+
+    fwd = [meta(c) for c in fm._fwd_configs()]
+    bwd = [meta(c) for c in fm._bwd_configs()]
     if sweep:
-        fwd += [c for c in bench.FWD_SWEEP if c not in fwd]
-        bwd += [c for c in bench.BWD_SWEEP if c not in bwd]
+        fwd += [m for m in map(bench._as_meta, bench.FWD_SWEEP) if m not in fwd]
+        bwd += [m for m in map(bench._as_meta, bench.BWD_SWEEP) if m not in bwd]
     rows = []
     try:
         fm._FORCE_CONFIG["fwd"] = bench._as_meta((16, 64, 2, 4))   # BT=16 fits every backward
         with offline_compilation(arch) as compiled:
             ko, vo, _, _, status, n_alloc, bt = fm._forward(g, k, v, None, None, False)
-        for cfg in fwd:
-            fm._FORCE_CONFIG["fwd"] = bench._as_meta(cfg)
+        for m in fwd:
+            fm._FORCE_CONFIG["fwd"] = m
             with offline_compilation(arch) as compiled:
                 fm._forward(g, k, v, None, None, False)
-            rows.append(_row("recurrence", "fwd %dx%d/%d w%d" % cfg, compiled[0]))
-        for cfg in bwd:
-            fm._FORCE_CONFIG["bwd"] = bench._as_meta(cfg)
+            rows.append(_row("recurrence", "fwd " + label(m), compiled[0]))
+        for m in bwd:
+            fm._FORCE_CONFIG["bwd"] = m
             with offline_compilation(arch) as compiled:
                 fm._backward(g, k, v, ko, vo, None, None, None, None, status, n_alloc, bt)
-            rows.append(_row("recurrence", "bwd %dx%d/%d w%d early=%d" % cfg, compiled[0]))
+            rows.append(_row("recurrence", "bwd " + label(m), compiled[0]))
     finally:
         fm._FORCE_CONFIG.update(fwd=None, bwd=None)
     return rows

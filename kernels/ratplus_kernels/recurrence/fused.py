@@ -373,15 +373,16 @@ def _bwd_kernel(
 _STATUS_ARGS = ["flag_ptr"]
 
 
-def _cfg(bt, bd, vec, nw, early=None):
+def _cfg(bt, bd, vec, nw, early=None, maxnreg=None):
     """VEC < 8 caps the channels per thread (BD = 32 VEC: one warp spans the block, the warps and
     register repetitions run along time, so the scans run mostly inside each thread); VEC = 8
     leaves Triton's default 16-byte vectors (lanes spread over time as well). ``early`` (backward
-    only): recompute the forward states before waiting on the look-back (1) or after it (0)."""
+    only): recompute the forward states before waiting on the look-back (1) or after it (0).
+    ``maxnreg`` caps the registers per thread (more resident CTAs to wait on the look-back)."""
     kw = {"BT": bt, "BD": bd, "VEC": vec}
     if early is not None:
         kw["EARLY"] = early
-    return triton.Config(kw, num_warps=nw, num_stages=1)
+    return triton.Config(kw, num_warps=nw, num_stages=1, maxnreg=maxnreg)
 
 
 def _fwd_configs():
@@ -392,8 +393,12 @@ def _fwd_configs():
 
 
 def _bwd_configs():
-    # the fastest of the same sweep (forward recompute before / after the look-back: EARLY 1 / 0)
-    return [_cfg(16, 64, 2, 4, 0), _cfg(16, 64, 2, 2, 1), _cfg(16, 32, 4, 4, 1), _cfg(32, 32, 4, 4, 1)]
+    # the fastest of the same sweep (forward recompute before / after the look-back: EARLY 1 / 0),
+    # and the fastest one capped at 96 registers: with Triton 3.6 it needs 116 (4 CTAs per SM),
+    # capped it compiles for sm_90 without spills and fits 5 (tools/bench/kernel_resources.py;
+    # not timed yet: the autotuner decides)
+    return [_cfg(16, 64, 2, 4, 0), _cfg(16, 64, 2, 2, 1), _cfg(16, 32, 4, 4, 1), _cfg(32, 32, 4, 4, 1),
+            _cfg(16, 64, 2, 4, 0, maxnreg=96)]
 
 
 _FWD_BT = sorted({c.kwargs["BT"] for c in _fwd_configs()})
@@ -488,6 +493,8 @@ def _select_config(key, tuned, launch, n_alloc_for_tuning, nch, D, dev):
         launch(tuned, _status(n_alloc_for_tuning, nch, D, dev), n_alloc_for_tuning, {})
         best = tuned.best_config
         cfg = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
+        if best.maxnreg is not None:
+            cfg["maxnreg"] = best.maxnreg
         _TUNED[key] = cfg
     return cfg
 
