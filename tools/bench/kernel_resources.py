@@ -97,7 +97,8 @@ def dilated_rows(sweep: bool, arch: int):
             rows.append(_row("dilated", f"{name} fwd {fc or 'default'}", compiled[0]))
         if pattern[1] == 0:                    # W = 0 has two backwards (chosen at run time)
             single = base.get("w0") or bench.BWD_SWEEP_VARIANTS["w0"][0]
-            bwd_cfgs = [("default split", dict(base, w0=None)), ("default single pass", dict(base, w0=single))]
+            bwd_cfgs = [("default split", dict(base, w0=None)),
+                        ("default single pass", dict(base, w0=single))]
         else:
             bwd_cfgs = [("default", base)]
         if sweep:
