@@ -213,42 +213,46 @@ def w0_auto(monkeypatch):
     return timed, times
 
 
-@pytest.mark.parametrize("single_faster", [True, False])
-def test_fused_w0_auto_selection_times_once_per_shape(w0_auto, single_faster):
+@pytest.mark.parametrize("fastest", ["split", "split_dq_w0", "single_pass"])
+def test_fused_w0_auto_selection_times_once_per_shape(w0_auto, fastest):
     timed, times = w0_auto
-    times.update(single_pass=1.0 if single_faster else 3.0, split=2.0)
-    _check(80, 1, 2, 16, (16, 0, 0), seed=1)                   # times both, runs the faster
+    times.update(split=2.0, split_dq_w0=2.5, single_pass=3.0)
+    times[fastest] = 1.0
+    _check(80, 1, 2, 16, (16, 0, 0), seed=1)                   # times all, runs the fastest
+    assert timed == ["split", "split_dq_w0", "single_pass"]
     fused_mod._LAST_KERNELS.clear()
     _check(80, 1, 2, 16, (16, 0, 0), seed=1)                   # reuses the choice
-    assert ("bwd_w0" in fused_mod._LAST_KERNELS) == single_faster
-    assert ("bwd_dq" in fused_mod._LAST_KERNELS) != single_faster
-    assert timed == ["single_pass", "split"]
-    assert list(fused_mod._W0_CHOICE.values()) == [single_faster]
+    assert ("bwd_w0" in fused_mod._LAST_KERNELS) == (fastest == "single_pass")
+    assert ("bwd_dq" in fused_mod._LAST_KERNELS) != (fastest == "single_pass")
+    assert list(fused_mod._W0_CHOICE.values()) == [fastest]
     _check(96, 1, 2, 16, (16, 0, 0), seed=2)                   # a new shape is timed again
-    assert timed == ["single_pass", "split"] * 2
+    assert len(timed) == 6
+    _check(150, 1, 1, 16, (2, 0, 0), seed=2)                   # 75 global keys: no single pass
+    assert timed[6:] == ["split", "split_dq_w0"]
 
 
-def test_fused_w0_auto_falls_back_when_the_single_pass_fails(w0_auto):
+def test_fused_w0_auto_skips_a_failing_candidate(w0_auto):
     timed, times = w0_auto
-    times.update(single_pass=RuntimeError("out of resources: shared memory"), split=1.0)
-    with pytest.warns(RuntimeWarning, match="single-pass W=0"):
+    times.update(split=2.0, split_dq_w0=3.0, single_pass=RuntimeError("out of resources: shared memory"))
+    with pytest.warns(RuntimeWarning, match="'single_pass' failed"):
         _check(80, 1, 2, 16, (16, 0, 0), seed=3)
-    assert list(fused_mod._W0_CHOICE.values()) == [False]
+    assert list(fused_mod._W0_CHOICE.values()) == ["split"]
     fused_mod._LAST_KERNELS.clear()
     _check(80, 1, 2, 16, (16, 0, 0), seed=4)                   # no second attempt
-    assert timed == ["single_pass"] and "bwd_dq" in fused_mod._LAST_KERNELS
+    assert len(timed) == 3 and "bwd_dq" in fused_mod._LAST_KERNELS
 
 
 def test_fused_w0_modes(monkeypatch):
     """Without a timer (CPU, graph capture) "auto" runs the split backward and caches nothing;
-    "on" forces the single pass; W > 0 never uses it."""
+    a forced mode runs its backward where it applies; W > 0 never uses the single pass."""
     monkeypatch.setattr(fused_mod, "_W0_CHOICE", {})
-    for mode, expected in [("auto", "bwd_dq"), ("on", "bwd_w0"), ("off", "bwd_dq")]:
+    for mode, expected in [("auto", "bwd_dq"), ("single_pass", "bwd_w0"), ("split", "bwd_dq"),
+                           ("split_dq_w0", "bwd_dq")]:
         monkeypatch.setattr(fused_mod, "_W0_MODE", mode)
         fused_mod._LAST_KERNELS.clear()
         _check(80, 1, 2, 16, (16, 0, 0), seed=5)
         assert expected in fused_mod._LAST_KERNELS and len(fused_mod._W0_CHOICE) == 0
-    monkeypatch.setattr(fused_mod, "_W0_MODE", "on")
+    monkeypatch.setattr(fused_mod, "_W0_MODE", "single_pass")
     fused_mod._LAST_KERNELS.clear()
     _check(80, 1, 2, 16, (16, 3, 0), seed=6)
     assert "bwd_w0" not in fused_mod._LAST_KERNELS

@@ -218,7 +218,8 @@ def run_sweep(args) -> None:
     for x in (q, k, v):
         x.requires_grad_(True)
     fwd_cfgs = FWD_SWEEP
-    base = fm._bwd_config(DH, torch.bfloat16)
+    # explicit configurations: the split backward unless a variant sets the single pass
+    base = dict(fm._bwd_config(DH, torch.bfloat16), w0=None)
     variants = BWD_SWEEP_VARIANTS
     bwd_cfgs = [base] + [dict(base, **{name: c}) for name, cs in variants.items() for c in cs]
     qd, kd, vd = q.detach(), k.detach(), v.detach()
@@ -266,11 +267,12 @@ def run_profile(args) -> None:
     q, k, v, do = (torch.randn(T, B, H, DH, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     for x in (q, k, v):
         x.requires_grad_(True)
-    base = fm._bwd_config(DH, torch.bfloat16)
+    base = dict(fm._bwd_config(DH, torch.bfloat16), w0=None)
     for pat in PATTERNS:
         settings = [("default", None)]
-        if pat[1] == 0 and base.get("w0") is None:
-            settings.append(("single-pass w0", dict(base, w0=BWD_SWEEP_VARIANTS["w0"][0])))
+        if pat[1] == 0:                # each W = 0 candidate of the first-use choice, forced
+            settings = [("split", base), ("split, dq_w0", dict(base, dq=base["dq_w0"])),
+                        ("single pass", dict(base, w0=fm._W0_CONFIG))]
         for label, bwd in settings:
             with fm.block_config(bwd=bwd):
                 for _ in range(3):
@@ -366,10 +368,11 @@ def run_main(args) -> None:
         print(line)
     import ratplus_kernels.dilated_attention.fused as fm
     if fm._W0_TIMINGS:
-        print("\nW = 0 backward chosen at first use (_W0_MODE = 'auto'; ms single pass / split):")
-        for (T, B, Hh, Dh, D, P, *_), (t1, t2) in fm._W0_TIMINGS.items():
-            print(f"  B={B} T={T} D={D} P={P}: {t1:.3f} / {t2:.3f} -> "
-                  f"{'single pass' if t1 < t2 else 'split'}")
+        print("\nW = 0 backward chosen at first use (_W0_MODE = 'auto'; backward ms per candidate):")
+        for key, times in fm._W0_TIMINGS.items():
+            T, B, _, _, D, P = key[:6]
+            print(f"  B={B} T={T} D={D} P={P}: " + ", ".join(f"{n} {t:.3f}" for n, t in times.items())
+                  + f" -> {fm._W0_CHOICE[key]}")
 
 
 def run_decode_sweep(args) -> None:

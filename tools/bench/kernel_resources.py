@@ -98,6 +98,7 @@ def dilated_rows(sweep: bool, arch: int):
         if pattern[1] == 0:                    # W = 0 has two backwards (chosen at run time)
             single = base.get("w0") or bench.BWD_SWEEP_VARIANTS["w0"][0]
             bwd_cfgs = [("default split", dict(base, w0=None)),
+                        ("default split dq_w0", dict(base, w0=None, dq=base.get("dq_w0") or base["dq"])),
                         ("default single pass", dict(base, w0=single))]
         else:
             bwd_cfgs = [("default", base)]

@@ -56,8 +56,8 @@ key-major pass recomputes the far scores (two extra products per far tile) and r
 deterministic (at the level of fp32 rounding, like flash-attention's ``dq``).
 
 Single-pass backward for ``W = 0`` (``_bwd_w0_kernel``, an alternative to kernels 1 and 3 when
-the global keys fit one tile, e.g. T=4096 with D=64; on the GPU the first backward of each shape
-times both and keeps the faster, see ``_W0_MODE``): one program per
+the global keys fit one tile, e.g. T=4096 with D=64; on the GPU the first W = 0 backward of each
+shape times the alternatives and keeps the fastest, see ``_choose_w0_backward``): one program per
 (query segment, batch x head) holds every global key of its head and their ``dk, dv``
 accumulators, walks its query blocks once and adds the accumulators into the compact buffer once.
 It takes ``delta_t = sum_j P_tj dP_tj`` from the scores in registers instead of ``sum(o_t do_t)``,
@@ -546,9 +546,13 @@ _OVERRIDE: dict = {"fwd": None, "bwd": None}
 # Launch configuration of the single-pass W = 0 backward (bf16/fp16 on the GPU), or None for the
 # split backward only. It compiles for sm_90 without spills (tools/bench/kernel_resources.py) and
 # moves 7 tensors instead of 10, but holds one CTA per SM; it has not been timed on a GPU yet, so
-# `_W0_MODE = "auto"` (below) times it against the split backward on first use of each shape.
+# `_W0_MODE = "auto"` times it against the split backward on first use of each shape.
 # `bench_dilated_attention.py --sweep` times its candidates (BWD_SWEEP_VARIANTS["w0"]).
 _W0_CONFIG: Optional[dict] = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=4)
+# A dq-kernel configuration for W = 0 that compiles for sm_90 without spills (205 registers, 2 CTAs
+# per SM; the default spills 308 bytes per thread with Triton 3.6), also untimed: a candidate of
+# the same first-use choice.
+_DQ_W0_CONFIG: Optional[dict] = dict(BLK=32, BN1=32, BG=32, num_warps=4, num_stages=3)
 # The last launched compiled kernels (the benchmark prints their registers / spills).
 _LAST_KERNELS: dict = {}
 
@@ -583,8 +587,9 @@ def _fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
 def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
     """Launch configurations of the backward kernels: ``dq`` (query-major), ``dkdv`` (key-major
     band) and ``far`` (key-major gathered global keys; PROGS_PER_SM sets how finely the queries
-    are segmented), and ``w0``, the single-pass kernel used instead of all three when ``W = 0``
-    and the global keys fit one tile of ``NGC_MAX`` rows (``None``: never)."""
+    are segmented); for ``W = 0`` also ``w0``, the single-pass kernel that replaces them when the
+    global keys fit one tile of ``NGC_MAX`` rows, and ``dq_w0``, another ``dq`` configuration
+    (``None``: no such candidate)."""
     if _OVERRIDE["bwd"] is not None:
         return dict(_OVERRIDE["bwd"])
     if _interpreting():
@@ -592,7 +597,7 @@ def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
         x = dict(num_warps=4, num_stages=1)
         return dict(dq=dict(BLK=b["BLK"], BN1=b["BN1"], BG=b["BG"], **x),
                     dkdv=dict(BLK=b["BLK"], BM2=b["BM2"], **x), far=dict(BG=b["BG"], BM2=b["BM2"], **x),
-                    w0=dict(BLK=b["BLK"], NGC_MAX=64, **x))
+                    w0=dict(BLK=b["BLK"], NGC_MAX=64, **x), dq_w0=dict(BLK=32, BN1=16, BG=16, **x))
     if dtype == torch.float32:
         x = dict(num_warps=4, num_stages=1)
         return dict(dq=dict(BLK=32, BN1=32, BG=32, **x), dkdv=dict(BLK=32, BM2=32, **x),
@@ -601,7 +606,7 @@ def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
     return dict(dq=dict(BLK=64, BN1=32, BG=32, num_warps=4, num_stages=3),
                 dkdv=dict(BLK=64, BM2=64, num_warps=4, num_stages=2),
                 far=dict(BG=64, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=8),
-                w0=_W0_CONFIG)
+                w0=_W0_CONFIG, dq_w0=_DQ_W0_CONFIG)
 
 
 def _pattern_args(T: int, dilation: int, initial: int):
@@ -688,14 +693,14 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
                 HEAD_DIM=Dh, BLOCK_D=block_d, EVEN_D=even_d, BR=br, num_warps=4,
             )
 
-    def split():
+    def split(dq_cfg=None):
         gbuf = torch.zeros((2, B * H, ngb, Dh), dtype=torch.float32, device=dev)
-        _backward_split(q, k, v, out, lse, dout, dlse, dq, dk, dv, gbuf, cfg, window, initial,
+        c = cfg if dq_cfg is None else dict(cfg, dq=dq_cfg)
+        _backward_split(q, k, v, out, lse, dout, dlse, dq, dk, dv, gbuf, c, window, initial,
                         D, cmin, ns, ng, common, s_in, scales)
         global_rows(gbuf)
 
-    ngc = _w0_tile(cfg.get("w0"), window, ng, block_d)
-    if not ngc:
+    if window != 0:
         split()
         return dq, dk, dv
 
@@ -714,16 +719,26 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
         )
         global_rows(gbuf)
 
+    # W = 0: the split backward first (the measured default), then the untimed alternatives
+    candidates = {"split": split}
+    if cfg.get("dq_w0") is not None:
+        def split_dq_w0():
+            split(cfg["dq_w0"])
+        candidates["split_dq_w0"] = split_dq_w0
+    ngc = _w0_tile(cfg.get("w0"), window, ng, block_d)
+    if ngc:
+        candidates["single_pass"] = single_pass
     key = (T, B, H, Dh, dilation, initial, q.dtype, has_dlse, str(dev))
-    (single_pass if _prefer_single_pass(key, split, single_pass) else split)()
+    candidates[_choose_w0_backward(key, candidates)]()
     return dq, dk, dv
 
 
-# "auto": on the GPU, the first backward of each shape times the single-pass and the split W = 0
-# backwards on the real inputs (like cudnn.benchmark) and keeps the faster; "on" / "off" force.
+# "auto": on the GPU, the first W = 0 backward of each shape times the candidates (the split
+# backward, the split backward with a spill-free dq kernel, the single pass where it applies) on
+# the real inputs, like cudnn.benchmark, and keeps the fastest; "split" / "single_pass" force one.
 _W0_MODE = "auto"
-_W0_CHOICE: dict = {}          # shape key -> True (single pass) / False (split)
-_W0_TIMINGS: dict = {}         # shape key -> (single-pass ms, split ms) measured by "auto"
+_W0_CHOICE: dict = {}          # shape key -> name of the chosen backward
+_W0_TIMINGS: dict = {}         # shape key -> {candidate name: ms} measured by "auto"
 
 
 def _time_ms(fn) -> float:
@@ -739,30 +754,34 @@ def _can_time() -> bool:
     return not torch.compiler.is_compiling()
 
 
-def _prefer_single_pass(key, split, single_pass) -> bool:
-    """Whether the W = 0 backward of this shape runs as the single pass. An explicit
-    configuration (``block_config``) or ``_W0_MODE`` "on" means yes; in "auto" the two are
-    timed once per shape and the choice is cached (without a timer, the split backward runs and
-    nothing is cached). A single pass that fails to compile or run falls back to the split
-    backward, with a warning."""
-    if _OVERRIDE["bwd"] is not None or _W0_MODE == "on":
-        return True
-    if _W0_MODE != "auto":
-        return False
+def _choose_w0_backward(key, candidates: dict) -> str:
+    """Name of the W = 0 backward to run. An explicit configuration (``block_config``) runs the
+    single pass when it applies, else the split backward; ``_W0_MODE`` "split" / "single_pass"
+    force one (where it applies); "auto" times every candidate once per shape and caches the
+    fastest (without a timer — CPU, graph capture, compilation — the split backward runs and
+    nothing is cached). A candidate other than the split backward that fails to compile or run
+    is skipped with a warning."""
+    if _OVERRIDE["bwd"] is not None:
+        return "single_pass" if "single_pass" in candidates else "split"
+    if _W0_MODE in candidates:
+        return _W0_MODE
+    if _W0_MODE != "auto" or len(candidates) == 1:
+        return "split"
     if key in _W0_CHOICE:
         return _W0_CHOICE[key]
     if not _can_time():
-        return False
-    try:
-        t_single = _time_ms(single_pass)
-    except Exception as e:  # noqa: BLE001 - e.g. not enough shared memory on this GPU
-        warnings.warn(f"single-pass W=0 dilated-attention backward failed ({type(e).__name__}: "
-                      f"{str(e)[:200]}); using the split backward", RuntimeWarning, stacklevel=2)
-        _W0_CHOICE[key] = False
-        return False
-    t_split = _time_ms(split)
-    _W0_CHOICE[key] = t_single < t_split
-    _W0_TIMINGS[key] = (t_single, t_split)
+        return "split"
+    times = {}
+    for name, fn in candidates.items():
+        try:
+            times[name] = _time_ms(fn)
+        except Exception as e:  # noqa: BLE001 - e.g. not enough shared memory on this GPU
+            if name == "split":
+                raise
+            warnings.warn(f"dilated-attention W=0 backward '{name}' failed ({type(e).__name__}: "
+                          f"{str(e)[:200]}); not used", RuntimeWarning, stacklevel=2)
+    _W0_TIMINGS[key] = times
+    _W0_CHOICE[key] = min(times, key=times.get)
     return _W0_CHOICE[key]
 
 
