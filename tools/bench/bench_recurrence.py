@@ -285,6 +285,7 @@ def main(argv=None):
                "floor_fb": bytes_fb / (bw * 1e9) * 1e3}
         tkey, bhkey = triton.next_power_of_2(T), triton.next_power_of_2(B * H)
         row["cfg"] = " ".join(f"{key[0]}:{c['BT']}x{c['BD']}w{c['num_warps']}"
+                              + (f"r{c['maxnreg']}" if c.get("maxnreg") else "")
                               for key, c in fused_mod._TUNED.items()
                               if key[1:4] == (D, tkey, bhkey))
 
