@@ -31,9 +31,12 @@ from triton.runtime.jit import JITFunction
 
 __all__ = ["offline_compilation", "kernel_resources", "KernelResources", "ptxas_path"]
 
-# Per-SM limits of compute capability 9.0 (H100/H200): registers, shared memory usable by CTAs
-# (228 KiB minus 1 KiB reserved per CTA), resident warps and CTAs.
-_SM90_LIMITS = dict(regs=65536, smem=233472, smem_per_cta_reserved=1024, warps=64, ctas=32)
+# Per-SM limits: registers, shared memory usable by CTAs (with 1 KiB reserved per CTA), resident
+# warps and CTAs, for compute capability 9.0 (H100/H200: 228 KiB) and 8.0 (A100: 164 KiB).
+_SM_LIMITS = {
+    90: dict(regs=65536, smem=233472, smem_per_cta_reserved=1024, warps=64, ctas=32),
+    80: dict(regs=65536, smem=167936, smem_per_cta_reserved=1024, warps=64, ctas=32),
+}
 
 
 class _OfflineDriver(DriverBase):
@@ -68,13 +71,21 @@ class _OfflineDriver(DriverBase):
         pass
 
 
+def offline_compilation(arch: int = 90, sm_count: int = 132):
+    """Context manager: within the block, ``kernel[grid](...)`` compiles for CUDA compute
+    capability ``arch`` (90 or 80) and returns the compiled kernel without launching it; the
+    kernels are also appended to the yielded list. ``torch.cuda.get_device_properties`` reports
+    ``sm_count`` SMs (host code sizes grids with it). Tensor arguments may live on the CPU (only
+    their dtype and alignment matter). Not thread-safe: it patches Triton's active driver and
+    ``JITFunction.run``."""
+    if arch not in _SM_LIMITS:
+        raise ValueError(f"offline compilation supports compute capabilities {sorted(_SM_LIMITS)} "
+                         f"(x 10), got {arch}")
+    return _offline_compilation(arch, sm_count)
+
+
 @contextlib.contextmanager
-def offline_compilation(arch: int = 90, sm_count: int = 132) -> Iterator[List]:
-    """Within the block, ``kernel[grid](...)`` compiles for CUDA compute capability ``arch`` and
-    returns the compiled kernel without launching it; the kernels are also appended to the
-    yielded list. ``torch.cuda.get_device_properties`` reports ``sm_count`` SMs (host code sizes
-    grids with it). Tensor arguments may live on the CPU (only their dtype and alignment matter).
-    Not thread-safe: it patches Triton's active driver and ``JITFunction.run``."""
+def _offline_compilation(arch: int, sm_count: int) -> Iterator[List]:
     compiled: List = []
     original_run = JITFunction.run
     original_props = torch.cuda.get_device_properties
@@ -133,12 +144,13 @@ class KernelResources:
     spill_loads: int
     stack: int                 # bytes per thread
     shared: int                # bytes per CTA (Triton's dynamic shared memory)
+    arch: int = 90             # compute capability x 10
 
     @property
     def ctas_per_sm(self) -> int:
-        """Resident CTAs per SM on compute capability 9.0 (registers are allocated per warp in
-        units of 256, shared memory with 1 KiB reserved per CTA)."""
-        lim = _SM90_LIMITS
+        """Resident CTAs per SM (registers are allocated per warp in units of 256, shared memory
+        with 1 KiB reserved per CTA)."""
+        lim = _SM_LIMITS[self.arch]
         per_warp = -(-self.registers * 32 // 256) * 256
         by_regs = lim["regs"] // max(per_warp * self.num_warps, 1)
         by_smem = lim["smem"] // (self.shared + lim["smem_per_cta_reserved"])
@@ -174,4 +186,4 @@ def kernel_resources(kernel) -> KernelResources:
         m = re.search(pattern, proc.stderr)
         found[key] = int(m.group(1)) if m else 0
     return KernelResources(name=md.name, num_warps=md.num_warps, num_stages=md.num_stages,
-                           shared=int(md.shared), **found)
+                           shared=int(md.shared), arch=md.target.arch, **found)

@@ -43,6 +43,14 @@ def test_ctas_per_sm_follows_the_sm90_limits():
     assert res(128, 4, 96 * 1024).ctas_per_sm == 2    # shared memory binds first
     assert res(32, 1, 0).ctas_per_sm == 32             # CTA limit
     assert res(255, 8, 240 * 1024).ctas_per_sm == 0    # does not fit at all
+    a100 = KernelResources("k", 4, 1, 128, 0, 0, 0, 96 * 1024, arch=80)
+    assert a100.ctas_per_sm == 1                       # 164 KiB of shared memory per SM
+
+
+def test_offline_compilation_rejects_unknown_arch():
+    from ratplus_kernels.offline import offline_compilation
+    with pytest.raises(ValueError, match="compute capabilities"):
+        offline_compilation(75)
 
 
 @needs_ptxas

@@ -1,5 +1,5 @@
 """Registers, spills, shared memory and resident CTAs per SM of the RAT+ Triton kernels, compiled
-offline for an H100 (compute capability 9.0) — no GPU needed.
+offline for an H100 (compute capability 9.0; ``--arch 80``: A100) — no GPU needed.
 
     PYTHONPATH=kernels:. python tools/bench/kernel_resources.py [--kernels recurrence,dilated]
         [--sweep] [--arch 90]
@@ -136,13 +136,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kernels", default="recurrence,dilated")
     ap.add_argument("--sweep", action="store_true", help="also every configuration the GPU sweeps time")
-    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10")
+    ap.add_argument("--arch", type=int, default=90, choices=[80, 90],
+                    help="CUDA compute capability x 10 (90: H100/H200, 80: A100)")
     args = ap.parse_args(argv)
     families = {"recurrence": recurrence_rows, "dilated": dilated_rows}
     unknown = set(args.kernels.split(",")) - set(families)
     if unknown:
         ap.error(f"unknown kernels {sorted(unknown)}; choose from {sorted(families)}")
-    print(f"offline compilation for sm_{args.arch}: triton {triton.__version__}, torch {torch.__version__}, "
+    print(f"offline compilation for sm_{args.arch} (CTAs/SM from its limits): triton {triton.__version__}, torch {torch.__version__}, "
           f"B={B} T={T} H={H} Dh={DH} bf16")
     rows = []
     for fam in args.kernels.split(","):
