@@ -12,6 +12,7 @@ import ratplus_kernels.dilated_attention.fused as fused_mod
 import torch
 import torch.nn.functional as F
 from ratplus_kernels import fused_dilated_attention as top_level_export
+from ratplus_kernels.first_use import FirstUseChoice
 from ratplus_kernels.dilated_attention import (
     decode_attention,
     fused_dilated_attention,
@@ -206,16 +207,14 @@ def w0_auto(monkeypatch):
             raise times[fn.__name__]
         return times[fn.__name__]
 
-    monkeypatch.setattr(fused_mod, "_can_time", lambda: True)
-    monkeypatch.setattr(fused_mod, "_time_ms", fake_time)
-    monkeypatch.setattr(fused_mod, "_W0_CHOICE", {})
-    monkeypatch.setattr(fused_mod, "_W0_TIMINGS", {})
-    return timed, times
+    choice = FirstUseChoice("W=0 backward", timer=fake_time, can_time=lambda: True)
+    monkeypatch.setattr(fused_mod, "W0_BACKWARD", choice)
+    return timed, times, choice
 
 
 @pytest.mark.parametrize("fastest", ["split", "split_dq_w0", "single_pass"])
 def test_fused_w0_auto_selection_times_once_per_shape(w0_auto, fastest):
-    timed, times = w0_auto
+    timed, times, choice = w0_auto
     times.update(split=2.0, split_dq_w0=2.5, single_pass=3.0)
     times[fastest] = 1.0
     _check(80, 1, 2, 16, (16, 0, 0), seed=1)                   # times all, runs the fastest
@@ -224,7 +223,7 @@ def test_fused_w0_auto_selection_times_once_per_shape(w0_auto, fastest):
     _check(80, 1, 2, 16, (16, 0, 0), seed=1)                   # reuses the choice
     assert ("bwd_w0" in fused_mod._LAST_KERNELS) == (fastest == "single_pass")
     assert ("bwd_dq" in fused_mod._LAST_KERNELS) != (fastest == "single_pass")
-    assert list(fused_mod._W0_CHOICE.values()) == [fastest]
+    assert list(choice.choices.values()) == [fastest]
     _check(96, 1, 2, 16, (16, 0, 0), seed=2)                   # a new shape is timed again
     assert len(timed) == 6
     _check(150, 1, 1, 16, (2, 0, 0), seed=2)                   # 75 global keys: no single pass
@@ -232,27 +231,28 @@ def test_fused_w0_auto_selection_times_once_per_shape(w0_auto, fastest):
 
 
 def test_fused_w0_auto_skips_a_failing_candidate(w0_auto):
-    timed, times = w0_auto
+    timed, times, choice = w0_auto
     times.update(split=2.0, split_dq_w0=3.0, single_pass=RuntimeError("out of resources: shared memory"))
     with pytest.warns(RuntimeWarning, match="'single_pass' failed"):
         _check(80, 1, 2, 16, (16, 0, 0), seed=3)
-    assert list(fused_mod._W0_CHOICE.values()) == ["split"]
+    assert list(choice.choices.values()) == ["split"]
     fused_mod._LAST_KERNELS.clear()
     _check(80, 1, 2, 16, (16, 0, 0), seed=4)                   # no second attempt
     assert len(timed) == 3 and "bwd_dq" in fused_mod._LAST_KERNELS
 
 
 def test_fused_w0_modes(monkeypatch):
-    """Without a timer (CPU, graph capture) "auto" runs the split backward and caches nothing;
-    a forced mode runs its backward where it applies; W > 0 never uses the single pass."""
-    monkeypatch.setattr(fused_mod, "_W0_CHOICE", {})
+    """Without a timer (here: the CPU) "auto" runs the split backward and caches nothing; a
+    forced mode runs its backward where it applies; W > 0 never uses the single pass."""
+    choice = FirstUseChoice("W=0 backward")
+    monkeypatch.setattr(fused_mod, "W0_BACKWARD", choice)
     for mode, expected in [("auto", "bwd_dq"), ("single_pass", "bwd_w0"), ("split", "bwd_dq"),
                            ("split_dq_w0", "bwd_dq")]:
-        monkeypatch.setattr(fused_mod, "_W0_MODE", mode)
+        choice.mode = mode
         fused_mod._LAST_KERNELS.clear()
         _check(80, 1, 2, 16, (16, 0, 0), seed=5)
-        assert expected in fused_mod._LAST_KERNELS and len(fused_mod._W0_CHOICE) == 0
-    monkeypatch.setattr(fused_mod, "_W0_MODE", "single_pass")
+        assert expected in fused_mod._LAST_KERNELS and not choice.choices
+    choice.mode = "single_pass"
     fused_mod._LAST_KERNELS.clear()
     _check(80, 1, 2, 16, (16, 3, 0), seed=6)
     assert "bwd_w0" not in fused_mod._LAST_KERNELS

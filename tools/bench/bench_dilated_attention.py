@@ -367,12 +367,12 @@ def run_main(args) -> None:
                 f"{ANCHORS['sdpa'] / g:.1f}x"
         print(line)
     import ratplus_kernels.dilated_attention.fused as fm
-    if fm._W0_TIMINGS:
-        print("\nW = 0 backward chosen at first use (_W0_MODE = 'auto'; backward ms per candidate):")
-        for key, times in fm._W0_TIMINGS.items():
+    if fm.W0_BACKWARD.timings:
+        print("\nW = 0 backward chosen at first use (W0_BACKWARD, mode 'auto'; backward ms per candidate):")
+        for key, times in fm.W0_BACKWARD.timings.items():
             T, B, _, _, D, P = key[:6]
             print(f"  B={B} T={T} D={D} P={P}: " + ", ".join(f"{n} {t:.3f}" for n, t in times.items())
-                  + f" -> {fm._W0_CHOICE[key]}")
+                  + f" -> {fm.W0_BACKWARD.choices[key]}")
 
 
 def run_decode_sweep(args) -> None:

@@ -57,7 +57,7 @@ deterministic (at the level of fp32 rounding, like flash-attention's ``dq``).
 
 Single-pass backward for ``W = 0`` (``_bwd_w0_kernel``, an alternative to kernels 1 and 3 when
 the global keys fit one tile, e.g. T=4096 with D=64; on the GPU the first W = 0 backward of each
-shape times the alternatives and keeps the fastest, see ``_choose_w0_backward``): one program per
+shape times the alternatives and keeps the fastest, see ``W0_BACKWARD``): one program per
 (query segment, batch x head) holds every global key of its head and their ``dk, dv``
 accumulators, walks its query blocks once and adds the accumulators into the compact buffer once.
 It takes ``delta_t = sum_j P_tj dP_tj`` from the scores in registers instead of ``sum(o_t do_t)``,
@@ -74,14 +74,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
+from ..first_use import FirstUseChoice
 from .naive import validate_pattern
 
 __all__ = ["fused_dilated_attention"]
@@ -546,7 +545,7 @@ _OVERRIDE: dict = {"fwd": None, "bwd": None}
 # Launch configuration of the single-pass W = 0 backward (bf16/fp16 on the GPU), or None for the
 # split backward only. It compiles for sm_90 without spills (tools/bench/kernel_resources.py) and
 # moves 7 tensors instead of 10, but holds one CTA per SM; it has not been timed on a GPU yet, so
-# `_W0_MODE = "auto"` times it against the split backward on first use of each shape.
+# W0_BACKWARD (below) times it against the split backward on first use of each shape.
 # `bench_dilated_attention.py --sweep` times its candidates (BWD_SWEEP_VARIANTS["w0"]).
 _W0_CONFIG: Optional[dict] = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=4)
 # A dq-kernel configuration for W = 0 that compiles for sm_90 without spills (205 registers, 2 CTAs
@@ -729,60 +728,16 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
     if ngc:
         candidates["single_pass"] = single_pass
     key = (T, B, H, Dh, dilation, initial, q.dtype, has_dlse, str(dev))
-    candidates[_choose_w0_backward(key, candidates)]()
+    # an explicit configuration (block_config: tests, sweeps) runs as given
+    forced = None if _OVERRIDE["bwd"] is None else ("single_pass" if ngc else "split")
+    W0_BACKWARD.run(key, candidates, forced)
     return dq, dk, dv
 
 
-# "auto": on the GPU, the first W = 0 backward of each shape times the candidates (the split
-# backward, the split backward with a spill-free dq kernel, the single pass where it applies) on
-# the real inputs, like cudnn.benchmark, and keeps the fastest; "split" / "single_pass" force one.
-_W0_MODE = "auto"
-_W0_CHOICE: dict = {}          # shape key -> name of the chosen backward
-_W0_TIMINGS: dict = {}         # shape key -> {candidate name: ms} measured by "auto"
-
-
-def _time_ms(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=2, rep=10, return_mode="median")
-
-
-def _can_time() -> bool:
-    """Timing needs a real GPU outside graph capture and compilation."""
-    if _interpreting() or not torch.cuda.is_available():
-        return False
-    if torch.cuda.is_current_stream_capturing():
-        return False
-    return not torch.compiler.is_compiling()
-
-
-def _choose_w0_backward(key, candidates: dict) -> str:
-    """Name of the W = 0 backward to run. An explicit configuration (``block_config``) runs the
-    single pass when it applies, else the split backward; ``_W0_MODE`` "split" / "single_pass"
-    force one (where it applies); "auto" times every candidate once per shape and caches the
-    fastest (without a timer — CPU, graph capture, compilation — the split backward runs and
-    nothing is cached). A candidate other than the split backward that fails to compile or run
-    is skipped with a warning."""
-    if _OVERRIDE["bwd"] is not None:
-        return "single_pass" if "single_pass" in candidates else "split"
-    if _W0_MODE in candidates:
-        return _W0_MODE
-    if _W0_MODE != "auto" or len(candidates) == 1:
-        return "split"
-    if key in _W0_CHOICE:
-        return _W0_CHOICE[key]
-    if not _can_time():
-        return "split"
-    times = {}
-    for name, fn in candidates.items():
-        try:
-            times[name] = _time_ms(fn)
-        except Exception as e:  # noqa: BLE001 - e.g. not enough shared memory on this GPU
-            if name == "split":
-                raise
-            warnings.warn(f"dilated-attention W=0 backward '{name}' failed ({type(e).__name__}: "
-                          f"{str(e)[:200]}); not used", RuntimeWarning, stacklevel=2)
-    _W0_TIMINGS[key] = times
-    _W0_CHOICE[key] = min(times, key=times.get)
-    return _W0_CHOICE[key]
+# On the GPU the first W = 0 backward of each shape times the candidates (the split backward, the
+# split backward with the spill-free dq tiling, the single pass where it applies) on the real
+# inputs and keeps the fastest; set ``W0_BACKWARD.mode`` to a candidate's name to force it.
+W0_BACKWARD = FirstUseChoice("dilated-attention W=0 backward")
 
 
 def _backward_split(q, k, v, out, lse, dout, dlse, dq, dk, dv, gbuf, cfg, window, initial,
