@@ -209,6 +209,12 @@ BWD_SWEEP_VARIANTS = {
 }
 
 
+def _single_pass_applies(fm, T, pat) -> bool:
+    """Whether the single-pass W = 0 backward can run for this pattern at length T."""
+    ng = fm._pattern_args(T, pat[0], pat[2])[3]
+    return bool(fm._w0_tile(fm._W0_CONFIG, pat[1], ng, DH))
+
+
 def run_sweep(args) -> None:
     import ratplus_kernels.dilated_attention.fused as fm
     from ratplus_kernels.dilated_attention import fused_dilated_attention
@@ -237,8 +243,8 @@ def run_sweep(args) -> None:
         for bc in bwd_cfgs:
             if pat[1] == 0 and bc["dkdv"] != base["dkdv"]:
                 continue                                  # no band kernel when W = 0
-            if pat[1] != 0 and bc.get("w0") != base.get("w0"):
-                continue                                  # the single pass is W = 0 only
+            if bc.get("w0") is not None and not _single_pass_applies(fm, T, pat):
+                continue                                  # W > 0 or too many global keys
             fm._LAST_KERNELS.clear()
             with fm.block_config(bwd=bc):
                 try:
@@ -257,8 +263,8 @@ def run_sweep(args) -> None:
 
 
 def run_profile(args) -> None:
-    """Per-kernel CUDA time at the anchor shape: the default configuration, and for W = 0 also
-    the single-pass backward's first candidate when it is not the default."""
+    """Per-kernel CUDA time at the anchor shape: the default configuration, and for W = 0 each
+    candidate of the first-use choice, forced."""
     import ratplus_kernels.dilated_attention.fused as fm
     from ratplus_kernels.dilated_attention import fused_dilated_attention
     from torch.profiler import ProfilerActivity, profile
@@ -271,8 +277,9 @@ def run_profile(args) -> None:
     for pat in PATTERNS:
         settings = [("default", None)]
         if pat[1] == 0:                # each W = 0 candidate of the first-use choice, forced
-            settings = [("split", base), ("split, dq_w0", dict(base, dq=base["dq_w0"])),
-                        ("single pass", dict(base, w0=fm._W0_CONFIG))]
+            settings = [("split", base), ("split, dq_w0", dict(base, dq=base["dq_w0"]))]
+            if _single_pass_applies(fm, T, pat):
+                settings.append(("single pass", dict(base, w0=fm._W0_CONFIG)))
         for label, bwd in settings:
             with fm.block_config(bwd=bwd):
                 for _ in range(3):
