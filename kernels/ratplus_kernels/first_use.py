@@ -63,8 +63,8 @@ class FirstUseChoice:
             return self.mode
         if self.mode != "auto" or len(candidates) == 1:
             return default
-        if key in self.choices:
-            return self.choices[key]
+        if key in self.choices:      # (a key may cover shapes that do not offer every candidate)
+            return self.choices[key] if self.choices[key] in candidates else default
         if not self.can_time():
             return default
         times = {}

@@ -224,7 +224,9 @@ def test_fused_w0_auto_selection_times_once_per_shape(w0_auto, fastest):
     assert ("bwd_w0" in fused_mod._LAST_KERNELS) == (fastest == "single_pass")
     assert ("bwd_dq" in fused_mod._LAST_KERNELS) != (fastest == "single_pass")
     assert list(choice.choices.values()) == [fastest]
-    _check(96, 1, 2, 16, (16, 0, 0), seed=2)                   # a new shape is timed again
+    _check(96, 1, 2, 16, (16, 0, 0), seed=2)                   # same length bucket (<= 128)
+    assert len(timed) == 3
+    _check(200, 1, 2, 16, (16, 0, 0), seed=2)                  # a new bucket is timed again
     assert len(timed) == 6
     _check(150, 1, 1, 16, (2, 0, 0), seed=2)                   # 75 global keys: no single pass
     assert timed[6:] == ["split", "split_dq_w0"]

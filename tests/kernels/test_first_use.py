@@ -43,6 +43,15 @@ def test_times_once_per_key_and_runs_the_fastest():
     assert len(timer.calls) == 6                              # a new key is timed again
 
 
+def test_cached_choice_not_offered_runs_the_default():
+    timer = _Timer(default=2.0, fast=1.0, broken=3.0)
+    choice = FirstUseChoice("op", timer=timer, can_time=lambda: True)
+    cands = _candidates([])
+    assert choice.choose("a", cands) == "fast"
+    assert choice.choose("a", {"default": cands["default"], "broken": cands["broken"]}) == "default"
+    assert len(timer.calls) == 3
+
+
 def test_failing_candidate_is_dropped_with_a_warning():
     timer = _Timer(default=2.0, fast=1.5, broken=RuntimeError("out of resources"))
     choice = FirstUseChoice("op", timer=timer, can_time=lambda: True)

@@ -377,8 +377,8 @@ def run_main(args) -> None:
     if fm.W0_BACKWARD.timings:
         print("\nW = 0 backward chosen at first use (W0_BACKWARD, mode 'auto'; backward ms per candidate):")
         for key, times in fm.W0_BACKWARD.timings.items():
-            T, B, _, _, D, P = key[:6]
-            print(f"  B={B} T={T} D={D} P={P}: " + ", ".join(f"{n} {t:.3f}" for n, t in times.items())
+            T, BH, _, D, P = key[:5]
+            print(f"  T<={T} B*H<={BH} D={D} P={P}: " + ", ".join(f"{n} {t:.3f}" for n, t in times.items())
                   + f" -> {fm.W0_BACKWARD.choices[key]}")
 
 

@@ -727,7 +727,9 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
     ngc = _w0_tile(cfg.get("w0"), window, ng, block_d)
     if ngc:
         candidates["single_pass"] = single_pass
-    key = (T, B, H, Dh, dilation, initial, q.dtype, has_dlse, str(dev))
+    # lengths and batch x heads bucketed to powers of two: varying lengths are timed log-many times
+    key = (triton.next_power_of_2(T), triton.next_power_of_2(B * H), Dh, dilation, initial, q.dtype,
+           has_dlse, str(dev))
     # an explicit configuration (block_config: tests, sweeps) runs as given
     forced = None if _OVERRIDE["bwd"] is None else ("single_pass" if ngc else "split")
     W0_BACKWARD.run(key, candidates, forced)
