@@ -13,18 +13,19 @@ level of fp32 summation order, as with cudnn.benchmark).
 """
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Callable, Dict, Hashable, Optional
 
 import torch
+
+from ._env import interpreting
 
 __all__ = ["FirstUseChoice", "can_time_on_gpu"]
 
 
 def can_time_on_gpu() -> bool:
     """Whether candidates can be timed now: a real GPU, outside graph capture and compilation."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or not torch.cuda.is_available():
+    if interpreting() or not torch.cuda.is_available():
         return False
     if torch.cuda.is_current_stream_capturing():
         return False

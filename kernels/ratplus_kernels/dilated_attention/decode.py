@@ -32,7 +32,6 @@ The kernel stays available (``triton_decode_attention``), tested against SDPA, a
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Optional
 
 import torch
@@ -41,13 +40,11 @@ import triton
 import triton.language as tl
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .._env import interpreting as _interpreting
+
 __all__ = ["decode_attention", "triton_decode_attention"]
 
 _LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit

@@ -73,13 +73,13 @@ blocks (``_INTERPRET_BLOCKS``), so short sequences span several tiles of every k
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .._env import interpreting as _interpreting
 from ..first_use import FirstUseChoice
 from .naive import validate_pattern
 
@@ -87,10 +87,6 @@ __all__ = ["fused_dilated_attention"]
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # --------------------------------------------------------------------------------------------

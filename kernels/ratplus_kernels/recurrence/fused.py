@@ -50,20 +50,17 @@ fixed blocks instead of the autotuner.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .._env import interpreting as _interpreting
+
 State = Tuple[torch.Tensor, torch.Tensor]
 
 __all__ = ["fused_gated_recurrence"]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # --------------------------------------------------------------------------------------------
