@@ -165,6 +165,13 @@ def _split_text(text: str, limit: int) -> Iterator[str]:
     yield text[start:]
 
 
+def _document_pieces(text: str, limit: int) -> Iterator[tuple[str, bool]]:
+    """``(piece, ends_document)`` for one whole document (pieces of at most ``limit`` characters)."""
+    pieces = list(_split_text(text, limit))
+    for i, piece in enumerate(pieces):
+        yield piece, i == len(pieces) - 1
+
+
 def _clean_surrogates(text: str, stats: ReadStats, where: str) -> str:
     """JSON may carry lone surrogates (\\udXXX escapes) that are not encodable text."""
     try:
@@ -236,9 +243,7 @@ def _read_jsonl(f: InputFile, text_field: str, stats: ReadStats, piece_chars: in
                 continue
             text = _clean_surrogates(text, stats, f"{f.path}:{lineno}")
             stats.documents += 1
-            pieces = list(_split_text(text, piece_chars)) if len(text) > piece_chars else [text]
-            for i, piece in enumerate(pieces):
-                yield piece, i == len(pieces) - 1
+            yield from _document_pieces(text, piece_chars)
 
 
 def _read_parquet(f: InputFile, text_field: str, stats: ReadStats, piece_chars: int) -> Iterator[tuple[str, bool]]:
@@ -262,9 +267,7 @@ def _read_parquet(f: InputFile, text_field: str, stats: ReadStats, piece_chars: 
                 stats.empty_documents += 1
                 continue
             stats.documents += 1
-            pieces = list(_split_text(text, piece_chars)) if len(text) > piece_chars else [text]
-            for i, piece in enumerate(pieces):
-                yield piece, i == len(pieces) - 1
+            yield from _document_pieces(text, piece_chars)
 
 
 def iter_pieces(
