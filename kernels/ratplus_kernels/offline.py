@@ -50,7 +50,7 @@ class _OfflineDriver(DriverBase):
         return False
 
     def map_python_to_cpp_type(self, ty: str) -> str:  # only the launcher needs it
-        raise NotImplementedError("offline compilation builds no launcher")
+        raise RuntimeError("offline compilation builds no launcher: nothing can be launched")
 
     def get_current_target(self):
         return self._target
