@@ -14,7 +14,8 @@
 #   da_tests    pytest -m gpu tests/kernels/test_dilated_attention.py
 #   da_bench    bench_dilated_attention.py $DA_ARGS
 #   da_sweep    bench_dilated_attention.py --sweep --no-main --no-decode (every launch configuration,
-#               the single-pass W = 0 backward included) and --profile (per-kernel times)
+#               the single-pass W = 0 backward included) and $DA_SWEEP_ARGS (default --profile:
+#               per-kernel times)
 #   resources   tools/bench/kernel_resources.py --sweep (registers / spills with the host's Triton)
 #   decode16    the same with 16 sequences per step
 #   decode_profile  torch.profiler tables of a few decoding steps (tiny, 4K, dense and D16/W256/P4)
@@ -54,7 +55,7 @@ for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
     da_tests)  step da_tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_dilated_attention.py ;;
     da_bench)  step da_bench 420 python3 tools/bench/bench_dilated_attention.py ${DA_ARGS:-} ;;
     da_sweep)  TAIL=200 step da_sweep 540 python3 tools/bench/bench_dilated_attention.py --sweep --no-main \
-                 --no-decode --profile ;;
+                 --no-decode ${DA_SWEEP_ARGS---profile} ;;
     resources) TAIL=120 step resources 300 python3 tools/bench/kernel_resources.py --sweep ;;
     decode)    step decode 540 python3 tools/bench/bench_decode.py --device cuda --dtype bfloat16 --fill prefill \
                  --steps 32 --warmup 4 ${DECODE_ARGS:-} ;;
