@@ -121,70 +121,6 @@ def test_fused_fp16_head_dim_not_multiple_of_block():
     _compare(fused_gated_recurrence, naive_gated_recurrence, x, None, True, g, k, v, 5e-3, 5e-3)
 
 
-# the four pairings of the look-back and streaming kernels (forward, backward): the streaming
-# backward reads either forward's tile-end states, the look-back backward too
-PAIRINGS = [("stream", "stream"), ("lookback", "stream"), ("stream", "lookback"),
-            ("lookback", "lookback")]
-
-
-@pytest.fixture
-def pipelines(monkeypatch):
-    def force(fwd: str, bwd: str):
-        monkeypatch.setattr(fused_mod.RECURRENCE_FORWARD, "mode", fwd)
-        monkeypatch.setattr(fused_mod.RECURRENCE_BACKWARD, "mode", bwd)
-    return force
-
-
-@pytest.mark.parametrize("fwd,bwd", PAIRINGS)
-@pytest.mark.parametrize(
-    "T,with_init,final",
-    [
-        (37, True, True),    # odd T: 5 streaming forward tiles of 8 (last partial), 3 backward of 16
-        (37, False, False),
-        (1, True, True),     # single step
-        (16, False, True),   # exactly one backward tile
-    ],
-)
-def test_fused_pipelines_fp32(pipelines, fwd, bwd, T, with_init, final):
-    pipelines(fwd, bwd)
-    B, H, D = 1, 2, 16
-    x, g, k, v = _fused_inputs(T, B, H, D, torch.float32, gate_scale=2.0)
-    init = _init_state(B, H, D) if with_init else None
-    _compare(fused_gated_recurrence, naive_gated_recurrence, x, init, final, g, k, v, 1e-5, 1e-5)
-
-
-@pytest.mark.parametrize("fwd,bwd", PAIRINGS[:2])
-def test_fused_stream_bf16_masked_channels(pipelines, fwd, bwd):
-    """bf16 views of the fused projection; D = 12 with 8-channel blocks (second block of each
-    head partly masked); B, H > 1 so channel blocks map to several heads."""
-    pipelines(fwd, bwd)
-    x, g, k, v = _fused_inputs(29, 2, 3, 12, torch.bfloat16)
-    init = _init_state(2, 3, 12)
-    _compare(fused_gated_recurrence, naive_gated_recurrence, x, init, True, g, k, v, 1e-2, 1e-2)
-
-
-def test_fused_stream_is_deterministic(pipelines):
-    pipelines("stream", "stream")
-    x, g, k, v = _fused_inputs(45, 1, 2, 16, torch.float32)
-    runs = []
-    for _ in range(2):
-        ko, vo, _ = fused_gated_recurrence(g, k, v)
-        (gx,) = torch.autograd.grad((ko * vo).sum(), x)
-        runs.append((ko, vo, gx))
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
-
-
-def test_fused_default_pipeline_without_timer():
-    """Without a GPU timer (here: the interpreter) the look-back kernels run and nothing is cached."""
-    assert fused_mod.RECURRENCE_FORWARD.mode == "auto"
-    x, g, k, v = _fused_inputs(20, 1, 1, 8, torch.float32)
-    ko, vo, _ = fused_gated_recurrence(g, k, v)
-    torch.autograd.grad((ko + vo).sum(), x)
-    assert fused_mod.RECURRENCE_FORWARD.choices == {}
-    assert fused_mod.RECURRENCE_BACKWARD.choices == {}
-
-
 @pytest.mark.parametrize("depth", [0, 3, 8])
 def test_fused_look_back_depths(monkeypatch, depth):
     """depth 0: greedy look-back; depth K: the carry always folds the K - 1 nearest aggregates
@@ -290,28 +226,6 @@ def test_gpu_matches_reference(poisoned_outputs, T, B, H, D, dtype, with_init):
 
     def reference(g, k, v, init, final):
         # fp32 chunked reference on the same (already rounded) inputs; exact to fp32 rounding
-        return chunked_gated_recurrence(g, k, v, init, final, chunk_size=64)
-
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
-    _compare(fused_gated_recurrence, reference, x, init, True, g, k, v, tol, tol)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("fwd,bwd", PAIRINGS[:3])
-@pytest.mark.parametrize(
-    "T,B,H,D,dtype",
-    [
-        (4096, 2, 16, 128, torch.bfloat16),
-        (1000, 3, 5, 64, torch.float32),         # T not a multiple of any block, odd heads
-    ],
-)
-def test_gpu_streaming_pipelines(poisoned_outputs, pipelines, fwd, bwd, T, B, H, D, dtype):
-    """The streaming kernels (autotuned) in every pairing with the look-back ones."""
-    pipelines(fwd, bwd)
-    x, g, k, v = _fused_inputs(T, B, H, D, dtype, gate_shift=6.0, gate_scale=2.0, seed=T + 1)
-    init = _init_state(B, H, D)
-
-    def reference(g, k, v, init, final):
         return chunked_gated_recurrence(g, k, v, init, final, chunk_size=64)
 
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-4

@@ -33,7 +33,6 @@ import triton
 import triton.testing
 
 import ratplus_kernels.recurrence.fused as fused_mod
-import ratplus_kernels.recurrence.stream as stream_mod
 from ratplus_kernels.recurrence import fused_gated_recurrence
 
 H, D = 16, 128
@@ -144,6 +143,8 @@ def _as_meta(cfg):
     meta = {"BT": bt, "BD": bd, "VEC": vec, "num_warps": nw, "num_stages": 1}
     if len(cfg) > 4:
         meta["EARLY"] = cfg[4]
+    if len(cfg) > 5:
+        meta["maxnreg"] = cfg[5]
     return meta
 
 
@@ -189,85 +190,27 @@ def sweep(shapes=((4, 4096), (1, 65536))):
     torch.cuda.empty_cache()
 
 
-def _pipeline_desc(tkey, bhkey) -> str:
-    """Which kernels the first-use choice picked for a shape bucket, with their blocks."""
-    parts = []
-    for direction, choice in (("fwd", fused_mod.RECURRENCE_FORWARD),
-                              ("bwd", fused_mod.RECURRENCE_BACKWARD)):
-        mode = next((m for key, m in choice.choices.items() if key[:3] == (D, tkey, bhkey)),
-                    choice.mode if choice.mode != "auto" else "lookback")
-        if mode == "stream":
-            c = stream_mod.LAST_CONFIG.get(direction, {})
-            parts.append(f"{direction}:stream {c.get('BT')}x{c.get('BD')}w{c.get('num_warps')}"
-                         f"s{c.get('num_stages')}")
-        else:
-            parts += [f"{direction}:{c['BT']}x{c['BD']}w{c['num_warps']}"
-                      + (f"r{c['maxnreg']}" if c.get("maxnreg") else "")
-                      for key, c in fused_mod._TUNED.items()
-                      if key[0] == direction and key[1:4] == (D, tkey, bhkey)]
-    return " ".join(parts)
-
-
-def pipelines(shapes=((4, 4096), (1, 65536), (64, 1024))):
-    """Forward and forward+backward with each (forward, backward) pairing of the look-back and
-    streaming kernels forced (each autotuned), then what the first-use choice measured."""
-    print("pipelines (forward kernels + backward kernels; ms)")
-    for B, T in shapes:
-        x, g, k, v = make_inputs(B, T)
-        dko = torch.randn(T, B, H, D, device="cuda", dtype=x.dtype)
-        dvo = torch.randn_like(dko)
-
-        def fused(g, k, v):
-            ko, vo, _ = fused_gated_recurrence(g, k, v)
-            return ko, vo
-
-        for fwd_mode, bwd_mode in (("lookback", "lookback"), ("stream", "stream"),
-                                   ("lookback", "stream"), ("stream", "lookback")):
-            fused_mod.RECURRENCE_FORWARD.mode = fwd_mode
-            fused_mod.RECURRENCE_BACKWARD.mode = bwd_mode
-            try:
-                torch.autograd.grad(fused(g, k, v), (g, k, v), (dko, dvo))   # autotune
-                f_ms, fb_ms = timed_pair(fused, (g, k, v), (dko, dvo))
-                desc = (f"[fwd {_regs('fwd')} bwd {_regs('bwd')}; stream "
-                        f"{stream_mod.LAST_CONFIG.get('fwd')} / {stream_mod.LAST_CONFIG.get('bwd')}]")
-            except Exception as e:  # noqa: BLE001
-                f_ms = fb_ms = float("nan")
-                desc = f"failed: {type(e).__name__}: {str(e)[:300]}"
-            print(f"  B={B} T={T} {fwd_mode:>8s} + {bwd_mode:<8s}: fwd {f_ms:.3f}  fwd+bwd {fb_ms:.3f}"
-                  f"  {desc}", flush=True)
-        del x, g, k, v, dko, dvo
-        torch.cuda.empty_cache()
-    fused_mod.RECURRENCE_FORWARD.mode = fused_mod.RECURRENCE_BACKWARD.mode = "auto"
-
-
-def print_choices():
-    for direction, choice in (("forward", fused_mod.RECURRENCE_FORWARD),
-                              ("backward", fused_mod.RECURRENCE_BACKWARD)):
-        for key, times in choice.timings.items():
-            print(f"  first-use {direction} D={key[0]} T<={key[1]} B*H<={key[2]}: "
-                  + ", ".join(f"{n} {t:.3f}" for n, t in times.items())
-                  + f" ms -> {choice.choices[key]}")
-
-
 # forced (forward, backward) block pairs timed by --compare next to the autotuned kernels
-AB_PAIRS = [((32, 64, 2, 2), (32, 32, 4, 4, 1)), ((16, 64, 2, 2), (16, 64, 2, 4, 0)),
+AB_PAIRS = [((16, 64, 2, 2), (16, 64, 2, 4, 0)), ((16, 64, 2, 2), (16, 64, 2, 4, 0, 96)),
             ((16, 64, 2, 2), (16, 64, 2, 2, 1)), ((16, 64, 2, 2), (16, 32, 4, 4, 1))]
 
 
-def compare_previous(path, rounds=3):
+def compare_previous(path, rounds=5):
     """A/B at the anchor against another version of fused.py (e.g. the previous commit's), both
     autotuned, plus forced block pairs of the current one; interleaved rounds expose run-to-run
     noise (the greedy look-back's timing depends on which tiles run together)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("_prev_recurrence", path)
+    spec = importlib.util.spec_from_file_location("ratplus_kernels.recurrence._prev_fused", path)
     prev = importlib.util.module_from_spec(spec)
+    prev.__package__ = "ratplus_kernels.recurrence"      # its relative imports (.._env)
     spec.loader.exec_module(prev)
     x, g, k, v = make_inputs(4, 4096)
     dko = torch.randn(4096, 4, H, D, device="cuda", dtype=x.dtype)
     dvo = torch.randn_like(dko)
     variants = [("previous (autotuned)", prev.fused_gated_recurrence, None),
                 ("current (autotuned)", fused_gated_recurrence, None)]
-    variants += [("current %dx%d/%d w%d + %dx%d/%d w%d e%d" % (*f, *b), fused_gated_recurrence, (f, b))
+    variants += [("current %dx%d/%d w%d + %dx%d/%d w%d e%d" % (*f, *b[:5])
+                  + (f" r{b[5]}" if len(b) > 5 else ""), fused_gated_recurrence, (f, b))
                  for f, b in AB_PAIRS]
     times = {name: [] for name, _, _ in variants}
     for _ in range(rounds):
@@ -292,8 +235,6 @@ def main(argv=None):
     ap.add_argument("--no-ref", action="store_true", help="skip the torch associative_scan reference")
     ap.add_argument("--ref-anchor-only", action="store_true",
                     help="run the (slow to compile) reference at the anchor shape only")
-    ap.add_argument("--pipelines", action="store_true",
-                    help="first time each pairing of look-back and streaming kernels (forced)")
     ap.add_argument("--depths", action="store_true",
                     help="also time the anchor with the deterministic look-back (depth 8)")
     ap.add_argument("--no-fla", action="store_true", help="skip fla chunk_hgrn")
@@ -302,7 +243,7 @@ def main(argv=None):
                     help="first time every forward / backward block config (anchor and T=65536)")
     ap.add_argument("--compare", metavar="FUSED_PY",
                     help="first A/B the anchor against another version of recurrence/fused.py")
-    ap.add_argument("--sweep-only", action="store_true", help="stop after --sweep / --compare / --pipelines")
+    ap.add_argument("--sweep-only", action="store_true", help="stop after --sweep / --compare")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -323,8 +264,6 @@ def main(argv=None):
         compare_previous(args.compare)
     if args.sweep:
         sweep()
-    if args.pipelines:
-        pipelines()
     if args.sweep_only:
         return 0
     shapes = [(4, 4096)] if args.quick else SHAPES
@@ -349,7 +288,10 @@ def main(argv=None):
                "gbs_f": bytes_f / f_ms / 1e6, "gbs_fb": bytes_fb / fb_ms / 1e6,
                "floor_fb": bytes_fb / (bw * 1e9) * 1e3}
         tkey, bhkey = triton.next_power_of_2(T), triton.next_power_of_2(B * H)
-        row["cfg"] = _pipeline_desc(tkey, bhkey)
+        row["cfg"] = " ".join(f"{key[0]}:{c['BT']}x{c['BD']}w{c['num_warps']}"
+                              + (f"r{c['maxnreg']}" if c.get("maxnreg") else "")
+                              for key, c in fused_mod._TUNED.items()
+                              if key[1:4] == (D, tkey, bhkey))
 
         if not args.no_ref and (not args.ref_anchor_only or (B, T) == (4, 4096)):
             try:
@@ -432,7 +374,6 @@ def main(argv=None):
         print(f"\nanchor B=4 T=4096 fwd+bwd: fused {r['fb']:.3f} ms; target {ANCHOR['target_ms']} ms; "
               f"vs DESIGN.md anchors: reference {ANCHOR['ref_ms']} ms -> {ANCHOR['ref_ms'] / r['fb']:.1f}x, "
               f"fla {ANCHOR['fla_ms']} ms -> {ANCHOR['fla_ms'] / r['fb']:.1f}x")
-    print_choices()
     if args.depths:
         x, g, k, v = make_inputs(4, 4096)
         dko = torch.randn(4096, 4, H, D, device="cuda", dtype=x.dtype)

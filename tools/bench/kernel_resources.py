@@ -40,7 +40,6 @@ def _row(family: str, setting: str, kernel) -> dict:
 def recurrence_rows(sweep: bool, arch: int):
     import bench_recurrence as bench
     import ratplus_kernels.recurrence.fused as fm
-    import ratplus_kernels.recurrence.stream as stream_mod
 
     g, k, v = (torch.empty(T, B, H, DH, dtype=torch.bfloat16) for _ in range(3))
 
@@ -75,20 +74,8 @@ def recurrence_rows(sweep: bool, arch: int):
             with offline_compilation(arch) as compiled:
                 fm._backward(g, k, v, ko, vo, None, None, None, None, status, n_alloc, bt)
             rows.append(_row("recurrence", "bwd " + label(m), compiled[0]))
-        fm.RECURRENCE_FORWARD.mode = fm.RECURRENCE_BACKWARD.mode = "stream"
-        for c in stream_mod.STREAM_CONFIGS:     # the streaming kernels' autotuning candidates
-            m = meta(c)
-            fm._FORCE_STREAM_CONFIG.update(fwd=m, bwd=m)
-            with offline_compilation(arch) as compiled:
-                _, _, _, _, s_vals, s_alloc, s_bt = fm._forward(g, k, v, None, None, False)
-            rows.append(_row("recurrence", f"stream fwd {label(m)} s{m['num_stages']}", compiled[0]))
-            with offline_compilation(arch) as compiled:
-                fm._backward(g, k, v, ko, vo, None, None, None, None, s_vals, s_alloc, s_bt)
-            rows.append(_row("recurrence", f"stream bwd {label(m)} s{m['num_stages']}", compiled[0]))
     finally:
         fm._FORCE_CONFIG.update(fwd=None, bwd=None)
-        fm._FORCE_STREAM_CONFIG.update(fwd=None, bwd=None)
-        fm.RECURRENCE_FORWARD.mode = fm.RECURRENCE_BACKWARD.mode = "auto"
     return rows
 
 

@@ -539,14 +539,17 @@ _INTERPRET_BLOCKS = {"fwd": dict(BM=16, BN=16, BG=16), "bwd": dict(BLK=16, BN1=1
 # Optional override of the launch configuration (tests and the benchmark's sweep).
 _OVERRIDE: dict = {"fwd": None, "bwd": None}
 # Launch configuration of the single-pass W = 0 backward (bf16/fp16 on the GPU), or None for the
-# split backward only. It compiles for sm_90 without spills (tools/bench/kernel_resources.py) and
-# moves 7 tensors instead of 10, but holds one CTA per SM; it has not been timed on a GPU yet, so
-# W0_BACKWARD (below) times it against the split backward on first use of each shape.
-# `bench_dilated_attention.py --sweep` times its candidates (BWD_SWEEP_VARIANTS["w0"]).
-_W0_CONFIG: Optional[dict] = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=4)
+# split backward only. Spill-free for sm_90 (tools/bench/kernel_resources.py); 7 tensor passes
+# instead of 10 but one CTA per SM. On an H100 at B=4, T=4096, 16x128 heads, D=64 (fourth session,
+# profiler GPU time of forward+backward): 0.461 ms with 8 programs per SM, 0.474 with 4, 0.475
+# with 16, 0.502 with 2, against 0.500 for the split backward; as a whole backward the first-use
+# choice measured 0.344 ms against 0.386 (split) and 0.357 (split + dq_w0). W0_BACKWARD (below)
+# still times it on first use: at T=16384 it does not apply (more global keys than one tile).
+_W0_CONFIG: Optional[dict] = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=8)
 # A dq-kernel configuration for W = 0 that compiles for sm_90 without spills (205 registers, 2 CTAs
-# per SM; the default spills 308 bytes per thread with Triton 3.6), also untimed: a candidate of
-# the same first-use choice.
+# per SM; the default spills): a candidate of the same first-use choice. Measured on the H100 it
+# wins at T=4096, D=64 over the default dq tiling (0.357 vs 0.386 ms backward) and loses at D=16
+# and at T=16384 (e.g. 4.76 vs 3.38 ms at T=16384, D=16), hence a choice, not a default.
 _DQ_W0_CONFIG: Optional[dict] = dict(BLK=32, BN1=32, BG=32, num_warps=4, num_stages=3)
 # The last launched compiled kernels (the benchmark prints their registers / spills).
 _LAST_KERNELS: dict = {}
@@ -714,7 +717,7 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
         )
         global_rows(gbuf)
 
-    # W = 0: the split backward first (the measured default), then the untimed alternatives
+    # W = 0: the split backward first (the default without a timer), then the alternatives
     candidates = {"split": split}
     if cfg.get("dq_w0") is not None:
         def split_dq_w0():

@@ -57,9 +57,6 @@ import triton
 import triton.language as tl
 
 from .._env import interpreting as _interpreting
-from ..first_use import FirstUseChoice
-from .stream import stream_backward, stream_forward
-from .tiles import _affine_combine, _gates, _load_tile, _recompute_residuals, _tile_channels
 
 State = Tuple[torch.Tensor, torch.Tensor]
 
@@ -69,6 +66,12 @@ __all__ = ["fused_gated_recurrence"]
 # --------------------------------------------------------------------------------------------
 # Triton helpers
 # --------------------------------------------------------------------------------------------
+@triton.jit
+def _affine_combine(a1, bk1, bv1, a2, bk2, bv2):
+    # (a1, b1) applied first, then (a2, b2):  h -> a2 (a1 h + b1) + b2
+    return a1 * a2, a2 * bk1 + bk2, a2 * bv1 + bv2
+
+
 @triton.jit
 def _publish(flag_ptr, state):
     """Release ``state`` (1 = aggregate, 2 = inclusive) for values every thread just stored: a CTA
@@ -131,11 +134,46 @@ def _look_back(flag_ptr, agg_ptr, inc_ptr, n, NCH, NCB, j, mask, c, STEP: tl.con
 
 
 @triton.jit
+def _gates(gx, valid):
+    """a = sigmoid(g), 1 - a = sigmoid(-g) and e = exp(-g) = (1 - a) / a in fp32 with one exp and
+    one fast reciprocal; invalid (padding) elements get the identity map a = 1, 1 - a = e = 0.
+
+    g is clamped to [-30, 80]: below -30, a < 1e-13 is replaced by sigmoid(-30) (a relative change
+    of the outputs below 1e-13) so that e = (1 - a) / a stays finite and the backward's ``e * u``
+    (u = a dh) never meets fp32 subnormals."""
+    e = tl.exp(-tl.clamp(gx, -30.0, 80.0))
+    a = tl.fdiv(tl.full(gx.shape, 1.0, tl.float32), 1.0 + e)
+    w = e * a
+    return tl.where(valid, a, 1.0), tl.where(valid, w, 0.0), tl.where(valid, e, 0.0)
+
+
+@triton.jit
 def _store_row(ptr, x, rows, r: tl.constexpr, mask):
     """Store row ``r`` of the [BT, BD] tile ``x`` at ``ptr`` ([BD] pointers): only the threads that
     own that row store, so no cross-thread reduction is needed to extract it."""
     sel = (rows[:, None] == r) & mask[None, :]
     tl.store(ptr[None, :] + rows[:, None] * 0, x, mask=sel)
+
+
+@triton.jit
+def _load_tile(ptr, t, b, h, d, m2, s_t, s_b, s_h, s_d):
+    """The ``[BT, BD]`` tile (time rows ``t``, channels ``d`` of head ``(b, h)``) of a strided
+    ``[T, B, H, D]`` tensor, in fp32; masked elements are 0."""
+    return tl.load(ptr + t[:, None] * s_t + (b * s_b + h * s_h) + d[None, :] * s_d,
+                   mask=m2, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _tile_channels(j, H, D: tl.constexpr, BD: tl.constexpr, VEC: tl.constexpr):
+    """Channels of channel block ``j``: blocks never span heads, so (b, h) are scalars of the
+    program and the addresses of VEC consecutive channels are provably contiguous (vectorised
+    loads; per-element head indices cost 2.8x in a measured variant). Returns the flat channel
+    index ``n = (b H + h) D + d``, b, h, d and the channel mask."""
+    NDB: tl.constexpr = (D + BD - 1) // BD
+    bh = j // NDB
+    d = (j % NDB) * BD + tl.arange(0, BD)
+    d = tl.max_contiguous(tl.multiple_of(d, VEC), VEC)   # VEC channels per thread: time in-thread
+    return bh * D + d, (bh // H).to(tl.int64), (bh % H).to(tl.int64), d, d < D
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,6 +246,30 @@ def _fwd_kernel(
     o_out = t[:, None] * NCH + n[None, :]
     tl.store(ko_ptr + o_out, hk.to(ko_ptr.dtype.element_ty), mask=m2)
     tl.store(vo_ptr + o_out, hv.to(vo_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _recompute_residuals(k_ptr, v_ptr, h0k_ptr, h0v_ptr, fval_ptr, NC_ALLOC_F, BT_F, NCH,
+                         c, t, b, h, d, n, m2, mask_d, a, w,
+                         sk_t, sk_b, sk_h, sk_d, sv_t, sv_b, sv_h, sv_d,
+                         BT: tl.constexpr, HAS_H0: tl.constexpr):
+    """Backward helper: the forward states h_t of this tile, recomputed from ``k, v`` and the
+    forward's inclusive state of the tile that ends right before it; returns ``h_t - x_t`` for
+    both streams (all the gradient needs of them)."""
+    kx = _load_tile(k_ptr, t, b, h, d, m2, sk_t, sk_b, sk_h, sk_d)
+    vx = _load_tile(v_ptr, t, b, h, d, m2, sv_t, sv_b, sv_h, sv_d)
+    f_inc_ptr = fval_ptr + NC_ALLOC_F.to(tl.int64) * 3 * NCH
+    ql = ((c * BT) // BT_F - 1).to(tl.int64)     # forward tile that ends right before this tile
+    hk_in = tl.load(f_inc_ptr + ql * 2 * NCH + n, mask=mask_d & (c > 0), other=0.0)
+    hv_in = tl.load(f_inc_ptr + ql * 2 * NCH + NCH + n, mask=mask_d & (c > 0), other=0.0)
+    if HAS_H0:
+        hk_in = tl.where(c == 0, tl.load(h0k_ptr + n, mask=mask_d, other=0.0), hk_in)
+        hv_in = tl.where(c == 0, tl.load(h0v_ptr + n, mask=mask_d, other=0.0), hv_in)
+    else:
+        hk_in = tl.where(c == 0, 0.0, hk_in)
+        hv_in = tl.where(c == 0, 0.0, hv_in)
+    P, Lk, Lv = tl.associative_scan((a, w * kx, w * vx), 0, _affine_combine)
+    return P * hk_in[None, :] + Lk - kx, P * hv_in[None, :] + Lv - vx
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,8 +392,9 @@ def _fwd_configs():
 def _bwd_configs():
     # the fastest of the same sweep (forward recompute before / after the look-back: EARLY 1 / 0),
     # and the fastest one capped at 96 registers: with Triton 3.6 it needs 116 (4 CTAs per SM),
-    # capped it compiles for sm_90 without spills and fits 5 (tools/bench/kernel_resources.py;
-    # not timed yet: the autotuner decides)
+    # capped it compiles for sm_90 without spills and fits 5 (tools/bench/kernel_resources.py).
+    # On the H100 the autotuner picks the capped one at every benchmark shape (fourth session:
+    # 2.27 vs 2.43 ms fwd+bwd at 64K tokens; at the anchor 0.607-0.640 vs 0.632 interleaved)
     return [_cfg(16, 64, 2, 4, 0), _cfg(16, 64, 2, 2, 1), _cfg(16, 32, 4, 4, 1), _cfg(32, 32, 4, 4, 1),
             _cfg(16, 64, 2, 4, 0, maxnreg=96)]
 
@@ -390,30 +453,6 @@ _FORCE_CONFIG: dict = {"fwd": None, "bwd": None}
 _TUNED: dict = {}
 # Benchmarks only: the compiled kernel of the last "fwd" / "bwd" launch (register counts, spills).
 _LAST_COMPILED: dict = {}
-
-
-# Streaming kernels (``stream``): interpreter blocks (BT, BD, VEC) and, for benchmarks, launch
-# kwargs to use instead of their autotuner's.
-_INTERPRET_STREAM_BLOCKS = {"fwd": (8, 8, 1), "bwd": (16, 8, 1)}
-_FORCE_STREAM_CONFIG: dict = {"fwd": None, "bwd": None}
-
-
-def _stream_meta(direction: str) -> Optional[dict]:
-    if _interpreting():
-        bt, bd, vec = _INTERPRET_STREAM_BLOCKS[direction]
-        return {"BT": bt, "BD": bd, "VEC": vec}
-    forced = _FORCE_STREAM_CONFIG[direction]
-    return dict(forced) if forced is not None else None
-
-
-# Look-back or streaming kernels, per direction: on the GPU the first call of each shape (length
-# and batch x heads bucketed to powers of two) times both on the real inputs and keeps the faster
-# (``first_use.FirstUseChoice``); without a timer (CPU interpreter, graph capture, compilation)
-# the look-back kernels run. Set ``.mode`` to "lookback" or "stream" to force one. The streaming
-# backward accepts either forward's states; the look-back backward too (with blocks that are
-# multiples of the forward's).
-RECURRENCE_FORWARD = FirstUseChoice("recurrence forward")
-RECURRENCE_BACKWARD = FirstUseChoice("recurrence backward")
 
 
 def _new_output(shape, dtype, device):
@@ -482,33 +521,20 @@ def _forward(g, k, v, h0k, h0v, output_final_state):
                      *status, n_alloc, T, H, nch,
                      *_strides(g), *_strides(k), *_strides(v), t_key, bh_key, **common, **meta)
 
-    def lookback():
-        if _interpreting():
-            bt, bd, vec = _INTERPRET_BLOCKS["fwd"]
-            meta = {"BT": bt, "BD": bd, "VEC": vec}
-        elif _FORCE_CONFIG["fwd"] is not None:
-            meta = dict(_FORCE_CONFIG["fwd"])
-        else:
-            key = ("fwd", D, t_key, bh_key, g.dtype, k.dtype, v.dtype, has_h0, output_final_state,
-                   _lookback_depth(), str(dev))
-            meta = _select_config(key, _fwd_tuned, launch, triton.cdiv(T, min(_FWD_BT)), nch, D, dev)
-        n_alloc = triton.cdiv(T, meta["BT"])
-        status = _status(n_alloc, nch, D, dev)
-        _LAST_COMPILED["fwd"] = launch(_fwd_kernel, status, n_alloc, meta)
-        saved.update(fvals=status[1], n_alloc_f=n_alloc, bt_f=meta["BT"])
-
-    def streaming():
-        meta = _stream_meta("fwd")
-        inc, bt, _LAST_COMPILED["fwd"] = stream_forward(
-            g, k, v, ko, vo, h0k, h0v, hTk, hTv, meta, t_key, bh_key,
-            (*_strides(g), *_strides(k), *_strides(v)))
-        saved.update(fvals=inc, n_alloc_f=0, bt_f=bt)
-
-    saved = {}
-    key = (D, t_key, bh_key, g.dtype, k.dtype, v.dtype, has_h0, output_final_state,
-           _lookback_depth(), str(dev))
-    RECURRENCE_FORWARD.run(key, {"lookback": lookback, "stream": streaming})
-    return ko, vo, hTk, hTv, saved["fvals"], saved["n_alloc_f"], saved["bt_f"]
+    if _interpreting():
+        bt, bd, vec = _INTERPRET_BLOCKS["fwd"]
+        meta = {"BT": bt, "BD": bd, "VEC": vec}
+    elif _FORCE_CONFIG["fwd"] is not None:
+        meta = dict(_FORCE_CONFIG["fwd"])
+    else:
+        key = ("fwd", D, t_key, bh_key, g.dtype, k.dtype, v.dtype, has_h0, output_final_state,
+               _lookback_depth(), str(dev))
+        meta = _select_config(key, _fwd_tuned, launch, triton.cdiv(T, min(_FWD_BT)), nch, D, dev)
+    bt = meta["BT"]
+    n_alloc = triton.cdiv(T, bt)
+    status = _status(n_alloc, nch, D, dev)
+    _LAST_COMPILED["fwd"] = launch(_fwd_kernel, status, n_alloc, meta)
+    return ko, vo, hTk, hTv, status[1], n_alloc, bt
 
 
 def _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, fvals, n_alloc_f, bt_f):
@@ -538,32 +564,21 @@ def _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, fvals, n_alloc_f, bt_f):
                      *_strides(g), *_strides(k), *_strides(v), *_strides(dko), *_strides(dvo),
                      t_key, bh_key, **common, **meta)
 
-    def lookback():
-        if _interpreting():
-            bt, bd, vec = _INTERPRET_BLOCKS["bwd"]
-            meta = {"BT": bt, "BD": bd, "VEC": vec, "EARLY": _INTERPRET_EARLY}
-        elif _FORCE_CONFIG["bwd"] is not None:
-            meta = dict({"EARLY": 1}, **_FORCE_CONFIG["bwd"])
-        else:
-            key = ("bwd", D, t_key, bh_key, bt_f, g.dtype, k.dtype, v.dtype, dko.dtype, dvo.dtype,
-                   has_h0, has_dht, _lookback_depth(), str(dev))
-            # every backward block allowed by the pruning is a multiple of the forward block
-            meta = _select_config(key, _bwd_tuned, launch, triton.cdiv(T, bt_f), nch, D, dev)
-        if meta["BT"] % bt_f != 0:
-            raise ValueError(f"backward block {meta['BT']} must be a multiple of the forward block {bt_f}")
-        n_alloc = triton.cdiv(T, meta["BT"])
-        status = _status(n_alloc, nch, D, dev)
-        _LAST_COMPILED["bwd"] = launch(_bwd_kernel, status, n_alloc, meta)
-
-    def streaming():
-        _LAST_COMPILED["bwd"] = stream_backward(
-            g, k, v, dko, dvo, dg, dk, dv, h0k, h0v, dhTk, dhTv, dh0k, dh0v,
-            fvals, n_alloc_f, bt_f, _stream_meta("bwd"), t_key, bh_key,
-            (*_strides(g), *_strides(k), *_strides(v), *_strides(dko), *_strides(dvo)))
-
-    key = (D, t_key, bh_key, bt_f, n_alloc_f == 0, g.dtype, k.dtype, v.dtype, dko.dtype, dvo.dtype,
-           has_h0, has_dht, _lookback_depth(), str(dev))
-    RECURRENCE_BACKWARD.run(key, {"lookback": lookback, "stream": streaming})
+    if _interpreting():
+        bt, bd, vec = _INTERPRET_BLOCKS["bwd"]
+        meta = {"BT": bt, "BD": bd, "VEC": vec, "EARLY": _INTERPRET_EARLY}
+    elif _FORCE_CONFIG["bwd"] is not None:
+        meta = dict({"EARLY": 1}, **_FORCE_CONFIG["bwd"])
+    else:
+        key = ("bwd", D, t_key, bh_key, bt_f, g.dtype, k.dtype, v.dtype, dko.dtype, dvo.dtype,
+               has_h0, has_dht, _lookback_depth(), str(dev))
+        # every backward block allowed by the pruning is a multiple of the forward block
+        meta = _select_config(key, _bwd_tuned, launch, triton.cdiv(T, bt_f), nch, D, dev)
+    if meta["BT"] % bt_f != 0:
+        raise ValueError(f"backward block {meta['BT']} must be a multiple of the forward block {bt_f}")
+    n_alloc = triton.cdiv(T, meta["BT"])
+    status = _status(n_alloc, nch, D, dev)
+    _LAST_COMPILED["bwd"] = launch(_bwd_kernel, status, n_alloc, meta)
     return dg, dk, dv, dh0k, dh0v
 
 
