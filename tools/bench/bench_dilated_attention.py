@@ -227,13 +227,7 @@ BWD_SWEEP_VARIANTS = {
            dict(BLK=16, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=4),
            dict(BLK=16, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=8),
            dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=2, PROGS_PER_SM=8),
-           dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=16),
-           # output columns split over two programs (half the dk/dv accumulators each)
-           dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=8, NSPLIT=2),
-           dict(BLK=32, NGC_MAX=64, num_warps=4, num_stages=1, PROGS_PER_SM=8, NSPLIT=2),
-           dict(BLK=64, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=8, NSPLIT=2),
-           dict(BLK=32, NGC_MAX=64, num_warps=4, num_stages=2, PROGS_PER_SM=8, NSPLIT=2),
-           dict(BLK=16, NGC_MAX=64, num_warps=4, num_stages=2, PROGS_PER_SM=8, NSPLIT=2)],
+           dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=16)],
 }
 
 

@@ -439,7 +439,7 @@ def _bwd_w0_kernel(
     T, H, P, D, CMIN, NS, NG, SEG, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     BLK: tl.constexpr, NGC: tl.constexpr, PREC: tl.constexpr, HAS_DLSE: tl.constexpr,
-    UPCAST: tl.constexpr, NSPLIT: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Single-pass backward for W = 0 with few global keys (``NG <= NGC``): one program per
     (segment of SEG queries, batch x head) holds all global keys of its head and their dk, dv
@@ -449,13 +449,7 @@ def _bwd_w0_kernel(
     ``delta_t = sum_j P_tj dP_tj`` is formed from the scores already in registers (every allowed
     key of a row is visited in the same iteration), so the output ``o`` is not read: the pass
     moves q, k, v, do in and dq, dk, dv out (7 tensors) instead of the split backward's 8 plus
-    the far pass's reread of q, do.
-
-    ``NSPLIT`` > 1 splits the head dimension of the *outputs* over that many programs (grid axis
-    2): each still forms the full scores and dP (it needs the whole of q, k, v, do for them) but
-    holds the dk, dv accumulators and writes dq, dk, dv only for its ``BLOCK_D / NSPLIT`` columns,
-    which halves (NSPLIT = 2) the accumulator registers that keep the kernel at one CTA per SM,
-    at the price of recomputing the scores and rereading q, do (mostly from L2)."""
+    the far pass's reread of q, do."""
     pid_s = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -477,16 +471,8 @@ def _bwd_w0_kernel(
     j = _global_key(g, P, D, CMIN, NS)
     kg = _load_rows(k_base, j, skt, gv, d, dmask, EVEN_D)
     vg = _load_rows(v_base, j, svt, gv, d, dmask, EVEN_D)
-    # the output columns of this program (all of them when NSPLIT == 1)
-    DPART: tl.constexpr = BLOCK_D // NSPLIT
-    dp = tl.program_id(2) * DPART + tl.arange(0, DPART)
-    dpmask = dp < HEAD_DIM
-    if NSPLIT == 1:
-        kg_p = kg
-    else:
-        kg_p = _load_rows(k_base, j, skt, gv, dp, dpmask, EVEN_D)
-    dkg = tl.zeros([NGC, DPART], tl.float32)
-    dvg = tl.zeros([NGC, DPART], tl.float32)
+    dkg = tl.zeros([NGC, BLOCK_D], tl.float32)
+    dvg = tl.zeros([NGC, BLOCK_D], tl.float32)
     for m0 in range(m_lo, m_hi, BLK):
         rows = m0 + tl.arange(0, BLK)
         rm = rows < m_hi
@@ -509,24 +495,16 @@ def _bwd_w0_kernel(
             delta -= tl.load(DLSE + bh64 * T + rows, mask=rm, other=0.0)
         dsT = pT * (dpT - delta[None, :])
         ds_d = p_d * (dp_d - delta)
-        if NSPLIT == 1:
-            q_p = q
-            do_p = do
-            kn_p = kn
-        else:
-            q_p = _load_rows(q_base, rows, sqt, rm, dp, dpmask, EVEN_D)
-            do_p = _load_rows(do_base, rows, sdt, rm, dp, dpmask, EVEN_D)
-            kn_p = _load_rows(k_base, rows, skt, rm, dp, dpmask, EVEN_D)
-        dkg += _dot(dsT.to(q_p.dtype), q_p, PREC, UPCAST)
-        dvg += _dot(pT.to(do_p.dtype), do_p, PREC, UPCAST)
-        dq = _dot(tl.trans(dsT.to(kg_p.dtype)), kg_p, PREC, UPCAST) + ds_d[:, None] * kn_p.to(tl.float32)
-        dq_off = out_base + rows[:, None].to(tl.int64) * sgt + dp[None, :]
-        tl.store(DQ + dq_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=_row_mask(rm, dpmask, EVEN_D))
-        _bwd_store_dkdv(ds_d[:, None] * q_p.to(tl.float32) * sm_scale, p_d[:, None] * do_p.to(tl.float32),
-                        rows, rm, DK, DV, DKG, DVG, out_base, sgt, dp, dpmask, bh64, NG, P, D, CMIN,
+        dkg += _dot(dsT.to(q.dtype), q, PREC, UPCAST)
+        dvg += _dot(pT.to(do.dtype), do, PREC, UPCAST)
+        dq = _dot(tl.trans(dsT.to(kg.dtype)), kg, PREC, UPCAST) + ds_d[:, None] * kn.to(tl.float32)
+        dq_off = out_base + rows[:, None].to(tl.int64) * sgt + d[None, :]
+        tl.store(DQ + dq_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=_row_mask(rm, dmask, EVEN_D))
+        _bwd_store_dkdv(ds_d[:, None] * q.to(tl.float32) * sm_scale, p_d[:, None] * do.to(tl.float32),
+                        rows, rm, DK, DV, DKG, DVG, out_base, sgt, d, dmask, bh64, NG, P, D, CMIN,
                         HEAD_DIM, EVEN_D)
-    gp = (bh64 * NG + g)[:, None] * HEAD_DIM + dp[None, :]
-    gm = _row_mask(gv, dpmask, EVEN_D)
+    gp = (bh64 * NG + g)[:, None] * HEAD_DIM + d[None, :]
+    gm = _row_mask(gv, dmask, EVEN_D)
     tl.atomic_add(DKG + gp, dkg * sm_scale, mask=gm, sem="relaxed")
     tl.atomic_add(DVG + gp, dvg, mask=gm, sem="relaxed")
 
@@ -730,15 +708,12 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
         c0 = dict(cfg["w0"])
         per_sm = c0.pop("PROGS_PER_SM", 2)
         c0.pop("NGC_MAX")
-        nsplit = c0.pop("NSPLIT", 1)
-        if block_d % nsplit or block_d // nsplit < 16:
-            raise ValueError(f"NSPLIT={nsplit} does not divide head block {block_d} into >= 16 columns")
-        seg = _query_segment(T, B * H * nsplit, c0["BLK"], per_sm, dev)
-        _LAST_KERNELS["bwd_w0"] = _bwd_w0_kernel[(triton.cdiv(T, seg), B * H, nsplit)](
+        seg = _query_segment(T, B * H, c0["BLK"], per_sm, dev)
+        _LAST_KERNELS["bwd_w0"] = _bwd_w0_kernel[(triton.cdiv(T, seg), B * H)](
             q, k, v, dout, lse, dlse if has_dlse else lse, dq, dk, dv, gbuf[0], gbuf[1],
             *s_in, *dout.stride()[:3], *dq.stride()[:3],
             T, H, initial, D, cmin, ns, ngb, seg, *scales,
-            NGC=ngc, HAS_DLSE=has_dlse, NSPLIT=nsplit, **common, **c0,
+            NGC=ngc, HAS_DLSE=has_dlse, **common, **c0,
         )
         global_rows(gbuf)
 
