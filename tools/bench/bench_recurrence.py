@@ -190,6 +190,46 @@ def sweep(shapes=((4, 4096), (1, 65536))):
     torch.cuda.empty_cache()
 
 
+def spread(calls=300):
+    """Per-call GPU time of the anchor's backward (CUDA events around each call, L2 flushed before
+    it), greedy and deterministic look-back: percentiles and a histogram, to tell a per-launch
+    bimodality (some launches slow) from a per-process state (every launch of a run slow). The
+    medians of do_bench differ between runs by up to 50% (docs/benchmarks.md)."""
+    x, g, k, v = make_inputs(4, 4096)
+    dko = torch.randn(4096, 4, H, D, device="cuda", dtype=x.dtype)
+    dvo = torch.randn_like(dko)
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    saved = fused_mod._LOOKBACK_DEPTH
+    print(f"backward spread at the anchor B=4 T=4096 ({calls} calls, ms per call)")
+    try:
+        for depth in (0, fused_mod._DETERMINISTIC_DEPTH):
+            fused_mod._LOOKBACK_DEPTH = depth
+            ko, vo, _ = fused_gated_recurrence(g, k, v)
+            torch.autograd.grad((ko, vo), (g, k, v), (dko, dvo), retain_graph=True)   # autotune
+            events = []
+            for _ in range(calls):
+                flush.zero_()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                torch.autograd.grad((ko, vo), (g, k, v), (dko, dvo), retain_graph=True)
+                end.record()
+                events.append((start, end))
+            torch.cuda.synchronize()
+            ts = sorted(s.elapsed_time(e) for s, e in events)
+            pct = {p: ts[min(len(ts) - 1, int(p / 100 * len(ts)))] for p in (0, 10, 50, 90, 99)}
+            print(f"  depth {depth}: " + "  ".join(f"p{p} {t:.3f}" for p, t in pct.items())
+                  + f"  max {ts[-1]:.3f}")
+            lo = math.floor(ts[0] / 0.025) * 0.025
+            bins: dict = {}
+            for t in ts:
+                b = lo + math.floor((t - lo) / 0.025) * 0.025
+                bins[b] = bins.get(b, 0) + 1
+            for b in sorted(bins):
+                print(f"    {b:.3f}-{b + 0.025:.3f} ms {bins[b]:4d} " + "#" * max(1, bins[b] * 60 // calls))
+    finally:
+        fused_mod._LOOKBACK_DEPTH = saved
+
+
 # forced (forward, backward) block pairs timed by --compare next to the autotuned kernels
 AB_PAIRS = [((16, 64, 2, 2), (16, 64, 2, 4, 0)), ((16, 64, 2, 2), (16, 64, 2, 4, 0, 96)),
             ((16, 64, 2, 2), (16, 64, 2, 2, 1)), ((16, 64, 2, 2), (16, 32, 4, 4, 1))]
@@ -235,6 +275,8 @@ def main(argv=None):
     ap.add_argument("--no-ref", action="store_true", help="skip the torch associative_scan reference")
     ap.add_argument("--ref-anchor-only", action="store_true",
                     help="run the (slow to compile) reference at the anchor shape only")
+    ap.add_argument("--spread", action="store_true",
+                    help="first print the per-call spread of the anchor's backward time")
     ap.add_argument("--depths", action="store_true",
                     help="also time the anchor with the deterministic look-back (depth 8)")
     ap.add_argument("--no-fla", action="store_true", help="skip fla chunk_hgrn")
@@ -243,7 +285,7 @@ def main(argv=None):
                     help="first time every forward / backward block config (anchor and T=65536)")
     ap.add_argument("--compare", metavar="FUSED_PY",
                     help="first A/B the anchor against another version of recurrence/fused.py")
-    ap.add_argument("--sweep-only", action="store_true", help="stop after --sweep / --compare")
+    ap.add_argument("--sweep-only", action="store_true", help="stop after --sweep / --compare / --spread")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -264,6 +306,8 @@ def main(argv=None):
         compare_previous(args.compare)
     if args.sweep:
         sweep()
+    if args.spread:
+        spread()
     if args.sweep_only:
         return 0
     shapes = [(4, 4096)] if args.quick else SHAPES

@@ -11,6 +11,7 @@
 #               git show <rev>:kernels/ratplus_kernels/recurrence/fused.py > .bench_prev/fused.py,
 #               carried as an ignored path) and forced block pairs
 #   rec_bench   bench_recurrence.py $REC_ARGS (the docs/benchmarks.md table)
+#   rec_spread  bench_recurrence.py --spread --sweep-only (per-call spread of the anchor's backward)
 #   da_tests    pytest -m gpu tests/kernels/test_dilated_attention.py
 #   da_bench    bench_dilated_attention.py $DA_ARGS
 #   da_sweep    bench_dilated_attention.py --sweep --no-main --no-decode (every launch configuration,
@@ -51,6 +52,7 @@ for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
     # without .site: fla-core needs the host's (newer) transformers, not the carried one
     rec_bench) step rec_bench 420 env PYTHONPATH="$PWD/.site_fla:$PWD/kernels:$PWD" \
                  python3 tools/bench/bench_recurrence.py ${REC_ARGS:-} ;;
+    rec_spread) step rec_spread 240 python3 tools/bench/bench_recurrence.py --no-fla --spread --sweep-only ;;
     gpu_tests) step gpu_tests 480 python3 -m pytest -q -p no:cacheprovider -m gpu tests ;;
     da_tests)  step da_tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_dilated_attention.py ;;
     da_bench)  step da_bench 420 python3 tools/bench/bench_dilated_attention.py ${DA_ARGS:-} ;;
