@@ -149,21 +149,27 @@ def bench(fn, rep=100):
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
-def bench_kernels(fn, iters=20):
-    """Mean GPU time (ms) of the kernels ``fn`` launches, from the profiler: the sum of kernel
-    durations per call, without the host's launch gaps that dominate eager timings of the small
-    W = 0 backwards at the anchor shape (CUDA-graph capture of the sweep's autograd calls failed
-    on the GPU host in the fourth session)."""
+def _profiled(fn, iters):
+    """Warm ``fn`` up (compile, autotune), then run it ``iters`` times under the CUDA profiler;
+    returns the per-kernel averages."""
     from torch.profiler import ProfilerActivity, profile
 
-    for _ in range(3):                     # compile, autotune, warm up
+    for _ in range(3):
         fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_time_total > 0
+    return prof.key_averages()
+
+
+def bench_kernels(fn, iters=20):
+    """Mean GPU time (ms) of the kernels ``fn`` launches, from the profiler: the sum of kernel
+    durations per call, without the host's launch gaps that dominate eager timings of the small
+    W = 0 backwards at the anchor shape (CUDA-graph capture of the sweep's autograd calls failed
+    on the GPU host in the fourth session)."""
+    kernels = [e for e in _profiled(fn, iters) if e.device_time_total > 0
                and not e.key.startswith(("cuda", "Activity", "cuLaunch"))]
     return sum(e.device_time_total for e in kernels) / iters / 1e3
 
@@ -289,7 +295,6 @@ def run_profile(args) -> None:
     candidate of the first-use choice, forced."""
     import ratplus_kernels.dilated_attention.fused as fm
     from ratplus_kernels.dilated_attention import fused_dilated_attention
-    from torch.profiler import ProfilerActivity, profile
 
     B, T = 4, 4096
     q, k, v, do = (torch.randn(T, B, H, DH, device="cuda", dtype=torch.bfloat16) for _ in range(4))
@@ -304,15 +309,10 @@ def run_profile(args) -> None:
                 settings.append(("single pass", dict(base, w0=fm._W0_CONFIG)))
         for label, bwd in settings:
             with fm.block_config(bwd=bwd):
-                for _ in range(3):
-                    torch.autograd.grad(fused_dilated_attention(q, k, v, *pat), (q, k, v), do)
-                torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(10):
-                        torch.autograd.grad(fused_dilated_attention(q, k, v, *pat), (q, k, v), do)
-                    torch.cuda.synchronize()
+                events = _profiled(lambda pat=pat: torch.autograd.grad(
+                    fused_dilated_attention(q, k, v, *pat), (q, k, v), do), 10)
             print(f"\nprofile {pat} {label} B=4 T=4096 (per call, us):")
-            for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
+            for e in sorted(events, key=lambda e: -e.device_time_total)[:8]:
                 print(f"  {e.key[:60]:60s} {e.device_time_total / 10:9.1f}")
 
 

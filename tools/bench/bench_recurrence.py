@@ -209,6 +209,9 @@ def spread(calls=300):
             events = []
             for _ in range(calls):
                 flush.zero_()
+                # keep the GPU busy (~0.5 ms) while the host enqueues the backward, so the events
+                # bracket GPU work only, not the host's launch time
+                torch.cuda._sleep(1_000_000)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 torch.autograd.grad((ko, vo), (g, k, v), (dko, dvo), retain_graph=True)

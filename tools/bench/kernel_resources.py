@@ -43,19 +43,13 @@ def recurrence_rows(sweep: bool, arch: int):
 
     g, k, v = (torch.empty(T, B, H, DH, dtype=torch.bfloat16) for _ in range(3))
 
-    def meta(c):      # autotuning candidate -> launch kwargs
-        m = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-        if c.maxnreg is not None:
-            m["maxnreg"] = c.maxnreg
-        return m
-
     def label(m):
         text = "%dx%d/%d w%d" % (m["BT"], m["BD"], m["VEC"], m["num_warps"])
         text += f" early={m['EARLY']}" if "EARLY" in m else ""
         return text + (f" maxnreg={m['maxnreg']}" if m.get("maxnreg") else "")
 
-    fwd = [meta(c) for c in fm._fwd_configs()]
-    bwd = [meta(c) for c in fm._bwd_configs()]
+    fwd = [fm._launch_kwargs(c) for c in fm._fwd_configs()]
+    bwd = [fm._launch_kwargs(c) for c in fm._bwd_configs()]
     if sweep:
         fwd += [m for m in map(bench._as_meta, bench.FWD_SWEEP) if m not in fwd]
         bwd += [m for m in map(bench._as_meta, bench.BWD_SWEEP) if m not in bwd]

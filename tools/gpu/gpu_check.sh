@@ -18,9 +18,9 @@
 #               the single-pass W = 0 backward included) and $DA_SWEEP_ARGS (default --profile:
 #               per-kernel times)
 #   resources   tools/bench/kernel_resources.py --sweep (registers / spills with the host's Triton)
+#   decode      bench_decode.py on CUDA, bf16, real prefill, $DECODE_ARGS
 #   decode16    the same with 16 sequences per step
 #   decode_profile  torch.profiler tables of a few decoding steps (tiny, 4K, dense and D16/W256/P4)
-#   decode      bench_decode.py on CUDA, bf16, real prefill, $DECODE_ARGS
 # Wheels: .whl (bash ../shared/gpu/prepare_wheels.sh .whl transformers==... for decode) and
 # optionally .whl_fla (fla-core, einops) for the fla column of rec_bench.
 set -uo pipefail

@@ -483,16 +483,21 @@ def _grid(T, B, H, D):
     return grid
 
 
+def _launch_kwargs(config: triton.Config) -> dict:
+    """An autotuning candidate as launch kwargs (meta-parameters, warps, stages, register cap)."""
+    kw = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    if config.maxnreg is not None:
+        kw["maxnreg"] = config.maxnreg
+    return kw
+
+
 def _select_config(key, tuned, launch, n_alloc_for_tuning, nch, D, dev):
     """Block sizes for ``key``: tuned once by ``triton.autotune`` on a throwaway status buffer
     (the autotuner reruns the kernel many times), then reused. Returns launch kwargs."""
     cfg = _TUNED.get(key)
     if cfg is None:
         launch(tuned, _status(n_alloc_for_tuning, nch, D, dev), n_alloc_for_tuning, {})
-        best = tuned.best_config
-        cfg = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
-        if best.maxnreg is not None:
-            cfg["maxnreg"] = best.maxnreg
+        cfg = _launch_kwargs(tuned.best_config)
         _TUNED[key] = cfg
     return cfg
 
