@@ -133,9 +133,10 @@ def test_fused_look_back_depths(monkeypatch, depth):
     _compare(fused_gated_recurrence, naive_gated_recurrence, x, init, True, g, k, v, 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize("early", [0, 1])
+@pytest.mark.parametrize("early", [0, 1, 2])
 def test_fused_backward_block_equal_to_forward_block(monkeypatch, early):
-    """Also both orders of the backward: forward recompute before / after the look-back."""
+    """Also every order of the backward: forward recompute before / after the look-back, and
+    after it with its loads issued before it."""
     monkeypatch.setattr(fused_mod, "_INTERPRET_EARLY", early)
     monkeypatch.setitem(fused_mod._INTERPRET_BLOCKS, "fwd", (8, 16, 1))
     monkeypatch.setitem(fused_mod._INTERPRET_BLOCKS, "bwd", (8, 16, 1))
@@ -230,6 +231,22 @@ def test_gpu_matches_reference(poisoned_outputs, T, B, H, D, dtype, with_init):
 
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
     _compare(fused_gated_recurrence, reference, x, init, True, g, k, v, tol, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", fused_mod._bwd_configs(), ids=str)
+def test_gpu_every_backward_candidate(poisoned_outputs, monkeypatch, config):
+    """Each autotuning candidate of the backward, forced (the autotuned tests check only the
+    winner's output): realistic bf16 shape with an odd length, initial and final states."""
+    monkeypatch.setitem(fused_mod._FORCE_CONFIG, "bwd", fused_mod._launch_kwargs(config))
+    T, B, H, D = 4001, 2, 16, 128
+    x, g, k, v = _fused_inputs(T, B, H, D, torch.bfloat16, gate_shift=6.0, gate_scale=2.0, seed=3)
+    init = _init_state(B, H, D)
+
+    def reference(g, k, v, init, final):
+        return chunked_gated_recurrence(g, k, v, init, final, chunk_size=64)
+
+    _compare(fused_gated_recurrence, reference, x, init, True, g, k, v, 1e-2, 1e-2)
 
 
 @pytest.mark.gpu

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 
@@ -234,24 +235,31 @@ def spread(calls=300):
 
 
 # forced (forward, backward) block pairs timed by --compare next to the autotuned kernels
-AB_PAIRS = [((16, 64, 2, 2), (16, 64, 2, 4, 0)), ((16, 64, 2, 2), (16, 64, 2, 4, 0, 96)),
-            ((16, 64, 2, 2), (16, 64, 2, 2, 1)), ((16, 64, 2, 2), (16, 32, 4, 4, 1))]
+AB_PAIRS = [((16, 64, 2, 2), (16, 64, 2, 4, 0, 96)), ((16, 64, 2, 2), (16, 64, 2, 4, 2, 96)),
+            ((16, 64, 2, 2), (16, 64, 2, 4, 2)), ((16, 64, 2, 2), (16, 64, 2, 4, 0))]
 
 
-def compare_previous(path, rounds=5):
-    """A/B at the anchor against another version of fused.py (e.g. the previous commit's), both
-    autotuned, plus forced block pairs of the current one; interleaved rounds expose run-to-run
-    noise (the greedy look-back's timing depends on which tiles run together)."""
+def _load_other(path, index):
+    """Another version of fused.py as a module of the kernel package (its relative imports)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("ratplus_kernels.recurrence._prev_fused", path)
-    prev = importlib.util.module_from_spec(spec)
-    prev.__package__ = "ratplus_kernels.recurrence"      # its relative imports (.._env)
-    spec.loader.exec_module(prev)
+    spec = importlib.util.spec_from_file_location(f"ratplus_kernels.recurrence._other_fused{index}", path)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__package__ = "ratplus_kernels.recurrence"
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def compare_previous(paths, rounds=5):
+    """A/B at the anchor against other versions of fused.py (e.g. the previous commit's, or a
+    diagnostic variant), all autotuned, plus forced block pairs of the current one; interleaved
+    rounds expose run-to-run noise (the greedy look-back's timing depends on which tiles run
+    together)."""
     x, g, k, v = make_inputs(4, 4096)
     dko = torch.randn(4096, 4, H, D, device="cuda", dtype=x.dtype)
     dvo = torch.randn_like(dko)
-    variants = [("previous (autotuned)", prev.fused_gated_recurrence, None),
-                ("current (autotuned)", fused_gated_recurrence, None)]
+    variants = [(f"{os.path.basename(p)} (autotuned)", _load_other(p, i).fused_gated_recurrence, None)
+                for i, p in enumerate(paths)]
+    variants.append(("current (autotuned)", fused_gated_recurrence, None))
     variants += [("current %dx%d/%d w%d + %dx%d/%d w%d e%d" % (*f, *b[:5])
                   + (f" r{b[5]}" if len(b) > 5 else ""), fused_gated_recurrence, (f, b))
                  for f, b in AB_PAIRS]
@@ -286,8 +294,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="anchor shape only")
     ap.add_argument("--sweep", action="store_true",
                     help="first time every forward / backward block config (anchor and T=65536)")
-    ap.add_argument("--compare", metavar="FUSED_PY",
-                    help="first A/B the anchor against another version of recurrence/fused.py")
+    ap.add_argument("--compare", metavar="FUSED_PY", action="append",
+                    help="first A/B the anchor against another version of recurrence/fused.py "
+                         "(repeatable)")
     ap.add_argument("--sweep-only", action="store_true", help="stop after --sweep / --compare / --spread")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

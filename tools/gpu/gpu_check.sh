@@ -7,10 +7,12 @@
 #   gpu_tests   every test marked gpu (kernels, Hugging Face model on CUDA)
 #   rec_tests   pytest tests/kernels/test_recurrence.py (GPU tests run, poisoned outputs)
 #   rec_sweep   bench_recurrence.py --sweep (every block config) and the A/B against REC_PREV if set
-#   rec_ab      A/B of the anchor against REC_PREV (another fused.py, e.g.
+#   rec_ab      A/B of the anchor against REC_PREV (other fused.py files, space-separated, e.g.
 #               git show <rev>:kernels/ratplus_kernels/recurrence/fused.py > .bench_prev/fused.py,
 #               carried as an ignored path) and forced block pairs
 #   rec_bench   bench_recurrence.py $REC_ARGS (the docs/benchmarks.md table)
+#   rec_sol     A/B of the anchor against a copy of fused.py without look-back waits (diagnostic:
+#               the time the tiles take when no program waits for its predecessors)
 #   rec_spread  bench_recurrence.py --spread --sweep-only (per-call spread of the anchor's backward)
 #   da_tests    pytest -m gpu tests/kernels/test_dilated_attention.py
 #   da_bench    bench_dilated_attention.py $DA_ARGS
@@ -46,12 +48,20 @@ for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
   case "$s" in
     rec_tests) step rec_tests 300 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_recurrence.py ;;
     rec_sweep) step rec_sweep 420 python3 tools/bench/bench_recurrence.py --no-fla --sweep --sweep-only \
-                 ${REC_PREV:+--compare "$REC_PREV"} ;;
+                 $(for p in ${REC_PREV:-}; do echo --compare "$p"; done) ;;
     rec_ab)    step rec_ab 300 python3 tools/bench/bench_recurrence.py --no-fla --sweep-only \
-                 --compare "${REC_PREV:?set REC_PREV to another fused.py}" ;;
+                 $(for p in ${REC_PREV:?set REC_PREV to other fused.py files}; do echo --compare "$p"; done) ;;
     # without .site: fla-core needs the host's (newer) transformers, not the carried one
     rec_bench) step rec_bench 420 env PYTHONPATH="$PWD/.site_fla:$PWD/kernels:$PWD" \
                  python3 tools/bench/bench_recurrence.py ${REC_ARGS:-} ;;
+    rec_sol)   # speed of light of the tile structure: a copy of fused.py whose look-back never waits
+               # (wrong carries, timing only), A/B against the real kernels (and REC_PREV if set)
+               mkdir -p .bench_prev
+               sed 's/^    if c != stop:$/    if c == -12345:  # diagnostic copy: no look-back/' \
+                 kernels/ratplus_kernels/recurrence/fused.py > .bench_prev/fused_no_lookback.py
+               grep -q "c == -12345" .bench_prev/fused_no_lookback.py || { echo "rec_sol: sed found no look-back"; exit 2; }
+               step rec_sol 300 python3 tools/bench/bench_recurrence.py --no-fla --sweep-only \
+                 --compare .bench_prev/fused_no_lookback.py $(for p in ${REC_PREV:-}; do echo --compare "$p"; done) ;;
     rec_spread) step rec_spread 240 python3 tools/bench/bench_recurrence.py --no-fla --spread --sweep-only ;;
     gpu_tests) step gpu_tests 480 python3 -m pytest -q -p no:cacheprovider -m gpu tests ;;
     da_tests)  step da_tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_dilated_attention.py ;;

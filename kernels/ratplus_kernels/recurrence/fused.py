@@ -31,8 +31,9 @@ hands to the previous one: ``u_t = a_t (dy_t + u_{t+1})`` with ``u_T`` = the fin
 Its coefficients are ``a_t`` at the same step, so the gate is read once, unshifted, and one sigmoid
 serves both scans. Each backward tile recomputes its forward states from ``g, k, v`` and the
 forward's inclusive tile-end states (kept from the forward pass, fp32, one row per tile), so no
-``[T, ...]`` fp32 state is ever stored; the recompute runs before the look-back wait or after it
-(``EARLY``, autotuned). Gradients (fp32 math, ``e_t = exp(-g_t) = (1 - a_t) / a_t``)::
+``[T, ...]`` fp32 state is ever stored; the recompute runs before the look-back wait, after it, or
+after it with its loads issued before it (``EARLY`` = 1 / 0 / 2, autotuned). Gradients (fp32
+math, ``e_t = exp(-g_t) = (1 - a_t) / a_t``)::
 
     dk_t = (1 - a_t) dh^k_t = e_t u^k_t,   dv_t = e_t u^v_t
     dg_t = a_t (1 - a_t) sum_s (h^s_{t-1} - x^s_t) dh^s_t = e_t sum_s (h^s_t - x^s_t) u^s_t
@@ -156,11 +157,17 @@ def _store_row(ptr, x, rows, r: tl.constexpr, mask):
 
 
 @triton.jit
-def _load_tile(ptr, t, b, h, d, m2, s_t, s_b, s_h, s_d):
+def _load_raw(ptr, t, b, h, d, m2, s_t, s_b, s_h, s_d):
     """The ``[BT, BD]`` tile (time rows ``t``, channels ``d`` of head ``(b, h)``) of a strided
-    ``[T, B, H, D]`` tensor, in fp32; masked elements are 0."""
+    ``[T, B, H, D]`` tensor in its own dtype; masked elements are 0."""
     return tl.load(ptr + t[:, None] * s_t + (b * s_b + h * s_h) + d[None, :] * s_d,
-                   mask=m2, other=0.0).to(tl.float32)
+                   mask=m2, other=0.0)
+
+
+@triton.jit
+def _load_tile(ptr, t, b, h, d, m2, s_t, s_b, s_h, s_d):
+    """:func:`_load_raw` in fp32."""
+    return _load_raw(ptr, t, b, h, d, m2, s_t, s_b, s_h, s_d).to(tl.float32)
 
 
 @triton.jit
@@ -249,15 +256,15 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _recompute_residuals(k_ptr, v_ptr, h0k_ptr, h0v_ptr, fval_ptr, NC_ALLOC_F, BT_F, NCH,
-                         c, t, b, h, d, n, m2, mask_d, a, w,
-                         sk_t, sk_b, sk_h, sk_d, sv_t, sv_b, sv_h, sv_d,
-                         BT: tl.constexpr, HAS_H0: tl.constexpr):
-    """Backward helper: the forward states h_t of this tile, recomputed from ``k, v`` and the
-    forward's inclusive state of the tile that ends right before it; returns ``h_t - x_t`` for
-    both streams (all the gradient needs of them)."""
-    kx = _load_tile(k_ptr, t, b, h, d, m2, sk_t, sk_b, sk_h, sk_d)
-    vx = _load_tile(v_ptr, t, b, h, d, m2, sv_t, sv_b, sv_h, sv_d)
+def _residual_inputs(k_ptr, v_ptr, h0k_ptr, h0v_ptr, fval_ptr, NC_ALLOC_F, BT_F, NCH,
+                     c, t, b, h, d, n, m2, mask_d,
+                     sk_t, sk_b, sk_h, sk_d, sv_t, sv_b, sv_h, sv_d,
+                     BT: tl.constexpr, HAS_H0: tl.constexpr):
+    """Backward helper: what the recompute of this tile's forward states reads, ``k, v`` (own
+    dtype: half the registers while they wait) and the forward's inclusive state of the tile that
+    ends right before this one (or the initial state)."""
+    kx = _load_raw(k_ptr, t, b, h, d, m2, sk_t, sk_b, sk_h, sk_d)
+    vx = _load_raw(v_ptr, t, b, h, d, m2, sv_t, sv_b, sv_h, sv_d)
     f_inc_ptr = fval_ptr + NC_ALLOC_F.to(tl.int64) * 3 * NCH
     ql = ((c * BT) // BT_F - 1).to(tl.int64)     # forward tile that ends right before this tile
     hk_in = tl.load(f_inc_ptr + ql * 2 * NCH + n, mask=mask_d & (c > 0), other=0.0)
@@ -268,6 +275,15 @@ def _recompute_residuals(k_ptr, v_ptr, h0k_ptr, h0v_ptr, fval_ptr, NC_ALLOC_F, B
     else:
         hk_in = tl.where(c == 0, 0.0, hk_in)
         hv_in = tl.where(c == 0, 0.0, hv_in)
+    return kx, vx, hk_in, hv_in
+
+
+@triton.jit
+def _residuals(kx, vx, hk_in, hv_in, a, w):
+    """The tile's forward states ``h_t`` recomputed from its inputs; returns ``h_t - x_t`` for
+    both streams (all the gradient needs of them)."""
+    kx = kx.to(tl.float32)
+    vx = vx.to(tl.float32)
     P, Lk, Lv = tl.associative_scan((a, w * kx, w * vx), 0, _affine_combine)
     return P * hk_in[None, :] + Lk - kx, P * hv_in[None, :] + Lv - vx
 
@@ -328,11 +344,13 @@ def _bwd_kernel(
         _store_row(o_agg + 2 * NCH, Uv, rows, 0, mask_d)
         _publish(flags + c * NCB + j, 1)
 
-    if EARLY:                                    # forward recompute while predecessors finish
-        rk, rv = _recompute_residuals(k_ptr, v_ptr, h0k_ptr, h0v_ptr, fval_ptr, NC_ALLOC_F, BT_F,
-                                      NCH, c, t, b, h, d, n, m2, mask_d, a, w,
-                                      sk_t, sk_b, sk_h, sk_d, sv_t, sv_b, sv_h, sv_d,
-                                      BT, HAS_H0)
+    if EARLY >= 1:                               # recompute inputs in flight during the wait
+        kx, vx, hk_in, hv_in = _residual_inputs(k_ptr, v_ptr, h0k_ptr, h0v_ptr, fval_ptr,
+                                                NC_ALLOC_F, BT_F, NCH, c, t, b, h, d, n, m2,
+                                                mask_d, sk_t, sk_b, sk_h, sk_d,
+                                                sv_t, sv_b, sv_h, sv_d, BT, HAS_H0)
+    if EARLY == 1:                               # and the recompute itself
+        rk, rv = _residuals(kx, vx, hk_in, hv_in, a, w)
     if HAS_DHT:                                  # u_T = d(final state)
         ck = tl.load(dhTk_ptr + n, mask=mask_d & (c == NC - 1), other=0.0)
         cv = tl.load(dhTv_ptr + n, mask=mask_d & (c == NC - 1), other=0.0)
@@ -350,11 +368,13 @@ def _bwd_kernel(
     if HAS_H0:                                   # d h_{-1} = a_0 dh_0 = u_0
         _store_row(dh0k_ptr + n, uk, rows, 0, mask_d & (c == 0))
         _store_row(dh0v_ptr + n, uv, rows, 0, mask_d & (c == 0))
-    if not EARLY:
-        rk, rv = _recompute_residuals(k_ptr, v_ptr, h0k_ptr, h0v_ptr, fval_ptr, NC_ALLOC_F, BT_F,
-                                      NCH, c, t, b, h, d, n, m2, mask_d, a, w,
-                                      sk_t, sk_b, sk_h, sk_d, sv_t, sv_b, sv_h, sv_d,
-                                      BT, HAS_H0)
+    if EARLY == 0:
+        kx, vx, hk_in, hv_in = _residual_inputs(k_ptr, v_ptr, h0k_ptr, h0v_ptr, fval_ptr,
+                                                NC_ALLOC_F, BT_F, NCH, c, t, b, h, d, n, m2,
+                                                mask_d, sk_t, sk_b, sk_h, sk_d,
+                                                sv_t, sv_b, sv_h, sv_d, BT, HAS_H0)
+    if EARLY != 1:
+        rk, rv = _residuals(kx, vx, hk_in, hv_in, a, w)
 
     # dk = (1 - a) dh = e u;  dg = (1 - a) sum_s (h_t - x_t) dh_t = e sum_s (h_t - x_t) u_t
     dgx = e * (rk * uk + rv * uv)
@@ -374,7 +394,9 @@ def _cfg(bt, bd, vec, nw, early=None, maxnreg=None):
     """VEC < 8 caps the channels per thread (BD = 32 VEC: one warp spans the block, the warps and
     register repetitions run along time, so the scans run mostly inside each thread); VEC = 8
     leaves Triton's default 16-byte vectors (lanes spread over time as well). ``early`` (backward
-    only): recompute the forward states before waiting on the look-back (1) or after it (0).
+    only): recompute the forward states before waiting on the look-back (1), after it (0), or
+    after it from ``k, v`` loaded before it (2: the load latency hides behind the wait, for the
+    registers of two bf16 tiles instead of two fp32 residual tiles).
     ``maxnreg`` caps the registers per thread (more resident CTAs to wait on the look-back)."""
     kw = {"BT": bt, "BD": bd, "VEC": vec}
     if early is not None:
@@ -395,8 +417,9 @@ def _bwd_configs():
     # capped it compiles for sm_90 without spills and fits 5 (tools/bench/kernel_resources.py).
     # On the H100 the autotuner picks the capped one at every benchmark shape (fourth session:
     # 2.27 vs 2.43 ms fwd+bwd at 64K tokens; at the anchor 0.607-0.640 vs 0.632 interleaved)
+    # EARLY = 2 (recompute loads before the wait): fifth session candidates, uncapped and capped
     return [_cfg(16, 64, 2, 4, 0), _cfg(16, 64, 2, 2, 1), _cfg(16, 32, 4, 4, 1), _cfg(32, 32, 4, 4, 1),
-            _cfg(16, 64, 2, 4, 0, maxnreg=96)]
+            _cfg(16, 64, 2, 4, 0, maxnreg=96), _cfg(16, 64, 2, 4, 2), _cfg(16, 64, 2, 4, 2, maxnreg=96)]
 
 
 _FWD_BT = sorted({c.kwargs["BT"] for c in _fwd_configs()})
