@@ -5,8 +5,9 @@
 Prints the device, the measured device-to-device copy bandwidth, then for H x D = 16 x 128, bf16,
 and T in {1024, 4096, 16384, 65536} at B*T = 65536 tokens (plus the DESIGN.md anchor B=4, T=4096):
 
-* median ms of the fused kernel forward and forward+backward (triton.testing.do_bench, L2 flushed
-  between repetitions), with the achieved GB/s over the bytes the op must move
+* median ms of the fused kernel forward and forward+backward (GPU time, tools/bench/gpu_timing.py:
+  L2 flushed and the host's launch time hidden before every call; an eager do_bench column too),
+  with the achieved GB/s over the bytes the op must move
   (forward: read g, k, v, write k~, v~ = 5 tensors; backward: read g, k, v, dk~, dv~, write dg, dk,
   dv = 8 tensors) and that as a fraction of the measured copy bandwidth;
 * (a) the torch associative_scan formulation of the reference RAT+ code: fp32 gate sigmoid,
@@ -28,12 +29,12 @@ import os
 import sys
 import time
 
+import ratplus_kernels.recurrence.fused as fused_mod
 import torch
 import torch.nn.functional as F
 import triton
 import triton.testing
-
-import ratplus_kernels.recurrence.fused as fused_mod
+from gpu_timing import gpu_median, gpu_times, histogram, percentile
 from ratplus_kernels.recurrence import fused_gated_recurrence
 
 H, D = 16, 128
@@ -116,17 +117,27 @@ def make_inputs(B, T, dtype=torch.bfloat16, seed=0):
     return x, g, k, v
 
 
+def _f_and_b(fwd, inputs, grads):
+    def f_and_b():
+        outs = fwd(*inputs)
+        torch.autograd.grad(outs, inputs, grads)
+    return f_and_b
+
+
 def timed_pair(fwd, inputs, grads):
-    """(forward ms, forward+backward ms) of ``fwd(*inputs) -> outputs``."""
+    """(forward ms, forward+backward ms) of ``fwd(*inputs) -> outputs``: median GPU time
+    (gpu_timing: the host's launch time hidden, L2 flushed before each call)."""
     def f_only():
         with torch.no_grad():
             fwd(*inputs)
 
-    def f_and_b():
-        outs = fwd(*inputs)
-        torch.autograd.grad(outs, inputs, grads)
+    return gpu_median(f_only), gpu_median(_f_and_b(fwd, inputs, grads))
 
-    return bench(f_only), bench(f_and_b)
+
+def eager_fwd_bwd(fwd, inputs, grads):
+    """Forward+backward median ms with do_bench, as a training step sees it when the host's
+    launches are not hidden behind other GPU work (includes host time where that is longer)."""
+    return bench(_f_and_b(fwd, inputs, grads))
 
 
 # (BT, BD, VEC, num_warps): BD = 32 VEC num_warps keeps every time row inside one thread (warps
@@ -172,17 +183,17 @@ def sweep(shapes=((4, 4096), (1, 65536))):
             fused_mod._FORCE_CONFIG["fwd"] = _as_meta(cfg)
             with torch.no_grad():
                 fused(g, k, v)
-            ms = bench(lambda: fused(g, k, v), rep=50)
+            ms = gpu_median(lambda: fused(g, k, v), calls=50)
             results.append((ms, cfg, _regs("fwd")))
         for ms, cfg, regs in sorted(results):
             print(f"  fwd B={B} T={T}: %dx%d/%d w%d %s = %.3f ms" % (*cfg, regs, ms), flush=True)
         fused_mod._FORCE_CONFIG["fwd"] = _as_meta((16, 64, 2, 4))   # BT=16: any backward BT fits
-        f_ms = bench(lambda: fused(g, k, v), rep=50)
+        f_ms = gpu_median(lambda: fused(g, k, v), calls=50)
         results = []
         for cfg in BWD_SWEEP:
             fused_mod._FORCE_CONFIG["bwd"] = _as_meta(cfg)
             torch.autograd.grad(fused(g, k, v), (g, k, v), (dko, dvo))
-            ms = bench(lambda: torch.autograd.grad(fused(g, k, v), (g, k, v), (dko, dvo)), rep=50)
+            ms = gpu_median(lambda: torch.autograd.grad(fused(g, k, v), (g, k, v), (dko, dvo)), calls=50)
             results.append((ms - f_ms, cfg, _regs("bwd")))
         for ms, cfg, regs in sorted(results):
             print(f"  bwd B={B} T={T}: %dx%d/%d w%d early=%d %s = %.3f ms" % (*cfg, regs, ms),
@@ -192,44 +203,27 @@ def sweep(shapes=((4, 4096), (1, 65536))):
 
 
 def spread(calls=300):
-    """Per-call GPU time of the anchor's backward (CUDA events around each call, L2 flushed before
-    it), greedy and deterministic look-back: percentiles and a histogram, to tell a per-launch
-    bimodality (some launches slow) from a per-process state (every launch of a run slow). The
-    medians of do_bench differ between runs by up to 50% (docs/benchmarks.md)."""
+    """Per-call GPU time of the anchor's backward (gpu_timing: L2 flushed, the host's launch time
+    hidden), greedy and deterministic look-back: percentiles and a histogram, to tell a per-launch
+    bimodality (some launches slow) from a per-process state (every launch of a run slow)."""
     x, g, k, v = make_inputs(4, 4096)
     dko = torch.randn(4096, 4, H, D, device="cuda", dtype=x.dtype)
     dvo = torch.randn_like(dko)
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     saved = fused_mod._LOOKBACK_DEPTH
     print(f"backward spread at the anchor B=4 T=4096 ({calls} calls, ms per call)")
     try:
         for depth in (0, fused_mod._DETERMINISTIC_DEPTH):
             fused_mod._LOOKBACK_DEPTH = depth
             ko, vo, _ = fused_gated_recurrence(g, k, v)
-            torch.autograd.grad((ko, vo), (g, k, v), (dko, dvo), retain_graph=True)   # autotune
-            events = []
-            for _ in range(calls):
-                flush.zero_()
-                # keep the GPU busy (~0.5 ms) while the host enqueues the backward, so the events
-                # bracket GPU work only, not the host's launch time
-                torch.cuda._sleep(1_000_000)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+
+            def backward():
                 torch.autograd.grad((ko, vo), (g, k, v), (dko, dvo), retain_graph=True)
-                end.record()
-                events.append((start, end))
-            torch.cuda.synchronize()
-            ts = sorted(s.elapsed_time(e) for s, e in events)
-            pct = {p: ts[min(len(ts) - 1, int(p / 100 * len(ts)))] for p in (0, 10, 50, 90, 99)}
-            print(f"  depth {depth}: " + "  ".join(f"p{p} {t:.3f}" for p, t in pct.items())
+
+            ts = gpu_times(backward, calls)
+            print(f"  depth {depth}: " + "  ".join(f"p{p} {percentile(ts, p):.3f}" for p in (0, 10, 50, 90, 99))
                   + f"  max {ts[-1]:.3f}")
-            lo = math.floor(ts[0] / 0.025) * 0.025
-            bins: dict = {}
-            for t in ts:
-                b = lo + math.floor((t - lo) / 0.025) * 0.025
-                bins[b] = bins.get(b, 0) + 1
-            for b in sorted(bins):
-                print(f"    {b:.3f}-{b + 0.025:.3f} ms {bins[b]:4d} " + "#" * max(1, bins[b] * 60 // calls))
+            for line in histogram(ts):
+                print("    " + line)
     finally:
         fused_mod._LOOKBACK_DEPTH = saved
 
@@ -340,7 +334,7 @@ def main(argv=None):
         fused(g, k, v)  # autotune outside the timings
         torch.autograd.grad(fused(g, k, v), (g, k, v), (dko, dvo))
         f_ms, fb_ms = timed_pair(fused, (g, k, v), (dko, dvo))
-        row = {"B": B, "T": T, "f": f_ms, "fb": fb_ms,
+        row = {"B": B, "T": T, "f": f_ms, "fb": fb_ms, "fb_eager": eager_fwd_bwd(fused, (g, k, v), (dko, dvo)),
                "gbs_f": bytes_f / f_ms / 1e6, "gbs_fb": bytes_fb / fb_ms / 1e6,
                "floor_fb": bytes_fb / (bw * 1e9) * 1e3}
         tkey, bhkey = triton.next_power_of_2(T), triton.next_power_of_2(B * H)
@@ -406,7 +400,7 @@ def main(argv=None):
     print()
     print(f"H={H} D={D} bf16, {dev}, copy {bw:.0f} GB/s; GB/s over 5 (fwd) / 13 (fwd+bwd) tensor passes")
     hdr = ("| B | T | fused fwd ms | fwd GB/s (% copy) | fused fwd+bwd ms | fwd+bwd GB/s (% copy) | "
-           "HBM floor fwd+bwd ms | ref assoc_scan fwd / fwd+bwd ms | speedup fwd / fwd+bwd | "
+           "HBM floor fwd+bwd ms | eager fwd+bwd ms | ref assoc_scan fwd / fwd+bwd ms | speedup fwd / fwd+bwd | "
            "ref scan only fwd / fwd+bwd ms | speedup | "
            "fla chunk_hgrn fwd / fwd+bwd ms | speedup fwd / fwd+bwd |")
     print(hdr)
@@ -423,6 +417,7 @@ def main(argv=None):
               if "fla_f" in r else "—")
         print(f"| {r['B']} | {r['T']} | {r['f']:.3f} | {r['gbs_f']:.0f} ({100 * r['gbs_f'] / bw:.0f}%) | "
               f"{r['fb']:.3f} | {r['gbs_fb']:.0f} ({100 * r['gbs_fb'] / bw:.0f}%) | {r['floor_fb']:.3f} | "
+              f"{r['fb_eager']:.3f} | "
               f"{ref[0]} | {ref[1]} | {sc[0]} | {sc[1]} | {fl[0]} | {fl[1]} |")
     anchor = [r for r in rows if (r["B"], r["T"]) == (4, 4096)]
     if anchor:
