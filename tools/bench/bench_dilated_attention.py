@@ -233,7 +233,13 @@ BWD_SWEEP_VARIANTS = {
            dict(BLK=16, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=4),
            dict(BLK=16, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=8),
            dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=2, PROGS_PER_SM=8),
-           dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=16)],
+           dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=16),
+           # fifth session: one launch with the full tile vs tiles trimmed to the keys seen
+           dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=8, TRIM=False),
+           dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=16, TRIM=False),
+           dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=8, TRIM=True),
+           dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=16, TRIM=True),
+           dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=32, TRIM=True)],
 }
 
 
@@ -476,7 +482,17 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="per-kernel times at the anchor shape")
     ap.add_argument("--no-main", action="store_true")
     ap.add_argument("--selftest", action="store_true", help="CPU check of the flex formulation")
+    ap.add_argument("--patterns", default="",
+                    help="D/W/P list for the sweep, profile and table, e.g. 64/0/0,16/256/4 (default: all)")
     args = ap.parse_args()
+    if args.patterns:
+        global PATTERNS
+        try:
+            PATTERNS = [tuple(int(x) for x in p.split("/")) for p in args.patterns.split(",")]
+        except ValueError:
+            ap.error(f"--patterns: expected D/W/P items like 64/0/0, got {args.patterns!r}")
+        if any(len(p) != 3 for p in PATTERNS):
+            ap.error(f"--patterns: expected D/W/P items like 64/0/0, got {args.patterns!r}")
     if args.selftest:
         selftest()
         return
