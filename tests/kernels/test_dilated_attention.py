@@ -180,34 +180,19 @@ _SPLIT_BWD = dict(dq=dict(BLK=16, BN1=16, BG=16), dkdv=dict(BLK=16, BM2=16), far
 
 @pytest.mark.parametrize("T,D,P", [(80, 16, 0), (90, 4, 0), (70, 4, 1), (48, 7, 9), (33, 5, 40),
                                    (50, 1, 0), (40, -1, 0), (64, 64, 0), (17, 16, 0)])
-@pytest.mark.parametrize("path", ["single_pass", "single_pass_untrimmed", "split"])
+@pytest.mark.parametrize("path", ["single_pass", "split"])
 def test_fused_w0_backward_paths(T, D, P, path):
     """W = 0 has two backwards: the single pass (global keys held per query segment, delta from
-    the scores; by default early segments run with smaller key tiles, one launch per tile size)
-    and the split three-kernel one. Both against the reference, with the lse gradient, several
-    query segments (interpreter: 2 blocks each) and several heads."""
+    the scores) and the split three-kernel one. Both against the reference, with the lse
+    gradient, several query segments (interpreter: 2 blocks each) and several heads."""
     extra = dict(num_warps=4, num_stages=1)
     bwd = {name: dict(c, **extra) for name, c in _SPLIT_BWD.items()}
-    trim = path == "single_pass"
-    bwd["w0"] = dict(BLK=16, NGC_MAX=64, TRIM=trim, **extra) if path != "split" else None
+    bwd["w0"] = dict(BLK=16, NGC_MAX=64, **extra) if path == "single_pass" else None
     fused_mod._LAST_KERNELS.clear()
     with fused_mod.block_config(fwd=dict(BM=16, BN=16, BG=16, **extra), bwd=bwd):
         _check(T, 2, 2, 16, (D, 0, P), seed=T + P)
-    used = {"bwd_dq"} if path == "split" else {"bwd_w0"}
+    used = {"bwd_w0"} if path == "single_pass" else {"bwd_dq"}
     assert used <= set(fused_mod._LAST_KERNELS), sorted(fused_mod._LAST_KERNELS)
-
-
-def test_w0_segment_runs_trim_to_the_keys_seen():
-    """Anchor layout (T=4096, D=64, 256-query segments): segment s sees the chunk ends <= its
-    last query - 1, i.e. 4 s + 3 keys: tiles of 16 (s < 4), 32 (s < 8), then the full 64."""
-    D, cmin = 64, 0
-    assert fused_mod._w0_segment_runs(4096, 256, 0, D, cmin, 64, True) == [(0, 4, 16), (4, 4, 32), (8, 8, 64)]
-    assert fused_mod._w0_segment_runs(4096, 256, 0, D, cmin, 64, False) == [(0, 16, 64)]
-    # 20 initial keys are seen from the first segment on (21-30 keys in every segment, short
-    # last segment included): one launch with the 32-row tile
-    assert fused_mod._w0_segment_runs(100, 32, 20, 8, 2, 32, True) == [(0, 4, 32)]
-    # short stride: 16, 32, 64 rows as the keys seen grow (T=200, D=4: 4 s + 3 keys, 50 in all)
-    assert fused_mod._w0_segment_runs(200, 16, 0, 4, 0, 64, True) == [(0, 4, 16), (4, 4, 32), (8, 5, 64)]
 
 
 @pytest.fixture
@@ -385,13 +370,11 @@ def test_gpu_odd_shapes(poisoned, T, D, W, P, Dh):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("trim", [True, False])
 @pytest.mark.parametrize("T,D,P,Dh", [(4096, 64, 0, 128), (1000, 64, 0, 64), (777, 16, 3, 128)])
-def test_gpu_w0_single_pass(poisoned, T, D, P, Dh, trim):
-    """The single-pass W = 0 backward (whether or not it is the default) at realistic shapes,
-    with tiles trimmed to the keys each segment sees and with one full-tile launch."""
+def test_gpu_w0_single_pass(poisoned, T, D, P, Dh):
+    """The single-pass W = 0 backward (whether or not it is the default) at realistic shapes."""
     bwd = dict(fused_mod._bwd_config(Dh, torch.bfloat16),
-               w0=dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=4, TRIM=trim))
+               w0=dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=4))
     fused_mod._LAST_KERNELS.clear()
     with fused_mod.block_config(bwd=bwd):
         _check(T, 2, 4, Dh, (D, 0, P), dtype=torch.bfloat16, fused_view=True, tol=(1e-2, 2e-2), seed=T)

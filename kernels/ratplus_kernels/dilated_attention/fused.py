@@ -436,7 +436,7 @@ def _bwd_w0_kernel(
     Q, K, V, DO, LSE, DLSE, DQ, DK, DV, DKG, DVG,
     sqt, sqb, sqh, skt, skb, skh, svt, svb, svh, sdt, sdb, sdh,
     sgt, sgb, sgh,
-    T, H, P, D, CMIN, NS, NG, SEG, SEG0, qk_scale, sm_scale,
+    T, H, P, D, CMIN, NS, NG, SEG, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     BLK: tl.constexpr, NGC: tl.constexpr, PREC: tl.constexpr, HAS_DLSE: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -449,10 +449,8 @@ def _bwd_w0_kernel(
     ``delta_t = sum_j P_tj dP_tj`` is formed from the scores already in registers (every allowed
     key of a row is visited in the same iteration), so the output ``o`` is not read: the pass
     moves q, k, v, do in and dq, dk, dv out (7 tensors) instead of the split backward's 8 plus
-    the far pass's reread of q, do. Program ``i`` takes segment ``SEG0 + i``: the host launches
-    runs of segments with the smallest tile that holds the keys they see (causality: early
-    segments see few global keys)."""
-    pid_s = tl.program_id(0) + SEG0
+    the far pass's reread of q, do."""
+    pid_s = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -547,10 +545,7 @@ _OVERRIDE: dict = {"fwd": None, "bwd": None}
 # with 16, 0.502 with 2, against 0.500 for the split backward; as a whole backward the first-use
 # choice measured 0.344 ms against 0.386 (split) and 0.357 (split + dq_w0). W0_BACKWARD (below)
 # still times it on first use: at T=16384 it does not apply (more global keys than one tile).
-# TRIM: segments that see fewer global keys run with smaller tiles (one launch per tile size;
-# fifth session, see docs/benchmarks.md).
-_W0_CONFIG: Optional[dict] = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=8,
-                                  TRIM=True)
+_W0_CONFIG: Optional[dict] = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=8)
 # A dq-kernel configuration for W = 0 that compiles for sm_90 without spills (205 registers, 2 CTAs
 # per SM; the default spills): a candidate of the same first-use choice. Measured on the H100 it
 # wins at T=4096, D=64 over the default dq tiling (0.357 vs 0.386 ms backward) and loses at D=16
@@ -671,31 +666,6 @@ def _w0_tile(cfg: Optional[dict], window: int, ng: int, block_d: int) -> int:
     return ngc if ngc <= cfg["NGC_MAX"] else 0
 
 
-def _n_global_host(x_hi: int, initial: int, D: int, cmin: int) -> int:
-    """Host twin of :func:`_n_global`: number of global keys with index ``<= x_hi``."""
-    c = max(x_hi + 1, 0)
-    return min(c, initial) + max(c // D - cmin, 0)
-
-
-def _w0_segment_runs(T: int, seg: int, initial: int, D: int, cmin: int, ngc: int, trim: bool):
-    """Launches of the single-pass W = 0 backward as ``(first segment, segments, tile rows)``.
-    A segment ending at ``m_hi`` sees the global keys ``<= m_hi - 2`` beyond its diagonal; with
-    ``trim`` consecutive segments that fit the same power-of-two tile (at least 16 rows) share a
-    launch, so the early segments do not carry the full tile's products and accumulators."""
-    n_seg = triton.cdiv(T, seg)
-    if not trim:
-        return [(0, n_seg, ngc)]
-    runs = []
-    for s in range(n_seg):
-        n_vis = _n_global_host(min((s + 1) * seg, T) - 2, initial, D, cmin)
-        tile = min(ngc, max(16, triton.next_power_of_2(max(n_vis, 1))))
-        if runs and runs[-1][2] == tile:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1, tile)
-        else:
-            runs.append((s, 1, tile))
-    return runs
-
-
 def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
     T, B, H, Dh = q.shape
     D, cmin, ns, ng = _pattern_args(T, dilation, initial)
@@ -738,20 +708,13 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
         c0 = dict(cfg["w0"])
         per_sm = c0.pop("PROGS_PER_SM", 2)
         c0.pop("NGC_MAX")
-        trim = c0.pop("TRIM", True)
         seg = _query_segment(T, B * H, c0["BLK"], per_sm, dev)
-        # largest tiles (most work) first, that launch's kernel kept for the benchmark's
-        # register report; with TRIM=False one launch with the full tile
-        runs = _w0_segment_runs(T, seg, initial, D, cmin, ngc, trim)
-        for seg0, n, tile in reversed(runs):
-            kernel = _bwd_w0_kernel[(n, B * H)](
-                q, k, v, dout, lse, dlse if has_dlse else lse, dq, dk, dv, gbuf[0], gbuf[1],
-                *s_in, *dout.stride()[:3], *dq.stride()[:3],
-                T, H, initial, D, cmin, ns, ngb, seg, seg0, *scales,
-                NGC=tile, HAS_DLSE=has_dlse, **common, **c0,
-            )
-            if tile == runs[-1][2]:
-                _LAST_KERNELS["bwd_w0"] = kernel
+        _LAST_KERNELS["bwd_w0"] = _bwd_w0_kernel[(triton.cdiv(T, seg), B * H)](
+            q, k, v, dout, lse, dlse if has_dlse else lse, dq, dk, dv, gbuf[0], gbuf[1],
+            *s_in, *dout.stride()[:3], *dq.stride()[:3],
+            T, H, initial, D, cmin, ns, ngb, seg, *scales,
+            NGC=ngc, HAS_DLSE=has_dlse, **common, **c0,
+        )
         global_rows(gbuf)
 
     # W = 0: the split backward first (the default without a timer), then the alternatives
