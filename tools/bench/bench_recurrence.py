@@ -145,9 +145,16 @@ def eager_fwd_bwd(fwd, inputs, grads):
 FWD_SWEEP = [(32, 64, 2, 4), (64, 64, 2, 4), (64, 32, 8, 4), (16, 64, 2, 2), (32, 64, 2, 2),
              (32, 32, 8, 4), (32, 128, 4, 4), (16, 128, 4, 4), (64, 128, 4, 8), (32, 64, 4, 2),
              (16, 64, 2, 4)]
+# BD = 32 VEC num_warps (fifth session): the warps run along channels too, so every time row of
+# a channel is in one thread and the scans need no shared memory or shuffles (spilling
+# combinations, e.g. 64x128/2 w2, left out after offline compilation)
+FWD_SWEEP += [(16, 128, 2, 2), (32, 128, 2, 2), (16, 128, 1, 4), (32, 128, 1, 4), (16, 64, 1, 2),
+              (32, 64, 1, 2), (16, 128, 4, 1), (16, 32, 1, 1)]
 BWD_SWEEP = [(bt, bd, vec, nw, early) for early in (1, 0) for bt, bd, vec, nw in
              ((16, 64, 2, 4), (16, 64, 2, 2), (32, 32, 4, 4), (32, 64, 2, 4), (32, 32, 8, 4),
               (16, 32, 4, 4), (16, 64, 4, 4), (32, 32, 2, 2))]
+BWD_SWEEP += [(bt, bd, vec, nw, early) for early in (0, 2) for bt, bd, vec, nw in
+              ((16, 64, 1, 2), (16, 128, 1, 4), (16, 32, 1, 1), (16, 64, 2, 1))]
 
 
 def _as_meta(cfg):
