@@ -250,6 +250,21 @@ def test_gpu_every_backward_candidate(poisoned_outputs, monkeypatch, config):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("config", fused_mod._fwd_configs(), ids=str)
+def test_gpu_every_forward_candidate(poisoned_outputs, monkeypatch, config):
+    """Each autotuning candidate of the forward, forced (backward autotuned)."""
+    monkeypatch.setitem(fused_mod._FORCE_CONFIG, "fwd", fused_mod._launch_kwargs(config))
+    T, B, H, D = 4001, 2, 16, 128
+    x, g, k, v = _fused_inputs(T, B, H, D, torch.bfloat16, gate_shift=6.0, gate_scale=2.0, seed=4)
+    init = _init_state(B, H, D)
+
+    def reference(g, k, v, init, final):
+        return chunked_gated_recurrence(g, k, v, init, final, chunk_size=64)
+
+    _compare(fused_gated_recurrence, reference, x, init, True, g, k, v, 1e-2, 1e-2)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("depth", [0, 8])
 def test_gpu_long_sequence_look_back_modes(poisoned_outputs, monkeypatch, depth):
     """Few channel blocks and 1000+ time tiles: programs really wait on their predecessors."""

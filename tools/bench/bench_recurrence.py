@@ -237,7 +237,8 @@ def spread(calls=300):
 
 # forced (forward, backward) block pairs timed by --compare next to the autotuned kernels
 AB_PAIRS = [((16, 64, 2, 2), (16, 64, 2, 4, 0, 96)), ((16, 64, 2, 2), (16, 64, 2, 4, 2, 96)),
-            ((16, 64, 2, 2), (16, 64, 2, 4, 2)), ((16, 64, 2, 2), (16, 64, 2, 4, 0))]
+            ((16, 64, 2, 2), (16, 64, 2, 1, 2)), ((16, 128, 4, 1), (16, 64, 2, 4, 2, 96)),
+            ((16, 128, 4, 1), (16, 64, 2, 1, 2))]
 
 
 def _load_other(path, index):

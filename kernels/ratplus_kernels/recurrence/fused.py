@@ -408,7 +408,9 @@ def _fwd_configs():
     # the fastest of a sweep on an H100 with BT = 16 (docs/benchmarks.md): BT = 32 forward blocks
     # are ~4% faster alone but keep the backward (whose block must be a multiple) off its fastest
     # 16-step blocks, which gain more
-    return [_cfg(16, 64, 2, 2), _cfg(16, 64, 2, 4)]
+    # one-warp 16x128 blocks (time in-thread): equal at the anchor, 4% faster at T=65536 (fifth
+    # session sweep)
+    return [_cfg(16, 64, 2, 2), _cfg(16, 64, 2, 4), _cfg(16, 128, 4, 1)]
 
 
 def _bwd_configs():
@@ -420,8 +422,11 @@ def _bwd_configs():
     # EARLY = 2 (recompute loads before the wait, 96 registers): picked at the anchor in the fifth
     # session, 0.597 vs 0.608 ms fwd+bwd for the capped EARLY = 0 one (GPU time, five rounds each;
     # the uncapped EARLY = 2 one measured 0.638 and is not a candidate)
+    # the session's sweep also found one-warp 16x64 blocks with the same early loads (time
+    # in-thread, 68 B of spills) at 0.389 ms of backward at the anchor against 0.435 for the
+    # uncapped 4-warp EARLY = 0 block
     return [_cfg(16, 64, 2, 4, 0), _cfg(16, 64, 2, 2, 1), _cfg(16, 32, 4, 4, 1), _cfg(32, 32, 4, 4, 1),
-            _cfg(16, 64, 2, 4, 0, maxnreg=96), _cfg(16, 64, 2, 4, 2, maxnreg=96)]
+            _cfg(16, 64, 2, 4, 0, maxnreg=96), _cfg(16, 64, 2, 4, 2, maxnreg=96), _cfg(16, 64, 2, 1, 2)]
 
 
 _FWD_BT = sorted({c.kwargs["BT"] for c in _fwd_configs()})
