@@ -405,26 +405,22 @@ def _cfg(bt, bd, vec, nw, early=None, maxnreg=None):
 
 
 def _fwd_configs():
-    # the fastest of a sweep on an H100 with BT = 16 (docs/benchmarks.md): BT = 32 forward blocks
-    # are ~4% faster alone but keep the backward (whose block must be a multiple) off its fastest
-    # 16-step blocks, which gain more
-    # one-warp 16x128 blocks (time in-thread): equal at the anchor, 4% faster at T=65536 (fifth
-    # session sweep)
+    # The fastest forwards of the H100 sweeps (docs/benchmarks.md), all with BT = 16: BT = 32
+    # forward blocks are ~4% faster alone but keep the backward (whose block must be a multiple)
+    # off its fastest 16-step blocks, which gain more. The one-warp 16x128 block keeps every time
+    # row of a channel in one thread: equal at the anchor, 4% faster at T=65536 (fifth session).
     return [_cfg(16, 64, 2, 2), _cfg(16, 64, 2, 4), _cfg(16, 128, 4, 1)]
 
 
 def _bwd_configs():
-    # the fastest of the same sweep (forward recompute before / after the look-back: EARLY 1 / 0),
-    # and the fastest one capped at 96 registers: with Triton 3.6 it needs 116 (4 CTAs per SM),
-    # capped it compiles for sm_90 without spills and fits 5 (tools/bench/kernel_resources.py).
-    # On the H100 the autotuner picks the capped one at every benchmark shape (fourth session:
-    # 2.27 vs 2.43 ms fwd+bwd at 64K tokens; at the anchor 0.607-0.640 vs 0.632 interleaved)
-    # EARLY = 2 (recompute loads before the wait, 96 registers): picked at the anchor in the fifth
-    # session, 0.597 vs 0.608 ms fwd+bwd for the capped EARLY = 0 one (GPU time, five rounds each;
-    # the uncapped EARLY = 2 one measured 0.638 and is not a candidate)
-    # the session's sweep also found one-warp 16x64 blocks with the same early loads (time
-    # in-thread, 68 B of spills) at 0.389 ms of backward at the anchor against 0.435 for the
-    # uncapped 4-warp EARLY = 0 block
+    # The fastest backwards of the same sweeps (forward recompute before / after the look-back:
+    # EARLY 1 / 0), the fastest one capped at 96 registers (uncapped it needs 116, 4 CTAs per SM;
+    # capped it is spill-free for sm_90 and fits 5, tools/bench/kernel_resources.py), the capped
+    # one with the recompute's loads issued before the wait (EARLY = 2, 2% faster), and the
+    # one-warp 16x64 block with early loads (time rows in-thread, 68 B of spills). Fifth session,
+    # GPU-time medians at the anchor, fwd+bwd: 0.589 / 0.599 / 0.611 ms for the last three; the
+    # autotuner picks the one-warp block at three of five benchmark shapes, a 96-register one
+    # one at T=65536. The uncapped EARLY = 2 block (0.638) is not a candidate.
     return [_cfg(16, 64, 2, 4, 0), _cfg(16, 64, 2, 2, 1), _cfg(16, 32, 4, 4, 1), _cfg(32, 32, 4, 4, 1),
             _cfg(16, 64, 2, 4, 0, maxnreg=96), _cfg(16, 64, 2, 4, 2, maxnreg=96), _cfg(16, 64, 2, 1, 2)]
 
