@@ -418,9 +418,9 @@ def _bwd_configs():
     # capped it is spill-free for sm_90 and fits 5, tools/bench/kernel_resources.py), the capped
     # one with the recompute's loads issued before the wait (EARLY = 2, 2% faster), and the
     # one-warp 16x64 block with early loads (time rows in-thread, 68 B of spills). Fifth session,
-    # GPU-time medians at the anchor, fwd+bwd: 0.589 / 0.599 / 0.611 ms for the last three; the
+    # GPU-time medians at the anchor, fwd+bwd: 0.611 / 0.599 / 0.589 ms for the last three; the
     # autotuner picks the one-warp block at three of five benchmark shapes, a 96-register one
-    # one at T=65536. The uncapped EARLY = 2 block (0.638) is not a candidate.
+    # at T=65536. The uncapped EARLY = 2 block (0.638) is not a candidate.
     return [_cfg(16, 64, 2, 4, 0), _cfg(16, 64, 2, 2, 1), _cfg(16, 32, 4, 4, 1), _cfg(32, 32, 4, 4, 1),
             _cfg(16, 64, 2, 4, 0, maxnreg=96), _cfg(16, 64, 2, 4, 2, maxnreg=96), _cfg(16, 64, 2, 1, 2)]
 
