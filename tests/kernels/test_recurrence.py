@@ -233,29 +233,18 @@ def test_gpu_matches_reference(poisoned_outputs, T, B, H, D, dtype, with_init):
     _compare(fused_gated_recurrence, reference, x, init, True, g, k, v, tol, tol)
 
 
+_CANDIDATES = [("fwd", c) for c in fused_mod._fwd_configs()] + [("bwd", c) for c in fused_mod._bwd_configs()]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", fused_mod._bwd_configs(), ids=str)
-def test_gpu_every_backward_candidate(poisoned_outputs, monkeypatch, config):
-    """Each autotuning candidate of the backward, forced (the autotuned tests check only the
-    winner's output): realistic bf16 shape with an odd length, initial and final states."""
-    monkeypatch.setitem(fused_mod._FORCE_CONFIG, "bwd", fused_mod._launch_kwargs(config))
+@pytest.mark.parametrize("kind,config", _CANDIDATES, ids=[f"{k}-{c}" for k, c in _CANDIDATES])
+def test_gpu_every_autotuning_candidate(poisoned_outputs, monkeypatch, kind, config):
+    """Each autotuning candidate of the forward and of the backward, forced (the other direction
+    autotuned; the autotuned tests check only the winners' outputs): realistic bf16 shape with an
+    odd length, initial and final states."""
+    monkeypatch.setitem(fused_mod._FORCE_CONFIG, kind, fused_mod._launch_kwargs(config))
     T, B, H, D = 4001, 2, 16, 128
     x, g, k, v = _fused_inputs(T, B, H, D, torch.bfloat16, gate_shift=6.0, gate_scale=2.0, seed=3)
-    init = _init_state(B, H, D)
-
-    def reference(g, k, v, init, final):
-        return chunked_gated_recurrence(g, k, v, init, final, chunk_size=64)
-
-    _compare(fused_gated_recurrence, reference, x, init, True, g, k, v, 1e-2, 1e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("config", fused_mod._fwd_configs(), ids=str)
-def test_gpu_every_forward_candidate(poisoned_outputs, monkeypatch, config):
-    """Each autotuning candidate of the forward, forced (backward autotuned)."""
-    monkeypatch.setitem(fused_mod._FORCE_CONFIG, "fwd", fused_mod._launch_kwargs(config))
-    T, B, H, D = 4001, 2, 16, 128
-    x, g, k, v = _fused_inputs(T, B, H, D, torch.bfloat16, gate_shift=6.0, gate_scale=2.0, seed=4)
     init = _init_state(B, H, D)
 
     def reference(g, k, v, init, final):
