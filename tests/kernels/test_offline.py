@@ -77,8 +77,10 @@ def test_offline_compile_launches_nothing_and_reports_resources():
 
 @needs_ptxas
 def test_kernel_resources_tool_table():
-    """The tool compiles every default launch configuration of both kernel families; the
-    recurrence's autotuning candidates must not spill (they were chosen that way)."""
+    """The tool compiles every default launch configuration of both kernel families and flags
+    exactly the spilling ones. The recurrence's uncapped multi-warp candidates must not spill;
+    the one-warp and register-capped ones may (by a few bytes to a few hundred, depending on the
+    Triton version: they were chosen by GPU timings, docs/benchmarks.md)."""
     proc = _run(args=["tools/bench/kernel_resources.py"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ")]
@@ -90,8 +92,10 @@ def test_kernel_resources_tool_table():
             ("dilated", "bwd_w0_kernel")} <= kernels
     for r in body:
         assert 0 < int(r[col["regs"]]) <= 255
-        if r[col["family"]] == "recurrence":
-            assert r[col["spill st/ld B"]] == "0/0", r
+        spills = r[col["spill st/ld B"]] != "0/0"
+        assert spills == ("SPILLS" in r[col["note"]]), r
+        if r[col["family"]] == "recurrence" and int(r[col["warps"]]) > 1 and "maxnreg" not in r[col["setting"]]:
+            assert not spills, r
 
 
 def test_kernel_resources_tool_rejects_unknown_family():
