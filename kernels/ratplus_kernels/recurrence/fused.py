@@ -183,6 +183,28 @@ def _tile_channels(j, H, D: tl.constexpr, BD: tl.constexpr, VEC: tl.constexpr):
     return bh * D + d, (bh // H).to(tl.int64), (bh % H).to(tl.int64), d, d < D
 
 
+@triton.jit
+def _claim_tile(flag_ptr, T, H, NCH, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                VEC: tl.constexpr, REVERSE: tl.constexpr):
+    """The tile this program owns, taken from the atomic counter in scan order (first time tile
+    first, or last first when ``REVERSE``), so every predecessor has already started. Returns
+    the channel-block count NCB, time-tile count NC, time tile c, channel block j, the channels
+    (see :func:`_tile_channels`), the tile's time rows and its [BT, BD] validity mask."""
+    NCB = (NCH // D) * ((D + BD - 1) // BD)
+    NC = tl.cdiv(T, BT)
+    vid = tl.atomic_add(flag_ptr, 1)
+    if REVERSE:
+        c = NC - 1 - vid // NCB
+    else:
+        c = vid // NCB
+    j = vid % NCB
+    n, b, h, d, mask_d = _tile_channels(j, H, D, BD, VEC)
+    rows = tl.arange(0, BT)
+    t = (c * BT + rows).to(tl.int64)
+    m2 = (t < T)[:, None] & mask_d[None, :]
+    return NCB, NC, c, j, n, b, h, d, mask_d, rows, t, m2
+
+
 # --------------------------------------------------------------------------------------------
 # Forward kernel
 # --------------------------------------------------------------------------------------------
@@ -204,16 +226,8 @@ def _fwd_kernel(
     BD: tl.constexpr,
     VEC: tl.constexpr,
 ):
-    NCB = (NCH // D) * ((D + BD - 1) // BD)
-    NC = tl.cdiv(T, BT)
-    vid = tl.atomic_add(flag_ptr, 1)             # tile order = order in which programs started
-    c = vid // NCB
-    j = vid % NCB
-    n, b, h, d, mask_d = _tile_channels(j, H, D, BD, VEC)
-    rows = tl.arange(0, BT)
-    t = (c * BT + rows).to(tl.int64)
-    mask_t = t < T
-    m2 = mask_t[:, None] & mask_d[None, :]
+    NCB, NC, c, j, n, b, h, d, mask_d, rows, t, m2 = _claim_tile(flag_ptr, T, H, NCH, D, BT, BD, VEC,
+                                                                  False)
 
     gx = _load_tile(g_ptr, t, b, h, d, m2, sg_t, sg_b, sg_h, sg_d)
     kx = _load_tile(k_ptr, t, b, h, d, m2, sk_t, sk_b, sk_h, sk_d)
@@ -314,16 +328,8 @@ def _bwd_kernel(
     VEC: tl.constexpr,
     EARLY: tl.constexpr,
 ):
-    NCB = (NCH // D) * ((D + BD - 1) // BD)
-    NC = tl.cdiv(T, BT)
-    vid = tl.atomic_add(flag_ptr, 1)
-    c = NC - 1 - vid // NCB                      # last time tile first
-    j = vid % NCB
-    n, b, h, d, mask_d = _tile_channels(j, H, D, BD, VEC)
-    rows = tl.arange(0, BT)
-    t = (c * BT + rows).to(tl.int64)
-    mask_t = t < T
-    m2 = mask_t[:, None] & mask_d[None, :]
+    NCB, NC, c, j, n, b, h, d, mask_d, rows, t, m2 = _claim_tile(flag_ptr, T, H, NCH, D, BT, BD, VEC,
+                                                                  True)
 
     gx = _load_tile(g_ptr, t, b, h, d, m2, sg_t, sg_b, sg_h, sg_d)
     dyk = _load_tile(dko_ptr, t, b, h, d, m2, sdk_t, sdk_b, sdk_h, sdk_d)
@@ -417,10 +423,10 @@ def _bwd_configs():
     # EARLY 1 / 0), the fastest one capped at 96 registers (uncapped it needs 116, 4 CTAs per SM;
     # capped it is spill-free for sm_90 and fits 5, tools/bench/kernel_resources.py), the capped
     # one with the recompute's loads issued before the wait (EARLY = 2, 2% faster), and the
-    # one-warp 16x64 block with early loads (time rows in-thread, 68 B of spills). Fifth session,
-    # GPU-time medians at the anchor, fwd+bwd: 0.611 / 0.599 / 0.589 ms for the last three; the
-    # autotuner picks the one-warp block at three of five benchmark shapes, a 96-register one
-    # at T=65536. The uncapped EARLY = 2 block (0.638) is not a candidate.
+    # one-warp 16x64 block with early loads (time rows in-thread, 272 B of spills with Triton
+    # 3.6). Fifth session, GPU-time medians at the anchor, fwd+bwd: 0.611 / 0.599 / 0.589 ms for
+    # the last three; the autotuner picks the one-warp block at three of five benchmark shapes, a
+    # 96-register one at T=65536. The uncapped EARLY = 2 block (0.638) is not a candidate.
     return [_cfg(16, 64, 2, 4, 0), _cfg(16, 64, 2, 2, 1), _cfg(16, 32, 4, 4, 1), _cfg(32, 32, 4, 4, 1),
             _cfg(16, 64, 2, 4, 0, maxnreg=96), _cfg(16, 64, 2, 4, 2, maxnreg=96), _cfg(16, 64, 2, 1, 2)]
 
