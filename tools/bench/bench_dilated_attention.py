@@ -488,9 +488,9 @@ def main() -> None:
         global PATTERNS
         try:
             PATTERNS = [tuple(int(x) for x in p.split("/")) for p in args.patterns.split(",")]
+            if any(len(p) != 3 for p in PATTERNS):
+                raise ValueError("not D/W/P")
         except ValueError:
-            ap.error(f"--patterns: expected D/W/P items like 64/0/0, got {args.patterns!r}")
-        if any(len(p) != 3 for p in PATTERNS):
             ap.error(f"--patterns: expected D/W/P items like 64/0/0, got {args.patterns!r}")
     if args.selftest:
         selftest()

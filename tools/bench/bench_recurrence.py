@@ -158,13 +158,16 @@ BWD_SWEEP += [(bt, bd, vec, nw, early) for early in (0, 2) for bt, bd, vec, nw i
 
 
 def _as_meta(cfg):
-    bt, bd, vec, nw = cfg[:4]
-    meta = {"BT": bt, "BD": bd, "VEC": vec, "num_warps": nw, "num_stages": 1}
-    if len(cfg) > 4:
-        meta["EARLY"] = cfg[4]
-    if len(cfg) > 5:
-        meta["maxnreg"] = cfg[5]
-    return meta
+    """Launch kwargs of a sweep tuple (BT, BD, VEC, num_warps[, EARLY[, maxnreg]]): the tuple is
+    the argument list of the kernel module's own candidate constructor."""
+    return fused_mod._launch_kwargs(fused_mod._cfg(*cfg))
+
+
+def config_label(meta) -> str:
+    """Short name of a launch configuration, e.g. ``16x64/2 w4 early=2 maxnreg=96``."""
+    text = "%dx%d/%d w%d" % (meta["BT"], meta["BD"], meta["VEC"], meta["num_warps"])
+    text += f" early={meta['EARLY']}" if "EARLY" in meta else ""
+    return text + (f" maxnreg={meta['maxnreg']}" if meta.get("maxnreg") else "")
 
 
 def _regs(kind):
@@ -193,7 +196,7 @@ def sweep(shapes=((4, 4096), (1, 65536))):
             ms = gpu_median(lambda: fused(g, k, v), calls=50)
             results.append((ms, cfg, _regs("fwd")))
         for ms, cfg, regs in sorted(results):
-            print(f"  fwd B={B} T={T}: %dx%d/%d w%d %s = %.3f ms" % (*cfg, regs, ms), flush=True)
+            print(f"  fwd B={B} T={T}: {config_label(_as_meta(cfg))} {regs} = {ms:.3f} ms", flush=True)
         fused_mod._FORCE_CONFIG["fwd"] = _as_meta((16, 64, 2, 4))   # BT=16: any backward BT fits
         f_ms = gpu_median(lambda: fused(g, k, v), calls=50)
         results = []
@@ -203,7 +206,7 @@ def sweep(shapes=((4, 4096), (1, 65536))):
             ms = gpu_median(lambda: torch.autograd.grad(fused(g, k, v), (g, k, v), (dko, dvo)), calls=50)
             results.append((ms - f_ms, cfg, _regs("bwd")))
         for ms, cfg, regs in sorted(results):
-            print(f"  bwd B={B} T={T}: %dx%d/%d w%d early=%d %s = %.3f ms" % (*cfg, regs, ms),
+            print(f"  bwd B={B} T={T}: {config_label(_as_meta(cfg))} {regs} = {ms:.3f} ms",
                   flush=True)
         fused_mod._FORCE_CONFIG.update(fwd=None, bwd=None)
     torch.cuda.empty_cache()
@@ -262,9 +265,8 @@ def compare_previous(paths, rounds=5):
     variants = [(f"{os.path.basename(p)} (autotuned)", _load_other(p, i).fused_gated_recurrence, None)
                 for i, p in enumerate(paths)]
     variants.append(("current (autotuned)", fused_gated_recurrence, None))
-    variants += [("current %dx%d/%d w%d + %dx%d/%d w%d e%d" % (*f, *b[:5])
-                  + (f" r{b[5]}" if len(b) > 5 else ""), fused_gated_recurrence, (f, b))
-                 for f, b in AB_PAIRS]
+    variants += [(f"current {config_label(_as_meta(f))} + {config_label(_as_meta(b))}",
+                  fused_gated_recurrence, (f, b)) for f, b in AB_PAIRS]
     times = {name: [] for name, _, _ in variants}
     for _ in range(rounds):
         for name, fn, pair in variants:

@@ -43,11 +43,6 @@ def recurrence_rows(sweep: bool, arch: int):
 
     g, k, v = (torch.empty(T, B, H, DH, dtype=torch.bfloat16) for _ in range(3))
 
-    def label(m):
-        text = "%dx%d/%d w%d" % (m["BT"], m["BD"], m["VEC"], m["num_warps"])
-        text += f" early={m['EARLY']}" if "EARLY" in m else ""
-        return text + (f" maxnreg={m['maxnreg']}" if m.get("maxnreg") else "")
-
     fwd = [fm._launch_kwargs(c) for c in fm._fwd_configs()]
     bwd = [fm._launch_kwargs(c) for c in fm._bwd_configs()]
     if sweep:
@@ -62,12 +57,12 @@ def recurrence_rows(sweep: bool, arch: int):
             fm._FORCE_CONFIG["fwd"] = m
             with offline_compilation(arch) as compiled:
                 fm._forward(g, k, v, None, None, False)
-            rows.append(_row("recurrence", "fwd " + label(m), compiled[0]))
+            rows.append(_row("recurrence", "fwd " + bench.config_label(m), compiled[0]))
         for m in bwd:
             fm._FORCE_CONFIG["bwd"] = m
             with offline_compilation(arch) as compiled:
                 fm._backward(g, k, v, ko, vo, None, None, None, None, status, n_alloc, bt)
-            rows.append(_row("recurrence", "bwd " + label(m), compiled[0]))
+            rows.append(_row("recurrence", "bwd " + bench.config_label(m), compiled[0]))
     finally:
         fm._FORCE_CONFIG.update(fwd=None, bwd=None)
     return rows
