@@ -14,6 +14,7 @@ from ratplus_kernels.recurrence import (
     chunked_gated_recurrence,
     fused_gated_recurrence,
     naive_gated_recurrence,
+    streaming,
 )
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -159,6 +160,34 @@ def test_fused_channel_blocks_spanning_heads(monkeypatch, D, blocks):
     _compare(fused_gated_recurrence, naive_gated_recurrence, x, init, True, g, k, v, 1e-5, 1e-5)
 
 
+@pytest.mark.parametrize("designs", [("stream", "stream"), ("stream", "lookback"),
+                                     ("lookback", "stream")], ids="-".join)
+@pytest.mark.parametrize("T,with_init,final", [(37, True, True), (16, False, False), (1, True, True)])
+def test_streaming_design(monkeypatch, designs, T, with_init, final):
+    """The streaming kernels (one program per channel block walking T) in either direction, paired
+    with the look-back kernels of the other: both forwards leave the same state rows for both
+    backwards. Interpreter blocks: streaming 8-step forward tiles, 16-step backward tiles."""
+    monkeypatch.setitem(fused_mod._INTERPRET_DESIGN, "fwd", designs[0])
+    monkeypatch.setitem(fused_mod._INTERPRET_DESIGN, "bwd", designs[1])
+    B, H, D = 1, 2, 16
+    x, g, k, v = _fused_inputs(T, B, H, D, torch.float32, gate_scale=2.0)
+    init = _init_state(B, H, D) if with_init else None
+    _compare(fused_gated_recurrence, naive_gated_recurrence, x, init, final, g, k, v, 1e-5, 1e-5)
+
+
+def test_streaming_forward_tiles_longer_than_state_rows(monkeypatch):
+    """A 32-step streaming forward tile saves a state every 16 steps (two rows per tile, the
+    second partial at the end): the 16-step backward tiles must each find theirs. D = 12 with
+    8-channel blocks (masked lanes) and bf16 strided views."""
+    monkeypatch.setitem(fused_mod._INTERPRET_DESIGN, "fwd", "stream")
+    monkeypatch.setitem(fused_mod._INTERPRET_DESIGN, "bwd", "stream")
+    monkeypatch.setitem(fused_mod._INTERPRET_STREAM_BLOCKS, "fwd", (32, 8, 1, 3))
+    B, H, D = 2, 1, 12
+    x, g, k, v = _fused_inputs(61, B, H, D, torch.bfloat16)
+    init = _init_state(B, H, D)
+    _compare(fused_gated_recurrence, naive_gated_recurrence, x, init, True, g, k, v, 1e-2, 1e-2)
+
+
 def test_fused_extreme_gates_and_other_strides():
     """a -> 0 and a -> 1 exactly in fp32, and inputs that are transposes / strided on every dim."""
     T, B, H, D = 17, 2, 1, 8
@@ -233,7 +262,8 @@ def test_gpu_matches_reference(poisoned_outputs, T, B, H, D, dtype, with_init):
     _compare(fused_gated_recurrence, reference, x, init, True, g, k, v, tol, tol)
 
 
-_CANDIDATES = [("fwd", c) for c in fused_mod._fwd_configs()] + [("bwd", c) for c in fused_mod._bwd_configs()]
+_CANDIDATES = ([("fwd", c) for c in fused_mod._fwd_configs() + streaming.stream_fwd_configs()]
+               + [("bwd", c) for c in fused_mod._bwd_configs() + streaming.stream_bwd_configs()])
 
 
 @pytest.mark.gpu

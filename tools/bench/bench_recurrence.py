@@ -164,9 +164,12 @@ def _as_meta(cfg):
 
 
 def config_label(meta) -> str:
-    """Short name of a launch configuration, e.g. ``16x64/2 w4 early=2 maxnreg=96``."""
-    text = "%dx%d/%d w%d" % (meta["BT"], meta["BD"], meta["VEC"], meta["num_warps"])
+    """Short name of a launch configuration, e.g. ``16x64/2 w4 early=2 maxnreg=96`` (look-back)
+    or ``stream 16x32/8 w1 stages=4``."""
+    text = "stream " if fused_mod.is_streaming(meta) else ""
+    text += "%dx%d/%d w%d" % (meta["BT"], meta["BD"], meta["VEC"], meta["num_warps"])
     text += f" early={meta['EARLY']}" if "EARLY" in meta else ""
+    text += f" stages={meta['STAGES']}" if "STAGES" in meta else ""
     return text + (f" maxnreg={meta['maxnreg']}" if meta.get("maxnreg") else "")
 
 
@@ -282,7 +285,7 @@ def compare_previous(paths, rounds=5):
         print(f"  A/B anchor {name:42s}: fwd " + " ".join(f"{f:.3f}" for f, _ in ts)
               + "  fwd+bwd " + " ".join(f"{fb:.3f}" for _, fb in ts) + " ms", flush=True)
     for key, cfg in fused_mod._TUNED.items():
-        print(f"  tuned {key[0]} {key[1:4]}: {cfg}")
+        print(f"  tuned {key[0]} {key[1:4]}: {config_label(cfg)}")
 
 
 def main(argv=None):
@@ -348,10 +351,8 @@ def main(argv=None):
                "gbs_f": bytes_f / f_ms / 1e6, "gbs_fb": bytes_fb / fb_ms / 1e6,
                "floor_fb": bytes_fb / (bw * 1e9) * 1e3}
         tkey, bhkey = triton.next_power_of_2(T), triton.next_power_of_2(B * H)
-        row["cfg"] = " ".join(f"{key[0]}:{c['BT']}x{c['BD']}w{c['num_warps']}"
-                              + (f"r{c['maxnreg']}" if c.get("maxnreg") else "")
-                              for key, c in fused_mod._TUNED.items()
-                              if key[1:4] == (D, tkey, bhkey))
+        row["cfg"] = ", ".join(f"{key[0]} {config_label(c)}" for key, c in fused_mod._TUNED.items()
+                               if key[1:4] == (D, tkey, bhkey))
 
         if not args.no_ref and (not args.ref_anchor_only or (B, T) == (4, 4096)):
             try:

@@ -43,8 +43,10 @@ def recurrence_rows(sweep: bool, arch: int):
 
     g, k, v = (torch.empty(T, B, H, DH, dtype=torch.bfloat16) for _ in range(3))
 
-    fwd = [fm._launch_kwargs(c) for c in fm._fwd_configs()]
-    bwd = [fm._launch_kwargs(c) for c in fm._bwd_configs()]
+    from ratplus_kernels.recurrence import streaming
+
+    fwd = [fm._launch_kwargs(c) for c in fm._fwd_configs() + streaming.stream_fwd_configs()]
+    bwd = [fm._launch_kwargs(c) for c in fm._bwd_configs() + streaming.stream_bwd_configs()]
     if sweep:
         fwd += [m for m in map(bench._as_meta, bench.FWD_SWEEP) if m not in fwd]
         bwd += [m for m in map(bench._as_meta, bench.BWD_SWEEP) if m not in bwd]
@@ -52,7 +54,7 @@ def recurrence_rows(sweep: bool, arch: int):
     try:
         fm._FORCE_CONFIG["fwd"] = bench._as_meta((16, 64, 2, 4))   # BT=16 fits every backward
         with offline_compilation(arch) as compiled:
-            ko, vo, _, _, status, n_alloc, bt = fm._forward(g, k, v, None, None, False)
+            ko, vo, _, _, inc, bt_f = fm._forward(g, k, v, None, None, False)
         for m in fwd:
             fm._FORCE_CONFIG["fwd"] = m
             with offline_compilation(arch) as compiled:
@@ -61,7 +63,7 @@ def recurrence_rows(sweep: bool, arch: int):
         for m in bwd:
             fm._FORCE_CONFIG["bwd"] = m
             with offline_compilation(arch) as compiled:
-                fm._backward(g, k, v, ko, vo, None, None, None, None, status, n_alloc, bt)
+                fm._backward(g, k, v, ko, vo, None, None, None, None, inc, bt_f)
             rows.append(_row("recurrence", "bwd " + bench.config_label(m), compiled[0]))
     finally:
         fm._FORCE_CONFIG.update(fwd=None, bwd=None)

@@ -44,7 +44,15 @@ gate is ``a < 1e-13`` either way.) Channel blocks never span heads: (b, h) are s
 and the loads vectorise (a variant with per-element head indices measured 2.8x slower).
 
 HBM traffic: forward reads g, k, v and writes k~, v~; backward reads g, k, v, dk~, dv~ and writes
-dg, dk, dv (plus a few bytes per tile of carries).
+dg, dk, dv (plus a few bytes per tile of carries). Only the forward's inclusive states (fp32, one
+row per tile) are kept for the backward; the aggregates and flags are freed after each launch.
+
+Two designs, chosen per shape: these look-back tiles, and the streaming kernels of
+:mod:`.streaming` (one program per channel block walking the sequence, loads pipelined through
+shared memory), which are faster when there are many channels (B H D) to spread over the GPU.
+On the first call for a shape each design's block is autotuned, the two winners are timed against
+each other, and the faster one is kept (per direction; both forwards leave the same state rows,
+both backwards read them).
 
 Under ``TRITON_INTERPRET=1`` (CPU) the same kernels run through Triton's interpreter with small
 fixed blocks instead of the autotuner.
@@ -58,6 +66,9 @@ import triton
 import triton.language as tl
 
 from .._env import interpreting as _interpreting
+from .tiles import (_affine_combine, _gates, _load_raw, _load_tile, _residual_inputs, _residuals,
+                    _store_row, _tile_channels)
+from . import streaming as _streaming
 
 State = Tuple[torch.Tensor, torch.Tensor]
 
@@ -67,12 +78,6 @@ __all__ = ["fused_gated_recurrence"]
 # --------------------------------------------------------------------------------------------
 # Triton helpers
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def _affine_combine(a1, bk1, bv1, a2, bk2, bv2):
-    # (a1, b1) applied first, then (a2, b2):  h -> a2 (a1 h + b1) + b2
-    return a1 * a2, a2 * bk1 + bk2, a2 * bv1 + bv2
-
-
 @triton.jit
 def _publish(flag_ptr, state):
     """Release ``state`` (1 = aggregate, 2 = inclusive) for values every thread just stored: a CTA
@@ -135,55 +140,6 @@ def _look_back(flag_ptr, agg_ptr, inc_ptr, n, NCH, NCB, j, mask, c, STEP: tl.con
 
 
 @triton.jit
-def _gates(gx, valid):
-    """a = sigmoid(g), 1 - a = sigmoid(-g) and e = exp(-g) = (1 - a) / a in fp32 with one exp and
-    one fast reciprocal; invalid (padding) elements get the identity map a = 1, 1 - a = e = 0.
-
-    g is clamped to [-30, 80]: below -30, a < 1e-13 is replaced by sigmoid(-30) (a relative change
-    of the outputs below 1e-13) so that e = (1 - a) / a stays finite and the backward's ``e * u``
-    (u = a dh) never meets fp32 subnormals."""
-    e = tl.exp(-tl.clamp(gx, -30.0, 80.0))
-    a = tl.fdiv(tl.full(gx.shape, 1.0, tl.float32), 1.0 + e)
-    w = e * a
-    return tl.where(valid, a, 1.0), tl.where(valid, w, 0.0), tl.where(valid, e, 0.0)
-
-
-@triton.jit
-def _store_row(ptr, x, rows, r: tl.constexpr, mask):
-    """Store row ``r`` of the [BT, BD] tile ``x`` at ``ptr`` ([BD] pointers): only the threads that
-    own that row store, so no cross-thread reduction is needed to extract it."""
-    sel = (rows[:, None] == r) & mask[None, :]
-    tl.store(ptr[None, :] + rows[:, None] * 0, x, mask=sel)
-
-
-@triton.jit
-def _load_raw(ptr, t, b, h, d, m2, s_t, s_b, s_h, s_d):
-    """The ``[BT, BD]`` tile (time rows ``t``, channels ``d`` of head ``(b, h)``) of a strided
-    ``[T, B, H, D]`` tensor in its own dtype; masked elements are 0."""
-    return tl.load(ptr + t[:, None] * s_t + (b * s_b + h * s_h) + d[None, :] * s_d,
-                   mask=m2, other=0.0)
-
-
-@triton.jit
-def _load_tile(ptr, t, b, h, d, m2, s_t, s_b, s_h, s_d):
-    """:func:`_load_raw` in fp32."""
-    return _load_raw(ptr, t, b, h, d, m2, s_t, s_b, s_h, s_d).to(tl.float32)
-
-
-@triton.jit
-def _tile_channels(j, H, D: tl.constexpr, BD: tl.constexpr, VEC: tl.constexpr):
-    """Channels of channel block ``j``: blocks never span heads, so (b, h) are scalars of the
-    program and the addresses of VEC consecutive channels are provably contiguous (vectorised
-    loads; per-element head indices cost 2.8x in a measured variant). Returns the flat channel
-    index ``n = (b H + h) D + d``, b, h, d and the channel mask."""
-    NDB: tl.constexpr = (D + BD - 1) // BD
-    bh = j // NDB
-    d = (j % NDB) * BD + tl.arange(0, BD)
-    d = tl.max_contiguous(tl.multiple_of(d, VEC), VEC)   # VEC channels per thread: time in-thread
-    return bh * D + d, (bh // H).to(tl.int64), (bh % H).to(tl.int64), d, d < D
-
-
-@triton.jit
 def _claim_tile(flag_ptr, T, H, NCH, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                 VEC: tl.constexpr, REVERSE: tl.constexpr):
     """The tile this program owns, taken from the atomic counter in scan order (first time tile
@@ -208,11 +164,11 @@ def _claim_tile(flag_ptr, T, H, NCH, D: tl.constexpr, BT: tl.constexpr, BD: tl.c
 # --------------------------------------------------------------------------------------------
 # Forward kernel
 # --------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["NC_ALLOC"])
+@triton.jit
 def _fwd_kernel(
     g_ptr, k_ptr, v_ptr, ko_ptr, vo_ptr,
     h0k_ptr, h0v_ptr, hTk_ptr, hTv_ptr,
-    flag_ptr, val_ptr, NC_ALLOC,
+    flag_ptr, agg_ptr, inc_ptr,
     T, H, NCH,
     sg_t, sg_b, sg_h, sg_d,
     sk_t, sk_b, sk_h, sk_d,
@@ -236,8 +192,6 @@ def _fwd_kernel(
     P, Lk, Lv = tl.associative_scan((a, w * kx, w * vx), 0, _affine_combine)
 
     flags = flag_ptr + 32
-    agg_ptr = val_ptr
-    inc_ptr = val_ptr + NC_ALLOC.to(tl.int64) * 3 * NCH
     cl = c.to(tl.int64)
     if c > 0:                                    # aggregate = the tile's last row (padding: identity)
         o_agg = agg_ptr + cl * 3 * NCH + n
@@ -269,49 +223,17 @@ def _fwd_kernel(
     tl.store(vo_ptr + o_out, hv.to(vo_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.jit
-def _residual_inputs(k_ptr, v_ptr, h0k_ptr, h0v_ptr, fval_ptr, NC_ALLOC_F, BT_F, NCH,
-                     c, t, b, h, d, n, m2, mask_d,
-                     sk_t, sk_b, sk_h, sk_d, sv_t, sv_b, sv_h, sv_d,
-                     BT: tl.constexpr, HAS_H0: tl.constexpr):
-    """Backward helper: what the recompute of this tile's forward states reads, ``k, v`` (own
-    dtype: half the registers while they wait) and the forward's inclusive state of the tile that
-    ends right before this one (or the initial state)."""
-    kx = _load_raw(k_ptr, t, b, h, d, m2, sk_t, sk_b, sk_h, sk_d)
-    vx = _load_raw(v_ptr, t, b, h, d, m2, sv_t, sv_b, sv_h, sv_d)
-    f_inc_ptr = fval_ptr + NC_ALLOC_F.to(tl.int64) * 3 * NCH
-    ql = ((c * BT) // BT_F - 1).to(tl.int64)     # forward tile that ends right before this tile
-    hk_in = tl.load(f_inc_ptr + ql * 2 * NCH + n, mask=mask_d & (c > 0), other=0.0)
-    hv_in = tl.load(f_inc_ptr + ql * 2 * NCH + NCH + n, mask=mask_d & (c > 0), other=0.0)
-    if HAS_H0:
-        hk_in = tl.where(c == 0, tl.load(h0k_ptr + n, mask=mask_d, other=0.0), hk_in)
-        hv_in = tl.where(c == 0, tl.load(h0v_ptr + n, mask=mask_d, other=0.0), hv_in)
-    else:
-        hk_in = tl.where(c == 0, 0.0, hk_in)
-        hv_in = tl.where(c == 0, 0.0, hv_in)
-    return kx, vx, hk_in, hv_in
-
-
-@triton.jit
-def _residuals(kx, vx, hk_in, hv_in, a, w):
-    """The tile's forward states ``h_t`` recomputed from its inputs; returns ``h_t - x_t`` for
-    both streams (all the gradient needs of them)."""
-    kx = kx.to(tl.float32)
-    vx = vx.to(tl.float32)
-    P, Lk, Lv = tl.associative_scan((a, w * kx, w * vx), 0, _affine_combine)
-    return P * hk_in[None, :] + Lk - kx, P * hv_in[None, :] + Lv - vx
-
 
 # --------------------------------------------------------------------------------------------
 # Backward kernel
 # --------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["NC_ALLOC_F", "NC_ALLOC"])
+@triton.jit
 def _bwd_kernel(
     g_ptr, k_ptr, v_ptr, dko_ptr, dvo_ptr,
     dg_ptr, dk_ptr, dv_ptr,
     h0k_ptr, h0v_ptr, dhTk_ptr, dhTv_ptr, dh0k_ptr, dh0v_ptr,
-    fval_ptr, NC_ALLOC_F, BT_F,
-    flag_ptr, val_ptr, NC_ALLOC,
+    finc_ptr, BT_F,
+    flag_ptr, agg_ptr, inc_ptr,
     T, H, NCH,
     sg_t, sg_b, sg_h, sg_d,
     sk_t, sk_b, sk_h, sk_d,
@@ -340,8 +262,6 @@ def _bwd_kernel(
     # unblocks the programs of earlier tiles)
     Al, Uk, Uv = tl.associative_scan((a, a * dyk, a * dyv), 0, _affine_combine, reverse=True)
     flags = flag_ptr + 32
-    agg_ptr = val_ptr
-    inc_ptr = val_ptr + NC_ALLOC.to(tl.int64) * 3 * NCH
     cl = c.to(tl.int64)
     if c < NC - 1:
         o_agg = agg_ptr + cl * 3 * NCH + n
@@ -351,8 +271,8 @@ def _bwd_kernel(
         _publish(flags + c * NCB + j, 1)
 
     if EARLY >= 1:                               # recompute inputs in flight during the wait
-        kx, vx, hk_in, hv_in = _residual_inputs(k_ptr, v_ptr, h0k_ptr, h0v_ptr, fval_ptr,
-                                                NC_ALLOC_F, BT_F, NCH, c, t, b, h, d, n, m2,
+        kx, vx, hk_in, hv_in = _residual_inputs(k_ptr, v_ptr, h0k_ptr, h0v_ptr, finc_ptr,
+                                                BT_F, NCH, c, t, b, h, d, n, m2,
                                                 mask_d, sk_t, sk_b, sk_h, sk_d,
                                                 sv_t, sv_b, sv_h, sv_d, BT, HAS_H0)
     if EARLY == 1:                               # and the recompute itself
@@ -375,8 +295,8 @@ def _bwd_kernel(
         _store_row(dh0k_ptr + n, uk, rows, 0, mask_d & (c == 0))
         _store_row(dh0v_ptr + n, uv, rows, 0, mask_d & (c == 0))
     if EARLY == 0:
-        kx, vx, hk_in, hv_in = _residual_inputs(k_ptr, v_ptr, h0k_ptr, h0v_ptr, fval_ptr,
-                                                NC_ALLOC_F, BT_F, NCH, c, t, b, h, d, n, m2,
+        kx, vx, hk_in, hv_in = _residual_inputs(k_ptr, v_ptr, h0k_ptr, h0v_ptr, finc_ptr,
+                                                BT_F, NCH, c, t, b, h, d, n, m2,
                                                 mask_d, sk_t, sk_b, sk_h, sk_d,
                                                 sv_t, sv_b, sv_h, sv_d, BT, HAS_H0)
     if EARLY != 1:
@@ -462,11 +382,41 @@ _bwd_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune_bwd},
 )(_bwd_kernel)
 
+
+def _prune_stream_fwd(configs, named_args, **kwargs):
+    D = named_args["D"] if "D" in named_args else kwargs["D"]
+    return [c for c in configs if _fits_head(c, D)] or [_streaming._stream_cfg(16, 16, 1, 4)]
+
+
+def _prune_stream_bwd(configs, named_args, **kwargs):
+    D = named_args["D"] if "D" in named_args else kwargs["D"]
+    bt_f = named_args["BT_F"]
+    keep = [c for c in configs if _fits_head(c, D) and c.kwargs["BT"] % bt_f == 0]
+    return keep or [_streaming._stream_cfg(bt_f, 16, 1, 4)]
+
+
+_stream_fwd_tuned = triton.autotune(
+    configs=_streaming.stream_fwd_configs(), key=["D", "T_KEY", "BH_KEY"],
+    prune_configs_by={"early_config_prune": _prune_stream_fwd},
+)(_streaming._stream_fwd_kernel)
+
+_stream_bwd_tuned = triton.autotune(
+    configs=_streaming.stream_bwd_configs(), key=["D", "T_KEY", "BH_KEY", "BT_F"],
+    prune_configs_by={"early_config_prune": _prune_stream_bwd},
+)(_streaming._stream_bwd_kernel)
+
+# The streaming forward saves its states every 16 steps: every backward block is a multiple.
+_STREAM_STATE_ROWS = 16
+
 # Interpreter blocks (BT, BD, VEC; tests may change them): small so that short sequences span
 # many tiles.
 _INTERPRET_BLOCKS = {"fwd": (8, 8, 1), "bwd": (16, 8, 1)}
 # Interpreter: recompute the forward states before (1) or after (0) the backward's look-back.
 _INTERPRET_EARLY = 1
+# Interpreter: the design each direction runs ("lookback" or "stream"; tests switch it) and the
+# streaming blocks (BT, BD, VEC, STAGES).
+_INTERPRET_DESIGN = {"fwd": "lookback", "bwd": "lookback"}
+_INTERPRET_STREAM_BLOCKS = {"fwd": (8, 8, 1, 2), "bwd": (16, 8, 1, 2)}
 # Look-back depth: 0 = greedy (fastest; the carries' fp32 association, hence the last bits, can
 # change between runs), K > 0 = deterministic (folds exactly K - 1 aggregates onto the inclusive
 # state K tiles back: bitwise reproducible). None: deterministic when
@@ -479,12 +429,18 @@ def _lookback_depth() -> int:
     if _LOOKBACK_DEPTH is not None:
         return int(_LOOKBACK_DEPTH)
     return _DETERMINISTIC_DEPTH if torch.are_deterministic_algorithms_enabled() else 0
-# Benchmarks only: launch kwargs to use instead of the autotuner's, {"fwd": {...}, "bwd": {...}}.
+# Benchmarks only: launch kwargs to use instead of the autotuner's, {"fwd": {...}, "bwd": {...}}
+# (with a "STAGES" entry: the streaming design).
 _FORCE_CONFIG: dict = {"fwd": None, "bwd": None}
-# Launch kwargs chosen by the autotuner, per shape/dtype key.
+# Launch kwargs chosen per shape/dtype key (the faster design's autotuned block).
 _TUNED: dict = {}
 # Benchmarks only: the compiled kernel of the last "fwd" / "bwd" launch (register counts, spills).
 _LAST_COMPILED: dict = {}
+
+
+def is_streaming(meta: dict) -> bool:
+    """Whether launch kwargs belong to the streaming design (:mod:`.streaming`)."""
+    return "STAGES" in meta
 
 
 def _new_output(shape, dtype, device):
@@ -501,12 +457,14 @@ def _strides(x: torch.Tensor):
 
 
 def _status(n_chunks: int, nch: int, D: int, device):
-    """Look-back buffers: int32 flags [counter, pad to 32][n_chunks x channel blocks] (zeroed)
-    and fp32 values [aggregates: n_chunks x 3 x NCH][inclusive: n_chunks x 2 x NCH]."""
+    """Look-back buffers: int32 flags [counter, pad to 32][n_chunks x channel blocks] (zeroed),
+    fp32 aggregates [n_chunks x 3 x NCH] and inclusive states [n_chunks x 2 x NCH]. Separate
+    allocations: the forward's inclusive states are kept for the backward, the rest is freed."""
     n_blocks = (nch // D) * triton.cdiv(D, 8)          # every block is at least 8 channels wide
     flags = torch.zeros(32 + n_chunks * n_blocks, dtype=torch.int32, device=device)
-    vals = torch.empty(n_chunks * 5 * nch, dtype=torch.float32, device=device)
-    return flags, vals
+    agg = torch.empty(n_chunks * 3 * nch, dtype=torch.float32, device=device)
+    inc = torch.empty(n_chunks * 2 * nch, dtype=torch.float32, device=device)
+    return flags, agg, inc
 
 
 def _grid(T, B, H, D):
@@ -523,18 +481,27 @@ def _launch_kwargs(config: triton.Config) -> dict:
     return kw
 
 
-def _select_config(key, tuned, launch, n_alloc_for_tuning, nch, D, dev):
-    """Block sizes for ``key``: tuned once by ``triton.autotune`` on a throwaway status buffer
-    (the autotuner reruns the kernel many times), then reused. Returns launch kwargs."""
-    cfg = _TUNED.get(key)
-    if cfg is None:
-        launch(tuned, _status(n_alloc_for_tuning, nch, D, dev), n_alloc_for_tuning, {})
-        cfg = _launch_kwargs(tuned.best_config)
-        _TUNED[key] = cfg
-    return cfg
+def _select_design(key, options):
+    """Launch kwargs for ``key``: each design's block tuned once by ``triton.autotune``, then the
+    two winners timed against each other (``triton.testing.do_bench``, with the allocations and
+    flag zeroing a real call makes) and the faster one kept. ``options``: ``(tuned, run)`` pairs,
+    ``run(kernel, meta)`` launching ``kernel`` (the autotuner with ``{}``, or a plain kernel)."""
+    meta = _TUNED.get(key)
+    if meta is None:
+        best = None
+        for tuned, run in options:
+            run(tuned, {})
+            cand = _launch_kwargs(tuned.best_config)
+            ms = triton.testing.do_bench(lambda: run(tuned.fn, cand), warmup=10, rep=40)
+            if best is None or ms < best[0]:
+                best = (ms, cand)
+        meta = _TUNED[key] = best[1]
+    return meta
 
 
 def _forward(g, k, v, h0k, h0v, output_final_state):
+    """Launch the forward. Returns ``k~, v~``, the final states (or None), the fp32 states kept
+    for the backward and the number of steps between them (``BT_F``)."""
     T, B, H, D = g.shape
     nch = B * H * D
     dev = g.device
@@ -547,34 +514,46 @@ def _forward(g, k, v, h0k, h0v, output_final_state):
     t_key, bh_key = _key_buckets(T, B * H)
     has_h0 = h0k is not None
     dummy = ko
-    common = {"D": D, "HAS_H0": has_h0, "STORE_FINAL": output_final_state,
-              "DEPTH": _lookback_depth()}
-    grid = _grid(T, B, H, D)
+    head = (g, k, v, ko, vo, h0k if has_h0 else dummy, h0v if has_h0 else dummy,
+            hTk if output_final_state else dummy, hTv if output_final_state else dummy)
+    tail = (T, H, nch, *_strides(g), *_strides(k), *_strides(v), t_key, bh_key)
+    common = {"D": D, "HAS_H0": has_h0, "STORE_FINAL": output_final_state}
 
-    def launch(kernel, status, n_alloc, meta):
-        return kernel[grid](g, k, v, ko, vo,
-                     h0k if has_h0 else dummy, h0v if has_h0 else dummy,
-                     hTk if output_final_state else dummy, hTv if output_final_state else dummy,
-                     *status, n_alloc, T, H, nch,
-                     *_strides(g), *_strides(k), *_strides(v), t_key, bh_key, **common, **meta)
+    def run_lookback(kernel, meta):
+        bt_f = meta.get("BT", min(_FWD_BT))          # autotuner: sized for its smallest block
+        flags, agg, inc = _status(triton.cdiv(T, bt_f), nch, D, dev)
+        compiled = kernel[_grid(T, B, H, D)](*head, flags, agg, inc, *tail, **common,
+                                             DEPTH=_lookback_depth(), **meta)
+        return compiled, inc, bt_f
+
+    def run_stream(kernel, meta):
+        bt_f = min(meta.get("BT", _STREAM_STATE_ROWS), _STREAM_STATE_ROWS)
+        inc = torch.empty(triton.cdiv(T, bt_f) * 2 * nch, dtype=torch.float32, device=dev)
+        compiled = kernel[_streaming.stream_grid(B, H, D)](*head, inc, *tail, **common, SAVE=bt_f,
+                                                           **meta)
+        return compiled, inc, bt_f
 
     if _interpreting():
-        bt, bd, vec = _INTERPRET_BLOCKS["fwd"]
-        meta = {"BT": bt, "BD": bd, "VEC": vec}
+        if _INTERPRET_DESIGN["fwd"] == "stream":
+            bt, bd, vec, stages = _INTERPRET_STREAM_BLOCKS["fwd"]
+            meta = {"BT": bt, "BD": bd, "VEC": vec, "STAGES": stages}
+        else:
+            bt, bd, vec = _INTERPRET_BLOCKS["fwd"]
+            meta = {"BT": bt, "BD": bd, "VEC": vec}
     elif _FORCE_CONFIG["fwd"] is not None:
         meta = dict(_FORCE_CONFIG["fwd"])
     else:
         key = ("fwd", D, t_key, bh_key, g.dtype, k.dtype, v.dtype, has_h0, output_final_state,
                _lookback_depth(), str(dev))
-        meta = _select_config(key, _fwd_tuned, launch, triton.cdiv(T, min(_FWD_BT)), nch, D, dev)
-    bt = meta["BT"]
-    n_alloc = triton.cdiv(T, bt)
-    status = _status(n_alloc, nch, D, dev)
-    _LAST_COMPILED["fwd"] = launch(_fwd_kernel, status, n_alloc, meta)
-    return ko, vo, hTk, hTv, status[1], n_alloc, bt
+        meta = _select_design(key, [(_fwd_tuned, run_lookback), (_stream_fwd_tuned, run_stream)])
+    run = run_stream if is_streaming(meta) else run_lookback
+    kernel = _streaming._stream_fwd_kernel if is_streaming(meta) else _fwd_kernel
+    _LAST_COMPILED["fwd"], inc, bt_f = run(kernel, meta)
+    return ko, vo, hTk, hTv, inc, bt_f
 
 
-def _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, fvals, n_alloc_f, bt_f):
+def _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, finc, bt_f):
+    """Launch the backward from the forward's kept states ``finc`` (one row per ``bt_f`` steps)."""
     T, B, H, D = g.shape
     nch = B * H * D
     dev = g.device
@@ -588,49 +567,60 @@ def _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, fvals, n_alloc_f, bt_f):
         dh0k = _new_output((B, H, D), torch.float32, dev)
         dh0v = _new_output((B, H, D), torch.float32, dev)
     t_key, bh_key = _key_buckets(T, B * H)
-    common = {"D": D, "HAS_H0": has_h0, "HAS_DHT": has_dht, "DEPTH": _lookback_depth()}
     dummy = dg
-    grid = _grid(T, B, H, D)
+    head = (g, k, v, dko, dvo, dg, dk, dv,
+            h0k if has_h0 else dummy, h0v if has_h0 else dummy,
+            dhTk if has_dht else dummy, dhTv if has_dht else dummy,
+            dh0k if has_h0 else dummy, dh0v if has_h0 else dummy, finc, bt_f)
+    tail = (T, H, nch, *_strides(g), *_strides(k), *_strides(v), *_strides(dko), *_strides(dvo),
+            t_key, bh_key)
+    common = {"D": D, "HAS_H0": has_h0, "HAS_DHT": has_dht}
 
-    def launch(kernel, status, n_alloc, meta):
-        return kernel[grid](g, k, v, dko, dvo, dg, dk, dv,
-                     h0k if has_h0 else dummy, h0v if has_h0 else dummy,
-                     dhTk if has_dht else dummy, dhTv if has_dht else dummy,
-                     dh0k if has_h0 else dummy, dh0v if has_h0 else dummy,
-                     fvals, n_alloc_f, bt_f, *status, n_alloc, T, H, nch,
-                     *_strides(g), *_strides(k), *_strides(v), *_strides(dko), *_strides(dvo),
-                     t_key, bh_key, **common, **meta)
+    def run_lookback(kernel, meta):
+        # every backward block allowed by the pruning is a multiple of the forward's state rows
+        flags, agg, inc = _status(triton.cdiv(T, meta.get("BT", bt_f)), nch, D, dev)
+        return kernel[_grid(T, B, H, D)](*head, flags, agg, inc, *tail, **common,
+                                         DEPTH=_lookback_depth(), **meta)
+
+    def run_stream(kernel, meta):
+        return kernel[_streaming.stream_grid(B, H, D)](*head, *tail, **common, **meta)
 
     if _interpreting():
-        bt, bd, vec = _INTERPRET_BLOCKS["bwd"]
-        meta = {"BT": bt, "BD": bd, "VEC": vec, "EARLY": _INTERPRET_EARLY}
+        if _INTERPRET_DESIGN["bwd"] == "stream":
+            bt, bd, vec, stages = _INTERPRET_STREAM_BLOCKS["bwd"]
+            meta = {"BT": bt, "BD": bd, "VEC": vec, "STAGES": stages}
+        else:
+            bt, bd, vec = _INTERPRET_BLOCKS["bwd"]
+            meta = {"BT": bt, "BD": bd, "VEC": vec, "EARLY": _INTERPRET_EARLY}
     elif _FORCE_CONFIG["bwd"] is not None:
-        meta = dict({"EARLY": 1}, **_FORCE_CONFIG["bwd"])
+        meta = dict(_FORCE_CONFIG["bwd"])
+        if not is_streaming(meta):
+            meta.setdefault("EARLY", 1)
     else:
         key = ("bwd", D, t_key, bh_key, bt_f, g.dtype, k.dtype, v.dtype, dko.dtype, dvo.dtype,
                has_h0, has_dht, _lookback_depth(), str(dev))
-        # every backward block allowed by the pruning is a multiple of the forward block
-        meta = _select_config(key, _bwd_tuned, launch, triton.cdiv(T, bt_f), nch, D, dev)
+        meta = _select_design(key, [(_bwd_tuned, run_lookback), (_stream_bwd_tuned, run_stream)])
     if meta["BT"] % bt_f != 0:
-        raise ValueError(f"backward block {meta['BT']} must be a multiple of the forward block {bt_f}")
-    n_alloc = triton.cdiv(T, meta["BT"])
-    status = _status(n_alloc, nch, D, dev)
-    _LAST_COMPILED["bwd"] = launch(_bwd_kernel, status, n_alloc, meta)
+        raise ValueError(f"backward block {meta['BT']} must be a multiple of the forward's state "
+                         f"rows {bt_f}")
+    if is_streaming(meta):
+        _LAST_COMPILED["bwd"] = run_stream(_streaming._stream_bwd_kernel, meta)
+    else:
+        _LAST_COMPILED["bwd"] = run_lookback(_bwd_kernel, meta)
     return dg, dk, dv, dh0k, dh0v
 
 
 class _FusedGatedRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, k, v, h0k, h0v, output_final_state):
-        ko, vo, hTk, hTv, status, n_alloc, bt = _forward(g, k, v, h0k, h0v, output_final_state)
-        ctx.save_for_backward(g, k, v, h0k, h0v, status)
-        ctx.n_alloc = n_alloc
-        ctx.bt = bt
+        ko, vo, hTk, hTv, inc, bt_f = _forward(g, k, v, h0k, h0v, output_final_state)
+        ctx.save_for_backward(g, k, v, h0k, h0v, inc)
+        ctx.bt_f = bt_f
         return ko, vo, hTk, hTv
 
     @staticmethod
     def backward(ctx, dko, dvo, dhTk, dhTv):
-        g, k, v, h0k, h0v, status = ctx.saved_tensors
+        g, k, v, h0k, h0v, inc = ctx.saved_tensors
         if dko is None:
             dko = torch.zeros_like(k)
         if dvo is None:
@@ -641,8 +631,7 @@ class _FusedGatedRecurrence(torch.autograd.Function):
         if dhTk is not None:
             dhTk = dhTk.float().contiguous()
             dhTv = dhTv.float().contiguous()
-        dg, dk, dv, dh0k, dh0v = _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv,
-                                           status, ctx.n_alloc, ctx.bt)
+        dg, dk, dv, dh0k, dh0v = _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, inc, ctx.bt_f)
         return dg, dk, dv, dh0k, dh0v, None
 
 
