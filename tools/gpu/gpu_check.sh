@@ -46,7 +46,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 
 for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
   case "$s" in
-    rec_tests) step rec_tests 300 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_recurrence.py ;;
+    rec_tests) step rec_tests 480 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_recurrence.py ;;
     rec_sweep) step rec_sweep 420 python3 tools/bench/bench_recurrence.py --no-fla --sweep --sweep-only \
                  $(for p in ${REC_PREV:-}; do echo --compare "$p"; done) ;;
     rec_ab)    step rec_ab 300 python3 tools/bench/bench_recurrence.py --no-fla --sweep-only \
