@@ -1,6 +1,6 @@
 """Benchmark the fused RAT+ recurrence against the reference formulations (issue 3).
 
-    PYTHONPATH=kernels:. python tools/bench/bench_recurrence.py [--no-ref] [--no-fla] [--quick]
+    PYTHONPATH=kernels:. python tools/bench/bench_recurrence.py [--no-ref] [--no-fla] [--quick] [--shapes BxT,...]
 
 Prints the device, the measured device-to-device copy bandwidth, then for H x D = 16 x 128, bf16,
 and T in {1024, 4096, 16384, 65536} at B*T = 65536 tokens (plus the DESIGN.md anchor B=4, T=4096):
@@ -288,6 +288,17 @@ def compare_previous(paths, rounds=5):
         print(f"  tuned {key[0]} {key[1:4]}: {config_label(cfg)}")
 
 
+def _shapes(text: str):
+    """``8x4096,2x4096`` -> [(8, 4096), (2, 4096)]."""
+    try:
+        shapes = [tuple(int(x) for x in item.split("x")) for item in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of BxT, got {text!r}")
+    return shapes
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--no-ref", action="store_true", help="skip the torch associative_scan reference")
@@ -299,6 +310,8 @@ def main(argv=None):
                     help="also time the anchor with the deterministic look-back (depth 8)")
     ap.add_argument("--no-fla", action="store_true", help="skip fla chunk_hgrn")
     ap.add_argument("--quick", action="store_true", help="anchor shape only")
+    ap.add_argument("--shapes", type=_shapes, default=None, metavar="BxT,...",
+                    help="benchmark these (B, T) instead, e.g. 8x4096,2x4096 (16x128 heads)")
     ap.add_argument("--sweep", action="store_true",
                     help="first time every forward / backward block config (anchor and T=65536)")
     ap.add_argument("--compare", metavar="FUSED_PY", action="append",
@@ -329,7 +342,7 @@ def main(argv=None):
         spread()
     if args.sweep_only:
         return 0
-    shapes = [(4, 4096)] if args.quick else SHAPES
+    shapes = args.shapes or ([(4, 4096)] if args.quick else SHAPES)
     rows = []
     for B, T in shapes:
         t0 = time.time()
