@@ -66,8 +66,8 @@ import triton
 import triton.language as tl
 
 from .._env import interpreting as _interpreting
-from .tiles import (_affine_combine, _gates, _load_raw, _load_tile, _residual_inputs, _residuals,
-                    _store_row, _tile_channels)
+from .tiles import (_affine_combine, _gates, _load_tile, _residual_inputs, _residuals,
+                    _store_grads, _store_row, _tile_channels)
 from . import streaming as _streaming
 
 State = Tuple[torch.Tensor, torch.Tensor]
@@ -302,12 +302,7 @@ def _bwd_kernel(
     if EARLY != 1:
         rk, rv = _residuals(kx, vx, hk_in, hv_in, a, w)
 
-    # dk = (1 - a) dh = e u;  dg = (1 - a) sum_s (h_t - x_t) dh_t = e sum_s (h_t - x_t) u_t
-    dgx = e * (rk * uk + rv * uv)
-    o_out = t[:, None] * NCH + n[None, :]
-    tl.store(dg_ptr + o_out, dgx.to(dg_ptr.dtype.element_ty), mask=m2)
-    tl.store(dk_ptr + o_out, (e * uk).to(dk_ptr.dtype.element_ty), mask=m2)
-    tl.store(dv_ptr + o_out, (e * uv).to(dv_ptr.dtype.element_ty), mask=m2)
+    _store_grads(dg_ptr, dk_ptr, dv_ptr, t, n, NCH, m2, e, rk, rv, uk, uv)
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,50 +354,38 @@ def _fits_head(c, D):
     return c.kwargs["BD"] <= max(32, triton.next_power_of_2(D))
 
 
-def _prune_fwd(configs, named_args, **kwargs):
-    D = named_args["D"] if "D" in named_args else kwargs["D"]
-    keep = [c for c in configs if _fits_head(c, D)]
-    return keep or [_cfg(64, 32, 1, 4)]
-
-
-def _prune_bwd(configs, named_args, **kwargs):
-    D = named_args["D"] if "D" in named_args else kwargs["D"]
-    bt_f = named_args["BT_F"]
-    keep = [c for c in configs if _fits_head(c, D) and c.kwargs["BT"] % bt_f == 0]
-    return keep or [_cfg(bt_f, 32, 1, max(4, min(16, bt_f // 8)), 1)]
+def _pruner(fallback, backward: bool):
+    """``early_config_prune`` for an autotuner: blocks that fit the head and, for a backward, whose
+    time block is a multiple of the forward's state rows ``BT_F``; ``fallback(bt_f)`` if none do."""
+    def prune(configs, named_args, **kwargs):
+        D = named_args["D"] if "D" in named_args else kwargs["D"]
+        bt_f = named_args["BT_F"] if backward else 1
+        keep = [c for c in configs if _fits_head(c, D) and c.kwargs["BT"] % bt_f == 0]
+        return keep or [fallback(bt_f)]
+    return prune
 
 
 _fwd_tuned = triton.autotune(
     configs=_fwd_configs(), key=["D", "T_KEY", "BH_KEY"], reset_to_zero=_STATUS_ARGS,
-    prune_configs_by={"early_config_prune": _prune_fwd},
+    prune_configs_by={"early_config_prune": _pruner(lambda bt_f: _cfg(64, 32, 1, 4), False)},
 )(_fwd_kernel)
 
 _bwd_tuned = triton.autotune(
     configs=_bwd_configs(), key=["D", "T_KEY", "BH_KEY", "BT_F"], reset_to_zero=_STATUS_ARGS,
-    prune_configs_by={"early_config_prune": _prune_bwd},
+    prune_configs_by={"early_config_prune": _pruner(
+        lambda bt_f: _cfg(bt_f, 32, 1, max(4, min(16, bt_f // 8)), 1), True)},
 )(_bwd_kernel)
-
-
-def _prune_stream_fwd(configs, named_args, **kwargs):
-    D = named_args["D"] if "D" in named_args else kwargs["D"]
-    return [c for c in configs if _fits_head(c, D)] or [_streaming._stream_cfg(16, 16, 1, 4)]
-
-
-def _prune_stream_bwd(configs, named_args, **kwargs):
-    D = named_args["D"] if "D" in named_args else kwargs["D"]
-    bt_f = named_args["BT_F"]
-    keep = [c for c in configs if _fits_head(c, D) and c.kwargs["BT"] % bt_f == 0]
-    return keep or [_streaming._stream_cfg(bt_f, 16, 1, 4)]
-
 
 _stream_fwd_tuned = triton.autotune(
     configs=_streaming.stream_fwd_configs(), key=["D", "T_KEY", "BH_KEY"],
-    prune_configs_by={"early_config_prune": _prune_stream_fwd},
+    prune_configs_by={"early_config_prune": _pruner(lambda bt_f: _streaming._stream_cfg(16, 16, 1, 4),
+                                                    False)},
 )(_streaming._stream_fwd_kernel)
 
 _stream_bwd_tuned = triton.autotune(
     configs=_streaming.stream_bwd_configs(), key=["D", "T_KEY", "BH_KEY", "BT_F"],
-    prune_configs_by={"early_config_prune": _prune_stream_bwd},
+    prune_configs_by={"early_config_prune": _pruner(lambda bt_f: _streaming._stream_cfg(bt_f, 16, 1, 4),
+                                                    True)},
 )(_streaming._stream_bwd_kernel)
 
 # The streaming forward saves its states every 16 steps: every backward block is a multiple.

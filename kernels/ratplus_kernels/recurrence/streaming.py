@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .tiles import (_affine_combine, _gates, _load_tile, _residual_inputs, _residuals,
-                    _tile_channels)
+                    _state_or_zeros, _store_grads, _tile_channels)
 
 
 @triton.jit
@@ -55,12 +55,7 @@ def _stream_fwd_kernel(
 ):
     n, b, h, d, mask_d = _tile_channels(tl.program_id(0), H, D, BD, VEC)
     rows = tl.arange(0, BT)
-    if HAS_H0:
-        hk = tl.load(h0k_ptr + n, mask=mask_d, other=0.0)
-        hv = tl.load(h0v_ptr + n, mask=mask_d, other=0.0)
-    else:
-        hk = tl.zeros([BD], tl.float32)
-        hv = tl.zeros([BD], tl.float32)
+    hk, hv = _state_or_zeros(h0k_ptr, h0v_ptr, n, mask_d, HAS_H0, BD)
     saved = ((rows % SAVE) == SAVE - 1)[:, None]
     for c in tl.range(0, tl.cdiv(T, BT), num_stages=STAGES):
         t = (c * BT + rows).to(tl.int64)
@@ -108,12 +103,7 @@ def _stream_bwd_kernel(
 ):
     n, b, h, d, mask_d = _tile_channels(tl.program_id(0), H, D, BD, VEC)
     rows = tl.arange(0, BT)
-    if HAS_DHT:                                  # u_T = d(final state)
-        uk = tl.load(dhTk_ptr + n, mask=mask_d, other=0.0)
-        uv = tl.load(dhTv_ptr + n, mask=mask_d, other=0.0)
-    else:
-        uk = tl.zeros([BD], tl.float32)
-        uv = tl.zeros([BD], tl.float32)
+    uk, uv = _state_or_zeros(dhTk_ptr, dhTv_ptr, n, mask_d, HAS_DHT, BD)   # u_T = d(final state)
     NC = tl.cdiv(T, BT)
     for i in tl.range(0, NC, num_stages=STAGES):
         c = NC - 1 - i
@@ -132,10 +122,7 @@ def _stream_bwd_kernel(
         uk_t = Al * uk[None, :] + Uk
         uv_t = Al * uv[None, :] + Uv
         rk, rv = _residuals(kx, vx, hk_in, hv_in, a, w)
-        o_out = t[:, None] * NCH + n[None, :]
-        tl.store(dg_ptr + o_out, (e * (rk * uk_t + rv * uv_t)).to(dg_ptr.dtype.element_ty), mask=m2)
-        tl.store(dk_ptr + o_out, (e * uk_t).to(dk_ptr.dtype.element_ty), mask=m2)
-        tl.store(dv_ptr + o_out, (e * uv_t).to(dv_ptr.dtype.element_ty), mask=m2)
+        _store_grads(dg_ptr, dk_ptr, dv_ptr, t, n, NCH, m2, e, rk, rv, uk_t, uv_t)
         uk = _row(uk_t, rows, 0)
         uv = _row(uv_t, rows, 0)
     if HAS_H0:                                   # d h_{-1} = a_0 dh_0 = u_0

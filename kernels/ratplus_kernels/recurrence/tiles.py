@@ -100,3 +100,24 @@ def _residuals(kx, vx, hk_in, hv_in, a, w):
     vx = vx.to(tl.float32)
     P, Lk, Lv = tl.associative_scan((a, w * kx, w * vx), 0, _affine_combine)
     return P * hk_in[None, :] + Lk - kx, P * hv_in[None, :] + Lv - vx
+
+
+@triton.jit
+def _state_or_zeros(pk, pv, n, mask, HAS: tl.constexpr, BD: tl.constexpr):
+    """An fp32 ``[BD]`` state pair (keys, values) of channels ``n``, or zeros when absent."""
+    if HAS:
+        return tl.load(pk + n, mask=mask, other=0.0), tl.load(pv + n, mask=mask, other=0.0)
+    else:
+        return tl.zeros([BD], tl.float32), tl.zeros([BD], tl.float32)
+
+
+@triton.jit
+def _store_grads(dg_ptr, dk_ptr, dv_ptr, t, n, NCH, m2, e, rk, rv, uk, uv):
+    """The tile's gradients from ``u = a dh`` and the residuals ``h - x`` (fp32 math)::
+
+        dk = (1 - a) dh = e u,   dv = e u^v,   dg = e sum_s (h_t - x_t) u_t
+    """
+    o_out = t[:, None] * NCH + n[None, :]
+    tl.store(dg_ptr + o_out, (e * (rk * uk + rv * uv)).to(dg_ptr.dtype.element_ty), mask=m2)
+    tl.store(dk_ptr + o_out, (e * uk).to(dk_ptr.dtype.element_ty), mask=m2)
+    tl.store(dv_ptr + o_out, (e * uv).to(dv_ptr.dtype.element_ty), mask=m2)
