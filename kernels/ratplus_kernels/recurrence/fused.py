@@ -636,7 +636,10 @@ def fused_gated_recurrence(
     Reproducibility: by default the carries between time tiles are combined in whatever order the
     look-back finds them (fastest; last-bit differences between runs). Under
     ``torch.use_deterministic_algorithms(True)`` (or with ``_LOOKBACK_DEPTH`` set > 0) the order is
-    fixed and results are bitwise reproducible, about 25% slower.
+    fixed and results are bitwise reproducible, about 25% slower (the streaming design is
+    always deterministic). Which design and block runs is chosen by timing, once per shape and
+    process: repeated calls reproduce bitwise, two processes only if they chose the same kernels
+    (``_TUNED`` holds the choices).
     """
     if not (g.shape == k.shape == v.shape) or g.dim() != 4:
         raise ValueError(f"g, k, v must share one [T, B, H, D] shape, got {tuple(g.shape)}, "
