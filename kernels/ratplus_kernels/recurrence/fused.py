@@ -66,9 +66,17 @@ import triton
 import triton.language as tl
 
 from .._env import interpreting as _interpreting
-from .tiles import (_affine_combine, _gates, _load_tile, _residual_inputs, _residuals,
-                    _store_grads, _store_row, _tile_channels)
 from . import streaming as _streaming
+from .tiles import (
+    _affine_combine,
+    _gates,
+    _load_tile,
+    _residual_inputs,
+    _residuals,
+    _store_grads,
+    _store_row,
+    _tile_channels,
+)
 
 State = Tuple[torch.Tensor, torch.Tensor]
 
@@ -464,6 +472,19 @@ def _launch_kwargs(config: triton.Config) -> dict:
     return kw
 
 
+def _interpret_meta(direction: str) -> dict:
+    """Launch kwargs under the interpreter: the fixed small blocks of the design that
+    ``_INTERPRET_DESIGN`` names for ``direction`` ("fwd" or "bwd")."""
+    if _INTERPRET_DESIGN[direction] == "stream":
+        bt, bd, vec, stages = _INTERPRET_STREAM_BLOCKS[direction]
+        return {"BT": bt, "BD": bd, "VEC": vec, "STAGES": stages}
+    bt, bd, vec = _INTERPRET_BLOCKS[direction]
+    meta = {"BT": bt, "BD": bd, "VEC": vec}
+    if direction == "bwd":
+        meta["EARLY"] = _INTERPRET_EARLY
+    return meta
+
+
 def _select_design(key, options):
     """Launch kwargs for ``key``: each design's block tuned once by ``triton.autotune``, then the
     two winners timed against each other (``triton.testing.do_bench``, with the allocations and
@@ -475,7 +496,8 @@ def _select_design(key, options):
         for tuned, run in options:
             run(tuned, {})
             cand = _launch_kwargs(tuned.best_config)
-            ms = triton.testing.do_bench(lambda: run(tuned.fn, cand), warmup=10, rep=40)
+            ms = triton.testing.do_bench(lambda run=run, fn=tuned.fn, cand=cand: run(fn, cand),
+                                         warmup=10, rep=40)
             if best is None or ms < best[0]:
                 best = (ms, cand)
         meta = _TUNED[key] = best[1]
@@ -517,21 +539,17 @@ def _forward(g, k, v, h0k, h0v, output_final_state):
         return compiled, inc, bt_f
 
     if _interpreting():
-        if _INTERPRET_DESIGN["fwd"] == "stream":
-            bt, bd, vec, stages = _INTERPRET_STREAM_BLOCKS["fwd"]
-            meta = {"BT": bt, "BD": bd, "VEC": vec, "STAGES": stages}
-        else:
-            bt, bd, vec = _INTERPRET_BLOCKS["fwd"]
-            meta = {"BT": bt, "BD": bd, "VEC": vec}
+        meta = _interpret_meta("fwd")
     elif _FORCE_CONFIG["fwd"] is not None:
         meta = dict(_FORCE_CONFIG["fwd"])
     else:
         key = ("fwd", D, t_key, bh_key, g.dtype, k.dtype, v.dtype, has_h0, output_final_state,
                _lookback_depth(), str(dev))
         meta = _select_design(key, [(_fwd_tuned, run_lookback), (_stream_fwd_tuned, run_stream)])
-    run = run_stream if is_streaming(meta) else run_lookback
-    kernel = _streaming._stream_fwd_kernel if is_streaming(meta) else _fwd_kernel
-    _LAST_COMPILED["fwd"], inc, bt_f = run(kernel, meta)
+    if is_streaming(meta):
+        _LAST_COMPILED["fwd"], inc, bt_f = run_stream(_streaming._stream_fwd_kernel, meta)
+    else:
+        _LAST_COMPILED["fwd"], inc, bt_f = run_lookback(_fwd_kernel, meta)
     return ko, vo, hTk, hTv, inc, bt_f
 
 
@@ -569,12 +587,7 @@ def _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, finc, bt_f):
         return kernel[_streaming.stream_grid(B, H, D)](*head, *tail, **common, **meta)
 
     if _interpreting():
-        if _INTERPRET_DESIGN["bwd"] == "stream":
-            bt, bd, vec, stages = _INTERPRET_STREAM_BLOCKS["bwd"]
-            meta = {"BT": bt, "BD": bd, "VEC": vec, "STAGES": stages}
-        else:
-            bt, bd, vec = _INTERPRET_BLOCKS["bwd"]
-            meta = {"BT": bt, "BD": bd, "VEC": vec, "EARLY": _INTERPRET_EARLY}
+        meta = _interpret_meta("bwd")
     elif _FORCE_CONFIG["bwd"] is not None:
         meta = dict(_FORCE_CONFIG["bwd"])
         if not is_streaming(meta):

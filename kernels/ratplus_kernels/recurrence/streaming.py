@@ -24,8 +24,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import (_affine_combine, _gates, _load_tile, _residual_inputs, _residuals,
-                    _state_or_zeros, _store_grads, _tile_channels)
+from .tiles import (
+    _affine_combine,
+    _gates,
+    _load_tile,
+    _residual_inputs,
+    _residuals,
+    _state_or_zeros,
+    _store_grads,
+    _tile_channels,
+)
 
 
 @triton.jit

@@ -14,6 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _affine_combine(a1, bk1, bv1, a2, bk2, bv2):
     # (a1, b1) applied first, then (a2, b2):  h -> a2 (a1 h + b1) + b2
