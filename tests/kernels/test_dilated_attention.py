@@ -195,6 +195,35 @@ def test_fused_w0_backward_paths(T, D, P, path):
     assert used <= set(fused_mod._LAST_KERNELS), sorted(fused_mod._LAST_KERNELS)
 
 
+@pytest.mark.parametrize("T,D,P,fused_view", [(80, 16, 0, False), (70, 4, 1, True), (33, 5, 40, False),
+                                              (64, 64, 0, True), (17, 16, 0, False)])
+def test_fused_w0_tma_single_pass(T, D, P, fused_view):
+    """The single pass reading q, k, v, do as TMA tiles of ``[T, columns]`` views (bf16, as on
+    the GPU), against the reference: rows past T read as zeros, several query segments, views of
+    a fused projection (column offsets b * stride_b + h * stride_h inside a wider row)."""
+    extra = dict(num_warps=4, num_stages=1)
+    bwd = {name: dict(c, **extra) for name, c in _SPLIT_BWD.items()}
+    bwd.update(w0=None, w0_tma=dict(BLK=16, NGC_MAX=64, LOOP_STAGES=1, **extra))
+    fused_mod._LAST_KERNELS.clear()
+    with fused_mod.block_config(fwd=dict(BM=16, BN=16, BG=16, **extra), bwd=bwd):
+        _check(T, 2, 2, 16, (D, 0, P), dtype=torch.bfloat16, fused_view=fused_view,
+               tol=(1e-2, 2e-2), seed=T + P)
+    assert "bwd_w0" in fused_mod._LAST_KERNELS
+
+
+def test_row_tiles_ok_rejects_what_tma_cannot_read():
+    x = torch.zeros(8, 2, 3, 16, dtype=torch.bfloat16)
+    assert fused_mod._row_tiles_ok([x], 16)
+    assert fused_mod._row_tile_columns(x) == 2 * 3 * 16
+    wide = torch.zeros(8, 2, 3, 48, dtype=torch.bfloat16)[..., 16:32]       # fused-projection view
+    assert fused_mod._row_tiles_ok([wide], 16) and fused_mod._row_tile_columns(wide) == 5 * 48 + 16
+    assert not fused_mod._row_tiles_ok([x.float()], 16)                       # 32-bit
+    assert not fused_mod._row_tiles_ok([torch.zeros(8, 2, 3, 24, dtype=torch.bfloat16)], 16)  # Dh
+    odd = torch.zeros(8 * 2 * 3 * 16 + 1, dtype=torch.bfloat16)[1:].view(8, 2, 3, 16)
+    assert not fused_mod._row_tiles_ok([odd], 16)                             # base not 16-B aligned
+    assert not fused_mod._row_tiles_ok([x.transpose(0, 1)], 16)               # rows overlap
+
+
 @pytest.fixture
 def w0_auto(monkeypatch):
     """"auto" selection with a fake timer: records which backward was timed, returns set times."""
@@ -371,10 +400,13 @@ def test_gpu_odd_shapes(poisoned, T, D, W, P, Dh):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,D,P,Dh", [(4096, 64, 0, 128), (1000, 64, 0, 64), (777, 16, 3, 128)])
-def test_gpu_w0_single_pass(poisoned, T, D, P, Dh):
-    """The single-pass W = 0 backward (whether or not it is the default) at realistic shapes."""
-    bwd = dict(fused_mod._bwd_config(Dh, torch.bfloat16),
-               w0=dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=4))
+@pytest.mark.parametrize("tma", [False, True])
+def test_gpu_w0_single_pass(poisoned, T, D, P, Dh, tma):
+    """The single-pass W = 0 backward (whether or not it is the default) at realistic shapes,
+    with pointer loads and with pipelined TMA tiles."""
+    w0 = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=4)
+    tiles = dict(w0=None, w0_tma=dict(w0, LOOP_STAGES=3)) if tma else dict(w0=w0, w0_tma=None)
+    bwd = dict(fused_mod._bwd_config(Dh, torch.bfloat16), **tiles)
     fused_mod._LAST_KERNELS.clear()
     with fused_mod.block_config(bwd=bwd):
         _check(T, 2, 4, Dh, (D, 0, P), dtype=torch.bfloat16, fused_view=True, tol=(1e-2, 2e-2), seed=T)

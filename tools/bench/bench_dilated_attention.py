@@ -239,13 +239,24 @@ BWD_SWEEP_VARIANTS = {
            dict(BLK=16, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=8),
            dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=2, PROGS_PER_SM=8),
            dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=16)],
+    # the same single pass on pipelined TMA tiles (seventh session; spill-free offline at
+    # BLK=32 / 8 warps with 2 or 3 stages, 254-255 registers; BLK=64 or 4 / 16 warps spill)
+    "w0_tma": [dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=2, PROGS_PER_SM=8),
+               dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=3, PROGS_PER_SM=8),
+               dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=2, PROGS_PER_SM=4),
+               dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=3, PROGS_PER_SM=4),
+               dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=2, PROGS_PER_SM=2),
+               dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=3, PROGS_PER_SM=1),
+               dict(BLK=32, NGC_MAX=64, num_warps=16, num_stages=1, LOOP_STAGES=2, PROGS_PER_SM=4)],
 }
+# The sweeps' reference backward: the split one (every single pass switched off).
+_NO_SINGLE_PASS = dict(w0=None, w0_tma=None)
 
 
 def _single_pass_applies(fm, T, pat) -> bool:
     """Whether the single-pass W = 0 backward can run for this pattern at length T."""
     ng = fm._pattern_args(T, pat[0], pat[2])[3]
-    return bool(fm._w0_tile(fm._W0_CONFIG, pat[1], ng, DH))
+    return bool(fm._w0_tile(fm._W0_CONFIG or fm._W0_TMA_CONFIG, pat[1], ng, DH))
 
 
 def run_sweep(args) -> None:
@@ -256,10 +267,11 @@ def run_sweep(args) -> None:
     q, k, v, do = (torch.randn(T, B, H, DH, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     for x in (q, k, v):
         x.requires_grad_(True)
-    fwd_cfgs = FWD_SWEEP
+    fwd_cfgs = FWD_SWEEP if args.sweep_kinds is None or "fwd" in args.sweep_kinds else []
     # explicit configurations: the split backward unless a variant sets the single pass
-    base = dict(fm._bwd_config(DH, torch.bfloat16), w0=None)
-    variants = BWD_SWEEP_VARIANTS
+    base = dict(fm._bwd_config(DH, torch.bfloat16), **_NO_SINGLE_PASS)
+    variants = {n: cs for n, cs in BWD_SWEEP_VARIANTS.items()
+                if args.sweep_kinds is None or n in args.sweep_kinds}
     bwd_cfgs = [base] + [dict(base, **{name: c}) for name, cs in variants.items() for c in cs]
     qd, kd, vd = q.detach(), k.detach(), v.detach()
     print("\nsweep at B=4 T=4096 (ms of GPU kernel time from the profiler: forward, forward+backward)")
@@ -276,7 +288,7 @@ def run_sweep(args) -> None:
         for bc in bwd_cfgs:
             if pat[1] == 0 and bc["dkdv"] != base["dkdv"]:
                 continue                                  # no band kernel when W = 0
-            if bc.get("w0") is not None and not _single_pass_applies(fm, T, pat):
+            if (bc.get("w0") or bc.get("w0_tma")) and not _single_pass_applies(fm, T, pat):
                 continue                                  # W > 0 or too many global keys
             fm._LAST_KERNELS.clear()
             with fm.block_config(bwd=bc):
@@ -305,13 +317,14 @@ def run_profile(args) -> None:
     q, k, v, do = (torch.randn(T, B, H, DH, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     for x in (q, k, v):
         x.requires_grad_(True)
-    base = dict(fm._bwd_config(DH, torch.bfloat16), w0=None)
+    base = dict(fm._bwd_config(DH, torch.bfloat16), **_NO_SINGLE_PASS)
     for pat in PATTERNS:
         settings = [("default", None)]
         if pat[1] == 0:                # each W = 0 candidate of the first-use choice, forced
             settings = [("split", base), ("split, dq_w0", dict(base, dq=base["dq_w0"]))]
             if _single_pass_applies(fm, T, pat):
                 settings.append(("single pass", dict(base, w0=fm._W0_CONFIG)))
+                settings.append(("single pass, TMA", dict(base, w0_tma=fm._W0_TMA_CONFIG)))
         for label, bwd in settings:
             with fm.block_config(bwd=bwd):
                 events = _profiled(lambda pat=pat: torch.autograd.grad(
@@ -476,6 +489,9 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="time launch configurations first")
     ap.add_argument("--shapes", default="", help="comma-separated BxT list, e.g. 4x4096,1x65536")
     ap.add_argument("--flex-shapes", default="", help="BxT list to run flex on (default: all)")
+    ap.add_argument("--sweep-kinds", default=None, type=lambda x: x.split(","),
+                    help="--sweep only these: fwd and/or backward kernels among "
+                         + ",".join(BWD_SWEEP_VARIANTS) + " (default: all)")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--decode-sweep", action="store_true")
     ap.add_argument("--profile", action="store_true", help="per-kernel times at the anchor shape")
@@ -492,6 +508,9 @@ def main() -> None:
                 raise ValueError("not D/W/P")
         except ValueError:
             ap.error(f"--patterns: expected D/W/P items like 64/0/0, got {args.patterns!r}")
+    unknown = set(args.sweep_kinds or []) - {"fwd", *BWD_SWEEP_VARIANTS}
+    if unknown:
+        ap.error(f"--sweep-kinds: unknown {sorted(unknown)}; choose from fwd," + ",".join(BWD_SWEEP_VARIANTS))
     if args.selftest:
         selftest()
         return

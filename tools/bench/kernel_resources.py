@@ -88,13 +88,16 @@ def dilated_rows(sweep: bool, arch: int):
             rows.append(_row("dilated", f"{name} fwd {fc or 'default'}", compiled[0]))
         if pattern[1] == 0:                    # W = 0 has two backwards (chosen at run time)
             single = base.get("w0") or bench.BWD_SWEEP_VARIANTS["w0"][0]
-            bwd_cfgs = [("default split", dict(base, w0=None)),
-                        ("default split dq_w0", dict(base, w0=None, dq=base.get("dq_w0") or base["dq"])),
-                        ("default single pass", dict(base, w0=single))]
+            single_tma = base.get("w0_tma") or bench.BWD_SWEEP_VARIANTS["w0_tma"][0]
+            split = dict(base, **bench._NO_SINGLE_PASS)
+            bwd_cfgs = [("default split", split),
+                        ("default split dq_w0", dict(split, dq=base.get("dq_w0") or base["dq"])),
+                        ("default single pass", dict(split, w0=single)),
+                        ("default single pass TMA", dict(split, w0_tma=single_tma))]
         else:
             bwd_cfgs = [("default", base)]
         if sweep:
-            bwd_cfgs += [(f"{kind} {c}", dict(base, **{kind: c}))
+            bwd_cfgs += [(f"{kind} {c}", {**base, **bench._NO_SINGLE_PASS, kind: c})
                          for kind, cs in bench.BWD_SWEEP_VARIANTS.items() for c in cs]
         for label, bc in bwd_cfgs:
             with fm.block_config(bwd=bc), offline_compilation(arch) as compiled:

@@ -433,13 +433,13 @@ def _bwd_far_kernel(
 
 @triton.jit
 def _bwd_w0_kernel(
-    Q, K, V, DO, LSE, DLSE, DQ, DK, DV, DKG, DVG,
+    Q, K, V, DO, QD, KD, VD, DOD, LSE, DLSE, DQ, DK, DV, DKG, DVG,
     sqt, sqb, sqh, skt, skb, skh, svt, svb, svh, sdt, sdb, sdh,
     sgt, sgb, sgh,
     T, H, P, D, CMIN, NS, NG, SEG, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     BLK: tl.constexpr, NGC: tl.constexpr, PREC: tl.constexpr, HAS_DLSE: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):
     """Single-pass backward for W = 0 with few global keys (``NG <= NGC``): one program per
     (segment of SEG queries, batch x head) holds all global keys of its head and their dk, dv
@@ -473,11 +473,19 @@ def _bwd_w0_kernel(
     vg = _load_rows(v_base, j, svt, gv, d, dmask, EVEN_D)
     dkg = tl.zeros([NGC, BLOCK_D], tl.float32)
     dvg = tl.zeros([NGC, BLOCK_D], tl.float32)
-    for m0 in range(m_lo, m_hi, BLK):
+    for m0 in tl.range(m_lo, m_hi, BLK, num_stages=LOOP_STAGES):
         rows = m0 + tl.arange(0, BLK)
         rm = rows < m_hi
-        q = _load_rows(q_base, rows, sqt, rm, d, dmask, EVEN_D)
-        do = _load_rows(do_base, rows, sdt, rm, d, dmask, EVEN_D)
+        if TMA:
+            # tensor-memory-accelerator tiles of the [T, columns] views (QD..DOD: descriptors):
+            # asynchronous, no address registers, prefetched LOOP_STAGES - 1 blocks ahead
+            q = QD.load([m0, (b * sqb + h * sqh).to(tl.int32)])
+            do = DOD.load([m0, (b * sdb + h * sdh).to(tl.int32)])
+            kn = KD.load([m0, (b * skb + h * skh).to(tl.int32)])
+            vn = VD.load([m0, (b * svb + h * svh).to(tl.int32)])
+        else:
+            q = _load_rows(q_base, rows, sqt, rm, d, dmask, EVEN_D)
+            do = _load_rows(do_base, rows, sdt, rm, d, dmask, EVEN_D)
         lse2 = tl.load(LSE + bh64 * T + rows, mask=rm, other=0.0) * 1.4426950408889634
         # far: the gathered global keys j < t, key-major ([NGC, BLK]: the global keys are the
         # M side of every product, so no operand is replicated across the warps)
@@ -486,8 +494,9 @@ def _bwd_w0_kernel(
         pT = tl.where(allowed, tl.exp2(sT - lse2[None, :]), 0.0)
         dpT = _dot(vg, tl.trans(do), PREC, UPCAST)
         # diagonal: one score per row
-        kn = _load_rows(k_base, rows, skt, rm, d, dmask, EVEN_D)
-        vn = _load_rows(v_base, rows, svt, rm, d, dmask, EVEN_D)
+        if not TMA:
+            kn = _load_rows(k_base, rows, skt, rm, d, dmask, EVEN_D)
+            vn = _load_rows(v_base, rows, svt, rm, d, dmask, EVEN_D)
         p_d = tl.where(rm, tl.exp2(tl.sum(q.to(tl.float32) * kn.to(tl.float32), 1) * qk_scale - lse2), 0.0)
         dp_d = tl.sum(do.to(tl.float32) * vn.to(tl.float32), 1)
         delta = tl.sum(pT * dpT, 0) + p_d * dp_d
@@ -550,6 +559,11 @@ _W0_CONFIG: Optional[dict] = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1,
 # per SM; the default spills): a candidate of the same first-use choice. Measured on the H100 it
 # wins at T=4096, D=64 over the default dq tiling (0.357 vs 0.386 ms backward) and loses at D=16
 # and at T=16384 (e.g. 4.76 vs 3.38 ms at T=16384, D=16), hence a choice, not a default.
+# The same single pass reading q, k, v, do as TMA tiles, prefetched LOOP_STAGES - 1 query blocks
+# ahead by the software pipeliner (the pointer version waits for each block's loads at one CTA per
+# SM); a candidate of the same first-use choice where the inputs allow TMA (_row_tiles_ok).
+_W0_TMA_CONFIG: Optional[dict] = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=2,
+                                      PROGS_PER_SM=8)
 _DQ_W0_CONFIG: Optional[dict] = dict(BLK=32, BN1=32, BG=32, num_warps=4, num_stages=3)
 # The last launched compiled kernels (the benchmark prints their registers / spills).
 _LAST_KERNELS: dict = {}
@@ -595,7 +609,8 @@ def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
         x = dict(num_warps=4, num_stages=1)
         return dict(dq=dict(BLK=b["BLK"], BN1=b["BN1"], BG=b["BG"], **x),
                     dkdv=dict(BLK=b["BLK"], BM2=b["BM2"], **x), far=dict(BG=b["BG"], BM2=b["BM2"], **x),
-                    w0=dict(BLK=b["BLK"], NGC_MAX=64, **x), dq_w0=dict(BLK=32, BN1=16, BG=16, **x))
+                    w0=dict(BLK=b["BLK"], NGC_MAX=64, **x), dq_w0=dict(BLK=32, BN1=16, BG=16, **x),
+                    w0_tma=dict(BLK=b["BLK"], NGC_MAX=64, LOOP_STAGES=1, **x))
     if dtype == torch.float32:
         x = dict(num_warps=4, num_stages=1)
         return dict(dq=dict(BLK=32, BN1=32, BG=32, **x), dkdv=dict(BLK=32, BM2=32, **x),
@@ -604,7 +619,7 @@ def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
     return dict(dq=dict(BLK=64, BN1=32, BG=32, num_warps=4, num_stages=3),
                 dkdv=dict(BLK=64, BM2=64, num_warps=4, num_stages=2),
                 far=dict(BG=64, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=8),
-                w0=_W0_CONFIG, dq_w0=_DQ_W0_CONFIG)
+                w0=_W0_CONFIG, w0_tma=_W0_TMA_CONFIG, dq_w0=_DQ_W0_CONFIG)
 
 
 def _pattern_args(T: int, dilation: int, initial: int):
@@ -666,6 +681,39 @@ def _w0_tile(cfg: Optional[dict], window: int, ng: int, block_d: int) -> int:
     return ngc if ngc <= cfg["NGC_MAX"] else 0
 
 
+def _row_tile_columns(x: torch.Tensor) -> int:
+    """Columns of the 2-D ``[T, columns]`` view (row stride ``x.stride(0)``, unit column stride)
+    that covers every (batch, head) row of a ``[T, B, H, Dh]`` tensor: the (b, h) tile is the
+    column range ``[b * stride_b + h * stride_h, + Dh)``."""
+    T, B, H, Dh = x.shape
+    return (B - 1) * x.stride(1) + (H - 1) * x.stride(2) + Dh
+
+
+def _row_tiles_ok(tensors, blk: int) -> bool:
+    """Whether the TMA single pass can read these ``[T, B, H, Dh]`` tensors as 2-D tiles: a
+    16-bit dtype, Dh a power of two in [16, 128] (one box row of at most 256 bytes), 16-byte
+    aligned base and row / batch / head strides, and rows that do not overlap (the 2-D view must
+    be a real matrix)."""
+    for x in tensors:
+        T, B, H, Dh = x.shape
+        if x.dtype not in (torch.bfloat16, torch.float16) or Dh not in (16, 32, 64, 128):
+            return False
+        if x.stride(3) != 1 or x.data_ptr() % 16 or any(st * 2 % 16 for st in x.stride()[:3]):
+            return False
+        if x.stride(0) < _row_tile_columns(x) or x.stride(1) < 0 or x.stride(2) < 0:
+            return False
+    return blk <= 256
+
+
+def _row_tile_descriptors(tensors, blk: int):
+    """Host TMA descriptors of the ``[T, columns]`` views (:func:`_row_tile_columns`), one
+    ``[blk, Dh]`` box per load; rows past T read as zeros."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return tuple(TensorDescriptor(x, [x.shape[0], _row_tile_columns(x)], [x.stride(0), 1],
+                                  [blk, x.shape[3]]) for x in tensors)
+
+
 def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
     T, B, H, Dh = q.shape
     D, cmin, ns, ng = _pattern_args(T, dilation, initial)
@@ -702,15 +750,20 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
         split()
         return dq, dk, dv
 
-    def single_pass():
+    def run_single_pass(w0_cfg):
         # W = 0, few global keys: one pass (dq, diagonal dk/dv, global dk/dv)
         gbuf = torch.zeros((2, B * H, ngb, Dh), dtype=torch.float32, device=dev)
-        c0 = dict(cfg["w0"])
+        c0 = dict(w0_cfg)
         per_sm = c0.pop("PROGS_PER_SM", 2)
         c0.pop("NGC_MAX")
+        c0.setdefault("TMA", False)
+        c0.setdefault("LOOP_STAGES", 1)
+        tiles = (q, k, v, dout)
+        if c0["TMA"]:
+            tiles = _row_tile_descriptors(tiles, c0["BLK"])
         seg = _query_segment(T, B * H, c0["BLK"], per_sm, dev)
         _LAST_KERNELS["bwd_w0"] = _bwd_w0_kernel[(triton.cdiv(T, seg), B * H)](
-            q, k, v, dout, lse, dlse if has_dlse else lse, dq, dk, dv, gbuf[0], gbuf[1],
+            q, k, v, dout, *tiles, lse, dlse if has_dlse else lse, dq, dk, dv, gbuf[0], gbuf[1],
             *s_in, *dout.stride()[:3], *dq.stride()[:3],
             T, H, initial, D, cmin, ns, ngb, seg, *scales,
             NGC=ngc, HAS_DLSE=has_dlse, **common, **c0,
@@ -723,14 +776,23 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
         def split_dq_w0():
             split(cfg["dq_w0"])
         candidates["split_dq_w0"] = split_dq_w0
-    ngc = _w0_tile(cfg.get("w0"), window, ng, block_d)
-    if ngc:
+    ngc = _w0_tile(cfg.get("w0") or cfg.get("w0_tma"), window, ng, block_d)
+    if ngc and cfg.get("w0") is not None:
+        def single_pass():
+            run_single_pass(cfg["w0"])
         candidates["single_pass"] = single_pass
+    if ngc and cfg.get("w0_tma") is not None and _row_tiles_ok((q, k, v, dout), cfg["w0_tma"]["BLK"]):
+        def single_pass_tma():
+            run_single_pass(dict(cfg["w0_tma"], TMA=True))
+        candidates["single_pass_tma"] = single_pass_tma
     # lengths and batch x heads bucketed to powers of two: varying lengths are timed log-many times
     key = (triton.next_power_of_2(T), triton.next_power_of_2(B * H), Dh, dilation, initial, q.dtype,
            has_dlse, str(dev))
-    # an explicit configuration (block_config: tests, sweeps) runs as given
-    forced = None if _OVERRIDE["bwd"] is None else ("single_pass" if ngc else "split")
+    # an explicit configuration (block_config: tests, sweeps) runs as given: the TMA single pass
+    # where given and possible, else the pointer single pass where given, else the split backward
+    forced = None
+    if _OVERRIDE["bwd"] is not None:
+        forced = next(n for n in ("single_pass_tma", "single_pass", "split") if n in candidates)
     W0_BACKWARD.run(key, candidates, forced)
     return dq, dk, dv
 
