@@ -213,22 +213,36 @@ FWD_SWEEP = [dict(BM=64, BN=32, BG=32, num_warps=4, num_stages=3),
              dict(BM=64, BN=32, BG=64, num_warps=4, num_stages=3),
              dict(BM=64, BN=64, BG=64, num_warps=8, num_stages=3),
              dict(BM=32, BN=32, BG=64, num_warps=4, num_stages=3),
-             dict(BM=128, BN=64, BG=64, num_warps=8, num_stages=2)]
+             dict(BM=128, BN=64, BG=64, num_warps=8, num_stages=2),
+             # seventh session: contiguous row tiles through TMA descriptors
+             dict(BM=64, BN=32, BG=32, num_warps=4, num_stages=3, TMA=True),
+             dict(BM=64, BN=64, BG=32, num_warps=4, num_stages=3, TMA=True),
+             dict(BM=128, BN=64, BG=32, num_warps=8, num_stages=3, TMA=True),
+             dict(BM=128, BN=32, BG=32, num_warps=8, num_stages=3, TMA=True)]
 BWD_SWEEP_VARIANTS = {
     "dq": [dict(BLK=128, BN1=64, BG=64, num_warps=8, num_stages=2),
            dict(BLK=64, BN1=64, BG=64, num_warps=8, num_stages=2),
            dict(BLK=128, BN1=32, BG=32, num_warps=8, num_stages=2),
            dict(BLK=32, BN1=32, BG=32, num_warps=4, num_stages=3),        # no spills offline (W=0)
-           dict(BLK=64, BN1=32, BG=32, num_warps=8, num_stages=3)],
+           dict(BLK=64, BN1=32, BG=32, num_warps=8, num_stages=3),
+           dict(BLK=64, BN1=32, BG=32, num_warps=4, num_stages=3, TMA=True),   # TMA row tiles
+           dict(BLK=32, BN1=32, BG=32, num_warps=4, num_stages=3, TMA=True),
+           dict(BLK=64, BN1=64, BG=32, num_warps=8, num_stages=3, TMA=True)],
     "dkdv": [dict(BLK=128, BM2=64, num_warps=8, num_stages=2),
              dict(BLK=128, BM2=32, num_warps=8, num_stages=3),
              dict(BLK=64, BM2=32, num_warps=4, num_stages=3),              # no spills offline
-             dict(BLK=64, BM2=64, num_warps=8, num_stages=2)],
+             dict(BLK=64, BM2=64, num_warps=8, num_stages=2),
+             dict(BLK=64, BM2=64, num_warps=4, num_stages=2, TMA=True),        # TMA row tiles
+             dict(BLK=64, BM2=32, num_warps=4, num_stages=3, TMA=True),
+             dict(BLK=128, BM2=64, num_warps=8, num_stages=3, TMA=True)],
     "far": [dict(BG=128, BM2=64, num_warps=8, num_stages=2, PROGS_PER_SM=8),
             dict(BG=64, BM2=32, num_warps=4, num_stages=3, PROGS_PER_SM=8),  # no spills offline
             dict(BG=64, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=16),
             dict(BG=64, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=4),
-            dict(BG=32, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=8)],
+            dict(BG=32, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=8),
+            dict(BG=64, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=8, TMA=True),   # TMA
+            dict(BG=64, BM2=32, num_warps=4, num_stages=3, PROGS_PER_SM=8, TMA=True),
+            dict(BG=64, BM2=64, num_warps=4, num_stages=3, PROGS_PER_SM=8, TMA=True)],
     # the single-pass W = 0 backward (replaces dq + far when it applies)
     # (spill-free offline; BLK=64 or 4 warps spill 0.3-3 KB per thread)
     "w0": [dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=4),

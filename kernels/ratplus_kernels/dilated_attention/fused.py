@@ -148,12 +148,12 @@ def _online_update(s, allowed, vv, m_i, l_i, acc, PREC: tl.constexpr, UPCAST: tl
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, QD, KD, VD, O, LSE,
     sqt, sqb, sqh, skt, skb, skh, svt, svb, svh, sot, sob, soh,
     T, H, W, P, D, CMIN, NS, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr, W_ZERO: tl.constexpr,
+    UPCAST: tl.constexpr, W_ZERO: tl.constexpr, TMA: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -168,7 +168,14 @@ def _fwd_kernel(
     rmask = rows < T
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
-    q = _load_rows(q_base, rows, sqt, rmask, d, dmask, EVEN_D)
+    # TMA: contiguous row tiles come from descriptors of the [T, columns] views (QD: BM rows; KD,
+    # VD: BM rows for the W = 0 diagonal, else BN rows for the band); the gathers stay pointers
+    kcol = (b * skb + h * skh).to(tl.int32)
+    vcol = (b * svb + h * svh).to(tl.int32)
+    if TMA:
+        q = QD.load([n0, (b * sqb + h * sqh).to(tl.int32)])
+    else:
+        q = _load_rows(q_base, rows, sqt, rmask, d, dmask, EVEN_D)
 
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -189,8 +196,12 @@ def _fwd_kernel(
 
     if W_ZERO:
         # the band is the query itself: one score per row, no matrix product
-        kn = _load_rows(k_base, rows, skt, rmask, d, dmask, EVEN_D).to(tl.float32)
-        vn = _load_rows(v_base, rows, svt, rmask, d, dmask, EVEN_D).to(tl.float32)
+        if TMA:
+            kn = KD.load([n0, kcol]).to(tl.float32)
+            vn = VD.load([n0, vcol]).to(tl.float32)
+        else:
+            kn = _load_rows(k_base, rows, skt, rmask, d, dmask, EVEN_D).to(tl.float32)
+            vn = _load_rows(v_base, rows, svt, rmask, d, dmask, EVEN_D).to(tl.float32)
         s = tl.sum(q.to(tl.float32) * kn, 1) * qk_scale
         s = tl.where(rmask, s, float("-inf"))
         m_new = tl.maximum(m_i, s)
@@ -207,8 +218,12 @@ def _fwd_kernel(
         for c0 in range(lo, hi, BN):
             cols = c0 + tl.arange(0, BN)
             cm = cols < T
-            kk = _load_rows(k_base, cols, skt, cm, d, dmask, EVEN_D)
-            vv = _load_rows(v_base, cols, svt, cm, d, dmask, EVEN_D)
+            if TMA:
+                kk = KD.load([c0, kcol])
+                vv = VD.load([c0, vcol])
+            else:
+                kk = _load_rows(k_base, cols, skt, cm, d, dmask, EVEN_D)
+                vv = _load_rows(v_base, cols, svt, cm, d, dmask, EVEN_D)
             s = _dot(q, tl.trans(kk), PREC, UPCAST) * qk_scale
             diff = rows[:, None] - cols[None, :]
             allowed = cm[None, :] & (diff >= 0) & (diff <= W)
@@ -229,7 +244,8 @@ def _fwd_kernel(
 def _bwd_dq_loop(dq, q, do, lse2, delta, rows, rmask, k_base, v_base, skt, svt, d, dmask,
                  c_lo, c_hi, T, W, P, D, CMIN, NS, qk_scale,
                  FAR: tl.constexpr, EVEN_D: tl.constexpr, BN: tl.constexpr,
-                 PREC: tl.constexpr, UPCAST: tl.constexpr):
+                 PREC: tl.constexpr, UPCAST: tl.constexpr, KD=None, VD=None, kcol=0, vcol=0,
+                 TMA: tl.constexpr = False):
     """dq of a query block from key tiles ``[c_lo, c_hi)``: global keys ``g`` gathered by stride
     (FAR, mask ``t - j > W``) or contiguous band keys (mask ``0 <= t - j <= W``)."""
     for c0 in range(c_lo, c_hi, BN):
@@ -239,8 +255,12 @@ def _bwd_dq_loop(dq, q, do, lse2, delta, rows, rmask, k_base, v_base, skt, svt, 
             cols = _global_key(c, P, D, CMIN, NS)
         else:
             cols = c
-        kk = _load_rows(k_base, cols, skt, cm, d, dmask, EVEN_D)
-        vv = _load_rows(v_base, cols, svt, cm, d, dmask, EVEN_D)
+        if TMA and not FAR:
+            kk = KD.load([c0, kcol])               # contiguous band rows (past c_hi: masked)
+            vv = VD.load([c0, vcol])
+        else:
+            kk = _load_rows(k_base, cols, skt, cm, d, dmask, EVEN_D)
+            vv = _load_rows(v_base, cols, svt, cm, d, dmask, EVEN_D)
         s = _dot(q, tl.trans(kk), PREC, UPCAST) * qk_scale                     # [BLK, BN]
         diff = rows[:, None] - cols[None, :]
         if FAR:
@@ -257,14 +277,19 @@ def _bwd_dq_loop(dq, q, do, lse2, delta, rows, rmask, k_base, v_base, skt, svt, 
 @triton.jit
 def _bwd_dkdv_loop(dk, dv, kn, vn, cols, cm, q_base, do_base, lse_base, delta_base, sqt, sdt,
                    d, dmask, m_lo, m_hi, W, qk_scale, FAR: tl.constexpr, EVEN_D: tl.constexpr,
-                   BM: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                   BM: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, QD=None, DOD=None,
+                   qcol=0, dcol=0, TMA: tl.constexpr = False):
     """dk (unscaled), dv of a key tile from queries ``[m_lo, m_hi)``; mask ``t - j > W`` (FAR)
     or ``0 <= t - j <= W`` (band). Reads the delta written by the dq kernel."""
     for m0 in range(m_lo, m_hi, BM):
         qr = m0 + tl.arange(0, BM)
         qm = qr < m_hi
-        qq = _load_rows(q_base, qr, sqt, qm, d, dmask, EVEN_D)
-        dd = _load_rows(do_base, qr, sdt, qm, d, dmask, EVEN_D)
+        if TMA:
+            qq = QD.load([m0, qcol])                   # rows past m_hi are masked out below
+            dd = DOD.load([m0, dcol])
+        else:
+            qq = _load_rows(q_base, qr, sqt, qm, d, dmask, EVEN_D)
+            dd = _load_rows(do_base, qr, sdt, qm, d, dmask, EVEN_D)
         l2 = tl.load(lse_base + qr, mask=qm, other=0.0) * 1.4426950408889634
         dl = tl.load(delta_base + qr, mask=qm, other=0.0)
         sT = _dot(kn, tl.trans(qq), PREC, UPCAST) * qk_scale                   # [BN, BM]
@@ -302,13 +327,14 @@ def _bwd_store_dkdv(dk, dv, cols, cm, DK, DV, DKG, DVG, out_base, sgt, d, dmask,
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, DK, DV, DKG, DVG,
+    Q, K, V, O, DO, QD, KD, VD, OD, DOD, LSE, DLSE, DELTA, DQ, DK, DV, DKG, DVG,
     sqt, sqb, sqh, skt, skb, skh, svt, svb, svh, sot, sob, soh, sdt, sdb, sdh,
     sgt, sgb, sgh,
     T, H, W, P, D, CMIN, NS, NG, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     BLK: tl.constexpr, BN1: tl.constexpr, BG: tl.constexpr,
     PREC: tl.constexpr, HAS_DLSE: tl.constexpr, UPCAST: tl.constexpr, W_ZERO: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Query-major pass: delta, dq (far + band). With W = 0 the band is the diagonal, handled
     elementwise, and this program also owns the band dk, dv of its keys (no band kernel)."""
@@ -325,9 +351,17 @@ def _bwd_dq_kernel(
     rmask = rows < T
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
-    q = _load_rows(Q + b * sqb + h * sqh, rows, sqt, rmask, d, dmask, EVEN_D)
-    do = _load_rows(DO + b * sdb + h * sdh, rows, sdt, rmask, d, dmask, EVEN_D)
-    o = _load_rows(O + b * sob + h * soh, rows, sot, rmask, d, dmask, EVEN_D)
+    kcol = (b * skb + h * skh).to(tl.int32)
+    vcol = (b * svb + h * svh).to(tl.int32)
+    if TMA:
+        # descriptors: BLK rows for q, o, do; BLK (W = 0 diagonal) or BN1 (band) rows for k, v
+        q = QD.load([n0, (b * sqb + h * sqh).to(tl.int32)])
+        do = DOD.load([n0, (b * sdb + h * sdh).to(tl.int32)])
+        o = OD.load([n0, (b * sob + h * soh).to(tl.int32)])
+    else:
+        q = _load_rows(Q + b * sqb + h * sqh, rows, sqt, rmask, d, dmask, EVEN_D)
+        do = _load_rows(DO + b * sdb + h * sdh, rows, sdt, rmask, d, dmask, EVEN_D)
+        o = _load_rows(O + b * sob + h * soh, rows, sot, rmask, d, dmask, EVEN_D)
     lse2 = tl.load(LSE + bh64 * T + rows, mask=rmask, other=0.0) * 1.4426950408889634
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
@@ -337,8 +371,12 @@ def _bwd_dq_kernel(
     if W_ZERO:
         # the band is the diagonal: elementwise, done first so that its operands are dead
         # before the far loop; dk, dv of this block's keys are complete after it
-        kn = _load_rows(k_base, rows, skt, rmask, d, dmask, EVEN_D)
-        vn = _load_rows(v_base, rows, svt, rmask, d, dmask, EVEN_D)
+        if TMA:
+            kn = KD.load([n0, kcol])
+            vn = VD.load([n0, vcol])
+        else:
+            kn = _load_rows(k_base, rows, skt, rmask, d, dmask, EVEN_D)
+            vn = _load_rows(v_base, rows, svt, rmask, d, dmask, EVEN_D)
         p = tl.where(rmask, tl.exp2(tl.sum(q.to(tl.float32) * kn.to(tl.float32), 1) * qk_scale
                                     - lse2), 0.0)
         ds = p * (tl.sum(do.to(tl.float32) * vn.to(tl.float32), 1) - delta)
@@ -351,7 +389,7 @@ def _bwd_dq_kernel(
         lo = tl.maximum(n0 - W, 0) // BN1 * BN1
         dq = _bwd_dq_loop(dq, q, do, lse2, delta, rows, rmask, k_base, v_base, skt, svt, d, dmask,
                           lo, tl.minimum(n0 + BLK, T), T, W, P, D, CMIN, NS, qk_scale, False,
-                          EVEN_D, BN1, PREC, UPCAST)
+                          EVEN_D, BN1, PREC, UPCAST, KD, VD, kcol, vcol, TMA)
     t_last = tl.minimum(n0 + BLK, T) - 1
     n_far = _n_global(t_last - W - 1, P, D, CMIN)
     dq = _bwd_dq_loop(dq, q, do, lse2, delta, rows, rmask, k_base, v_base, skt, svt, d, dmask,
@@ -361,12 +399,13 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DKG, DVG,
+    Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, DKG, DVG,
     sqt, sqb, sqh, skt, skb, skh, svt, svb, svh, sdt, sdb, sdh,
     sgt, sgb, sgh,
     T, H, W, P, D, CMIN, NG, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     BLK: tl.constexpr, BM2: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Key-major band pass (W > 0): dk, dv of a key block from its band queries."""
     pid = tl.program_id(0)
@@ -386,18 +425,20 @@ def _bwd_dkdv_kernel(
     dk, dv = _bwd_dkdv_loop(dk, dv, kn, vn, cols, cm, Q + b * sqb + h * sqh, DO + b * sdb + h * sdh,
                             LSE + bh64 * T, DELTA + bh64 * T, sqt, sdt, d, dmask,
                             n0, tl.minimum(n0 + BLK + W, T), W, qk_scale, False, EVEN_D, BM2,
-                            PREC, UPCAST)
+                            PREC, UPCAST, QD, DOD, (b * sqb + h * sqh).to(tl.int32),
+                            (b * sdb + h * sdh).to(tl.int32), TMA)
     _bwd_store_dkdv(dk * sm_scale, dv, cols, cm, DK, DV, DKG, DVG, b * sgb + h * sgh, sgt, d, dmask,
                     bh64, NG, P, D, CMIN, HEAD_DIM, EVEN_D)
 
 
 @triton.jit
 def _bwd_far_kernel(
-    Q, K, V, DO, LSE, DELTA, DKG, DVG,
+    Q, K, V, DO, QD, DOD, LSE, DELTA, DKG, DVG,
     sqt, sqb, sqh, skt, skb, skh, svt, svb, svh, sdt, sdb, sdh,
     T, H, W, P, D, CMIN, NS, NG, SEG, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     BG: tl.constexpr, BM2: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Key-major far pass: one program per (tile of BG gathered global keys, segment of SEG
     queries, batch x head); accumulates the far dk, dv in registers and adds them once into
@@ -424,7 +465,9 @@ def _bwd_far_kernel(
         dv = tl.zeros([BG, BLOCK_D], tl.float32)
         dk, dv = _bwd_dkdv_loop(dk, dv, kn, vn, j, gv, Q + b * sqb + h * sqh,
                                 DO + b * sdb + h * sdh, LSE + bh64 * T, DELTA + bh64 * T, sqt, sdt,
-                                d, dmask, m_lo, m_hi, W, qk_scale, True, EVEN_D, BM2, PREC, UPCAST)
+                                d, dmask, m_lo, m_hi, W, qk_scale, True, EVEN_D, BM2, PREC, UPCAST,
+                                QD, DOD, (b * sqb + h * sqh).to(tl.int32),
+                                (b * sdb + h * sdh).to(tl.int32), TMA)
         gp = (bh64 * NG + g)[:, None] * HEAD_DIM + d[None, :]
         gm = _row_mask(gv, dmask, EVEN_D)
         tl.atomic_add(DKG + gp, dk * sm_scale, mask=gm, sem="relaxed")
@@ -562,7 +605,7 @@ _W0_CONFIG: Optional[dict] = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1,
 # The same single pass reading q, k, v, do as TMA tiles, prefetched LOOP_STAGES - 1 query blocks
 # ahead by the software pipeliner (the pointer version waits for each block's loads at one CTA per
 # SM); a candidate of the same first-use choice where the inputs allow TMA (_row_tiles_ok).
-_W0_TMA_CONFIG: Optional[dict] = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=2,
+_W0_TMA_CONFIG: Optional[dict] = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=3,
                                       PROGS_PER_SM=8)
 _DQ_W0_CONFIG: Optional[dict] = dict(BLK=32, BN1=32, BG=32, num_warps=4, num_stages=3)
 # The last launched compiled kernels (the benchmark prints their registers / spills).
@@ -652,8 +695,11 @@ def _forward(q, k, v, dilation, window, initial, scale):
     cfg = _fwd_config(Dh, q.dtype)
     block_d, even_d = _dims(Dh)
     grid = (triton.cdiv(T, cfg["BM"]), B * H)
+    # TMA tiles where asked for and possible (else the same kernel with pointer loads)
+    kv_rows = cfg["BM"] if window == 0 else cfg["BN"]
+    tiles = _tile_args(cfg, [(q, cfg["BM"]), (k, kv_rows), (v, kv_rows)])
     _LAST_KERNELS["fwd"] = _fwd_kernel[grid](
-        q, k, v, out, lse,
+        q, k, v, *tiles, out, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         T, H, window, initial, D, cmin, ns, scale * _LOG2E,
         HEAD_DIM=Dh, BLOCK_D=block_d, EVEN_D=even_d, PREC=_prec(q.dtype), UPCAST=_upcast(q.dtype),
@@ -705,13 +751,24 @@ def _row_tiles_ok(tensors, blk: int) -> bool:
     return blk <= 256
 
 
-def _row_tile_descriptors(tensors, blk: int):
-    """Host TMA descriptors of the ``[T, columns]`` views (:func:`_row_tile_columns`), one
-    ``[blk, Dh]`` box per load; rows past T read as zeros."""
+def _row_tile_descriptor(x: torch.Tensor, rows: int):
+    """Host TMA descriptor of the ``[T, columns]`` view of ``x`` (:func:`_row_tile_columns`),
+    one ``[rows, Dh]`` box per load; rows past T read as zeros."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    return tuple(TensorDescriptor(x, [x.shape[0], _row_tile_columns(x)], [x.stride(0), 1],
-                                  [blk, x.shape[3]]) for x in tensors)
+    return TensorDescriptor(x, [x.shape[0], _row_tile_columns(x)], [x.stride(0), 1], [rows, x.shape[3]])
+
+
+def _tile_args(cfg: dict, tiles):
+    """Tile arguments of a kernel launch: for ``(tensor, rows)`` pairs, TMA descriptors of
+    ``rows``-row boxes when the configuration asks for them (``TMA``) and every tensor allows it
+    (:func:`_row_tiles_ok`), else the tensors themselves (the kernel then loads through pointers).
+    Sets ``cfg["TMA"]`` to what was decided."""
+    tensors = [x for x, _ in tiles]
+    cfg["TMA"] = bool(cfg.get("TMA", False)) and _row_tiles_ok(tensors, max(r for _, r in tiles))
+    if not cfg["TMA"]:
+        return tuple(tensors)
+    return tuple(_row_tile_descriptor(x, rows) for x, rows in tiles)
 
 
 def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
@@ -756,11 +813,8 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
         c0 = dict(w0_cfg)
         per_sm = c0.pop("PROGS_PER_SM", 2)
         c0.pop("NGC_MAX")
-        c0.setdefault("TMA", False)
         c0.setdefault("LOOP_STAGES", 1)
-        tiles = (q, k, v, dout)
-        if c0["TMA"]:
-            tiles = _row_tile_descriptors(tiles, c0["BLK"])
+        tiles = _tile_args(c0, [(x, c0["BLK"]) for x in (q, k, v, dout)])
         seg = _query_segment(T, B * H, c0["BLK"], per_sm, dev)
         _LAST_KERNELS["bwd_w0"] = _bwd_w0_kernel[(triton.cdiv(T, seg), B * H)](
             q, k, v, dout, *tiles, lse, dlse if has_dlse else lse, dq, dk, dv, gbuf[0], gbuf[1],
@@ -812,16 +866,20 @@ def _backward_split(q, k, v, out, lse, dout, dlse, dq, dk, dv, gbuf, cfg, window
     delta = torch.empty((B * H, T), dtype=torch.float32, device=q.device)
     c1, c2, c3 = dict(cfg["dq"]), dict(cfg["dkdv"]), dict(cfg["far"])
     # 1. query-major: delta, dq; with W = 0 also the (diagonal) band dk, dv
+    kv_rows = c1["BLK"] if window == 0 else c1["BN1"]
+    tiles = _tile_args(c1, [(q, c1["BLK"]), (k, kv_rows), (v, kv_rows), (out, c1["BLK"]),
+                            (dout, c1["BLK"])])
     _LAST_KERNELS["bwd_dq"] = _bwd_dq_kernel[(triton.cdiv(T, c1["BLK"]), B * H)](
-        q, k, v, out, dout, lse, dlse if has_dlse else lse, delta, dq, dk, dv, gbuf[0], gbuf[1],
+        q, k, v, out, dout, *tiles, lse, dlse if has_dlse else lse, delta, dq, dk, dv, gbuf[0], gbuf[1],
         *s_in, *out.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
         T, H, window, initial, D, cmin, ns, ngb, *scales,
         HAS_DLSE=has_dlse, W_ZERO=window == 0, **common, **c1,
     )
     # 2. key-major band dk, dv (W > 0)
     if window > 0:
+        tiles = _tile_args(c2, [(q, c2["BM2"]), (dout, c2["BM2"])])
         _LAST_KERNELS["bwd_dkdv"] = _bwd_dkdv_kernel[(triton.cdiv(T, c2["BLK"]), B * H)](
-            q, k, v, dout, lse, delta, dk, dv, gbuf[0], gbuf[1],
+            q, k, v, dout, *tiles, lse, delta, dk, dv, gbuf[0], gbuf[1],
             *s_in, *dout.stride()[:3], *dk.stride()[:3],
             T, H, window, initial, D, cmin, ngb, *scales, **common, **c2,
         )
@@ -831,8 +889,9 @@ def _backward_split(q, k, v, out, lse, dout, dlse, dq, dk, dv, gbuf, cfg, window
         per_sm = c3.pop("PROGS_PER_SM", 8)
         n_tiles = triton.cdiv(ng, c3["BG"])
         seg = _query_segment(T, n_tiles * B * H, c3["BM2"], per_sm, q.device)
+        tiles = _tile_args(c3, [(q, c3["BM2"]), (dout, c3["BM2"])])
         _LAST_KERNELS["bwd_far"] = _bwd_far_kernel[(n_tiles, triton.cdiv(T, seg), B * H)](
-            q, k, v, dout, lse, delta, gbuf[0], gbuf[1],
+            q, k, v, dout, *tiles, lse, delta, gbuf[0], gbuf[1],
             *s_in, *dout.stride()[:3],
             T, H, window, initial, D, cmin, ns, ngb, seg, *scales, **common, **c3,
         )
