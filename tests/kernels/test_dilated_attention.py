@@ -414,15 +414,19 @@ def test_gpu_realistic_bf16(poisoned, pattern):
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,D,W,P,Dh", [(4096, 16, 256, 4, 128), (4096, 64, 0, 0, 128),
                                         (1000, 16, 100, 4, 64), (777, 4, 0, 1, 128)])
-def test_gpu_tma_tiles_every_kernel(poisoned, T, D, W, P, Dh):
+def test_gpu_tma_tiles_every_kernel(poisoned, monkeypatch, T, D, W, P, Dh):
     """Forward, dq, band and far dk/dv kernels on TMA row tiles (the split backward), on views of
     a fused projection, at realistic and odd shapes."""
+    made = []
+    real = fused_mod._row_tile_descriptor
+    monkeypatch.setattr(fused_mod, "_row_tile_descriptor", lambda x, rows: made.append(rows) or real(x, rows))
     tma = dict(TMA=True)
     bwd = fused_mod._bwd_config(Dh, torch.bfloat16)
     bwd = dict({n: dict(bwd[n], **tma) for n in ("dq", "dkdv", "far")}, w0=None, w0_tma=None)
     fwd = dict(BM=64, BN=32, BG=32, num_warps=4, num_stages=3, **tma)
     with fused_mod.block_config(fwd=fwd, bwd=bwd):
         _check(T, 2, 4, Dh, (D, W, P), dtype=torch.bfloat16, fused_view=True, tol=(1e-2, 2e-2), seed=T)
+    assert len(made) >= 3 + 5 + 2                    # forward, dq kernel, far (and band) kernels
 
 
 @pytest.mark.gpu
