@@ -180,18 +180,21 @@ _SPLIT_BWD = dict(dq=dict(BLK=16, BN1=16, BG=16), dkdv=dict(BLK=16, BM2=16), far
 
 @pytest.mark.parametrize("T,D,P", [(80, 16, 0), (90, 4, 0), (70, 4, 1), (48, 7, 9), (33, 5, 40),
                                    (50, 1, 0), (40, -1, 0), (64, 64, 0), (17, 16, 0)])
-@pytest.mark.parametrize("path", ["single_pass", "split"])
+@pytest.mark.parametrize("path", ["single_pass", "single_pass_fold", "split"])
 def test_fused_w0_backward_paths(T, D, P, path):
     """W = 0 has two backwards: the single pass (global keys held per query segment, delta from
-    the scores) and the split three-kernel one. Both against the reference, with the lse
-    gradient, several query segments (interpreter: 2 blocks each) and several heads."""
+    the scores; optionally with the global rows' diagonal folded into the key-major products)
+    and the split three-kernel one. Both against the reference, with the lse gradient, several
+    query segments (interpreter: 2 blocks each) and several heads."""
     extra = dict(num_warps=4, num_stages=1)
     bwd = {name: dict(c, **extra) for name, c in _SPLIT_BWD.items()}
-    bwd["w0"] = dict(BLK=16, NGC_MAX=64, **extra) if path == "single_pass" else None
+    single = path.startswith("single_pass")
+    bwd["w0"] = dict(BLK=16, NGC_MAX=64, FOLD_DIAG=path.endswith("fold"), **extra) if single else None
+    bwd["w0_tma"] = None
     fused_mod._LAST_KERNELS.clear()
     with fused_mod.block_config(fwd=dict(BM=16, BN=16, BG=16, **extra), bwd=bwd):
         _check(T, 2, 2, 16, (D, 0, P), seed=T + P)
-    used = {"bwd_w0"} if path == "single_pass" else {"bwd_dq"}
+    used = {"bwd_w0"} if single else {"bwd_dq"}
     assert used <= set(fused_mod._LAST_KERNELS), sorted(fused_mod._LAST_KERNELS)
 
 
@@ -203,7 +206,7 @@ def test_fused_w0_tma_single_pass(T, D, P, fused_view):
     a fused projection (column offsets b * stride_b + h * stride_h inside a wider row)."""
     extra = dict(num_warps=4, num_stages=1)
     bwd = {name: dict(c, **extra) for name, c in _SPLIT_BWD.items()}
-    bwd.update(w0=None, w0_tma=dict(BLK=16, NGC_MAX=64, LOOP_STAGES=1, **extra))
+    bwd.update(w0=None, w0_tma=dict(BLK=16, NGC_MAX=64, LOOP_STAGES=1, FOLD_DIAG=T % 2 == 0, **extra))
     fused_mod._LAST_KERNELS.clear()
     with fused_mod.block_config(fwd=dict(BM=16, BN=16, BG=16, **extra), bwd=bwd):
         _check(T, 2, 2, 16, (D, 0, P), dtype=torch.bfloat16, fused_view=fused_view,
@@ -444,7 +447,7 @@ def test_gpu_w0_single_pass(poisoned, T, D, P, Dh, tma):
     """The single-pass W = 0 backward (whether or not it is the default) at realistic shapes,
     with pointer loads and with pipelined TMA tiles."""
     w0 = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=4)
-    tiles = dict(w0=None, w0_tma=dict(w0, LOOP_STAGES=3)) if tma else dict(w0=w0, w0_tma=None)
+    tiles = dict(w0=None, w0_tma=dict(w0, LOOP_STAGES=3, FOLD_DIAG=True)) if tma else dict(w0=w0, w0_tma=None)
     bwd = dict(fused_mod._bwd_config(Dh, torch.bfloat16), **tiles)
     fused_mod._LAST_KERNELS.clear()
     with fused_mod.block_config(bwd=bwd):

@@ -252,16 +252,20 @@ BWD_SWEEP_VARIANTS = {
            dict(BLK=16, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=4),
            dict(BLK=16, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=8),
            dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=2, PROGS_PER_SM=8),
-           dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=16)],
+           dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=16),
+           # seventh session: the global rows' diagonal folded into the key-major products
+           dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=8, FOLD_DIAG=True)],
     # the same single pass on pipelined TMA tiles (seventh session; spill-free offline at
     # BLK=32 / 8 warps with 2 or 3 stages, 254-255 registers; BLK=64 or 4 / 16 warps spill)
-    "w0_tma": [dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=2, PROGS_PER_SM=8),
-               dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=3, PROGS_PER_SM=8),
-               dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=2, PROGS_PER_SM=4),
-               dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=3, PROGS_PER_SM=4),
-               dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=2, PROGS_PER_SM=2),
-               dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=3, PROGS_PER_SM=1),
-               dict(BLK=32, NGC_MAX=64, num_warps=16, num_stages=1, LOOP_STAGES=2, PROGS_PER_SM=4)],
+    "w0_tma": [dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=3, PROGS_PER_SM=8),
+               dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=3, PROGS_PER_SM=8,
+                    FOLD_DIAG=True),
+               dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=3, PROGS_PER_SM=4,
+                    FOLD_DIAG=True),
+               dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=4, PROGS_PER_SM=8,
+                    FOLD_DIAG=True),
+               dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=2, PROGS_PER_SM=8,
+                    FOLD_DIAG=True)],
 }
 # The sweeps' reference backward: the split one (every single pass switched off).
 _NO_SINGLE_PASS = dict(w0=None, w0_tma=None)
