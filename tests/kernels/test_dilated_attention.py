@@ -217,22 +217,47 @@ def test_fused_w0_tma_single_pass(T, D, P, fused_view):
 @pytest.mark.parametrize("T,D,W,P,fused_view", [(83, 16, 20, 4, True), (70, 4, 0, 1, False),
                                                 (47, -1, 37, 0, True), (40, 1, 3, 2, False),
                                                 (33, 5, 40, 0, False)])
-def test_fused_tma_tiles_every_kernel(monkeypatch, T, D, W, P, fused_view):
+@pytest.mark.parametrize("mode", [True, "device"])
+def test_fused_tma_tiles_every_kernel(monkeypatch, T, D, W, P, fused_view, mode):
     """Forward, dq, band dk/dv and far dk/dv kernels reading their contiguous row tiles through
-    TMA descriptors (bf16, the split backward), against the reference; the descriptors are
-    really made (counted per box height)."""
+    TMA descriptors (bf16, the split backward), made on the host (counted per box height) or in
+    the kernel, against the reference."""
     made = []
     real = fused_mod._row_tile_descriptor
     monkeypatch.setattr(fused_mod, "_row_tile_descriptor", lambda x, rows: made.append(rows) or real(x, rows))
-    extra = dict(num_warps=4, num_stages=1, TMA=True)
+    if mode == "device":
+        monkeypatch.setattr(fused_mod, "_device_tile", _counting_device_tile(made))
+    extra = dict(num_warps=4, num_stages=1, TMA=mode)
     bwd = {name: dict(c, **extra) for name, c in _SPLIT_BWD.items()}
     bwd.update(w0=None, w0_tma=None)
     with fused_mod.block_config(fwd=dict(BM=32, BN=16, BG=16, **extra), bwd=bwd):
         _check(T, 2, 2, 16, (D, W, P), dtype=torch.bfloat16, fused_view=fused_view,
                tol=(1e-2, 2e-2), seed=T + W)
+    if mode == "device":
+        assert made and all(m == "device" for m in made)
+        return
     # forward: q (32 rows), k and v (16-row band tiles, or 32-row diagonal when W = 0); dq: 5
     assert made[:3] == [32, 16, 16] if W else made[:3] == [32, 32, 32]
     assert len(made) >= 3 + 5
+
+
+def _counting_device_tile(made):
+    """The in-kernel descriptor helper, recording each use (interpreter only)."""
+    return _Recorder(fused_mod._device_tile, made)
+
+
+class _Recorder:
+    """Wraps a @triton.jit helper so that interpreted kernels calling it leave a trace."""
+
+    def __init__(self, jit_fn, made):
+        self.jit_fn, self.made = jit_fn, made
+
+    def __call__(self, *args, **kwargs):
+        self.made.append("device")
+        return self.jit_fn(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.jit_fn, name)
 
 
 def test_row_tiles_ok_rejects_what_tma_cannot_read():

@@ -122,6 +122,14 @@ def _load_rows(base, rows, stride_t, rm, d, dmask, EVEN_D: tl.constexpr):
 
 
 @triton.jit
+def _device_tile(base, T, stride_t, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """In-kernel TMA descriptor of the ``[T, stride_t]`` view of a ``[T, B, H, Dh]`` tensor
+    (``TMA == 2``; the host checked that its rows do not overlap, so ``stride_t`` columns cover
+    every (batch, head)): built by each program, no host-side encoding per launch."""
+    return tl.make_tensor_descriptor(base, [T, stride_t], [stride_t, 1], [ROWS, HEAD_DIM])
+
+
+@triton.jit
 def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """``a @ b`` with fp32 accumulation. UPCAST (interpreter with bf16 only, whose bf16 dot is
     wrong in Triton 3.8's interpreter) multiplies the exactly-upcast operands instead."""
@@ -172,6 +180,14 @@ def _fwd_kernel(
     # VD: BM rows for the W = 0 diagonal, else BN rows for the band); the gathers stay pointers
     kcol = (b * skb + h * skh).to(tl.int32)
     vcol = (b * svb + h * svh).to(tl.int32)
+    if TMA == 2:
+        QD = _device_tile(Q, T, sqt, BM, HEAD_DIM)
+        if W_ZERO:
+            KD = _device_tile(K, T, skt, BM, HEAD_DIM)
+            VD = _device_tile(V, T, svt, BM, HEAD_DIM)
+        else:
+            KD = _device_tile(K, T, skt, BN, HEAD_DIM)
+            VD = _device_tile(V, T, svt, BN, HEAD_DIM)
     if TMA:
         q = QD.load([n0, (b * sqb + h * sqh).to(tl.int32)])
     else:
@@ -353,6 +369,16 @@ def _bwd_dq_kernel(
     dmask = d < HEAD_DIM
     kcol = (b * skb + h * skh).to(tl.int32)
     vcol = (b * svb + h * svh).to(tl.int32)
+    if TMA == 2:
+        QD = _device_tile(Q, T, sqt, BLK, HEAD_DIM)
+        OD = _device_tile(O, T, sot, BLK, HEAD_DIM)
+        DOD = _device_tile(DO, T, sdt, BLK, HEAD_DIM)
+        if W_ZERO:
+            KD = _device_tile(K, T, skt, BLK, HEAD_DIM)
+            VD = _device_tile(V, T, svt, BLK, HEAD_DIM)
+        else:
+            KD = _device_tile(K, T, skt, BN1, HEAD_DIM)
+            VD = _device_tile(V, T, svt, BN1, HEAD_DIM)
     if TMA:
         # descriptors: BLK rows for q, o, do; BLK (W = 0 diagonal) or BN1 (band) rows for k, v
         q = QD.load([n0, (b * sqb + h * sqh).to(tl.int32)])
@@ -420,6 +446,9 @@ def _bwd_dkdv_kernel(
     dmask = d < HEAD_DIM
     kn = _load_rows(K + b * skb + h * skh, cols, skt, cm, d, dmask, EVEN_D)
     vn = _load_rows(V + b * svb + h * svh, cols, svt, cm, d, dmask, EVEN_D)
+    if TMA == 2:
+        QD = _device_tile(Q, T, sqt, BM2, HEAD_DIM)
+        DOD = _device_tile(DO, T, sdt, BM2, HEAD_DIM)
     dk = tl.zeros([BLK, BLOCK_D], tl.float32)
     dv = tl.zeros([BLK, BLOCK_D], tl.float32)
     dk, dv = _bwd_dkdv_loop(dk, dv, kn, vn, cols, cm, Q + b * sqb + h * sqh, DO + b * sdb + h * sdh,
@@ -461,6 +490,9 @@ def _bwd_far_kernel(
         dmask = d < HEAD_DIM
         kn = _load_rows(K + b * skb + h * skh, j, skt, gv, d, dmask, EVEN_D)
         vn = _load_rows(V + b * svb + h * svh, j, svt, gv, d, dmask, EVEN_D)
+        if TMA == 2:
+            QD = _device_tile(Q, T, sqt, BM2, HEAD_DIM)
+            DOD = _device_tile(DO, T, sdt, BM2, HEAD_DIM)
         dk = tl.zeros([BG, BLOCK_D], tl.float32)
         dv = tl.zeros([BG, BLOCK_D], tl.float32)
         dk, dv = _bwd_dkdv_loop(dk, dv, kn, vn, j, gv, Q + b * sqb + h * sqh,
@@ -525,6 +557,11 @@ def _bwd_w0_kernel(
     vg = _load_rows(v_base, j, svt, gv, d, dmask, EVEN_D)
     dkg = tl.zeros([NGC, BLOCK_D], tl.float32)
     dvg = tl.zeros([NGC, BLOCK_D], tl.float32)
+    if TMA == 2:
+        QD = _device_tile(Q, T, sqt, BLK, HEAD_DIM)
+        KD = _device_tile(K, T, skt, BLK, HEAD_DIM)
+        VD = _device_tile(V, T, svt, BLK, HEAD_DIM)
+        DOD = _device_tile(DO, T, sdt, BLK, HEAD_DIM)
     for m0 in tl.range(m_lo, m_hi, BLK, num_stages=LOOP_STAGES):
         rows = m0 + tl.arange(0, BLK)
         rm = rows < m_hi
@@ -784,15 +821,35 @@ def _row_tile_descriptor(x: torch.Tensor, rows: int):
 
 
 def _tile_args(cfg: dict, tiles):
-    """Tile arguments of a kernel launch: for ``(tensor, rows)`` pairs, TMA descriptors of
-    ``rows``-row boxes when the configuration asks for them (``TMA``) and every tensor allows it
-    (:func:`_row_tiles_ok`), else the tensors themselves (the kernel then loads through pointers).
-    Sets ``cfg["TMA"]`` to what was decided."""
+    """Tile arguments of a kernel launch, for ``(tensor, rows)`` pairs. ``cfg["TMA"]``: 0 / False
+    (pointer loads), 1 / True (host TMA descriptors of ``rows``-row boxes, encoded by Triton's
+    launcher on every launch: 50-100 us of host time each on the H100 host, seventh session) or
+    ``"device"`` (descriptors built in the kernel; the tensors are passed). TMA is used only where
+    every tensor allows it (:func:`_row_tiles_ok`); ``cfg["TMA"]`` is set to the mode used."""
     tensors = [x for x, _ in tiles]
-    cfg["TMA"] = bool(cfg.get("TMA", False)) and _row_tiles_ok(tensors, max(r for _, r in tiles))
-    if not cfg["TMA"]:
+    mode = cfg.get("TMA", 0)
+    mode = 2 if mode == "device" else int(bool(mode))
+    cfg["TMA"] = mode if mode and _row_tiles_ok(tensors, max(r for _, r in tiles)) else 0
+    if cfg["TMA"] == 2 and not _interpreting():
+        _ensure_triton_allocator()
+    if cfg["TMA"] != 1:
         return tuple(tensors)
     return tuple(_row_tile_descriptor(x, rows) for x, rows in tiles)
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_triton_allocator():
+    """In-kernel TMA descriptors live in global scratch that Triton allocates at launch through
+    ``triton.set_allocator``; install a PyTorch one (caching allocator, CUDA-graph safe) unless
+    the application has set its own."""
+    from triton.runtime import _allocation
+
+    current = _allocation._allocator.get()
+    if isinstance(current, _allocation.NullAllocator):
+        triton.set_allocator(_torch_scratch)
 
 
 def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
@@ -862,7 +919,7 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
         candidates["single_pass"] = single_pass
     if ngc and cfg.get("w0_tma") is not None and _row_tiles_ok((q, k, v, dout), cfg["w0_tma"]["BLK"]):
         def single_pass_tma():
-            run_single_pass(dict(cfg["w0_tma"], TMA=True))
+            run_single_pass(dict({"TMA": True}, **cfg["w0_tma"]))
         candidates["single_pass_tma"] = single_pass_tma
     # lengths and batch x heads bucketed to powers of two: varying lengths are timed log-many times
     key = (triton.next_power_of_2(T), triton.next_power_of_2(B * H), Dh, dilation, initial, q.dtype,
