@@ -652,19 +652,24 @@ _OVERRIDE: dict = {"fwd": None, "bwd": None}
 # split backward only. Spill-free for sm_90 (tools/bench/kernel_resources.py); 7 tensor passes
 # instead of 10 but one CTA per SM. On an H100 at B=4, T=4096, 16x128 heads, D=64 (fourth session,
 # profiler GPU time of forward+backward): 0.461 ms with 8 programs per SM, 0.474 with 4, 0.475
-# with 16, 0.502 with 2, against 0.500 for the split backward; as a whole backward the first-use
-# choice measured 0.344 ms against 0.386 (split) and 0.357 (split + dq_w0). W0_BACKWARD (below)
-# still times it on first use: at T=16384 it does not apply (more global keys than one tile).
-_W0_CONFIG: Optional[dict] = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=8)
+# with 16, 0.502 with 2, against 0.500 for the split backward. FOLD_DIAG (seventh session): the
+# global rows' diagonal rides in the key-major products instead of per-block atomics, 0.429 vs
+# 0.443 ms. W0_BACKWARD (below) times it on first use: at T=16384 it does not apply (more global
+# keys than one tile).
+_W0_CONFIG: Optional[dict] = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=8,
+                                  FOLD_DIAG=True)
+# The same single pass reading q, k, v, do as host-made TMA tiles, prefetched LOOP_STAGES - 1
+# query blocks ahead by the software pipeliner (the pointer version waits for each block's loads
+# at one CTA per SM): 0.409 ms forward+backward at the anchor (seventh session, 3 stages; 2 stages
+# 0.449, 4 stages 0.416), but about 270 us more host time per call for encoding its four
+# descriptors (tools/bench/launch_overhead.py). A candidate of the same first-use choice (timed
+# eagerly, host time included) where the inputs allow TMA (_row_tiles_ok).
+_W0_TMA_CONFIG: Optional[dict] = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=3,
+                                      PROGS_PER_SM=8, FOLD_DIAG=True)
 # A dq-kernel configuration for W = 0 that compiles for sm_90 without spills (205 registers, 2 CTAs
 # per SM; the default spills): a candidate of the same first-use choice. Measured on the H100 it
 # wins at T=4096, D=64 over the default dq tiling (0.357 vs 0.386 ms backward) and loses at D=16
 # and at T=16384 (e.g. 4.76 vs 3.38 ms at T=16384, D=16), hence a choice, not a default.
-# The same single pass reading q, k, v, do as TMA tiles, prefetched LOOP_STAGES - 1 query blocks
-# ahead by the software pipeliner (the pointer version waits for each block's loads at one CTA per
-# SM); a candidate of the same first-use choice where the inputs allow TMA (_row_tiles_ok).
-_W0_TMA_CONFIG: Optional[dict] = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=3,
-                                      PROGS_PER_SM=8, FOLD_DIAG=True)
 _DQ_W0_CONFIG: Optional[dict] = dict(BLK=32, BN1=32, BG=32, num_warps=4, num_stages=3)
 # The last launched compiled kernels (the benchmark prints their registers / spills).
 _LAST_KERNELS: dict = {}
