@@ -65,6 +65,14 @@ so ``o`` is not read: 7 tensor passes (q, k, v, do in; dq, dk, dv out) against t
 backward's 8 plus the far pass's reread of q and do. The products are written key-major
 (``[global keys, queries]``) so that no operand is replicated across warps.
 
+TMA row tiles: a launch configuration may set ``TMA`` (1: descriptors encoded on the host; "device":
+built in the kernel). Contiguous row tiles (q, o, do, the band's and the diagonal's k, v) are then
+read as boxes of the 2-D ``[T, columns]`` view of the ``[T, B, H, Dh]`` tensor (row stride
+``stride_t``; the (b, h) tile starts at column ``b * stride_b + h * stride_h``): no address
+registers, asynchronous loads the software pipeliner can prefetch, rows past T read as zeros.
+Used only where every tensor allows it (``_row_tiles_ok``: 16-bit, Dh in {16..128}, aligned,
+non-overlapping rows); gathered global keys stay pointer loads.
+
 The log-sum-exp output is differentiable: its gradient enters as ``delta_t - dlse_t``.
 
 Under ``TRITON_INTERPRET=1`` (CPU) the same kernels run through Triton's interpreter with small
@@ -797,17 +805,17 @@ def _row_tile_columns(x: torch.Tensor) -> int:
     """Columns of the 2-D ``[T, columns]`` view (row stride ``x.stride(0)``, unit column stride)
     that covers every (batch, head) row of a ``[T, B, H, Dh]`` tensor: the (b, h) tile is the
     column range ``[b * stride_b + h * stride_h, + Dh)``."""
-    T, B, H, Dh = x.shape
+    _, B, H, Dh = x.shape
     return (B - 1) * x.stride(1) + (H - 1) * x.stride(2) + Dh
 
 
 def _row_tiles_ok(tensors, blk: int) -> bool:
-    """Whether the TMA single pass can read these ``[T, B, H, Dh]`` tensors as 2-D tiles: a
+    """Whether the kernels can read these ``[T, B, H, Dh]`` tensors as TMA 2-D tiles: a
     16-bit dtype, Dh a power of two in [16, 128] (one box row of at most 256 bytes), 16-byte
     aligned base and row / batch / head strides, and rows that do not overlap (the 2-D view must
     be a real matrix)."""
     for x in tensors:
-        T, B, H, Dh = x.shape
+        Dh = x.shape[3]
         if x.dtype not in (torch.bfloat16, torch.float16) or Dh not in (16, 32, 64, 128):
             return False
         if x.stride(3) != 1 or x.data_ptr() % 16 or any(st * 2 % 16 for st in x.stride()[:3]):
