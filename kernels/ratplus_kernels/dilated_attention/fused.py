@@ -190,12 +190,8 @@ def _fwd_kernel(
     vcol = (b * svb + h * svh).to(tl.int32)
     if TMA == 2:
         QD = _device_tile(Q, T, sqt, BM, HEAD_DIM)
-        if W_ZERO:
-            KD = _device_tile(K, T, skt, BM, HEAD_DIM)
-            VD = _device_tile(V, T, svt, BM, HEAD_DIM)
-        else:
-            KD = _device_tile(K, T, skt, BN, HEAD_DIM)
-            VD = _device_tile(V, T, svt, BN, HEAD_DIM)
+        KD = _device_tile(K, T, skt, BM if W_ZERO else BN, HEAD_DIM)
+        VD = _device_tile(V, T, svt, BM if W_ZERO else BN, HEAD_DIM)
     if TMA:
         q = QD.load([n0, (b * sqb + h * sqh).to(tl.int32)])
     else:
@@ -381,12 +377,8 @@ def _bwd_dq_kernel(
         QD = _device_tile(Q, T, sqt, BLK, HEAD_DIM)
         OD = _device_tile(O, T, sot, BLK, HEAD_DIM)
         DOD = _device_tile(DO, T, sdt, BLK, HEAD_DIM)
-        if W_ZERO:
-            KD = _device_tile(K, T, skt, BLK, HEAD_DIM)
-            VD = _device_tile(V, T, svt, BLK, HEAD_DIM)
-        else:
-            KD = _device_tile(K, T, skt, BN1, HEAD_DIM)
-            VD = _device_tile(V, T, svt, BN1, HEAD_DIM)
+        KD = _device_tile(K, T, skt, BLK if W_ZERO else BN1, HEAD_DIM)
+        VD = _device_tile(V, T, svt, BLK if W_ZERO else BN1, HEAD_DIM)
     if TMA:
         # descriptors: BLK rows for q, o, do; BLK (W = 0 diagonal) or BN1 (band) rows for k, v
         q = QD.load([n0, (b * sqb + h * sqh).to(tl.int32)])
