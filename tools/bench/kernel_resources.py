@@ -43,13 +43,12 @@ def recurrence_rows(sweep: bool, arch: int):
 
     g, k, v = (torch.empty(T, B, H, DH, dtype=torch.bfloat16) for _ in range(3))
 
-    from ratplus_kernels.recurrence import streaming
-
-    fwd = [fm._launch_kwargs(c) for c in fm._fwd_configs() + streaming.stream_fwd_configs()]
-    bwd = [fm._launch_kwargs(c) for c in fm._bwd_configs() + streaming.stream_bwd_configs()]
+    fwd = [fm._launch_kwargs(c) for c in fm.forward_candidates()]
+    bwd = [fm._launch_kwargs(c) for c in fm.backward_candidates()]
     if sweep:
-        fwd += [m for m in map(bench._as_meta, bench.FWD_SWEEP) if m not in fwd]
-        bwd += [m for m in map(bench._as_meta, bench.BWD_SWEEP) if m not in bwd]
+        sweep_fwd, sweep_bwd = bench.sweep_metas(("lookback", "segments"))
+        fwd += [m for m in sweep_fwd if m not in fwd]
+        bwd += [m for m in sweep_bwd if m not in bwd]
     rows = []
     try:
         fm._FORCE_CONFIG["fwd"] = bench._as_meta((16, 64, 2, 4))   # BT=16 fits every backward

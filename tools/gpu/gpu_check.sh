@@ -5,8 +5,10 @@
 #   STEPS="rec_tests rec_bench da_tests da_bench decode" bash tools/gpu/gpu_check.sh
 # Steps:
 #   gpu_tests   every test marked gpu (kernels, Hugging Face model on CUDA)
-#   rec_tests   pytest tests/kernels/test_recurrence.py (GPU tests run, poisoned outputs)
-#   rec_sweep   bench_recurrence.py --sweep (every block config) and the A/B against REC_PREV if set
+#   rec_tests   pytest tests/kernels/test_recurrence.py (GPU tests run, poisoned outputs; REC_TEST_K:
+#               a -k filter, REC_TEST_LIMIT: seconds)
+#   rec_sweep   bench_recurrence.py --sweep $REC_SWEEP_ARGS (every block config, e.g. --sweep-designs
+#               segments,candidates --sweep-shapes 4x4096) and the A/B against REC_PREV if set
 #   rec_ab      A/B of the anchor against REC_PREV (other fused.py files, space-separated, e.g.
 #               git show <rev>:kernels/ratplus_kernels/recurrence/fused.py > .bench_prev/fused.py,
 #               carried as an ignored path) and forced block pairs
@@ -46,8 +48,10 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 
 for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
   case "$s" in
-    rec_tests) step rec_tests 480 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_recurrence.py ;;
-    rec_sweep) step rec_sweep 420 python3 tools/bench/bench_recurrence.py --no-fla --sweep --sweep-only \
+    rec_tests) step rec_tests "${REC_TEST_LIMIT:-480}" python3 -m pytest -q -p no:cacheprovider \
+                 tests/kernels/test_recurrence.py ${REC_TEST_K:+-k "$REC_TEST_K"} ;;
+    rec_sweep) step rec_sweep "${REC_SWEEP_LIMIT:-420}" python3 tools/bench/bench_recurrence.py --no-fla --sweep \
+                 --sweep-only ${REC_SWEEP_ARGS:-} \
                  $(for p in ${REC_PREV:-}; do echo --compare "$p"; done) ;;
     rec_ab)    step rec_ab 300 python3 tools/bench/bench_recurrence.py --no-fla --sweep-only \
                  $(for p in ${REC_PREV:?set REC_PREV to other fused.py files}; do echo --compare "$p"; done) ;;
