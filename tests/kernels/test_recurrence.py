@@ -187,35 +187,6 @@ def test_streaming_forward_tiles_longer_than_state_rows(monkeypatch):
     _compare(fused_gated_recurrence, naive_gated_recurrence, x, init, True, g, k, v, 1e-2, 1e-2)
 
 
-@pytest.mark.parametrize("designs", [("segments", "segments"), ("segments", "lookback"),
-                                     ("lookback", "segments"), ("stream", "segments")], ids="-".join)
-@pytest.mark.parametrize("T,with_init,final", [(77, True, True), (32, False, False), (1, True, True)])
-def test_segment_design(monkeypatch, designs, T, with_init, final):
-    """The segment kernels (look-back between 32-step segments, each walked twice in 8-step forward
-    / 16-step backward sub-tiles) in either direction, paired with the other designs. T = 77 spans
-    three segments, the last one partial (a partial sub-tile too); T = 32 exactly one segment."""
-    monkeypatch.setitem(fused_mod._INTERPRET_DESIGN, "fwd", designs[0])
-    monkeypatch.setitem(fused_mod._INTERPRET_DESIGN, "bwd", designs[1])
-    B, H, D = 1, 2, 16
-    x, g, k, v = _fused_inputs(T, B, H, D, torch.float32, gate_scale=2.0)
-    init = _init_state(B, H, D) if with_init else None
-    _compare(fused_gated_recurrence, naive_gated_recurrence, x, init, final, g, k, v, 1e-5, 1e-5)
-
-
-def test_segment_design_deterministic_depth_and_masked_channels(monkeypatch):
-    """Segments with the deterministic look-back (depth 2 over five segments), D = 12 with
-    8-channel blocks (masked lanes) and bf16 strided views."""
-    monkeypatch.setitem(fused_mod._INTERPRET_DESIGN, "fwd", "segments")
-    monkeypatch.setitem(fused_mod._INTERPRET_DESIGN, "bwd", "segments")
-    monkeypatch.setitem(fused_mod._INTERPRET_SEG_BLOCKS, "fwd", (16, 8, 8, 1, 2))
-    monkeypatch.setitem(fused_mod._INTERPRET_SEG_BLOCKS, "bwd", (16, 16, 8, 1, 2))
-    monkeypatch.setattr(fused_mod, "_LOOKBACK_DEPTH", 2)
-    B, H, D = 2, 1, 12
-    x, g, k, v = _fused_inputs(75, B, H, D, torch.bfloat16)
-    init = _init_state(B, H, D)
-    _compare(fused_gated_recurrence, naive_gated_recurrence, x, init, True, g, k, v, 1e-2, 1e-2)
-
-
 def test_fused_extreme_gates_and_other_strides():
     """a -> 0 and a -> 1 exactly in fp32, and inputs that are transposes / strided on every dim."""
     T, B, H, D = 17, 2, 1, 8

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 from gpu_timing import gpu_median, gpu_times, histogram, percentile
-from ratplus_kernels.recurrence import fused_gated_recurrence, segments
+from ratplus_kernels.recurrence import fused_gated_recurrence
 
 H, D = 16, 128
 SHAPES = [(64, 1024), (16, 4096), (4, 16384), (1, 65536), (4, 4096)]  # (B, T); last = anchor
@@ -157,15 +157,6 @@ BWD_SWEEP += [(bt, bd, vec, nw, early) for early in (0, 2) for bt, bd, vec, nw i
               ((16, 64, 1, 2), (16, 128, 1, 4), (16, 32, 1, 1), (16, 64, 2, 1))]
 
 
-# segment design (SEG, BT, BD, num_warps, STAGES): sub-tiles of 16 steps, Triton's 16-byte vectors
-SEG_SWEEP = [(seg, 16, bd, nw, st) for seg in (64, 128, 256) for bd, nw in ((16, 1), (32, 1), (64, 2))
-             for st in (2, 3)] + [(128, 32, 32, 1, 3), (128, 16, 64, 1, 3), (128, 16, 32, 2, 4)]
-
-
-def _seg_meta(cfg):
-    return fused_mod._launch_kwargs(segments._seg_cfg(*cfg))
-
-
 def _as_meta(cfg):
     """Launch kwargs of a sweep tuple (BT, BD, VEC, num_warps[, EARLY[, maxnreg]]): the tuple is
     the argument list of the kernel module's own candidate constructor."""
@@ -176,7 +167,6 @@ def config_label(meta) -> str:
     """Short name of a launch configuration, e.g. ``16x64/2 w4 early=2 maxnreg=96`` (look-back)
     or ``stream 16x32/8 w1 stages=4``."""
     text = "stream " if fused_mod.is_streaming(meta) else ""
-    text += f"seg{meta['SEG']} " if fused_mod.is_segments(meta) else ""
     text += "%dx%d/%d w%d" % (meta["BT"], meta["BD"], meta["VEC"], meta["num_warps"])
     text += f" early={meta['EARLY']}" if "EARLY" in meta else ""
     text += f" stages={meta['STAGES']}" if "STAGES" in meta else ""
@@ -190,15 +180,11 @@ def _regs(kind):
 
 def sweep_metas(designs):
     """Forward and backward launch kwargs the sweep times, for a set of designs ("lookback":
-    FWD_SWEEP / BWD_SWEEP, "segments": SEG_SWEEP, "candidates": every autotuning candidate of
-    every design)."""
+    FWD_SWEEP / BWD_SWEEP, "candidates": every autotuning candidate of both designs)."""
     fwd, bwd = [], []
     if "lookback" in designs:
         fwd += [_as_meta(c) for c in FWD_SWEEP]
         bwd += [_as_meta(c) for c in BWD_SWEEP]
-    if "segments" in designs:
-        fwd += [_seg_meta(c) for c in SEG_SWEEP]
-        bwd += [_seg_meta(c) for c in SEG_SWEEP]
     if "candidates" in designs:
         fwd += [fused_mod._launch_kwargs(c) for c in fused_mod.forward_candidates()]
         bwd += [fused_mod._launch_kwargs(c) for c in fused_mod.backward_candidates()]
@@ -345,8 +331,8 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true",
                     help="first time every forward / backward block config (anchor and T=65536)")
     ap.add_argument("--sweep-designs", default="lookback",
-                    help="comma-separated designs the sweep times: lookback, segments, candidates "
-                         "(every autotuning candidate of every design)")
+                    help="comma-separated sets the sweep times: lookback (FWD_SWEEP / BWD_SWEEP), "
+                         "candidates (every autotuning candidate of both designs)")
     ap.add_argument("--sweep-shapes", type=_shapes, default=None, metavar="BxT,...",
                     help="shapes of the sweep (default 4x4096,1x65536)")
     ap.add_argument("--compare", metavar="FUSED_PY", action="append",
@@ -373,7 +359,7 @@ def main(argv=None):
         compare_previous(args.compare)
     if args.sweep:
         designs = tuple(x.strip() for x in args.sweep_designs.split(","))
-        unknown = set(designs) - {"lookback", "segments", "candidates"}
+        unknown = set(designs) - {"lookback", "candidates"}
         if unknown:
             ap.error(f"--sweep-designs: unknown design(s) {sorted(unknown)}")
         sweep(designs, args.sweep_shapes or ((4, 4096), (1, 65536)))

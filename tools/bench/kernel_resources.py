@@ -46,7 +46,7 @@ def recurrence_rows(sweep: bool, arch: int):
     fwd = [fm._launch_kwargs(c) for c in fm.forward_candidates()]
     bwd = [fm._launch_kwargs(c) for c in fm.backward_candidates()]
     if sweep:
-        sweep_fwd, sweep_bwd = bench.sweep_metas(("lookback", "segments"))
+        sweep_fwd, sweep_bwd = bench.sweep_metas(("lookback",))
         fwd += [m for m in sweep_fwd if m not in fwd]
         bwd += [m for m in sweep_bwd if m not in bwd]
     rows = []

@@ -8,7 +8,7 @@
 #   rec_tests   pytest tests/kernels/test_recurrence.py (GPU tests run, poisoned outputs; REC_TEST_K:
 #               a -k filter, REC_TEST_LIMIT: seconds)
 #   rec_sweep   bench_recurrence.py --sweep $REC_SWEEP_ARGS (every block config, e.g. --sweep-designs
-#               segments,candidates --sweep-shapes 4x4096) and the A/B against REC_PREV if set
+#               lookback,candidates --sweep-shapes 4x4096) and the A/B against REC_PREV if set
 #   rec_ab      A/B of the anchor against REC_PREV (other fused.py files, space-separated, e.g.
 #               git show <rev>:kernels/ratplus_kernels/recurrence/fused.py > .bench_prev/fused.py,
 #               carried as an ignored path) and forced block pairs

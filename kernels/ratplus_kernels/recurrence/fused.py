@@ -66,9 +66,7 @@ import triton
 import triton.language as tl
 
 from .._env import interpreting as _interpreting
-from . import segments as _segments
 from . import streaming as _streaming
-from .lookback import _claim_tile, _look_back, _publish
 from .tiles import (
     _affine_combine,
     _gates,
@@ -77,6 +75,7 @@ from .tiles import (
     _residuals,
     _store_grads,
     _store_row,
+    _tile_channels,
 )
 
 State = Tuple[torch.Tensor, torch.Tensor]
@@ -87,6 +86,89 @@ __all__ = ["fused_gated_recurrence"]
 # --------------------------------------------------------------------------------------------
 # Triton helpers
 # --------------------------------------------------------------------------------------------
+@triton.jit
+def _publish(flag_ptr, state):
+    """Release ``state`` (1 = aggregate, 2 = inclusive) for values every thread just stored: a CTA
+    barrier, then one thread's release store (the ordering CUTLASS semaphores use)."""
+    tl.debug_barrier()
+    tl.atomic_xchg(flag_ptr, state, sem="release")
+
+
+@triton.jit
+def _look_back(flag_ptr, agg_ptr, inc_ptr, n, NCH, NCB, j, mask, c, STEP: tl.constexpr, stop,
+               hk, hv, DEPTH: tl.constexpr):
+    """Decoupled look-back over tiles ``c - STEP, c - 2 STEP, ...`` (STEP = +1 forward, -1 backward)
+    of channel block ``j``; returns the state entering tile ``c`` (``hk, hv`` unchanged when
+    ``c == stop``, the first tile in scan order, which only publishes an inclusive state).
+
+    Control flow depends only on scalar flags read with one-thread acquire atomics (uniform over
+    the CTA); the values are then read by every thread through L2 (``.cg``).
+
+    DEPTH == 0: greedy, the first predecessor found with an inclusive state ends the walk (the
+    association of the fp32 carry then depends on timing: results can differ in the last bits
+    between runs). DEPTH > 0: deterministic, always the aggregates of the DEPTH - 1 nearest
+    predecessors folded onto the inclusive state of tile ``c - DEPTH STEP`` (or ``stop``).
+    """
+    if c != stop:
+        acc_a = tl.full(hk.shape, 1.0, tl.float32)
+        acc_k = tl.zeros(hk.shape, tl.float32)
+        acc_v = tl.zeros(hk.shape, tl.float32)
+        if STEP > 0:
+            target = tl.maximum(c - DEPTH, stop)
+        else:
+            target = tl.minimum(c + DEPTH, stop)
+        p = c - STEP
+        done = 0
+        while done == 0:
+            f = tl.atomic_add(flag_ptr + p * NCB + j, 0, sem="acquire")
+            if DEPTH > 0:
+                use_inc = (f == 2) & (p == target)
+                use_agg = (f >= 1) & (p != target)
+            else:
+                use_inc = f == 2
+                use_agg = f == 1
+            pl = p.to(tl.int64)
+            if use_inc:
+                o_inc = pl * 2 * NCH + n
+                ik = tl.load(inc_ptr + o_inc, mask=mask, other=0.0, cache_modifier=".cg")
+                iv = tl.load(inc_ptr + o_inc + NCH, mask=mask, other=0.0, cache_modifier=".cg")
+                hk = acc_a * ik + acc_k
+                hv = acc_a * iv + acc_v
+                done = 1
+            if use_agg:
+                o_agg = pl * 3 * NCH + n
+                aa = tl.load(agg_ptr + o_agg, mask=mask, other=1.0, cache_modifier=".cg")
+                ak = tl.load(agg_ptr + o_agg + NCH, mask=mask, other=0.0, cache_modifier=".cg")
+                av = tl.load(agg_ptr + o_agg + 2 * NCH, mask=mask, other=0.0, cache_modifier=".cg")
+                acc_k = acc_a * ak + acc_k
+                acc_v = acc_a * av + acc_v
+                acc_a = acc_a * aa
+                p = p - STEP
+    return hk, hv
+
+
+@triton.jit
+def _claim_tile(flag_ptr, T, H, NCH, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                VEC: tl.constexpr, REVERSE: tl.constexpr):
+    """The tile this program owns, taken from the atomic counter in scan order (first time tile
+    first, or last first when ``REVERSE``), so every predecessor has already started. Returns
+    the channel-block count NCB, time-tile count NC, time tile c, channel block j, the channels
+    (see :func:`_tile_channels`), the tile's time rows and its [BT, BD] validity mask."""
+    NCB = (NCH // D) * ((D + BD - 1) // BD)
+    NC = tl.cdiv(T, BT)
+    vid = tl.atomic_add(flag_ptr, 1)
+    if REVERSE:
+        c = NC - 1 - vid // NCB
+    else:
+        c = vid // NCB
+    j = vid % NCB
+    n, b, h, d, mask_d = _tile_channels(j, H, D, BD, VEC)
+    rows = tl.arange(0, BT)
+    t = (c * BT + rows).to(tl.int64)
+    m2 = (t < T)[:, None] & mask_d[None, :]
+    return NCB, NC, c, j, n, b, h, d, mask_d, rows, t, m2
+
+
 # --------------------------------------------------------------------------------------------
 # Forward kernel
 # --------------------------------------------------------------------------------------------
@@ -273,14 +355,14 @@ def _bwd_configs():
 
 
 def forward_candidates():
-    """Every forward autotuning candidate of the three designs (look-back tiles, streams,
-    segments): what the first call for a shape chooses from."""
-    return _fwd_configs() + _streaming.stream_fwd_configs() + _segments.seg_fwd_configs()
+    """Every forward autotuning candidate of both designs (look-back tiles, streams): what the
+    first call for a shape chooses from."""
+    return _fwd_configs() + _streaming.stream_fwd_configs()
 
 
 def backward_candidates():
-    """Every backward autotuning candidate of the three designs."""
-    return _bwd_configs() + _streaming.stream_bwd_configs() + _segments.seg_bwd_configs()
+    """Every backward autotuning candidate of both designs."""
+    return _bwd_configs() + _streaming.stream_bwd_configs()
 
 
 _FWD_BT = sorted({c.kwargs["BT"] for c in _fwd_configs()})
@@ -325,34 +407,18 @@ _stream_bwd_tuned = triton.autotune(
                                                     True)},
 )(_streaming._stream_bwd_kernel)
 
-_seg_fwd_tuned = triton.autotune(
-    configs=_segments.seg_fwd_configs(), key=["D", "T_KEY", "BH_KEY"], reset_to_zero=_STATUS_ARGS,
-    prune_configs_by={"early_config_prune": _pruner(lambda bt_f: _segments._seg_cfg(64, 16, 16, 1, 2),
-                                                    False)},
-)(_segments._seg_fwd_kernel)
-
-_seg_bwd_tuned = triton.autotune(
-    configs=_segments.seg_bwd_configs(), key=["D", "T_KEY", "BH_KEY", "BT_F"], reset_to_zero=_STATUS_ARGS,
-    prune_configs_by={"early_config_prune": _pruner(lambda bt_f: _segments._seg_cfg(64, bt_f, 16, 1, 2),
-                                                    True)},
-)(_segments._seg_bwd_kernel)
-
-# The streaming and segment forwards save their states every 16 steps: every backward block is a
-# multiple.
+# The streaming forward saves its states every 16 steps: every backward block is a multiple.
 _STREAM_STATE_ROWS = 16
-# The shortest segment of the segment candidates (the autotuner's look-back buffers fit it).
-_SEG_MIN = min(c.kwargs["SEG"] for c in _segments.seg_fwd_configs() + _segments.seg_bwd_configs())
 
 # Interpreter blocks (BT, BD, VEC; tests may change them): small so that short sequences span
 # many tiles.
 _INTERPRET_BLOCKS = {"fwd": (8, 8, 1), "bwd": (16, 8, 1)}
 # Interpreter: recompute the forward states before (1) or after (0) the backward's look-back.
 _INTERPRET_EARLY = 1
-# Interpreter: the design each direction runs ("lookback", "stream" or "segments"; tests switch
-# it), the streaming blocks (BT, BD, VEC, STAGES) and the segment blocks (SEG, BT, BD, VEC, STAGES).
+# Interpreter: the design each direction runs ("lookback" or "stream"; tests switch it) and the
+# streaming blocks (BT, BD, VEC, STAGES).
 _INTERPRET_DESIGN = {"fwd": "lookback", "bwd": "lookback"}
 _INTERPRET_STREAM_BLOCKS = {"fwd": (8, 8, 1, 2), "bwd": (16, 8, 1, 2)}
-_INTERPRET_SEG_BLOCKS = {"fwd": (32, 8, 8, 1, 2), "bwd": (32, 16, 8, 1, 2)}
 # Look-back depth: 0 = greedy (fastest; the carries' fp32 association, hence the last bits, can
 # change between runs), K > 0 = deterministic (folds exactly K - 1 aggregates onto the inclusive
 # state K tiles back: bitwise reproducible). None: deterministic when
@@ -376,12 +442,7 @@ _LAST_COMPILED: dict = {}
 
 def is_streaming(meta: dict) -> bool:
     """Whether launch kwargs belong to the streaming design (:mod:`.streaming`)."""
-    return "STAGES" in meta and "SEG" not in meta
-
-
-def is_segments(meta: dict) -> bool:
-    """Whether launch kwargs belong to the segment design (:mod:`.segments`)."""
-    return "SEG" in meta
+    return "STAGES" in meta
 
 
 def _new_output(shape, dtype, device):
@@ -428,9 +489,6 @@ def _interpret_meta(direction: str) -> dict:
     if _INTERPRET_DESIGN[direction] == "stream":
         bt, bd, vec, stages = _INTERPRET_STREAM_BLOCKS[direction]
         return {"BT": bt, "BD": bd, "VEC": vec, "STAGES": stages}
-    if _INTERPRET_DESIGN[direction] == "segments":
-        seg, bt, bd, vec, stages = _INTERPRET_SEG_BLOCKS[direction]
-        return {"SEG": seg, "BT": bt, "BD": bd, "VEC": vec, "STAGES": stages}
     bt, bd, vec = _INTERPRET_BLOCKS[direction]
     meta = {"BT": bt, "BD": bd, "VEC": vec}
     if direction == "bwd":
@@ -440,7 +498,7 @@ def _interpret_meta(direction: str) -> dict:
 
 def _select_design(key, options):
     """Launch kwargs for ``key``: each design's block tuned once by ``triton.autotune``, then the
-    designs' winners timed against each other (``triton.testing.do_bench``, with the allocations and
+    two winners timed against each other (``triton.testing.do_bench``, with the allocations and
     flag zeroing a real call makes) and the faster one kept. ``options``: ``(tuned, run)`` pairs,
     ``run(kernel, meta)`` launching ``kernel`` (the autotuner with ``{}``, or a plain kernel)."""
     meta = _TUNED.get(key)
@@ -491,16 +549,6 @@ def _forward(g, k, v, h0k, h0v, output_final_state):
                                                            **meta)
         return compiled, inc, bt_f
 
-    def run_segments(kernel, meta):
-        bt_f = min(meta.get("BT", _STREAM_STATE_ROWS), _STREAM_STATE_ROWS)
-        seg = meta.get("SEG", _SEG_MIN)                 # autotuner: sized for its shortest segment
-        flags, agg, sinc = _status(triton.cdiv(T, seg), nch, D, dev)
-        inc = torch.empty(triton.cdiv(T, bt_f) * 2 * nch, dtype=torch.float32, device=dev)
-        compiled = kernel[_segments.seg_grid(T, B, H, D)](*head, flags, agg, sinc, inc, *tail,
-                                                          **common, DEPTH=_lookback_depth(),
-                                                          SAVE=bt_f, **meta)
-        return compiled, inc, bt_f
-
     if _interpreting():
         meta = _interpret_meta("fwd")
     elif _FORCE_CONFIG["fwd"] is not None:
@@ -508,11 +556,8 @@ def _forward(g, k, v, h0k, h0v, output_final_state):
     else:
         key = ("fwd", D, t_key, bh_key, g.dtype, k.dtype, v.dtype, has_h0, output_final_state,
                _lookback_depth(), str(dev))
-        meta = _select_design(key, [(_fwd_tuned, run_lookback), (_stream_fwd_tuned, run_stream),
-                                    (_seg_fwd_tuned, run_segments)])
-    if is_segments(meta):
-        _LAST_COMPILED["fwd"], inc, bt_f = run_segments(_segments._seg_fwd_kernel, meta)
-    elif is_streaming(meta):
+        meta = _select_design(key, [(_fwd_tuned, run_lookback), (_stream_fwd_tuned, run_stream)])
+    if is_streaming(meta):
         _LAST_COMPILED["fwd"], inc, bt_f = run_stream(_streaming._stream_fwd_kernel, meta)
     else:
         _LAST_COMPILED["fwd"], inc, bt_f = run_lookback(_fwd_kernel, meta)
@@ -552,28 +597,20 @@ def _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, finc, bt_f):
     def run_stream(kernel, meta):
         return kernel[_streaming.stream_grid(B, H, D)](*head, *tail, **common, **meta)
 
-    def run_segments(kernel, meta):
-        flags, agg, sinc = _status(triton.cdiv(T, meta.get("SEG", _SEG_MIN)), nch, D, dev)
-        return kernel[_segments.seg_grid(T, B, H, D)](*head, flags, agg, sinc, *tail, **common,
-                                                      DEPTH=_lookback_depth(), **meta)
-
     if _interpreting():
         meta = _interpret_meta("bwd")
     elif _FORCE_CONFIG["bwd"] is not None:
         meta = dict(_FORCE_CONFIG["bwd"])
-        if "STAGES" not in meta:
+        if not is_streaming(meta):
             meta.setdefault("EARLY", 1)
     else:
         key = ("bwd", D, t_key, bh_key, bt_f, g.dtype, k.dtype, v.dtype, dko.dtype, dvo.dtype,
                has_h0, has_dht, _lookback_depth(), str(dev))
-        meta = _select_design(key, [(_bwd_tuned, run_lookback), (_stream_bwd_tuned, run_stream),
-                                    (_seg_bwd_tuned, run_segments)])
+        meta = _select_design(key, [(_bwd_tuned, run_lookback), (_stream_bwd_tuned, run_stream)])
     if meta["BT"] % bt_f != 0:
         raise ValueError(f"backward block {meta['BT']} must be a multiple of the forward's state "
                          f"rows {bt_f}")
-    if is_segments(meta):
-        _LAST_COMPILED["bwd"] = run_segments(_segments._seg_bwd_kernel, meta)
-    elif is_streaming(meta):
+    if is_streaming(meta):
         _LAST_COMPILED["bwd"] = run_stream(_streaming._stream_bwd_kernel, meta)
     else:
         _LAST_COMPILED["bwd"] = run_lookback(_bwd_kernel, meta)

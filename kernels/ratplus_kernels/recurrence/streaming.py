@@ -24,7 +24,22 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import _bwd_tile_emit, _fwd_tile_emit, _fwd_tile_scan, _state_or_zeros, _tile_channels
+from .tiles import (
+    _affine_combine,
+    _gates,
+    _load_tile,
+    _residual_inputs,
+    _residuals,
+    _state_or_zeros,
+    _store_grads,
+    _tile_channels,
+)
+
+
+@triton.jit
+def _row(x, rows, r: tl.constexpr):
+    """Row ``r`` of the [BT, BD] tile ``x`` as a [BD] vector (the carry to the next tile)."""
+    return tl.sum(tl.where(rows[:, None] == r, x, 0.0), 0)
 
 
 @triton.jit
@@ -49,13 +64,25 @@ def _stream_fwd_kernel(
     n, b, h, d, mask_d = _tile_channels(tl.program_id(0), H, D, BD, VEC)
     rows = tl.arange(0, BT)
     hk, hv = _state_or_zeros(h0k_ptr, h0v_ptr, n, mask_d, HAS_H0, BD)
+    saved = ((rows % SAVE) == SAVE - 1)[:, None]
     for c in tl.range(0, tl.cdiv(T, BT), num_stages=STAGES):
         t = (c * BT + rows).to(tl.int64)
         m2 = (t < T)[:, None] & mask_d[None, :]
-        P, Lk, Lv = _fwd_tile_scan(g_ptr, k_ptr, v_ptr, t, b, h, d, m2,
-                                   sg_t, sg_b, sg_h, sg_d, sk_t, sk_b, sk_h, sk_d, sv_t, sv_b, sv_h, sv_d)
-        hk, hv = _fwd_tile_emit(ko_ptr, vo_ptr, inc_ptr, P, Lk, Lv, hk, hv, t, n, NCH, m2, rows,
-                                SAVE, BT)
+        gx = _load_tile(g_ptr, t, b, h, d, m2, sg_t, sg_b, sg_h, sg_d)
+        kx = _load_tile(k_ptr, t, b, h, d, m2, sk_t, sk_b, sk_h, sk_d)
+        vx = _load_tile(v_ptr, t, b, h, d, m2, sv_t, sv_b, sv_h, sv_d)
+        a, w, _ = _gates(gx, m2)                 # padding rows are the identity map
+        P, Lk, Lv = tl.associative_scan((a, w * kx, w * vx), 0, _affine_combine)
+        yk = P * hk[None, :] + Lk
+        yv = P * hv[None, :] + Lv
+        o_out = t[:, None] * NCH + n[None, :]
+        tl.store(ko_ptr + o_out, yk.to(ko_ptr.dtype.element_ty), mask=m2)
+        tl.store(vo_ptr + o_out, yv.to(vo_ptr.dtype.element_ty), mask=m2)
+        o_inc = inc_ptr + (t // SAVE)[:, None] * 2 * NCH + n[None, :]
+        tl.store(o_inc, yk, mask=saved & m2)
+        tl.store(o_inc + NCH, yv, mask=saved & m2)
+        hk = _row(yk, rows, BT - 1)
+        hv = _row(yv, rows, BT - 1)
     if STORE_FINAL:
         tl.store(hTk_ptr + n, hk, mask=mask_d)
         tl.store(hTv_ptr + n, hv, mask=mask_d)
@@ -90,11 +117,22 @@ def _stream_bwd_kernel(
         c = NC - 1 - i
         t = (c * BT + rows).to(tl.int64)
         m2 = (t < T)[:, None] & mask_d[None, :]
-        uk, uv = _bwd_tile_emit(g_ptr, k_ptr, v_ptr, dko_ptr, dvo_ptr, dg_ptr, dk_ptr, dv_ptr,
-                                h0k_ptr, h0v_ptr, finc_ptr, BT_F, uk, uv, c, t, b, h, d, n, NCH, m2,
-                                mask_d, rows, sg_t, sg_b, sg_h, sg_d, sk_t, sk_b, sk_h, sk_d,
-                                sv_t, sv_b, sv_h, sv_d, sdk_t, sdk_b, sdk_h, sdk_d,
-                                sdv_t, sdv_b, sdv_h, sdv_d, BT, HAS_H0)
+        gx = _load_tile(g_ptr, t, b, h, d, m2, sg_t, sg_b, sg_h, sg_d)
+        dyk = _load_tile(dko_ptr, t, b, h, d, m2, sdk_t, sdk_b, sdk_h, sdk_d)
+        dyv = _load_tile(dvo_ptr, t, b, h, d, m2, sdv_t, sdv_b, sdv_h, sdv_d)
+        kx, vx, hk_in, hv_in = _residual_inputs(k_ptr, v_ptr, h0k_ptr, h0v_ptr, finc_ptr, BT_F, NCH,
+                                                c, t, b, h, d, n, m2, mask_d,
+                                                sk_t, sk_b, sk_h, sk_d, sv_t, sv_b, sv_h, sv_d,
+                                                BT, HAS_H0)
+        a, w, e = _gates(gx, m2)
+        # u_t = a_t (dy_t + u_{t+1}) = a_t dh_t, from the carry u of the tile after this one
+        Al, Uk, Uv = tl.associative_scan((a, a * dyk, a * dyv), 0, _affine_combine, reverse=True)
+        uk_t = Al * uk[None, :] + Uk
+        uv_t = Al * uv[None, :] + Uv
+        rk, rv = _residuals(kx, vx, hk_in, hv_in, a, w)
+        _store_grads(dg_ptr, dk_ptr, dv_ptr, t, n, NCH, m2, e, rk, rv, uk_t, uv_t)
+        uk = _row(uk_t, rows, 0)
+        uv = _row(uv_t, rows, 0)
     if HAS_H0:                                   # d h_{-1} = a_0 dh_0 = u_0
         tl.store(dh0k_ptr + n, uk, mask=mask_d)
         tl.store(dh0v_ptr + n, uv, mask=mask_d)

@@ -1,6 +1,5 @@
-"""Triton building blocks shared by the recurrence designs (:mod:`.fused`: tiles with a decoupled
-look-back; :mod:`.streaming`: one program per channel block walking the sequence;
-:mod:`.segments`: look-back between segments that each program walks twice).
+"""Triton building blocks shared by the two recurrence designs (:mod:`.fused`: tiles with a
+decoupled look-back; :mod:`.streaming`: one program per channel block walking the sequence).
 
 A *tile* is ``BT`` time steps x ``BD`` channels of one head of a strided ``[T, B, H, D]`` tensor,
 held in registers in fp32. Its recurrence ``h -> a h + (1 - a) x`` is an affine map per step; a
@@ -123,74 +122,3 @@ def _store_grads(dg_ptr, dk_ptr, dv_ptr, t, n, NCH, m2, e, rk, rv, uk, uv):
     tl.store(dg_ptr + o_out, (e * (rk * uk + rv * uv)).to(dg_ptr.dtype.element_ty), mask=m2)
     tl.store(dk_ptr + o_out, (e * uk).to(dk_ptr.dtype.element_ty), mask=m2)
     tl.store(dv_ptr + o_out, (e * uv).to(dv_ptr.dtype.element_ty), mask=m2)
-
-
-@triton.jit
-def _row(x, rows, r: tl.constexpr):
-    """Row ``r`` of the [BT, BD] tile ``x`` as a [BD] vector (a carry to the next tile)."""
-    return tl.sum(tl.where(rows[:, None] == r, x, 0.0), 0)
-
-
-@triton.jit
-def _fwd_tile_scan(g_ptr, k_ptr, v_ptr, t, b, h, d, m2,
-                   sg_t, sg_b, sg_h, sg_d, sk_t, sk_b, sk_h, sk_d, sv_t, sv_b, sv_h, sv_d):
-    """Load a forward tile (``g, k, v``) and scan its steps from a zero state: returns the inclusive
-    maps ``(P, Lk, Lv)`` (``h_t = P_t h_in + L_t``; padding rows are the identity)."""
-    gx = _load_tile(g_ptr, t, b, h, d, m2, sg_t, sg_b, sg_h, sg_d)
-    kx = _load_tile(k_ptr, t, b, h, d, m2, sk_t, sk_b, sk_h, sk_d)
-    vx = _load_tile(v_ptr, t, b, h, d, m2, sv_t, sv_b, sv_h, sv_d)
-    a, w, _ = _gates(gx, m2)
-    return tl.associative_scan((a, w * kx, w * vx), 0, _affine_combine)
-
-
-@triton.jit
-def _fwd_tile_emit(ko_ptr, vo_ptr, inc_ptr, P, Lk, Lv, hk, hv, t, n, NCH, m2, rows,
-                   SAVE: tl.constexpr, BT: tl.constexpr):
-    """Apply the state ``hk, hv`` entering a scanned tile, store ``k~, v~`` and the fp32 states of
-    every ``SAVE``-th step (the backward's ``inc`` rows); returns the state leaving the tile."""
-    yk = P * hk[None, :] + Lk
-    yv = P * hv[None, :] + Lv
-    o_out = t[:, None] * NCH + n[None, :]
-    tl.store(ko_ptr + o_out, yk.to(ko_ptr.dtype.element_ty), mask=m2)
-    tl.store(vo_ptr + o_out, yv.to(vo_ptr.dtype.element_ty), mask=m2)
-    saved = ((rows % SAVE) == SAVE - 1)[:, None] & m2
-    o_inc = inc_ptr + (t // SAVE)[:, None] * 2 * NCH + n[None, :]
-    tl.store(o_inc, yk, mask=saved)
-    tl.store(o_inc + NCH, yv, mask=saved)
-    return _row(yk, rows, BT - 1), _row(yv, rows, BT - 1)
-
-
-@triton.jit
-def _bwd_tile_scan(g_ptr, dko_ptr, dvo_ptr, t, b, h, d, m2,
-                   sg_t, sg_b, sg_h, sg_d, sdk_t, sdk_b, sdk_h, sdk_d, sdv_t, sdv_b, sdv_h, sdv_d):
-    """Load a backward tile's ``g, dk~, dv~`` and scan ``u_t = a_t (dy_t + u_{t+1})`` backwards in
-    time from a zero carry: returns the gates ``a, w, e`` and the maps ``(Al, Uk, Uv)``
-    (``u_t = Al_t u_carry + U_t``)."""
-    gx = _load_tile(g_ptr, t, b, h, d, m2, sg_t, sg_b, sg_h, sg_d)
-    dyk = _load_tile(dko_ptr, t, b, h, d, m2, sdk_t, sdk_b, sdk_h, sdk_d)
-    dyv = _load_tile(dvo_ptr, t, b, h, d, m2, sdv_t, sdv_b, sdv_h, sdv_d)
-    a, w, e = _gates(gx, m2)
-    Al, Uk, Uv = tl.associative_scan((a, a * dyk, a * dyv), 0, _affine_combine, reverse=True)
-    return a, w, e, Al, Uk, Uv
-
-
-@triton.jit
-def _bwd_tile_emit(g_ptr, k_ptr, v_ptr, dko_ptr, dvo_ptr, dg_ptr, dk_ptr, dv_ptr,
-                   h0k_ptr, h0v_ptr, finc_ptr, BT_F, uk, uv, c, t, b, h, d, n, NCH, m2, mask_d, rows,
-                   sg_t, sg_b, sg_h, sg_d, sk_t, sk_b, sk_h, sk_d, sv_t, sv_b, sv_h, sv_d,
-                   sdk_t, sdk_b, sdk_h, sdk_d, sdv_t, sdv_b, sdv_h, sdv_d,
-                   BT: tl.constexpr, HAS_H0: tl.constexpr):
-    """The gradients of backward tile ``c`` given the carry ``uk, uv`` of the tile after it (later
-    in time); returns the carry it hands to the tile before it (``u`` of its first row)."""
-    a, w, e, Al, Uk, Uv = _bwd_tile_scan(g_ptr, dko_ptr, dvo_ptr, t, b, h, d, m2,
-                                         sg_t, sg_b, sg_h, sg_d, sdk_t, sdk_b, sdk_h, sdk_d,
-                                         sdv_t, sdv_b, sdv_h, sdv_d)
-    kx, vx, hk_in, hv_in = _residual_inputs(k_ptr, v_ptr, h0k_ptr, h0v_ptr, finc_ptr, BT_F, NCH,
-                                            c, t, b, h, d, n, m2, mask_d,
-                                            sk_t, sk_b, sk_h, sk_d, sv_t, sv_b, sv_h, sv_d,
-                                            BT, HAS_H0)
-    uk_t = Al * uk[None, :] + Uk
-    uv_t = Al * uv[None, :] + Uv
-    rk, rv = _residuals(kx, vx, hk_in, hv_in, a, w)
-    _store_grads(dg_ptr, dk_ptr, dv_ptr, t, n, NCH, m2, e, rk, rv, uk_t, uv_t)
-    return _row(uk_t, rows, 0), _row(uv_t, rows, 0)
