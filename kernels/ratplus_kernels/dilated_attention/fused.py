@@ -138,6 +138,28 @@ def _device_tile(base, T, stride_t, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _row_tile(desc, base, row0, col, rows, stride_t, rmask, d, dmask, EVEN_D: tl.constexpr,
+              TMA: tl.constexpr):
+    """The ``[ROWS, BLOCK_D]`` tile of the contiguous rows ``rows = row0 + arange(ROWS)`` of one
+    (batch, head), the one place that chooses between the two ways of reading a row tile.
+
+    TMA: one box of the descriptor ``desc`` (encoded on the host, or :func:`_device_tile` when
+    ``TMA == 2``) at ``[row0, col]`` of the ``[T, columns]`` view, ``col`` being the first column
+    of the (batch, head): an asynchronous load with no address registers, which the software
+    pipeliner can prefetch. The box (``ROWS`` x ``HEAD_DIM``, a power of two, so ``EVEN_D``) is
+    fixed by the descriptor and cannot be masked: rows past T read as zeros, and rows past a
+    shorter bound (``rmask``) are real data that the caller masks out of its scores.
+    Otherwise: a pointer load of ``rows`` from ``base`` (the first element of the (batch, head))
+    at row stride ``stride_t``, masked by ``rmask`` (and ``dmask`` unless ``EVEN_D``), zeros
+    elsewhere; ``desc`` and ``col`` are then unused (so the masks matter on this path only).
+    Gathered rows (the global keys) are not contiguous: they stay :func:`_load_rows`."""
+    if TMA:
+        return desc.load([row0, col])
+    else:
+        return _load_rows(base, rows, stride_t, rmask, d, dmask, EVEN_D)
+
+
+@triton.jit
 def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """``a @ b`` with fp32 accumulation. UPCAST (interpreter with bf16 only, whose bf16 dot is
     wrong in Triton 3.8's interpreter) multiplies the exactly-upcast operands instead."""
@@ -192,10 +214,8 @@ def _fwd_kernel(
         QD = _device_tile(Q, T, sqt, BM, HEAD_DIM)
         KD = _device_tile(K, T, skt, BM if W_ZERO else BN, HEAD_DIM)
         VD = _device_tile(V, T, svt, BM if W_ZERO else BN, HEAD_DIM)
-    if TMA:
-        q = QD.load([n0, (b * sqb + h * sqh).to(tl.int32)])
-    else:
-        q = _load_rows(q_base, rows, sqt, rmask, d, dmask, EVEN_D)
+    q = _row_tile(QD, q_base, n0, (b * sqb + h * sqh).to(tl.int32), rows, sqt, rmask, d, dmask,
+                  EVEN_D, TMA)
 
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -216,12 +236,8 @@ def _fwd_kernel(
 
     if W_ZERO:
         # the band is the query itself: one score per row, no matrix product
-        if TMA:
-            kn = KD.load([n0, kcol]).to(tl.float32)
-            vn = VD.load([n0, vcol]).to(tl.float32)
-        else:
-            kn = _load_rows(k_base, rows, skt, rmask, d, dmask, EVEN_D).to(tl.float32)
-            vn = _load_rows(v_base, rows, svt, rmask, d, dmask, EVEN_D).to(tl.float32)
+        kn = _row_tile(KD, k_base, n0, kcol, rows, skt, rmask, d, dmask, EVEN_D, TMA).to(tl.float32)
+        vn = _row_tile(VD, v_base, n0, vcol, rows, svt, rmask, d, dmask, EVEN_D, TMA).to(tl.float32)
         s = tl.sum(q.to(tl.float32) * kn, 1) * qk_scale
         s = tl.where(rmask, s, float("-inf"))
         m_new = tl.maximum(m_i, s)
@@ -238,12 +254,8 @@ def _fwd_kernel(
         for c0 in range(lo, hi, BN):
             cols = c0 + tl.arange(0, BN)
             cm = cols < T
-            if TMA:
-                kk = KD.load([c0, kcol])
-                vv = VD.load([c0, vcol])
-            else:
-                kk = _load_rows(k_base, cols, skt, cm, d, dmask, EVEN_D)
-                vv = _load_rows(v_base, cols, svt, cm, d, dmask, EVEN_D)
+            kk = _row_tile(KD, k_base, c0, kcol, cols, skt, cm, d, dmask, EVEN_D, TMA)
+            vv = _row_tile(VD, v_base, c0, vcol, cols, svt, cm, d, dmask, EVEN_D, TMA)
             s = _dot(q, tl.trans(kk), PREC, UPCAST) * qk_scale
             diff = rows[:, None] - cols[None, :]
             allowed = cm[None, :] & (diff >= 0) & (diff <= W)
@@ -275,12 +287,9 @@ def _bwd_dq_loop(dq, q, do, lse2, delta, rows, rmask, k_base, v_base, skt, svt, 
             cols = _global_key(c, P, D, CMIN, NS)
         else:
             cols = c
-        if TMA and not FAR:
-            kk = KD.load([c0, kcol])               # contiguous band rows (past c_hi: masked)
-            vv = VD.load([c0, vcol])
-        else:
-            kk = _load_rows(k_base, cols, skt, cm, d, dmask, EVEN_D)
-            vv = _load_rows(v_base, cols, svt, cm, d, dmask, EVEN_D)
+        # TMA: contiguous band rows only (past c_hi: masked below); gathered far keys: pointers
+        kk = _row_tile(KD, k_base, c0, kcol, cols, skt, cm, d, dmask, EVEN_D, TMA and not FAR)
+        vv = _row_tile(VD, v_base, c0, vcol, cols, svt, cm, d, dmask, EVEN_D, TMA and not FAR)
         s = _dot(q, tl.trans(kk), PREC, UPCAST) * qk_scale                     # [BLK, BN]
         diff = rows[:, None] - cols[None, :]
         if FAR:
@@ -304,12 +313,9 @@ def _bwd_dkdv_loop(dk, dv, kn, vn, cols, cm, q_base, do_base, lse_base, delta_ba
     for m0 in range(m_lo, m_hi, BM):
         qr = m0 + tl.arange(0, BM)
         qm = qr < m_hi
-        if TMA:
-            qq = QD.load([m0, qcol])                   # rows past m_hi are masked out below
-            dd = DOD.load([m0, dcol])
-        else:
-            qq = _load_rows(q_base, qr, sqt, qm, d, dmask, EVEN_D)
-            dd = _load_rows(do_base, qr, sdt, qm, d, dmask, EVEN_D)
+        # TMA: rows past m_hi are masked out below
+        qq = _row_tile(QD, q_base, m0, qcol, qr, sqt, qm, d, dmask, EVEN_D, TMA)
+        dd = _row_tile(DOD, do_base, m0, dcol, qr, sdt, qm, d, dmask, EVEN_D, TMA)
         l2 = tl.load(lse_base + qr, mask=qm, other=0.0) * 1.4426950408889634
         dl = tl.load(delta_base + qr, mask=qm, other=0.0)
         sT = _dot(kn, tl.trans(qq), PREC, UPCAST) * qk_scale                   # [BN, BM]
@@ -379,15 +385,13 @@ def _bwd_dq_kernel(
         DOD = _device_tile(DO, T, sdt, BLK, HEAD_DIM)
         KD = _device_tile(K, T, skt, BLK if W_ZERO else BN1, HEAD_DIM)
         VD = _device_tile(V, T, svt, BLK if W_ZERO else BN1, HEAD_DIM)
-    if TMA:
-        # descriptors: BLK rows for q, o, do; BLK (W = 0 diagonal) or BN1 (band) rows for k, v
-        q = QD.load([n0, (b * sqb + h * sqh).to(tl.int32)])
-        do = DOD.load([n0, (b * sdb + h * sdh).to(tl.int32)])
-        o = OD.load([n0, (b * sob + h * soh).to(tl.int32)])
-    else:
-        q = _load_rows(Q + b * sqb + h * sqh, rows, sqt, rmask, d, dmask, EVEN_D)
-        do = _load_rows(DO + b * sdb + h * sdh, rows, sdt, rmask, d, dmask, EVEN_D)
-        o = _load_rows(O + b * sob + h * soh, rows, sot, rmask, d, dmask, EVEN_D)
+    # TMA descriptors: BLK rows for q, o, do; BLK (W = 0 diagonal) or BN1 (band) rows for k, v
+    q = _row_tile(QD, Q + b * sqb + h * sqh, n0, (b * sqb + h * sqh).to(tl.int32), rows, sqt, rmask,
+                  d, dmask, EVEN_D, TMA)
+    do = _row_tile(DOD, DO + b * sdb + h * sdh, n0, (b * sdb + h * sdh).to(tl.int32), rows, sdt,
+                   rmask, d, dmask, EVEN_D, TMA)
+    o = _row_tile(OD, O + b * sob + h * soh, n0, (b * sob + h * soh).to(tl.int32), rows, sot, rmask,
+                  d, dmask, EVEN_D, TMA)
     lse2 = tl.load(LSE + bh64 * T + rows, mask=rmask, other=0.0) * 1.4426950408889634
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
@@ -397,12 +401,8 @@ def _bwd_dq_kernel(
     if W_ZERO:
         # the band is the diagonal: elementwise, done first so that its operands are dead
         # before the far loop; dk, dv of this block's keys are complete after it
-        if TMA:
-            kn = KD.load([n0, kcol])
-            vn = VD.load([n0, vcol])
-        else:
-            kn = _load_rows(k_base, rows, skt, rmask, d, dmask, EVEN_D)
-            vn = _load_rows(v_base, rows, svt, rmask, d, dmask, EVEN_D)
+        kn = _row_tile(KD, k_base, n0, kcol, rows, skt, rmask, d, dmask, EVEN_D, TMA)
+        vn = _row_tile(VD, v_base, n0, vcol, rows, svt, rmask, d, dmask, EVEN_D, TMA)
         p = tl.where(rmask, tl.exp2(tl.sum(q.to(tl.float32) * kn.to(tl.float32), 1) * qk_scale
                                     - lse2), 0.0)
         ds = p * (tl.sum(do.to(tl.float32) * vn.to(tl.float32), 1) - delta)
@@ -565,16 +565,18 @@ def _bwd_w0_kernel(
     for m0 in tl.range(m_lo, m_hi, BLK, num_stages=LOOP_STAGES):
         rows = m0 + tl.arange(0, BLK)
         rm = rows < m_hi
+        # TMA: tensor-memory-accelerator tiles of the [T, columns] views (QD..DOD: descriptors):
+        # asynchronous, no address registers, prefetched LOOP_STAGES - 1 blocks ahead; the
+        # diagonal's k, v are issued here with q, do (pointer loads: below, where they are used)
+        q = _row_tile(QD, q_base, m0, (b * sqb + h * sqh).to(tl.int32), rows, sqt, rm, d, dmask,
+                      EVEN_D, TMA)
+        do = _row_tile(DOD, do_base, m0, (b * sdb + h * sdh).to(tl.int32), rows, sdt, rm, d, dmask,
+                       EVEN_D, TMA)
         if TMA:
-            # tensor-memory-accelerator tiles of the [T, columns] views (QD..DOD: descriptors):
-            # asynchronous, no address registers, prefetched LOOP_STAGES - 1 blocks ahead
-            q = QD.load([m0, (b * sqb + h * sqh).to(tl.int32)])
-            do = DOD.load([m0, (b * sdb + h * sdh).to(tl.int32)])
-            kn = KD.load([m0, (b * skb + h * skh).to(tl.int32)])
-            vn = VD.load([m0, (b * svb + h * svh).to(tl.int32)])
-        else:
-            q = _load_rows(q_base, rows, sqt, rm, d, dmask, EVEN_D)
-            do = _load_rows(do_base, rows, sdt, rm, d, dmask, EVEN_D)
+            kn = _row_tile(KD, k_base, m0, (b * skb + h * skh).to(tl.int32), rows, skt, rm, d, dmask,
+                           EVEN_D, TMA)
+            vn = _row_tile(VD, v_base, m0, (b * svb + h * svh).to(tl.int32), rows, svt, rm, d, dmask,
+                           EVEN_D, TMA)
         lse2 = tl.load(LSE + bh64 * T + rows, mask=rm, other=0.0) * 1.4426950408889634
         # far: the gathered global keys j < t, key-major ([NGC, BLK]: the global keys are the
         # M side of every product, so no operand is replicated across the warps)
@@ -583,9 +585,9 @@ def _bwd_w0_kernel(
         pT = tl.where(allowed, tl.exp2(sT - lse2[None, :]), 0.0)
         dpT = _dot(vg, tl.trans(do), PREC, UPCAST)
         # diagonal: one score per row
-        if not TMA:
-            kn = _load_rows(k_base, rows, skt, rm, d, dmask, EVEN_D)
-            vn = _load_rows(v_base, rows, svt, rm, d, dmask, EVEN_D)
+        if not TMA:                                   # pointer loads (no column); TMA: above
+            kn = _row_tile(KD, k_base, m0, 0, rows, skt, rm, d, dmask, EVEN_D, TMA)
+            vn = _row_tile(VD, v_base, m0, 0, rows, svt, rm, d, dmask, EVEN_D, TMA)
         p_d = tl.where(rm, tl.exp2(tl.sum(q.to(tl.float32) * kn.to(tl.float32), 1) * qk_scale - lse2), 0.0)
         dp_d = tl.sum(do.to(tl.float32) * vn.to(tl.float32), 1)
         delta = tl.sum(pT * dpT, 0) + p_d * dp_d
