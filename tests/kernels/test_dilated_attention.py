@@ -442,19 +442,24 @@ def test_gpu_realistic_bf16(poisoned, pattern):
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,D,W,P,Dh", [(4096, 16, 256, 4, 128), (4096, 64, 0, 0, 128),
                                         (1000, 16, 100, 4, 64), (777, 4, 0, 1, 128)])
-def test_gpu_tma_tiles_every_kernel(poisoned, monkeypatch, T, D, W, P, Dh):
+@pytest.mark.parametrize("mode", [True, "device"])
+def test_gpu_tma_tiles_every_kernel(poisoned, monkeypatch, T, D, W, P, Dh, mode):
     """Forward, dq, band and far dk/dv kernels on TMA row tiles (the split backward), on views of
-    a fused projection, at realistic and odd shapes."""
+    a fused projection, at realistic and odd shapes; descriptors encoded on the host or built in
+    the kernels (then no host descriptor is made)."""
     made = []
     real = fused_mod._row_tile_descriptor
     monkeypatch.setattr(fused_mod, "_row_tile_descriptor", lambda x, rows: made.append(rows) or real(x, rows))
-    tma = dict(TMA=True)
+    tma = dict(TMA=mode)
     bwd = fused_mod._bwd_config(Dh, torch.bfloat16)
     bwd = dict({n: dict(bwd[n], **tma) for n in ("dq", "dkdv", "far")}, w0=None, w0_tma=None)
     fwd = dict(BM=64, BN=32, BG=32, num_warps=4, num_stages=3, **tma)
     with fused_mod.block_config(fwd=fwd, bwd=bwd):
         _check(T, 2, 4, Dh, (D, W, P), dtype=torch.bfloat16, fused_view=True, tol=(1e-2, 2e-2), seed=T)
-    assert len(made) >= 3 + 5 + 2                    # forward, dq kernel, far (and band) kernels
+    if mode == "device":
+        assert made == []
+    else:
+        assert len(made) >= 3 + 5 + 2                # forward, dq kernel, far (and band) kernels
 
 
 @pytest.mark.gpu
@@ -467,12 +472,13 @@ def test_gpu_odd_shapes(poisoned, T, D, W, P, Dh):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,D,P,Dh", [(4096, 64, 0, 128), (1000, 64, 0, 64), (777, 16, 3, 128)])
-@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("tma", [False, True, "device"])
 def test_gpu_w0_single_pass(poisoned, T, D, P, Dh, tma):
     """The single-pass W = 0 backward (whether or not it is the default) at realistic shapes,
-    with pointer loads and with pipelined TMA tiles."""
+    with pointer loads and with pipelined TMA tiles (host or in-kernel descriptors)."""
     w0 = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=4)
-    tiles = dict(w0=None, w0_tma=dict(w0, LOOP_STAGES=3, FOLD_DIAG=True)) if tma else dict(w0=w0, w0_tma=None)
+    tiles = (dict(w0=None, w0_tma=dict(w0, LOOP_STAGES=3, FOLD_DIAG=True, TMA=tma)) if tma
+             else dict(w0=w0, w0_tma=None))
     bwd = dict(fused_mod._bwd_config(Dh, torch.bfloat16), **tiles)
     fused_mod._LAST_KERNELS.clear()
     with fused_mod.block_config(bwd=bwd):

@@ -273,7 +273,7 @@ def _load_other(path, index):
     return mod
 
 
-def compare_previous(paths, rounds=5):
+def compare_previous(paths, rounds=5, pairs=True):
     """A/B at the anchor against other versions of fused.py (e.g. the previous commit's, or a
     diagnostic variant), all autotuned, plus forced block pairs of the current one; interleaved
     rounds expose run-to-run noise (the greedy look-back's timing depends on which tiles run
@@ -285,7 +285,7 @@ def compare_previous(paths, rounds=5):
                 for i, p in enumerate(paths)]
     variants.append(("current (autotuned)", fused_gated_recurrence, None))
     variants += [(f"current {config_label(_as_meta(f))} + {config_label(_as_meta(b))}",
-                  fused_gated_recurrence, (f, b)) for f, b in AB_PAIRS]
+                  fused_gated_recurrence, (f, b)) for f, b in (AB_PAIRS if pairs else [])]
     times = {name: [] for name, _, _ in variants}
     for _ in range(rounds):
         for name, fn, pair in variants:
@@ -338,6 +338,9 @@ def main(argv=None):
     ap.add_argument("--compare", metavar="FUSED_PY", action="append",
                     help="first A/B the anchor against another version of recurrence/fused.py "
                          "(repeatable)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --compare")
+    ap.add_argument("--no-pairs", action="store_true",
+                    help="--compare without the forced block pairs (AB_PAIRS) of the current kernels")
     ap.add_argument("--sweep-only", action="store_true", help="stop after --sweep / --compare / --spread")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -356,7 +359,7 @@ def main(argv=None):
     print(f"device: {dev}   torch {torch.__version__}   triton {triton.__version__}")
     print(f"measured device copy bandwidth: {bw:.0f} GB/s (read + write)")
     if args.compare:
-        compare_previous(args.compare)
+        compare_previous(args.compare, rounds=args.rounds, pairs=not args.no_pairs)
     if args.sweep:
         designs = tuple(x.strip() for x in args.sweep_designs.split(","))
         unknown = set(designs) - {"lookback", "candidates"}

@@ -15,6 +15,8 @@
 #   rec_bench   bench_recurrence.py $REC_ARGS (the docs/benchmarks.md table)
 #   rec_sol     A/B of the anchor against a copy of fused.py without look-back waits (diagnostic:
 #               the time the tiles take when no program waits for its predecessors)
+#   rec_sync    A/B of the anchor against diagnostic copies of fused.py without the look-back waits,
+#               also without the publishes, also without the atomic tile claim (timing only)
 #   rec_spread  bench_recurrence.py --spread --sweep-only (per-call spread of the anchor's backward)
 #   da_tests    pytest -m gpu tests/kernels/test_dilated_attention.py
 #   da_bench    bench_dilated_attention.py $DA_ARGS
@@ -66,6 +68,23 @@ for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
                grep -q "c == -12345" .bench_prev/fused_no_lookback.py || { echo "rec_sol: sed found no look-back"; exit 2; }
                step rec_sol 300 python3 tools/bench/bench_recurrence.py --no-fla --sweep-only \
                  --compare .bench_prev/fused_no_lookback.py $(for p in ${REC_PREV:-}; do echo --compare "$p"; done) ;;
+    rec_sync)  # where the tiles' time goes: A/B of copies of fused.py without the look-back waits,
+               # then also without the publishes (CTA barrier + release atomic), then also without
+               # the atomic tile claim (program id instead): wrong carries, timing only
+               mkdir -p .bench_prev
+               sed 's/^    if c != stop:$/    if c == -12345:  # diagnostic copy: no look-back/' \
+                 kernels/ratplus_kernels/recurrence/fused.py > .bench_prev/fused_nowait.py
+               sed -e 's/^    tl.debug_barrier()$/    pass  # diagnostic copy: no publish/' \
+                   -e 's/^    tl.atomic_xchg(flag_ptr, state, sem="release")$/    pass/' \
+                 .bench_prev/fused_nowait.py > .bench_prev/fused_nopublish.py
+               sed 's/^    vid = tl.atomic_add(flag_ptr, 1)$/    vid = tl.program_id(0)  # diagnostic copy/' \
+                 .bench_prev/fused_nopublish.py > .bench_prev/fused_noclaim.py
+               for f in nowait:"c == -12345" nopublish:"no publish" noclaim:"diagnostic copy$"; do
+                 grep -q "${f#*:}" ".bench_prev/fused_${f%%:*}.py" || { echo "rec_sync: sed missed ${f%%:*}"; exit 2; }
+               done
+               step rec_sync 300 python3 tools/bench/bench_recurrence.py --no-fla --sweep-only --no-pairs \
+                 --rounds 3 --compare .bench_prev/fused_nowait.py --compare .bench_prev/fused_nopublish.py \
+                 --compare .bench_prev/fused_noclaim.py ;;
     rec_spread) step rec_spread 240 python3 tools/bench/bench_recurrence.py --no-fla --spread --sweep-only ;;
     gpu_tests) step gpu_tests 480 python3 -m pytest -q -p no:cacheprovider -m gpu tests ;;
     da_tests)  step da_tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_dilated_attention.py ;;
