@@ -482,6 +482,9 @@ def _bwd_far_kernel(
     j0 = tl.where(g0 < P, g0, (g0 - P + CMIN + 1) * D - 1)          # smallest key of the tile
     m_lo = tl.maximum(pid_s * SEG, (j0 + W + 1) // BM2 * BM2)
     m_hi = tl.minimum(pid_s * SEG + SEG, T)
+    if TMA == 2:                 # outside the branch: a variable keeps one type across it
+        QD = _device_tile(Q, T, sqt, BM2, HEAD_DIM)
+        DOD = _device_tile(DO, T, sdt, BM2, HEAD_DIM)
     if m_lo < m_hi:
         g = g0 + tl.arange(0, BG)
         gv = g < NG
@@ -490,9 +493,6 @@ def _bwd_far_kernel(
         dmask = d < HEAD_DIM
         kn = _load_rows(K + b * skb + h * skh, j, skt, gv, d, dmask, EVEN_D)
         vn = _load_rows(V + b * svb + h * svh, j, svt, gv, d, dmask, EVEN_D)
-        if TMA == 2:
-            QD = _device_tile(Q, T, sqt, BM2, HEAD_DIM)
-            DOD = _device_tile(DO, T, sdt, BM2, HEAD_DIM)
         dk = tl.zeros([BG, BLOCK_D], tl.float32)
         dv = tl.zeros([BG, BLOCK_D], tl.float32)
         dk, dv = _bwd_dkdv_loop(dk, dv, kn, vn, j, gv, Q + b * sqb + h * sqh,
