@@ -17,6 +17,7 @@
 #               the time the tiles take when no program waits for its predecessors)
 #   rec_sync    A/B of the anchor against diagnostic copies of fused.py without the look-back waits,
 #               also without the publishes, also without the atomic tile claim (timing only)
+#   rec_ncu     Nsight Compute sections of one forward + backward (tools/bench/profile_recurrence.py)
 #   rec_spread  bench_recurrence.py --spread --sweep-only (per-call spread of the anchor's backward)
 #   da_tests    pytest -m gpu tests/kernels/test_dilated_attention.py
 #   da_bench    bench_dilated_attention.py $DA_ARGS
@@ -85,6 +86,9 @@ for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
                step rec_sync 300 python3 tools/bench/bench_recurrence.py --no-fla --sweep-only --no-pairs \
                  --rounds 3 --compare .bench_prev/fused_nowait.py --compare .bench_prev/fused_nopublish.py \
                  --compare .bench_prev/fused_noclaim.py ;;
+    rec_ncu)   TAIL=${TAIL:-400} step rec_ncu 300 ncu --profile-from-start off --section SpeedOfLight \
+                 --section Occupancy --section LaunchStats --section WarpStateStats \
+                 --section MemoryWorkloadAnalysis python3 tools/bench/profile_recurrence.py ${REC_NCU_ARGS:-} ;;
     rec_spread) step rec_spread 240 python3 tools/bench/bench_recurrence.py --no-fla --spread --sweep-only ;;
     gpu_tests) step gpu_tests 480 python3 -m pytest -q -p no:cacheprovider -m gpu tests ;;
     da_tests)  step da_tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_dilated_attention.py ;;
