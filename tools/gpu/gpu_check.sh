@@ -19,7 +19,7 @@
 #               also without the publishes, also without the atomic tile claim (timing only)
 #   rec_ncu     Nsight Compute sections of one forward + backward (tools/bench/profile_recurrence.py)
 #   rec_spread  bench_recurrence.py --spread --sweep-only (per-call spread of the anchor's backward)
-#   da_tests    pytest -m gpu tests/kernels/test_dilated_attention.py
+#   da_tests    pytest -m gpu tests/kernels/test_dilated_attention.py (DA_TEST_K: a -k filter)
 #   da_bench    bench_dilated_attention.py $DA_ARGS
 #   da_sweep    bench_dilated_attention.py --sweep --no-main --no-decode (every launch configuration,
 #               the single-pass W = 0 backward included) and $DA_SWEEP_ARGS (default --profile:
@@ -91,7 +91,8 @@ for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
                  --section MemoryWorkloadAnalysis python3 tools/bench/profile_recurrence.py ${REC_NCU_ARGS:-} ;;
     rec_spread) step rec_spread 240 python3 tools/bench/bench_recurrence.py --no-fla --spread --sweep-only ;;
     gpu_tests) step gpu_tests 480 python3 -m pytest -q -p no:cacheprovider -m gpu tests ;;
-    da_tests)  step da_tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_dilated_attention.py ;;
+    da_tests)  step da_tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_dilated_attention.py \
+                 ${DA_TEST_K:+-k "$DA_TEST_K"} ;;
     da_bench)  step da_bench 420 python3 tools/bench/bench_dilated_attention.py ${DA_ARGS:-} ;;
     da_sweep)  TAIL=200 step da_sweep 540 python3 tools/bench/bench_dilated_attention.py --sweep --no-main \
                  --no-decode ${DA_SWEEP_ARGS---profile} ;;
