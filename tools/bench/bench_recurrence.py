@@ -155,11 +155,6 @@ BWD_SWEEP = [(bt, bd, vec, nw, early) for early in (1, 0) for bt, bd, vec, nw in
               (16, 32, 4, 4), (16, 64, 4, 4), (32, 32, 2, 2))]
 BWD_SWEEP += [(bt, bd, vec, nw, early) for early in (0, 2) for bt, bd, vec, nw in
               ((16, 64, 1, 2), (16, 128, 1, 4), (16, 32, 1, 1), (16, 64, 2, 1))]
-# EARLY = 3 (this session): both scans re-run after the wait with folded carries, one stream at a time
-BWD_SWEEP += [(bt, bd, vec, nw, 3) for bt, bd, vec, nw in
-              ((16, 64, 2, 1), (16, 64, 2, 2), (16, 64, 2, 4), (16, 128, 4, 1), (16, 32, 1, 1),
-               (32, 64, 2, 1), (16, 64, 1, 2))]
-BWD_SWEEP += [(16, 64, 2, 2, 3, 128), (16, 64, 2, 4, 3, 80), (16, 32, 1, 1, 3, 128)]
 
 
 def _as_meta(cfg):
@@ -190,8 +185,6 @@ def sweep_metas(designs):
     if "lookback" in designs:
         fwd += [_as_meta(c) for c in FWD_SWEEP]
         bwd += [_as_meta(c) for c in BWD_SWEEP]
-    if "folded" in designs:                   # the backward's EARLY = 3 blocks only
-        bwd += [_as_meta(c) for c in BWD_SWEEP if len(c) > 4 and c[4] == 3]
     if "candidates" in designs:
         fwd += [fused_mod._launch_kwargs(c) for c in fused_mod.forward_candidates()]
         bwd += [fused_mod._launch_kwargs(c) for c in fused_mod.backward_candidates()]
@@ -339,8 +332,7 @@ def main(argv=None):
                     help="first time every forward / backward block config (anchor and T=65536)")
     ap.add_argument("--sweep-designs", default="lookback",
                     help="comma-separated sets the sweep times: lookback (FWD_SWEEP / BWD_SWEEP), "
-                         "candidates (every autotuning candidate of both designs), folded (the "
-                         "backward's EARLY = 3 blocks)")
+                         "candidates (every autotuning candidate of both designs))")
     ap.add_argument("--sweep-shapes", type=_shapes, default=None, metavar="BxT,...",
                     help="shapes of the sweep (default 4x4096,1x65536)")
     ap.add_argument("--compare", metavar="FUSED_PY", action="append",
@@ -370,7 +362,7 @@ def main(argv=None):
         compare_previous(args.compare, rounds=args.rounds, pairs=not args.no_pairs)
     if args.sweep:
         designs = tuple(x.strip() for x in args.sweep_designs.split(","))
-        unknown = set(designs) - {"lookback", "candidates", "folded"}
+        unknown = set(designs) - {"lookback", "candidates"}
         if unknown:
             ap.error(f"--sweep-designs: unknown design(s) {sorted(unknown)}")
         sweep(designs, args.sweep_shapes or ((4, 4096), (1, 65536)))

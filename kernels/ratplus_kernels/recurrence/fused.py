@@ -32,9 +32,7 @@ Its coefficients are ``a_t`` at the same step, so the gate is read once, unshift
 serves both scans. Each backward tile recomputes its forward states from ``g, k, v`` and the
 forward's inclusive tile-end states (kept from the forward pass, fp32, one row per tile), so no
 ``[T, ...]`` fp32 state is ever stored; the recompute runs before the look-back wait, after it, or
-after it with its loads issued before it (``EARLY`` = 1 / 0 / 2, autotuned), or as 2 but with
-both scans re-run with their carries folded in, one stream at a time (``EARLY`` = 3: fewer live
-fp32 tiles). Gradients (fp32
+after it with its loads issued before it (``EARLY`` = 1 / 0 / 2, autotuned). Gradients (fp32
 math, ``e_t = exp(-g_t) = (1 - a_t) / a_t``)::
 
     dk_t = (1 - a_t) dh^k_t = e_t u^k_t,   dv_t = e_t u^v_t
@@ -72,12 +70,10 @@ from . import streaming as _streaming
 from .tiles import (
     _affine_combine,
     _gates,
-    _load_raw,
     _load_tile,
     _residual_inputs,
     _residuals,
     _store_grads,
-    _store_grads_by_stream,
     _store_row,
     _tile_channels,
 )
@@ -266,18 +262,13 @@ def _bwd_kernel(
                                                                   True)
 
     gx = _load_tile(g_ptr, t, b, h, d, m2, sg_t, sg_b, sg_h, sg_d)
-    if EARLY == 3:                               # kept in their own dtype until the second scan
-        dyk = _load_raw(dko_ptr, t, b, h, d, m2, sdk_t, sdk_b, sdk_h, sdk_d)
-        dyv = _load_raw(dvo_ptr, t, b, h, d, m2, sdv_t, sdv_b, sdv_h, sdv_d)
-    else:
-        dyk = _load_tile(dko_ptr, t, b, h, d, m2, sdk_t, sdk_b, sdk_h, sdk_d)
-        dyv = _load_tile(dvo_ptr, t, b, h, d, m2, sdv_t, sdv_b, sdv_h, sdv_d)
+    dyk = _load_tile(dko_ptr, t, b, h, d, m2, sdk_t, sdk_b, sdk_h, sdk_d)
+    dyv = _load_tile(dvo_ptr, t, b, h, d, m2, sdv_t, sdv_b, sdv_h, sdv_d)
     a, w, e = _gates(gx, m2)
 
     # ---- reverse-time scan of u_t = a_t (dy_t + u_{t+1}) = a_t dh_t (aggregate first: it
     # unblocks the programs of earlier tiles)
-    Al, Uk, Uv = tl.associative_scan((a, a * dyk.to(tl.float32), a * dyv.to(tl.float32)), 0,
-                                     _affine_combine, reverse=True)
+    Al, Uk, Uv = tl.associative_scan((a, a * dyk, a * dyv), 0, _affine_combine, reverse=True)
     flags = flag_ptr + 32
     cl = c.to(tl.int64)
     if c < NC - 1:
@@ -302,17 +293,8 @@ def _bwd_kernel(
         cv = tl.zeros([BD], tl.float32)
     ck, cv = _look_back(flags, agg_ptr, inc_ptr, n, NCH, NCB, j, mask_d, c, -1, NC - 1,
                         ck, cv, DEPTH)
-    if EARLY == 3:
-        # scan again with the carry folded into the last row (u_last = a (dy + carry)): only the
-        # first scan's row 0 (the aggregate) was kept across the wait, not three fp32 tiles
-        last = (rows == BT - 1)[:, None]
-        _, uk, uv = tl.associative_scan(
-            (a, a * (dyk.to(tl.float32) + tl.where(last, ck[None, :], 0.0)),
-             a * (dyv.to(tl.float32) + tl.where(last, cv[None, :], 0.0))), 0, _affine_combine,
-            reverse=True)
-    else:
-        uk = Al * ck[None, :] + Uk
-        uv = Al * cv[None, :] + Uv
+    uk = Al * ck[None, :] + Uk
+    uv = Al * cv[None, :] + Uv
     o_inc = inc_ptr + cl * 2 * NCH + n
     _store_row(o_inc, uk, rows, 0, mask_d)
     _store_row(o_inc + NCH, uv, rows, 0, mask_d)
@@ -325,13 +307,10 @@ def _bwd_kernel(
                                                 BT_F, NCH, c, t, b, h, d, n, m2,
                                                 mask_d, sk_t, sk_b, sk_h, sk_d,
                                                 sv_t, sv_b, sv_h, sv_d, BT, HAS_H0)
-    if EARLY == 3:
-        _store_grads_by_stream(dg_ptr, dk_ptr, dv_ptr, t, n, NCH, m2, rows, a, w, e, kx, vx,
-                               hk_in, hv_in, uk, uv)
-    else:
-        if EARLY != 1:
-            rk, rv = _residuals(kx, vx, hk_in, hv_in, a, w)
-        _store_grads(dg_ptr, dk_ptr, dv_ptr, t, n, NCH, m2, e, rk, rv, uk, uv)
+    if EARLY != 1:
+        rk, rv = _residuals(kx, vx, hk_in, hv_in, a, w)
+
+    _store_grads(dg_ptr, dk_ptr, dv_ptr, t, n, NCH, m2, e, rk, rv, uk, uv)
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,12 +22,6 @@ def _affine_combine(a1, bk1, bv1, a2, bk2, bv2):
 
 
 @triton.jit
-def _affine_combine1(a1, b1, a2, b2):
-    # one stream of :func:`_affine_combine`
-    return a1 * a2, a2 * b1 + b2
-
-
-@triton.jit
 def _gates(gx, valid):
     """a = sigmoid(g), 1 - a = sigmoid(-g) and e = exp(-g) = (1 - a) / a in fp32 with one exp and
     one fast reciprocal; invalid (padding) elements get the identity map a = 1, 1 - a = e = 0.
@@ -128,24 +122,3 @@ def _store_grads(dg_ptr, dk_ptr, dv_ptr, t, n, NCH, m2, e, rk, rv, uk, uv):
     tl.store(dg_ptr + o_out, (e * (rk * uk + rv * uv)).to(dg_ptr.dtype.element_ty), mask=m2)
     tl.store(dk_ptr + o_out, (e * uk).to(dk_ptr.dtype.element_ty), mask=m2)
     tl.store(dv_ptr + o_out, (e * uv).to(dv_ptr.dtype.element_ty), mask=m2)
-
-
-@triton.jit
-def _store_grads_by_stream(dg_ptr, dk_ptr, dv_ptr, t, n, NCH, m2, rows, a, w, e, kx, vx,
-                           hk_in, hv_in, uk, uv):
-    """:func:`_store_grads` with the forward states recomputed one stream at a time, the entering
-    state folded into the first row (``h_0 = a_0 h_in + w_0 x_0``), so no ``P`` tile and only one
-    stream's states are live at once (register pressure of the one-warp backward blocks)."""
-    o_out = t[:, None] * NCH + n[None, :]
-    tl.store(dk_ptr + o_out, (e * uk).to(dk_ptr.dtype.element_ty), mask=m2)
-    tl.store(dv_ptr + o_out, (e * uv).to(dv_ptr.dtype.element_ty), mask=m2)
-    first = (rows == 0)[:, None]
-    kf = kx.to(tl.float32)
-    _, hk = tl.associative_scan((a, w * kf + tl.where(first, a * hk_in[None, :], 0.0)), 0,
-                                _affine_combine1)
-    dg = (hk - kf) * uk
-    vf = vx.to(tl.float32)
-    _, hv = tl.associative_scan((a, w * vf + tl.where(first, a * hv_in[None, :], 0.0)), 0,
-                                _affine_combine1)
-    dg += (hv - vf) * uv
-    tl.store(dg_ptr + o_out, (e * dg).to(dg_ptr.dtype.element_ty), mask=m2)
