@@ -332,7 +332,7 @@ def main(argv=None):
                     help="first time every forward / backward block config (anchor and T=65536)")
     ap.add_argument("--sweep-designs", default="lookback",
                     help="comma-separated sets the sweep times: lookback (FWD_SWEEP / BWD_SWEEP), "
-                         "candidates (every autotuning candidate of both designs))")
+                         "candidates (every autotuning candidate of both designs)")
     ap.add_argument("--sweep-shapes", type=_shapes, default=None, metavar="BxT,...",
                     help="shapes of the sweep (default 4x4096,1x65536)")
     ap.add_argument("--compare", metavar="FUSED_PY", action="append",
