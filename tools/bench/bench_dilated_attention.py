@@ -37,6 +37,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from bench_args import shapes_arg
 
 H, DH = 16, 128
 PATTERNS = [(64, 0, 0), (16, 256, 4), (16, 0, 0)]
@@ -355,10 +356,8 @@ def run_profile(args) -> None:
 def run_main(args) -> None:
     from ratplus_kernels.dilated_attention import fused_dilated_attention
 
-    shapes = SHAPES[:2] if args.quick else SHAPES
-    if args.shapes:
-        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
-    flex_shapes = [tuple(int(x) for x in s.split("x")) for s in args.flex_shapes.split(",") if s]
+    shapes = args.shapes or (SHAPES[:2] if args.quick else SHAPES)
+    flex_shapes = args.flex_shapes or []
     rows = []
     print("\nms (median). f = forward, fb = forward+backward (eager do_bench), fbG = forward+backward"
           " replayed from a CUDA graph (GPU time). TFLOP/s of the fused kernel over the allowed pairs"
@@ -505,8 +504,10 @@ def main() -> None:
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--quick", action="store_true", help="T=4096 shapes only")
     ap.add_argument("--sweep", action="store_true", help="time launch configurations first")
-    ap.add_argument("--shapes", default="", help="comma-separated BxT list, e.g. 4x4096,1x65536")
-    ap.add_argument("--flex-shapes", default="", help="BxT list to run flex on (default: all)")
+    ap.add_argument("--shapes", type=shapes_arg, default=None,
+                    help="comma-separated BxT list, e.g. 4x4096,1x65536")
+    ap.add_argument("--flex-shapes", type=shapes_arg, default=None,
+                    help="BxT list to run flex on (default: all)")
     ap.add_argument("--sweep-kinds", default=None, type=lambda x: x.split(","),
                     help="--sweep only these: fwd and/or backward kernels among "
                          + ",".join(BWD_SWEEP_VARIANTS) + " (default: all)")

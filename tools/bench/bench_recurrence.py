@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.testing
+from bench_args import shapes_arg
 from gpu_timing import gpu_median, gpu_times, histogram, percentile
 from ratplus_kernels.recurrence import fused_gated_recurrence
 
@@ -304,17 +305,6 @@ def compare_previous(paths, rounds=5, pairs=True):
         print(f"  tuned {key[0]} {key[1:4]}: {config_label(cfg)}")
 
 
-def _shapes(text: str):
-    """``8x4096,2x4096`` -> [(8, 4096), (2, 4096)]."""
-    try:
-        shapes = [tuple(int(x) for x in item.split("x")) for item in text.split(",")]
-    except ValueError:
-        shapes = []
-    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of BxT, got {text!r}")
-    return shapes
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--no-ref", action="store_true", help="skip the torch associative_scan reference")
@@ -326,14 +316,14 @@ def main(argv=None):
                     help="also time the anchor with the deterministic look-back (depth 8)")
     ap.add_argument("--no-fla", action="store_true", help="skip fla chunk_hgrn")
     ap.add_argument("--quick", action="store_true", help="anchor shape only")
-    ap.add_argument("--shapes", type=_shapes, default=None, metavar="BxT,...",
+    ap.add_argument("--shapes", type=shapes_arg, default=None, metavar="BxT,...",
                     help="benchmark these (B, T) instead, e.g. 8x4096,2x4096 (16x128 heads)")
     ap.add_argument("--sweep", action="store_true",
                     help="first time every forward / backward block config (anchor and T=65536)")
     ap.add_argument("--sweep-designs", default="lookback",
                     help="comma-separated sets the sweep times: lookback (FWD_SWEEP / BWD_SWEEP), "
                          "candidates (every autotuning candidate of both designs)")
-    ap.add_argument("--sweep-shapes", type=_shapes, default=None, metavar="BxT,...",
+    ap.add_argument("--sweep-shapes", type=shapes_arg, default=None, metavar="BxT,...",
                     help="shapes of the sweep (default 4x4096,1x65536)")
     ap.add_argument("--compare", metavar="FUSED_PY", action="append",
                     help="first A/B the anchor against another version of recurrence/fused.py "
