@@ -49,6 +49,16 @@ step() {  # step NAME TIMEOUT_S COMMAND...
   grep -v "UserWarning\|warnings.warn" "$OUT/$name.log" | tail -n "${TAIL:-40}"
 }
 
+# Diagnostic copies of the recurrence kernels (timing only: wrong results) for rec_sol / rec_sync.
+REC_FUSED=kernels/ratplus_kernels/recurrence/fused.py
+NO_LOOKBACK='s/^    if c != stop:$/    if c == -12345:  # diagnostic copy: no look-back/'
+diag_copy() {  # diag_copy SRC DEST MARKER SED_ARGS...: sed SRC into DEST, which must then contain MARKER
+  local src=$1 dest=$2 marker=$3; shift 3
+  mkdir -p "$(dirname "$dest")"
+  sed "$@" "$src" > "$dest"
+  grep -q "$marker" "$dest" || { echo "diagnostic copy $dest: sed matched nothing"; exit 2; }
+}
+
 for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
   case "$s" in
     rec_tests) step rec_tests "${REC_TEST_LIMIT:-480}" python3 -m pytest -q -p no:cacheprovider \
@@ -63,26 +73,18 @@ for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
                  python3 tools/bench/bench_recurrence.py ${REC_ARGS:-} ;;
     rec_sol)   # speed of light of the tile structure: a copy of fused.py whose look-back never waits
                # (wrong carries, timing only), A/B against the real kernels (and REC_PREV if set)
-               mkdir -p .bench_prev
-               sed 's/^    if c != stop:$/    if c == -12345:  # diagnostic copy: no look-back/' \
-                 kernels/ratplus_kernels/recurrence/fused.py > .bench_prev/fused_no_lookback.py
-               grep -q "c == -12345" .bench_prev/fused_no_lookback.py || { echo "rec_sol: sed found no look-back"; exit 2; }
+               diag_copy "$REC_FUSED" .bench_prev/fused_no_lookback.py "c == -12345" "$NO_LOOKBACK"
                step rec_sol 300 python3 tools/bench/bench_recurrence.py --no-fla --sweep-only \
                  --compare .bench_prev/fused_no_lookback.py $(for p in ${REC_PREV:-}; do echo --compare "$p"; done) ;;
     rec_sync)  # where the tiles' time goes: A/B of copies of fused.py without the look-back waits,
                # then also without the publishes (CTA barrier + release atomic), then also without
                # the atomic tile claim (program id instead): wrong carries, timing only
-               mkdir -p .bench_prev
-               sed 's/^    if c != stop:$/    if c == -12345:  # diagnostic copy: no look-back/' \
-                 kernels/ratplus_kernels/recurrence/fused.py > .bench_prev/fused_nowait.py
-               sed -e 's/^    tl.debug_barrier()$/    pass  # diagnostic copy: no publish/' \
-                   -e 's/^    tl.atomic_xchg(flag_ptr, state, sem="release")$/    pass/' \
-                 .bench_prev/fused_nowait.py > .bench_prev/fused_nopublish.py
-               sed 's/^    vid = tl.atomic_add(flag_ptr, 1)$/    vid = tl.program_id(0)  # diagnostic copy/' \
-                 .bench_prev/fused_nopublish.py > .bench_prev/fused_noclaim.py
-               for f in nowait:"c == -12345" nopublish:"no publish" noclaim:"diagnostic copy$"; do
-                 grep -q "${f#*:}" ".bench_prev/fused_${f%%:*}.py" || { echo "rec_sync: sed missed ${f%%:*}"; exit 2; }
-               done
+               diag_copy "$REC_FUSED" .bench_prev/fused_nowait.py "c == -12345" "$NO_LOOKBACK"
+               diag_copy .bench_prev/fused_nowait.py .bench_prev/fused_nopublish.py "no publish" \
+                 -e 's/^    tl.debug_barrier()$/    pass  # diagnostic copy: no publish/' \
+                 -e 's/^    tl.atomic_xchg(flag_ptr, state, sem="release")$/    pass/'
+               diag_copy .bench_prev/fused_nopublish.py .bench_prev/fused_noclaim.py "diagnostic copy$" \
+                 's/^    vid = tl.atomic_add(flag_ptr, 1)$/    vid = tl.program_id(0)  # diagnostic copy/'
                step rec_sync 300 python3 tools/bench/bench_recurrence.py --no-fla --sweep-only --no-pairs \
                  --rounds 3 --compare .bench_prev/fused_nowait.py --compare .bench_prev/fused_nopublish.py \
                  --compare .bench_prev/fused_noclaim.py ;;
