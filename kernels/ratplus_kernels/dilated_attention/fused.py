@@ -585,9 +585,9 @@ def _bwd_w0_kernel(
         pT = tl.where(allowed, tl.exp2(sT - lse2[None, :]), 0.0)
         dpT = _dot(vg, tl.trans(do), PREC, UPCAST)
         # diagonal: one score per row
-        if not TMA:                                   # pointer loads (no column); TMA: above
-            kn = _row_tile(KD, k_base, m0, 0, rows, skt, rm, d, dmask, EVEN_D, TMA)
-            vn = _row_tile(VD, v_base, m0, 0, rows, svt, rm, d, dmask, EVEN_D, TMA)
+        if not TMA:                                   # pointer loads here, where used; TMA: above
+            kn = _load_rows(k_base, rows, skt, rm, d, dmask, EVEN_D)
+            vn = _load_rows(v_base, rows, svt, rm, d, dmask, EVEN_D)
         p_d = tl.where(rm, tl.exp2(tl.sum(q.to(tl.float32) * kn.to(tl.float32), 1) * qk_scale - lse2), 0.0)
         dp_d = tl.sum(do.to(tl.float32) * vn.to(tl.float32), 1)
         delta = tl.sum(pT * dpT, 0) + p_d * dp_d
