@@ -3,7 +3,10 @@
 Some alternatives (a different decomposition of a backward, not just another block size that
 ``triton.autotune`` could try) can only be ranked on the GPU that runs them. Like
 ``torch.backends.cudnn.benchmark``, :class:`FirstUseChoice` times every candidate the first
-time a shape key is seen, on the real inputs, caches the fastest and runs it from then on. Every
+time a shape key is seen, on the real inputs, caches the fastest and runs it from then on.
+Candidates are ranked by GPU time, the host's launch time hidden (:mod:`.gpu_time`): in training
+the host runs ahead of the GPU, and under CUDA graphs launches cost nothing, so a candidate whose
+launch costs more host time (e.g. host-encoded TMA descriptors) but less GPU time is the faster one. Every
 candidate must compute the same result into the same outputs (the last run wins), and the first
 candidate is the safe default: it runs whenever there is no timer (CPU, Triton interpreter, CUDA
 graph capture, torch.compile tracing), and nothing is cached then.
@@ -19,6 +22,7 @@ from typing import Callable, Dict, Hashable, Optional
 import torch
 
 from ._env import interpreting
+from .gpu_time import gpu_median
 
 __all__ = ["FirstUseChoice", "can_time_on_gpu"]
 
@@ -32,9 +36,8 @@ def can_time_on_gpu() -> bool:
     return not torch.compiler.is_compiling()
 
 
-def _do_bench_ms(fn: Callable[[], None]) -> float:
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=2, rep=10, return_mode="median")
+def _gpu_ms(fn: Callable[[], None]) -> float:
+    return gpu_median(fn, calls=20, warmup=2)
 
 
 class FirstUseChoice:
@@ -48,7 +51,7 @@ class FirstUseChoice:
     """
 
     def __init__(self, what: str, mode: str = "auto",
-                 timer: Callable[[Callable[[], None]], float] = _do_bench_ms,
+                 timer: Callable[[Callable[[], None]], float] = _gpu_ms,
                  can_time: Callable[[], bool] = can_time_on_gpu):
         self.what = what
         self.mode = mode

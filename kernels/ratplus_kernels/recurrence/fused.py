@@ -66,6 +66,7 @@ import triton
 import triton.language as tl
 
 from .._env import interpreting as _interpreting
+from ..gpu_time import autotune_bench, gpu_median
 from . import streaming as _streaming
 from .tiles import (
     _affine_combine,
@@ -386,23 +387,27 @@ def _pruner(fallback, backward: bool):
 
 _fwd_tuned = triton.autotune(
     configs=_fwd_configs(), key=["D", "T_KEY", "BH_KEY"], reset_to_zero=_STATUS_ARGS,
+    do_bench=autotune_bench,
     prune_configs_by={"early_config_prune": _pruner(lambda bt_f: _cfg(64, 32, 1, 4), False)},
 )(_fwd_kernel)
 
 _bwd_tuned = triton.autotune(
     configs=_bwd_configs(), key=["D", "T_KEY", "BH_KEY", "BT_F"], reset_to_zero=_STATUS_ARGS,
+    do_bench=autotune_bench,
     prune_configs_by={"early_config_prune": _pruner(
         lambda bt_f: _cfg(bt_f, 32, 1, max(4, min(16, bt_f // 8)), 1), True)},
 )(_bwd_kernel)
 
 _stream_fwd_tuned = triton.autotune(
     configs=_streaming.stream_fwd_configs(), key=["D", "T_KEY", "BH_KEY"],
+    do_bench=autotune_bench,
     prune_configs_by={"early_config_prune": _pruner(lambda bt_f: _streaming._stream_cfg(16, 16, 1, 4),
                                                     False)},
 )(_streaming._stream_fwd_kernel)
 
 _stream_bwd_tuned = triton.autotune(
     configs=_streaming.stream_bwd_configs(), key=["D", "T_KEY", "BH_KEY", "BT_F"],
+    do_bench=autotune_bench,
     prune_configs_by={"early_config_prune": _pruner(lambda bt_f: _streaming._stream_cfg(bt_f, 16, 1, 4),
                                                     True)},
 )(_streaming._stream_bwd_kernel)
@@ -498,17 +503,18 @@ def _interpret_meta(direction: str) -> dict:
 
 def _select_design(key, options):
     """Launch kwargs for ``key``: each design's block tuned once by ``triton.autotune``, then the
-    two winners timed against each other (``triton.testing.do_bench``, with the allocations and
-    flag zeroing a real call makes) and the faster one kept. ``options``: ``(tuned, run)`` pairs,
-    ``run(kernel, meta)`` launching ``kernel`` (the autotuner with ``{}``, or a plain kernel)."""
+    two winners timed against each other (GPU time, the host's launch time hidden: :mod:`..gpu_time`;
+    with the allocations and flag zeroing a real call makes) and the faster one kept.
+    ``options``: ``(tuned, run)`` pairs, ``run(kernel, meta)`` launching ``kernel`` (the autotuner
+    with ``{}``, or a plain kernel)."""
     meta = _TUNED.get(key)
     if meta is None:
         best = None
         for tuned, run in options:
             run(tuned, {})
             cand = _launch_kwargs(tuned.best_config)
-            ms = triton.testing.do_bench(lambda run=run, fn=tuned.fn, cand=cand: run(fn, cand),
-                                         warmup=10, rep=40)
+            ms = gpu_median(lambda run=run, fn=tuned.fn, cand=cand: run(fn, cand), calls=20,
+                            warmup=3)
             if best is None or ms < best[0]:
                 best = (ms, cand)
         meta = _TUNED[key] = best[1]
