@@ -214,6 +214,53 @@ def test_fused_w0_tma_single_pass(T, D, P, fused_view):
     assert "bwd_w0" in fused_mod._LAST_KERNELS
 
 
+@pytest.mark.parametrize("T,D,P", [(80, 16, 0), (70, 4, 1), (33, 5, 40), (64, 64, 0), (17, 16, 0),
+                                   (40, 64, 0), (50, 1, 0)])
+@pytest.mark.parametrize("tiles", ["pointer", "tma", "device"])
+def test_fused_w0_single_pass_forward(monkeypatch, T, D, P, tiles):
+    """The single-pass W = 0 forward (global keys loaded once per query segment, exact softmax
+    per row) against the reference: fp32 with pointer loads, bf16 on TMA tiles made on the host
+    or in the kernel (views of a fused projection, rows past T read as zeros), several segments."""
+    extra = dict(num_warps=4, num_stages=1)
+    w0 = dict(BLK=16, NGC_MAX=64, LOOP_STAGES=1, **extra)
+    if tiles != "pointer":
+        w0["TMA"] = True if tiles == "tma" else "device"
+    made = []
+    if tiles == "device":
+        monkeypatch.setattr(fused_mod, "_device_tile", _counting_device_tile(made))
+    bwd = dict({name: dict(c, **extra) for name, c in _SPLIT_BWD.items()}, w0=None, w0_tma=None)
+    fused_mod._LAST_KERNELS.clear()
+    with fused_mod.block_config(fwd=dict(BM=16, BN=16, BG=16, w0=w0, **extra), bwd=bwd):
+        if tiles == "pointer":
+            _check(T, 2, 2, 16, (D, 0, P), seed=T + P)
+        else:
+            _check(T, 2, 2, 16, (D, 0, P), dtype=torch.bfloat16, fused_view=True, tol=(1e-2, 2e-2),
+                   seed=T + P)
+    assert "fwd_w0" in fused_mod._LAST_KERNELS and "fwd" not in fused_mod._LAST_KERNELS
+    assert (tiles == "device") == bool(made)
+
+
+def test_fused_w0_forward_choice(monkeypatch):
+    """Without a timer "auto" runs the per-block forward; a forced mode runs its kernel where the
+    single pass applies (W = 0, few global keys), the per-block forward elsewhere."""
+    choice = FirstUseChoice("W=0 forward")
+    monkeypatch.setattr(fused_mod, "W0_FORWARD", choice)
+    w0 = dict(BLK=16, NGC_MAX=32, num_warps=4, num_stages=1)
+    monkeypatch.setattr(fused_mod, "_fwd_config",
+                        lambda dh, dtype: dict(BM=16, BN=16, BG=16, num_warps=4, num_stages=1, w0=w0))
+    for mode, pattern, T, expected in [("auto", (16, 0, 0), 80, "fwd"),
+                                       ("single_pass", (16, 0, 0), 80, "fwd_w0"),
+                                       ("blocks", (16, 0, 0), 80, "fwd"),
+                                       ("single_pass", (16, 3, 0), 80, "fwd"),     # W > 0
+                                       ("single_pass", (2, 0, 0), 90, "fwd")]:     # 45 keys > 32
+        choice.mode = mode
+        fused_mod._LAST_KERNELS.clear()
+        _check(T, 1, 2, 16, pattern, seed=7)
+        other = "fwd_w0" if expected == "fwd" else "fwd"
+        assert expected in fused_mod._LAST_KERNELS and other not in fused_mod._LAST_KERNELS, (mode, pattern)
+        assert not choice.choices
+
+
 @pytest.mark.parametrize("T,D,W,P,fused_view", [(83, 16, 20, 4, True), (70, 4, 0, 1, False),
                                                 (47, -1, 37, 0, True), (40, 1, 3, 2, False),
                                                 (33, 5, 40, 0, False)])
@@ -484,6 +531,20 @@ def test_gpu_w0_single_pass(poisoned, T, D, P, Dh, tma):
     with fused_mod.block_config(bwd=bwd):
         _check(T, 2, 4, Dh, (D, 0, P), dtype=torch.bfloat16, fused_view=True, tol=(1e-2, 2e-2), seed=T)
     assert "bwd_w0" in fused_mod._LAST_KERNELS
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,D,P,Dh", [(4096, 64, 0, 128), (1000, 64, 0, 64), (777, 16, 3, 128)])
+@pytest.mark.parametrize("tma", [False, True, "device"])
+def test_gpu_w0_single_pass_forward(poisoned, T, D, P, Dh, tma):
+    """The single-pass W = 0 forward (whether or not the first-use choice keeps it) at realistic
+    and odd shapes, pointer loads or pipelined TMA tiles (host or in-kernel descriptors)."""
+    w0 = dict(fused_mod._FWD_W0_CONFIG, TMA=tma)
+    fwd = dict(BM=64, BN=32, BG=32, num_warps=4, num_stages=3, w0=w0)
+    fused_mod._LAST_KERNELS.clear()
+    with fused_mod.block_config(fwd=fwd, bwd=fused_mod._bwd_config(Dh, torch.bfloat16)):
+        _check(T, 2, 4, Dh, (D, 0, P), dtype=torch.bfloat16, fused_view=True, tol=(1e-2, 2e-2), seed=T)
+    assert "fwd_w0" in fused_mod._LAST_KERNELS
 
 
 @pytest.mark.gpu

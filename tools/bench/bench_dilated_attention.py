@@ -220,6 +220,13 @@ FWD_SWEEP = [dict(BM=64, BN=32, BG=32, num_warps=4, num_stages=3),
              dict(BM=64, BN=64, BG=32, num_warps=4, num_stages=3, TMA=True),
              dict(BM=128, BN=64, BG=32, num_warps=8, num_stages=3, TMA=True),
              dict(BM=128, BN=32, BG=32, num_warps=8, num_stages=3, TMA=True)]
+# ninth session: the single-pass W = 0 forward (runs where it applies: W = 0, few global keys)
+_FWD_DEFAULT = dict(BM=64, BN=32, BG=32, num_warps=4, num_stages=3, TMA=True)
+FWD_SWEEP += [dict(_FWD_DEFAULT, w0=dict(BLK=blk, NGC_MAX=64, num_warps=nw, num_stages=1, LOOP_STAGES=st,
+                                         PROGS_PER_SM=per_sm, TMA=True))
+              for blk, nw, st, per_sm in [(64, 4, 3, 2), (64, 4, 3, 1), (64, 4, 3, 4), (64, 4, 2, 2),
+                                          (64, 8, 3, 2), (128, 8, 3, 2), (32, 4, 3, 2), (32, 4, 4, 4),
+                                          (64, 4, 4, 2)]]
 BWD_SWEEP_VARIANTS = {
     "dq": [dict(BLK=128, BN1=64, BG=64, num_warps=8, num_stages=2),
            dict(BLK=64, BN1=64, BG=64, num_warps=8, num_stages=2),
@@ -286,7 +293,8 @@ def run_sweep(args) -> None:
     q, k, v, do = (torch.randn(T, B, H, DH, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     for x in (q, k, v):
         x.requires_grad_(True)
-    fwd_cfgs = FWD_SWEEP if args.sweep_kinds is None or "fwd" in args.sweep_kinds else []
+    fwd_cfgs = [c for c in FWD_SWEEP if args.sweep_kinds is None
+                or ("fwd_w0" if "w0" in c else "fwd") in args.sweep_kinds]
     # explicit configurations: the split backward unless a variant sets the single pass
     base = dict(fm._bwd_config(DH, torch.bfloat16), **_NO_SINGLE_PASS)
     variants = {n: cs for n, cs in BWD_SWEEP_VARIANTS.items()
@@ -296,13 +304,16 @@ def run_sweep(args) -> None:
     print("\nsweep at B=4 T=4096 (ms of GPU kernel time from the profiler: forward, forward+backward)")
     for pat in PATTERNS:
         for fc in fwd_cfgs:
+            if "w0" in fc and not _single_pass_applies(fm, T, pat):
+                continue                                  # W > 0 or too many global keys
+            fm._LAST_KERNELS.clear()
             with fm.block_config(fwd=fc):
                 try:
                     ms = bench_kernels(lambda pat=pat: fused_dilated_attention(qd, kd, vd, *pat))
                 except Exception as e:  # noqa: BLE001  (a config may not compile / fit)
                     ms = float("nan")
                     print("  fwd cfg failed:", fc, type(e).__name__, str(e)[-300:])
-            print(f"  {pat} fwd {fc}: {ms:.4f} {_regs(fm, 'fwd')}")
+            print(f"  {pat} fwd {fc}: {ms:.4f} {_regs(fm, 'fwd_w0' if 'w0' in fc else 'fwd')}")
         out = fused_dilated_attention(q, k, v, *pat)
         for bc in bwd_cfgs:
             if pat[1] == 0 and bc["dkdv"] != base["dkdv"]:
@@ -431,12 +442,13 @@ def run_main(args) -> None:
                 f"{ANCHORS['sdpa'] / g:.1f}x"
         print(line)
     import ratplus_kernels.dilated_attention.fused as fm
-    if fm.W0_BACKWARD.timings:
-        print("\nW = 0 backward chosen at first use (W0_BACKWARD, mode 'auto'; backward ms per candidate):")
-        for key, times in fm.W0_BACKWARD.timings.items():
-            T, BH, _, D, P = key[:5]
-            print(f"  T<={T} B*H<={BH} D={D} P={P}: " + ", ".join(f"{n} {t:.3f}" for n, t in times.items())
-                  + f" -> {fm.W0_BACKWARD.choices[key]}")
+    for what, choice in (("forward", fm.W0_FORWARD), ("backward", fm.W0_BACKWARD)):
+        if choice.timings:
+            print(f"\nW = 0 {what} chosen at first use (mode '{choice.mode}'; GPU ms per candidate):")
+            for key, times in choice.timings.items():
+                T, BH, _, D, P = key[:5]
+                print(f"  T<={T} B*H<={BH} D={D} P={P}: "
+                      + ", ".join(f"{n} {t:.3f}" for n, t in times.items()) + f" -> {choice.choices[key]}")
 
 
 def run_decode_sweep(args) -> None:
@@ -509,7 +521,7 @@ def main() -> None:
     ap.add_argument("--flex-shapes", type=shapes_arg, default=None,
                     help="BxT list to run flex on (default: all)")
     ap.add_argument("--sweep-kinds", default=None, type=lambda x: x.split(","),
-                    help="--sweep only these: fwd and/or backward kernels among "
+                    help="--sweep only these: fwd, fwd_w0 (single-pass W = 0 forward) and/or backward kernels among "
                          + ",".join(BWD_SWEEP_VARIANTS) + " (default: all)")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--decode-sweep", action="store_true")
@@ -527,9 +539,9 @@ def main() -> None:
                 raise ValueError("not D/W/P")
         except ValueError:
             ap.error(f"--patterns: expected D/W/P items like 64/0/0, got {args.patterns!r}")
-    unknown = set(args.sweep_kinds or []) - {"fwd", *BWD_SWEEP_VARIANTS}
+    unknown = set(args.sweep_kinds or []) - {"fwd", "fwd_w0", *BWD_SWEEP_VARIANTS}
     if unknown:
-        ap.error(f"--sweep-kinds: unknown {sorted(unknown)}; choose from fwd," + ",".join(BWD_SWEEP_VARIANTS))
+        ap.error(f"--sweep-kinds: unknown {sorted(unknown)}; choose from fwd,fwd_w0," + ",".join(BWD_SWEEP_VARIANTS))
     if args.selftest:
         selftest()
         return

@@ -65,6 +65,12 @@ so ``o`` is not read: 7 tensor passes (q, k, v, do in; dq, dk, dv out) against t
 backward's 8 plus the far pass's reread of q and do. The products are written key-major
 (``[global keys, queries]``) so that no operand is replicated across warps.
 
+Single-pass forward for ``W = 0`` (``_fwd_w0_kernel``, same condition as the single-pass backward;
+chosen on first use against the per-block forward, see ``W0_FORWARD``): one program per (query
+segment, batch x head) loads the global keys of its head once and walks its query blocks with the
+row tiles prefetched by the software pipeliner; every allowed key of a row is in one iteration, so
+the softmax needs no running rescale.
+
 TMA row tiles: a launch configuration may set ``TMA`` (1: descriptors encoded on the host; "device":
 built in the kernel). Contiguous row tiles (q, o, do, the band's and the diagonal's k, v) are then
 read as boxes of the 2-D ``[T, columns]`` view of the ``[T, B, H, Dh]`` tensor (row stride
@@ -267,6 +273,69 @@ def _fwd_kernel(
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=_row_mask(rmask, dmask, EVEN_D))
     lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
     tl.store(LSE + bh.to(tl.int64) * T + rows, lse, mask=rmask)
+
+
+@triton.jit
+def _fwd_w0_kernel(
+    Q, K, V, QD, KD, VD, O, LSE,
+    sqt, sqb, sqh, skt, skb, skh, svt, svb, svh, sot, sob, soh,
+    T, H, P, D, CMIN, NS, SEG, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    BLK: tl.constexpr, NGC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+):
+    """Single-pass forward for W = 0 with few global keys (``NG <= NGC``): one program per
+    (segment of SEG queries, batch x head) loads the global keys of its head once, then walks its
+    query blocks with the row tiles (q and the diagonal's k, v) prefetched ``LOOP_STAGES - 1``
+    blocks ahead. Every allowed key of a row (the gathered global keys ``j < t`` and the row
+    itself) is seen in one iteration, so the softmax is exact, with no running rescale.
+
+    Against the per-query-block forward (one program per block, each gathering the global keys
+    from L2 and waiting on its own loads) this keeps the loads of the next blocks in flight and
+    reads the global keys once per segment."""
+    pid_s = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    o_base = O + b * sob + h * soh
+    m_lo = pid_s * SEG
+    m_hi = tl.minimum(m_lo + SEG, T)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    # global keys some query of the segment sees beyond its diagonal (j < t <= m_hi - 1)
+    g = tl.arange(0, NGC)
+    gv = g < _n_global(m_hi - 2, P, D, CMIN)
+    j = _global_key(g, P, D, CMIN, NS)
+    kg = _load_rows(k_base, j, skt, gv, d, dmask, EVEN_D)
+    vg = _load_rows(v_base, j, svt, gv, d, dmask, EVEN_D)
+    if TMA == 2:
+        QD = _device_tile(Q, T, sqt, BLK, HEAD_DIM)
+        KD = _device_tile(K, T, skt, BLK, HEAD_DIM)
+        VD = _device_tile(V, T, svt, BLK, HEAD_DIM)
+    qcol = (b * sqb + h * sqh).to(tl.int32)
+    kcol = (b * skb + h * skh).to(tl.int32)
+    vcol = (b * svb + h * svh).to(tl.int32)
+    for m0 in tl.range(m_lo, m_hi, BLK, num_stages=LOOP_STAGES):
+        rows = m0 + tl.arange(0, BLK)
+        rm = rows < m_hi
+        q = _row_tile(QD, q_base, m0, qcol, rows, sqt, rm, d, dmask, EVEN_D, TMA)
+        kn = _row_tile(KD, k_base, m0, kcol, rows, skt, rm, d, dmask, EVEN_D, TMA)
+        vn = _row_tile(VD, v_base, m0, vcol, rows, svt, rm, d, dmask, EVEN_D, TMA)
+        s = _dot(q, tl.trans(kg), PREC, UPCAST) * qk_scale
+        s = tl.where(gv[None, :] & (j[None, :] < rows[:, None]), s, float("-inf"))
+        s_d = tl.sum(q.to(tl.float32) * kn.to(tl.float32), 1) * qk_scale    # the row itself
+        m = tl.maximum(tl.max(s, 1), s_d)                                     # finite: s_d is
+        p = tl.exp2(s - m[:, None])
+        p_d = tl.exp2(s_d - m)
+        l_i = tl.sum(p, 1) + p_d
+        acc = _dot(p.to(vg.dtype), vg, PREC, UPCAST) + p_d[:, None] * vn.to(tl.float32)
+        out = acc / l_i[:, None]
+        o_ptr = o_base + rows[:, None].to(tl.int64) * sot + d[None, :]
+        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=_row_mask(rm, dmask, EVEN_D))
+        tl.store(LSE + bh.to(tl.int64) * T + rows, (m + tl.log2(l_i)) * 0.6931471805599453, mask=rm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -668,6 +737,12 @@ _W0_CONFIG: Optional[dict] = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1,
 # eagerly, host time included) where the inputs allow TMA (_row_tiles_ok).
 _W0_TMA_CONFIG: Optional[dict] = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=3,
                                       PROGS_PER_SM=8, FOLD_DIAG=True)
+# The single-pass W = 0 forward (``_fwd_w0_kernel``; bf16/fp16 on the GPU), a candidate of the
+# first-use choice W0_FORWARD where the global keys fit one tile of NGC_MAX rows; None: per-block
+# forward only. TMA row tiles prefetched LOOP_STAGES - 1 query blocks ahead (pointer loads where
+# the inputs do not allow TMA).
+_FWD_W0_CONFIG: Optional[dict] = dict(BLK=64, NGC_MAX=64, num_warps=4, num_stages=1, LOOP_STAGES=3,
+                                      PROGS_PER_SM=2, TMA=True)
 # A dq-kernel configuration for W = 0 that compiles for sm_90 without spills (205 registers, 2 CTAs
 # per SM; the default spills): a candidate of the same first-use choice. Measured on the H100 it
 # wins at T=4096, D=64 over the default dq tiling (0.357 vs 0.386 ms backward) and loses at D=16
@@ -704,7 +779,7 @@ def _fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
     # TMA row tiles (where the inputs allow them): on an H100 at B=4, T=4096, 16x128 heads
     # (seventh session, profiler kernel time) 0.105 vs 0.122 ms at D=64/W=0 and 0.196 vs 0.218
     # ms at D=16/W=256/P=4; 168 / 134 registers instead of 207 / 162
-    return dict(BM=64, BN=32, BG=32, num_warps=4, num_stages=3, TMA=True)
+    return dict(BM=64, BN=32, BG=32, num_warps=4, num_stages=3, TMA=True, w0=_FWD_W0_CONFIG)
 
 
 def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
@@ -757,23 +832,56 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 def _forward(q, k, v, dilation, window, initial, scale):
     T, B, H, Dh = q.shape
-    D, cmin, ns, _ = _pattern_args(T, dilation, initial)
+    D, cmin, ns, ng = _pattern_args(T, dilation, initial)
     out = _new_output((T, B, H, Dh), q.dtype, q.device)
     lse = _new_output((B, H, T), torch.float32, q.device)
     cfg = _fwd_config(Dh, q.dtype)
+    w0_cfg = cfg.pop("w0", None)
     block_d, even_d = _dims(Dh)
-    grid = (triton.cdiv(T, cfg["BM"]), B * H)
-    # TMA tiles where asked for and possible (else the same kernel with pointer loads)
-    kv_rows = cfg["BM"] if window == 0 else cfg["BN"]
-    tiles = _tile_args(cfg, [(q, cfg["BM"]), (k, kv_rows), (v, kv_rows)])
-    _LAST_KERNELS["fwd"] = _fwd_kernel[grid](
-        q, k, v, *tiles, out, lse,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        T, H, window, initial, D, cmin, ns, scale * _LOG2E,
-        HEAD_DIM=Dh, BLOCK_D=block_d, EVEN_D=even_d, PREC=_prec(q.dtype), UPCAST=_upcast(q.dtype),
-        W_ZERO=window == 0, **cfg,
-    )
+    common = dict(HEAD_DIM=Dh, BLOCK_D=block_d, EVEN_D=even_d, PREC=_prec(q.dtype),
+                  UPCAST=_upcast(q.dtype))
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
+
+    def blocks():
+        c = dict(cfg)
+        # TMA tiles where asked for and possible (else the same kernel with pointer loads)
+        kv_rows = c["BM"] if window == 0 else c["BN"]
+        tiles = _tile_args(c, [(q, c["BM"]), (k, kv_rows), (v, kv_rows)])
+        _LAST_KERNELS["fwd"] = _fwd_kernel[(triton.cdiv(T, c["BM"]), B * H)](
+            q, k, v, *tiles, out, lse, *strides,
+            T, H, window, initial, D, cmin, ns, scale * _LOG2E, W_ZERO=window == 0, **common, **c,
+        )
+
+    ngc = _w0_tile(w0_cfg, window, ng, block_d)
+    if not ngc:
+        blocks()
+        return out, lse
+
+    def single_pass():
+        c = dict(w0_cfg)
+        per_sm = c.pop("PROGS_PER_SM", 2)
+        c.pop("NGC_MAX")
+        c.setdefault("LOOP_STAGES", 1)
+        tiles = _tile_args(c, [(x, c["BLK"]) for x in (q, k, v)])
+        seg = _query_segment(T, B * H, c["BLK"], per_sm, q.device)
+        _LAST_KERNELS["fwd_w0"] = _fwd_w0_kernel[(triton.cdiv(T, seg), B * H)](
+            q, k, v, *tiles, out, lse, *strides,
+            T, H, initial, D, cmin, ns, seg, scale * _LOG2E, NGC=ngc, **common, **c,
+        )
+
+    # W = 0 with few global keys: the per-block forward (the default without a timer) or the
+    # single pass, timed on first use; an explicit configuration with "w0" runs the single pass
+    key = (triton.next_power_of_2(T), triton.next_power_of_2(B * H), Dh, dilation, initial, q.dtype,
+           str(q.device))
+    forced = "single_pass" if _OVERRIDE["fwd"] is not None else None
+    W0_FORWARD.run(key, {"blocks": blocks, "single_pass": single_pass}, forced)
     return out, lse
+
+
+# On the GPU the first W = 0 forward of each shape with few enough global keys times the
+# per-block forward against the single pass on the real inputs and keeps the faster; set
+# ``W0_FORWARD.mode`` to "blocks" or "single_pass" to force one.
+W0_FORWARD = FirstUseChoice("dilated-attention W=0 forward")
 
 
 def _query_segment(T: int, n_programs_other: int, bm: int, progs_per_sm: int, device) -> int:
