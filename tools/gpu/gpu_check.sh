@@ -21,6 +21,8 @@
 #   rec_spread  bench_recurrence.py --spread --sweep-only (per-call spread of the anchor's backward)
 #   da_tests    pytest -m gpu tests/kernels/test_dilated_attention.py (DA_TEST_K: a -k filter)
 #   da_bench    bench_dilated_attention.py $DA_ARGS
+#   da_ncu      Nsight Compute sections of one forward + backward (tools/bench/profile_dilated.py
+#               $DA_NCU_ARGS, e.g. --forward single_pass; DA_NCU_FILTER: ncu options, e.g. -k regex:w0)
 #   da_sweep    bench_dilated_attention.py --sweep --no-main --no-decode (every launch configuration,
 #               the single-pass W = 0 backward included) and $DA_SWEEP_ARGS (default --profile:
 #               per-kernel times)
@@ -91,6 +93,10 @@ for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
     rec_ncu)   TAIL=${TAIL:-400} step rec_ncu 300 ncu --profile-from-start off --section SpeedOfLight \
                  --section Occupancy --section LaunchStats --section WarpStateStats \
                  --section MemoryWorkloadAnalysis python3 tools/bench/profile_recurrence.py ${REC_NCU_ARGS:-} ;;
+    da_ncu)    TAIL=${TAIL:-400} step da_ncu 300 ncu --profile-from-start off --section SpeedOfLight \
+                 --section Occupancy --section LaunchStats --section WarpStateStats \
+                 --section MemoryWorkloadAnalysis ${DA_NCU_FILTER:-} python3 tools/bench/profile_dilated.py \
+                 ${DA_NCU_ARGS:-} ;;
     rec_spread) step rec_spread 240 python3 tools/bench/bench_recurrence.py --no-fla --spread --sweep-only ;;
     gpu_tests) step gpu_tests 480 python3 -m pytest -q -p no:cacheprovider -m gpu tests ;;
     da_tests)  step da_tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_dilated_attention.py \
