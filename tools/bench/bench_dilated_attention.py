@@ -226,7 +226,7 @@ FWD_SWEEP += [dict(_FWD_DEFAULT, w0=dict(BLK=blk, NGC_MAX=64, num_warps=nw, num_
                                          PROGS_PER_SM=per_sm, TMA=True))
               for blk, nw, st, per_sm in [(64, 4, 3, 2), (64, 4, 3, 1), (64, 4, 3, 4), (64, 4, 2, 2),
                                           (64, 8, 3, 2), (128, 8, 3, 2), (32, 4, 3, 2), (32, 4, 4, 4),
-                                          (64, 4, 4, 2)]]
+                                          (64, 4, 4, 2), (64, 4, 3, 8), (64, 4, 3, 6)]]
 BWD_SWEEP_VARIANTS = {
     "dq": [dict(BLK=128, BN1=64, BG=64, num_warps=8, num_stages=2),
            dict(BLK=64, BN1=64, BG=64, num_warps=8, num_stages=2),
