@@ -733,8 +733,9 @@ _W0_CONFIG: Optional[dict] = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1,
 # query blocks ahead by the software pipeliner (the pointer version waits for each block's loads
 # at one CTA per SM): 0.409 ms forward+backward at the anchor (seventh session, 3 stages; 2 stages
 # 0.449, 4 stages 0.416), but about 270 us more host time per call for encoding its four
-# descriptors (tools/bench/launch_overhead.py). A candidate of the same first-use choice (timed
-# eagerly, host time included) where the inputs allow TMA (_row_tiles_ok).
+# descriptors (tools/bench/launch_overhead.py). A candidate of the same first-use choice (ranked
+# by GPU time, so it wins at the anchor: 0.308-0.310 vs 0.331 ms backward, ninth session) where
+# the inputs allow TMA (_row_tiles_ok).
 _W0_TMA_CONFIG: Optional[dict] = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=3,
                                       PROGS_PER_SM=8, FOLD_DIAG=True)
 # The single-pass W = 0 forward (``_fwd_w0_kernel``; bf16/fp16 on the GPU), a candidate of the
