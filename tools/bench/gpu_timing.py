@@ -4,11 +4,24 @@ histogram of per-call timings."""
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Callable, Dict, List
 
+import torch
 from ratplus_kernels.gpu_time import gpu_median, gpu_times, percentile
 
-__all__ = ["gpu_median", "gpu_times", "percentile", "histogram"]
+__all__ = ["gpu_median", "gpu_times", "percentile", "histogram", "profile_once"]
+
+
+def profile_once(step: Callable[[], object], warmup: int = 3) -> None:
+    """Run ``step`` ``warmup`` times (compilation, autotuning, first-use choices), then once inside
+    the CUDA profiler range, so that ``ncu --profile-from-start off`` profiles only that call."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
 
 
 def histogram(sorted_ms: List[float], width_ms: float = 0.025) -> List[str]:

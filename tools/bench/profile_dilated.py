@@ -12,9 +12,14 @@ candidate of the W = 0 first-use choices (``W0_FORWARD`` / ``W0_BACKWARD``) inst
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from gpu_timing import profile_once  # noqa: E402
 
 H, DH = 16, 128
 
@@ -32,9 +37,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--pattern", type=_pattern, default=(64, 0, 0), help="D/W/P (default 64/0/0)")
-    ap.add_argument("--forward", default="auto", help="W = 0 forward: auto, blocks or single_pass")
+    ap.add_argument("--forward", default="auto", choices=["auto", "blocks", "single_pass"],
+                    help="W = 0 forward (default: timed on first use)")
     ap.add_argument("--backward", default="auto",
-                    help="W = 0 backward: auto, split, split_dq_w0, single_pass or single_pass_tma")
+                    choices=["auto", "split", "split_dq_w0", "single_pass", "single_pass_tma"],
+                    help="W = 0 backward (default: timed on first use)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -52,13 +59,7 @@ def main(argv=None) -> int:
         out = fm.fused_dilated_attention(q, k, v, *args.pattern)
         torch.autograd.grad(out, (q, k, v), do)
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.start()
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.stop()
+    profile_once(step)
     print(f"profiled one forward + backward at B={args.batch} T={args.seq_len} D/W/P={args.pattern} "
           f"({H}x{DH} heads, bf16); kernels: {sorted(fm._LAST_KERNELS)}")
     return 0

@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_recurrence import D, H, make_inputs  # noqa: E402
+from gpu_timing import profile_once  # noqa: E402
 from ratplus_kernels.recurrence import fused_gated_recurrence  # noqa: E402
 
 
@@ -39,13 +40,7 @@ def main(argv=None) -> int:
         ko, vo, _ = fused_gated_recurrence(g, k, v)
         torch.autograd.grad((ko, vo), (g, k, v), (dko, dvo))
 
-    for _ in range(3):                           # autotuning, design choice, warm-up
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.start()
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.stop()
+    profile_once(step)
     print(f"profiled one forward + backward at B={args.batch} T={args.seq_len} ({H}x{D} heads, bf16)")
     return 0
 
