@@ -178,28 +178,6 @@ def test_fused_other_block_shapes(fwd, bwd):
 _SPLIT_BWD = dict(dq=dict(BLK=16, BN1=16, BG=16), dkdv=dict(BLK=16, BM2=16), far=dict(BG=16, BM2=16))
 
 
-@pytest.mark.parametrize("T,D,W,P,blocks,dtype", [
-    (200, 16, 64, 2, 16, torch.float32),       # W >= BM + BN - 1: several interior band tiles
-    (150, -1, 48, 0, 16, torch.float32),       # local only
-    (173, 8, 95, 3, 32, torch.float32),        # 32-row blocks, T not a multiple of anything
-    (181, 16, 70, 4, 16, torch.bfloat16),      # TMA tiles of views of a fused projection
-])
-def test_fused_band_interior_tiles(T, D, W, P, blocks, dtype):
-    """Band tiles whose pairs are all allowed run without the mask (forward, dq, band dk/dv):
-    bands several tiles wide, so that every kernel has interior tiles between masked ones."""
-    extra = dict(num_warps=4, num_stages=1)
-    if dtype == torch.bfloat16:
-        extra["TMA"] = True
-    b = blocks
-    bwd = dict(dq=dict(BLK=b, BN1=16, BG=16, **extra), dkdv=dict(BLK=16, BM2=b, **extra),
-               far=dict(BG=16, BM2=16, **extra), w0=None, w0_tma=None)
-    with fused_mod.block_config(fwd=dict(BM=b, BN=16, BG=16, **extra), bwd=bwd):
-        if dtype == torch.float32:
-            _check(T, 2, 1, 16, (D, W, P), seed=T)
-        else:
-            _check(T, 2, 2, 16, (D, W, P), dtype=dtype, fused_view=True, tol=(1e-2, 2e-2), seed=T)
-
-
 @pytest.mark.parametrize("T,D,P", [(80, 16, 0), (90, 4, 0), (70, 4, 1), (48, 7, 9), (33, 5, 40),
                                    (50, 1, 0), (40, -1, 0), (64, 64, 0), (17, 16, 0)])
 @pytest.mark.parametrize("path", ["single_pass", "single_pass_fold", "split"])

@@ -166,27 +166,6 @@ def _row_tile(desc, base, row0, col, rows, stride_t, rmask, d, dmask, EVEN_D: tl
 
 
 @triton.jit
-def _interior_key_tiles(n0, BM: tl.constexpr, lo, hi, W, BN: tl.constexpr):
-    """Split the band's key tiles ``[lo, hi)`` (multiples of BN) of the query block ``[n0, n0 + BM)``
-    at ``lo <= f_lo <= f_hi <= hi``: the tiles in ``[f_lo, f_hi)`` hold only allowed pairs for every
-    row of the block (``j + BN - 1 <= n0 <= t`` and ``t - j <= W``), so they need no mask."""
-    f_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(n0 + BM - 1 - W, 0), BN) * BN, lo), hi)
-    f_hi = tl.maximum(tl.minimum((n0 + 1) // BN * BN, hi), f_lo)
-    return f_lo, f_hi
-
-
-@triton.jit
-def _interior_query_tiles(n0, BLK: tl.constexpr, m_lo, m_hi, W, BM: tl.constexpr):
-    """The same for the key block ``[n0, n0 + BLK)`` and its band queries ``[m_lo, m_hi)``
-    (``m_lo = n0``, tiles of BM): the query tiles in ``[u_lo, u_hi)`` have ``t >= n0 + BLK - 1``,
-    ``t - n0 <= W`` and ``t < m_hi`` for every query, so every pair is allowed."""
-    u_lo = tl.minimum(m_lo + tl.cdiv(BLK - 1, BM) * BM, m_hi)
-    u_end = tl.minimum((W + 1) // BM, (m_hi - m_lo) // BM) * BM
-    u_hi = tl.maximum(m_lo + u_end, u_lo)
-    return u_lo, u_hi
-
-
-@triton.jit
 def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """``a @ b`` with fp32 accumulation. UPCAST (interpreter with bf16 only, whose bf16 dot is
     wrong in Triton 3.8's interpreter) multiplies the exactly-upcast operands instead."""
@@ -197,10 +176,8 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _online_update(s, allowed, vv, m_i, l_i, acc, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                   MASKED: tl.constexpr = True):
-    if MASKED:
-        s = tl.where(allowed, s, float("-inf"))
+def _online_update(s, allowed, vv, m_i, l_i, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_use[:, None])
@@ -213,24 +190,6 @@ def _online_update(s, allowed, vv, m_i, l_i, acc, PREC: tl.constexpr, UPCAST: tl
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def _fwd_band_tiles(q, m_i, l_i, acc, rows, c_lo, c_hi, T, W, k_base, v_base, skt, svt, d, dmask,
-                    qk_scale, KD, VD, kcol, vcol, EVEN_D: tl.constexpr, BN: tl.constexpr,
-                    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr):
-    """Online softmax over the contiguous band key tiles ``[c_lo, c_hi)`` (MASKED: the band mask
-    ``0 <= t - j <= W``, ``j < T``; else tiles whose pairs are all allowed)."""
-    for c0 in range(c_lo, c_hi, BN):
-        cols = c0 + tl.arange(0, BN)
-        cm = cols < T
-        kk = _row_tile(KD, k_base, c0, kcol, cols, skt, cm, d, dmask, EVEN_D, TMA)
-        vv = _row_tile(VD, v_base, c0, vcol, cols, svt, cm, d, dmask, EVEN_D, TMA)
-        s = _dot(q, tl.trans(kk), PREC, UPCAST) * qk_scale
-        diff = rows[:, None] - cols[None, :]
-        allowed = cm[None, :] & (diff >= 0) & (diff <= W)
-        m_i, l_i, acc = _online_update(s, allowed, vv, m_i, l_i, acc, PREC, UPCAST, MASKED)
-    return m_i, l_i, acc
-
-
 @triton.jit
 def _fwd_kernel(
     Q, K, V, QD, KD, VD, O, LSE,
@@ -295,20 +254,18 @@ def _fwd_kernel(
         acc = acc * alpha[:, None] + p[:, None] * vn
         m_i = m_new
     else:
-        # near keys: the causal band [t - W, t], tiles covering [n0 - W, n0 + BM); the interior
-        # tiles (every pair allowed) skip the mask
+        # near keys: the causal band [t - W, t], tiles covering [n0 - W, n0 + BM)
         lo = tl.maximum(n0 - W, 0) // BN * BN
         hi = tl.minimum(n0 + BM, T)
-        f_lo, f_hi = _interior_key_tiles(n0, BM, lo, hi, W, BN)
-        m_i, l_i, acc = _fwd_band_tiles(q, m_i, l_i, acc, rows, lo, f_lo, T, W, k_base, v_base, skt,
-                                        svt, d, dmask, qk_scale, KD, VD, kcol, vcol, EVEN_D, BN, PREC,
-                                        UPCAST, TMA, True)
-        m_i, l_i, acc = _fwd_band_tiles(q, m_i, l_i, acc, rows, f_lo, f_hi, T, W, k_base, v_base, skt,
-                                        svt, d, dmask, qk_scale, KD, VD, kcol, vcol, EVEN_D, BN, PREC,
-                                        UPCAST, TMA, False)
-        m_i, l_i, acc = _fwd_band_tiles(q, m_i, l_i, acc, rows, f_hi, hi, T, W, k_base, v_base, skt,
-                                        svt, d, dmask, qk_scale, KD, VD, kcol, vcol, EVEN_D, BN, PREC,
-                                        UPCAST, TMA, True)
+        for c0 in range(lo, hi, BN):
+            cols = c0 + tl.arange(0, BN)
+            cm = cols < T
+            kk = _row_tile(KD, k_base, c0, kcol, cols, skt, cm, d, dmask, EVEN_D, TMA)
+            vv = _row_tile(VD, v_base, c0, vcol, cols, svt, cm, d, dmask, EVEN_D, TMA)
+            s = _dot(q, tl.trans(kk), PREC, UPCAST) * qk_scale
+            diff = rows[:, None] - cols[None, :]
+            allowed = cm[None, :] & (diff >= 0) & (diff <= W)
+            m_i, l_i, acc = _online_update(s, allowed, vv, m_i, l_i, acc, PREC, UPCAST)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -389,10 +346,9 @@ def _bwd_dq_loop(dq, q, do, lse2, delta, rows, rmask, k_base, v_base, skt, svt, 
                  c_lo, c_hi, T, W, P, D, CMIN, NS, qk_scale,
                  FAR: tl.constexpr, EVEN_D: tl.constexpr, BN: tl.constexpr,
                  PREC: tl.constexpr, UPCAST: tl.constexpr, KD=None, VD=None, kcol=0, vcol=0,
-                 TMA: tl.constexpr = False, MASKED: tl.constexpr = True):
+                 TMA: tl.constexpr = False):
     """dq of a query block from key tiles ``[c_lo, c_hi)``: global keys ``g`` gathered by stride
-    (FAR, mask ``t - j > W``) or contiguous band keys (mask ``0 <= t - j <= W``; none when not
-    MASKED: interior tiles, every pair allowed; rows past T then get finite values, not stored)."""
+    (FAR, mask ``t - j > W``) or contiguous band keys (mask ``0 <= t - j <= W``)."""
     for c0 in range(c_lo, c_hi, BN):
         c = c0 + tl.arange(0, BN)
         cm = c < c_hi
@@ -409,10 +365,7 @@ def _bwd_dq_loop(dq, q, do, lse2, delta, rows, rmask, k_base, v_base, skt, svt, 
             allowed = rmask[:, None] & cm[None, :] & (diff > W)
         else:
             allowed = rmask[:, None] & cm[None, :] & (diff >= 0) & (diff <= W)
-        if MASKED:
-            p = tl.where(allowed, tl.exp2(s - lse2[:, None]), 0.0)
-        else:
-            p = tl.exp2(s - lse2[:, None])
+        p = tl.where(allowed, tl.exp2(s - lse2[:, None]), 0.0)
         dp = _dot(do, tl.trans(vv), PREC, UPCAST)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kk.dtype), kk, PREC, UPCAST)
@@ -423,11 +376,9 @@ def _bwd_dq_loop(dq, q, do, lse2, delta, rows, rmask, k_base, v_base, skt, svt, 
 def _bwd_dkdv_loop(dk, dv, kn, vn, cols, cm, q_base, do_base, lse_base, delta_base, sqt, sdt,
                    d, dmask, m_lo, m_hi, W, qk_scale, FAR: tl.constexpr, EVEN_D: tl.constexpr,
                    BM: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, QD=None, DOD=None,
-                   qcol=0, dcol=0, TMA: tl.constexpr = False, MASKED: tl.constexpr = True):
+                   qcol=0, dcol=0, TMA: tl.constexpr = False):
     """dk (unscaled), dv of a key tile from queries ``[m_lo, m_hi)``; mask ``t - j > W`` (FAR)
-    or ``0 <= t - j <= W`` (band; none when not MASKED: interior query tiles, every pair of a
-    valid key allowed; keys past T then get finite values, not stored). Reads the delta written
-    by the dq kernel."""
+    or ``0 <= t - j <= W`` (band). Reads the delta written by the dq kernel."""
     for m0 in range(m_lo, m_hi, BM):
         qr = m0 + tl.arange(0, BM)
         qm = qr < m_hi
@@ -442,10 +393,7 @@ def _bwd_dkdv_loop(dk, dv, kn, vn, cols, cm, q_base, do_base, lse_base, delta_ba
             allowed = cm[:, None] & qm[None, :] & (diffT > W)
         else:
             allowed = cm[:, None] & qm[None, :] & (diffT >= 0) & (diffT <= W)
-        if MASKED:
-            pT = tl.where(allowed, tl.exp2(sT - l2[None, :]), 0.0)
-        else:
-            pT = tl.exp2(sT - l2[None, :])
+        pT = tl.where(allowed, tl.exp2(sT - l2[None, :]), 0.0)
         dv += _dot(pT.to(dd.dtype), dd, PREC, UPCAST)
         dpT = _dot(vn, tl.trans(dd), PREC, UPCAST)
         dsT = pT * (dpT - dl[None, :])
@@ -534,16 +482,8 @@ def _bwd_dq_kernel(
     else:
         dq = tl.zeros([BLK, BLOCK_D], tl.float32)
         lo = tl.maximum(n0 - W, 0) // BN1 * BN1
-        hi = tl.minimum(n0 + BLK, T)
-        f_lo, f_hi = _interior_key_tiles(n0, BLK, lo, hi, W, BN1)       # unmasked in between
         dq = _bwd_dq_loop(dq, q, do, lse2, delta, rows, rmask, k_base, v_base, skt, svt, d, dmask,
-                          lo, f_lo, T, W, P, D, CMIN, NS, qk_scale, False,
-                          EVEN_D, BN1, PREC, UPCAST, KD, VD, kcol, vcol, TMA)
-        dq = _bwd_dq_loop(dq, q, do, lse2, delta, rows, rmask, k_base, v_base, skt, svt, d, dmask,
-                          f_lo, f_hi, T, W, P, D, CMIN, NS, qk_scale, False,
-                          EVEN_D, BN1, PREC, UPCAST, KD, VD, kcol, vcol, TMA, False)
-        dq = _bwd_dq_loop(dq, q, do, lse2, delta, rows, rmask, k_base, v_base, skt, svt, d, dmask,
-                          f_hi, hi, T, W, P, D, CMIN, NS, qk_scale, False,
+                          lo, tl.minimum(n0 + BLK, T), T, W, P, D, CMIN, NS, qk_scale, False,
                           EVEN_D, BN1, PREC, UPCAST, KD, VD, kcol, vcol, TMA)
     t_last = tl.minimum(n0 + BLK, T) - 1
     n_far = _n_global(t_last - W - 1, P, D, CMIN)
@@ -580,21 +520,11 @@ def _bwd_dkdv_kernel(
         DOD = _device_tile(DO, T, sdt, BM2, HEAD_DIM)
     dk = tl.zeros([BLK, BLOCK_D], tl.float32)
     dv = tl.zeros([BLK, BLOCK_D], tl.float32)
-    q_base = Q + b * sqb + h * sqh
-    do_base = DO + b * sdb + h * sdh
-    qcol = (b * sqb + h * sqh).to(tl.int32)
-    dcol = (b * sdb + h * sdh).to(tl.int32)
-    m_hi = tl.minimum(n0 + BLK + W, T)
-    u_lo, u_hi = _interior_query_tiles(n0, BLK, n0, m_hi, W, BM2)     # unmasked in between
-    dk, dv = _bwd_dkdv_loop(dk, dv, kn, vn, cols, cm, q_base, do_base, LSE + bh64 * T,
-                            DELTA + bh64 * T, sqt, sdt, d, dmask, n0, u_lo, W, qk_scale, False,
-                            EVEN_D, BM2, PREC, UPCAST, QD, DOD, qcol, dcol, TMA)
-    dk, dv = _bwd_dkdv_loop(dk, dv, kn, vn, cols, cm, q_base, do_base, LSE + bh64 * T,
-                            DELTA + bh64 * T, sqt, sdt, d, dmask, u_lo, u_hi, W, qk_scale, False,
-                            EVEN_D, BM2, PREC, UPCAST, QD, DOD, qcol, dcol, TMA, False)
-    dk, dv = _bwd_dkdv_loop(dk, dv, kn, vn, cols, cm, q_base, do_base, LSE + bh64 * T,
-                            DELTA + bh64 * T, sqt, sdt, d, dmask, u_hi, m_hi, W, qk_scale, False,
-                            EVEN_D, BM2, PREC, UPCAST, QD, DOD, qcol, dcol, TMA)
+    dk, dv = _bwd_dkdv_loop(dk, dv, kn, vn, cols, cm, Q + b * sqb + h * sqh, DO + b * sdb + h * sdh,
+                            LSE + bh64 * T, DELTA + bh64 * T, sqt, sdt, d, dmask,
+                            n0, tl.minimum(n0 + BLK + W, T), W, qk_scale, False, EVEN_D, BM2,
+                            PREC, UPCAST, QD, DOD, (b * sqb + h * sqh).to(tl.int32),
+                            (b * sdb + h * sdh).to(tl.int32), TMA)
     _bwd_store_dkdv(dk * sm_scale, dv, cols, cm, DK, DV, DKG, DVG, b * sgb + h * sgh, sgt, d, dmask,
                     bh64, NG, P, D, CMIN, HEAD_DIM, EVEN_D)
 
