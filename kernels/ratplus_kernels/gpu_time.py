@@ -19,13 +19,13 @@ Used by the kernels' first-use choices and block autotuning, and by the benchmar
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, List, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["gpu_times", "gpu_median", "percentile", "autotune_bench"]
+__all__ = ["autotune_bench", "gpu_median", "gpu_times", "percentile"]
 
-_SLEEP_CYCLES_PER_MS: Dict[int, float] = {}
+_SLEEP_CYCLES_PER_MS: dict[int, float] = {}
 
 
 def _sleep_cycles_per_ms() -> float:
@@ -49,7 +49,7 @@ def _flush_bytes() -> int:
     return 2 * l2 if l2 else 256 << 20
 
 
-def gpu_times(fn: Callable[[], object], calls: int = 100, warmup: int = 5) -> List[float]:
+def gpu_times(fn: Callable[[], object], calls: int = 100, warmup: int = 5) -> list[float]:
     """Per-call GPU milliseconds of ``fn()`` (sorted), each call preceded by an L2 flush and a
     sleep kernel that outlasts the host's enqueue time of one call."""
     if calls < 1:
@@ -89,7 +89,7 @@ def gpu_median(fn: Callable[[], object], calls: int = 100, warmup: int = 5) -> f
     return percentile(gpu_times(fn, calls, warmup), 50)
 
 
-def autotune_bench(kernel_call: Callable[[], object], quantiles: Sequence[float]) -> List[float]:
+def autotune_bench(kernel_call: Callable[[], object], quantiles: Sequence[float]) -> list[float]:
     """``do_bench`` for ``triton.autotune``: GPU-time quantiles (fractions) of ``kernel_call``."""
     ts = gpu_times(kernel_call, calls=25, warmup=3)
     return [percentile(ts, 100 * q) for q in quantiles]

@@ -3,7 +3,6 @@ import time
 
 import pytest
 import torch
-
 from ratplus_kernels.gpu_time import autotune_bench, gpu_median, gpu_times, percentile
 
 

@@ -4,12 +4,12 @@ histogram of per-call timings."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 import torch
 from ratplus_kernels.gpu_time import gpu_median, gpu_times, percentile
 
-__all__ = ["gpu_median", "gpu_times", "percentile", "histogram", "profile_once"]
+__all__ = ["gpu_median", "gpu_times", "histogram", "percentile", "profile_once"]
 
 
 def profile_once(step: Callable[[], object], warmup: int = 3) -> None:
@@ -24,10 +24,10 @@ def profile_once(step: Callable[[], object], warmup: int = 3) -> None:
     torch.cuda.profiler.stop()
 
 
-def histogram(sorted_ms: List[float], width_ms: float = 0.025) -> List[str]:
+def histogram(sorted_ms: list[float], width_ms: float = 0.025) -> list[str]:
     """Text histogram lines of sorted timings in bins of ``width_ms``."""
     lo = math.floor(sorted_ms[0] / width_ms) * width_ms
-    bins: Dict[float, int] = {}
+    bins: dict[float, int] = {}
     for t in sorted_ms:
         b = lo + math.floor((t - lo) / width_ms) * width_ms
         bins[b] = bins.get(b, 0) + 1

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gpu_timing import profile_once  # noqa: E402
+from gpu_timing import profile_once
 
 H, DH = 16, 128
 

@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_recurrence import D, H, make_inputs  # noqa: E402
-from gpu_timing import profile_once  # noqa: E402
-from ratplus_kernels.recurrence import fused_gated_recurrence  # noqa: E402
+from bench_recurrence import D, H, make_inputs
+from gpu_timing import profile_once
+from ratplus_kernels.recurrence import fused_gated_recurrence
 
 
 def main(argv=None) -> int:
