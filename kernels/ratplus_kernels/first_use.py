@@ -6,10 +6,10 @@ Some alternatives (a different decomposition of a backward, not just another blo
 time a shape key is seen, on the real inputs, caches the fastest and runs it from then on.
 Candidates are ranked by GPU time, the host's launch time hidden (:mod:`.gpu_time`): in training
 the host runs ahead of the GPU, and under CUDA graphs launches cost nothing, so a candidate whose
-launch costs more host time (e.g. host-encoded TMA descriptors) but less GPU time is the faster one. Every
-candidate must compute the same result into the same outputs (the last run wins), and the first
-candidate is the safe default: it runs whenever there is no timer (CPU, Triton interpreter, CUDA
-graph capture, torch.compile tracing), and nothing is cached then.
+launch costs more host time (e.g. host-encoded TMA descriptors) but less GPU time is the faster
+one. Every candidate must compute the same result into the same outputs (the last run wins),
+and the first candidate is the safe default: it runs whenever there is no timer (CPU, Triton
+interpreter, CUDA graph capture, torch.compile tracing), and nothing is cached then.
 
 The choice is per process: data-parallel ranks may pick differently (results then differ at the
 level of fp32 summation order, as with cudnn.benchmark).

@@ -863,12 +863,7 @@ def _forward(q, k, v, dilation, window, initial, scale):
         return out, lse
 
     def single_pass():
-        c = dict(w0_cfg)
-        per_sm = c.pop("PROGS_PER_SM", 2)
-        c.pop("NGC_MAX")
-        c.setdefault("LOOP_STAGES", 1)
-        tiles = _tile_args(c, [(x, c["BLK"]) for x in (q, k, v)])
-        seg = _query_segment(T, B * H, c["BLK"], per_sm, q.device)
+        c, tiles, seg = _single_pass_launch(w0_cfg, (q, k, v), T, B * H, q.device)
         _LAST_KERNELS["fwd_w0"] = _fwd_w0_kernel[(triton.cdiv(T, seg), B * H)](
             q, k, v, *tiles, out, lse, *strides,
             T, H, initial, D, cmin, ns, seg, scale * _LOG2E, NGC=ngc, **common, **c,
@@ -906,6 +901,18 @@ def _w0_tile(cfg: Optional[dict], window: int, ng: int, block_d: int) -> int:
         return 0
     ngc = max(16, triton.next_power_of_2(max(ng, 1)))
     return ngc if ngc <= cfg["NGC_MAX"] else 0
+
+
+def _single_pass_launch(cfg: dict, tensors, T: int, n_bh: int, device):
+    """Launch kwargs, row-tile arguments and query-segment length of a single-pass W = 0 kernel
+    (forward or backward) from its configuration: ``PROGS_PER_SM`` and ``NGC_MAX`` are host-side
+    only, ``LOOP_STAGES`` defaults to 1, ``tensors`` are read as ``BLK``-row tiles."""
+    c = dict(cfg)
+    per_sm = c.pop("PROGS_PER_SM", 2)
+    c.pop("NGC_MAX")
+    c.setdefault("LOOP_STAGES", 1)
+    tiles = _tile_args(c, [(x, c["BLK"]) for x in tensors])
+    return c, tiles, _query_segment(T, n_bh, c["BLK"], per_sm, device)
 
 
 def _row_tile_columns(x: torch.Tensor) -> int:
@@ -1011,13 +1018,8 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
     def run_single_pass(w0_cfg):
         # W = 0, few global keys: one pass (dq, diagonal dk/dv, global dk/dv)
         gbuf = torch.zeros((2, B * H, ngb, Dh), dtype=torch.float32, device=dev)
-        c0 = dict(w0_cfg)
-        per_sm = c0.pop("PROGS_PER_SM", 2)
-        c0.pop("NGC_MAX")
-        c0.setdefault("LOOP_STAGES", 1)
+        c0, tiles, seg = _single_pass_launch(w0_cfg, (q, k, v, dout), T, B * H, dev)
         c0.setdefault("FOLD_DIAG", False)
-        tiles = _tile_args(c0, [(x, c0["BLK"]) for x in (q, k, v, dout)])
-        seg = _query_segment(T, B * H, c0["BLK"], per_sm, dev)
         _LAST_KERNELS["bwd_w0"] = _bwd_w0_kernel[(triton.cdiv(T, seg), B * H)](
             q, k, v, dout, *tiles, lse, dlse if has_dlse else lse, dq, dk, dv, gbuf[0], gbuf[1],
             *s_in, *dout.stride()[:3], *dq.stride()[:3],
