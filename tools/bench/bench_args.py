@@ -14,3 +14,23 @@ def shapes_arg(text: str) -> list[tuple[int, int]]:
     if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of BxT, got {text!r}")
     return shapes
+
+
+def pattern_arg(text: str) -> tuple[int, int, int]:
+    """``64/0/0`` -> ``(64, 0, 0)`` (dilation D / window W / initial tokens P); an argparse type."""
+    try:
+        pattern = tuple(int(x) for x in text.split("/"))
+    except ValueError:
+        pattern = ()
+    if len(pattern) != 3:
+        raise argparse.ArgumentTypeError(f"expected D/W/P (e.g. 64/0/0), got {text!r}")
+    return pattern
+
+
+def patterns_arg(text: str) -> list[tuple[int, int, int]]:
+    """``64/0/0,16/256/4`` -> ``[(64, 0, 0), (16, 256, 4)]``; an argparse type."""
+    try:
+        return [pattern_arg(item) for item in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of D/W/P (e.g. 64/0/0,16/256/4), got {text!r}") from None

@@ -37,7 +37,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from bench_args import shapes_arg
+from bench_args import patterns_arg, shapes_arg
 
 H, DH = 16, 128
 PATTERNS = [(64, 0, 0), (16, 256, 4), (16, 0, 0)]
@@ -528,17 +528,12 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="per-kernel times at the anchor shape")
     ap.add_argument("--no-main", action="store_true")
     ap.add_argument("--selftest", action="store_true", help="CPU check of the flex formulation")
-    ap.add_argument("--patterns", default="",
+    ap.add_argument("--patterns", type=patterns_arg, default=None,
                     help="D/W/P list for the sweep, profile and table, e.g. 64/0/0,16/256/4 (default: all)")
     args = ap.parse_args()
     if args.patterns:
         global PATTERNS
-        try:
-            PATTERNS = [tuple(int(x) for x in p.split("/")) for p in args.patterns.split(",")]
-            if any(len(p) != 3 for p in PATTERNS):
-                raise ValueError("not D/W/P")
-        except ValueError:
-            ap.error(f"--patterns: expected D/W/P items like 64/0/0, got {args.patterns!r}")
+        PATTERNS = args.patterns
     unknown = set(args.sweep_kinds or []) - {"fwd", "fwd_w0", *BWD_SWEEP_VARIANTS}
     if unknown:
         ap.error(f"--sweep-kinds: unknown {sorted(unknown)}; choose from fwd,fwd_w0," + ",".join(BWD_SWEEP_VARIANTS))

@@ -19,24 +19,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_args import pattern_arg
+from bench_dilated_attention import DH, H
 from gpu_timing import profile_once
-
-H, DH = 16, 128
-
-
-def _pattern(text: str):
-    try:
-        d, w, p = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected D/W/P (e.g. 64/0/0), got {text!r}") from None
-    return d, w, p
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=4096)
-    ap.add_argument("--pattern", type=_pattern, default=(64, 0, 0), help="D/W/P (default 64/0/0)")
+    ap.add_argument("--pattern", type=pattern_arg, default=(64, 0, 0), help="D/W/P (default 64/0/0)")
     ap.add_argument("--forward", default="auto", choices=["auto", "blocks", "single_pass"],
                     help="W = 0 forward (default: timed on first use)")
     ap.add_argument("--backward", default="auto",
