@@ -1,5 +1,5 @@
-"""Host time per call of the fused dilated attention (forward, and each W = 0 backward
-candidate), beside its GPU time: where eager timings exceed CUDA-graph timings, this says which
+"""Host time per call of the fused dilated attention (the per-block and the single-pass W = 0
+forwards, and each W = 0 backward candidate), beside its GPU time: where eager timings exceed CUDA-graph timings, this says which
 launch path costs the host time.
 
     PYTHONPATH=kernels:. python tools/bench/launch_overhead.py [--calls 200]
@@ -52,13 +52,16 @@ def main() -> int:
     scale = DH ** -0.5
     rows = []
     fwd_default = fm._fwd_config(DH, torch.bfloat16)
-    for pattern in [(64, 0, 0), (16, 256, 4)]:
-        for tma in (False, True, "device"):
-            cfg = dict(fwd_default, TMA=tma)
-            with fm.block_config(fwd=cfg):
-                def fwd(pattern=pattern):
-                    fm._forward(q, k, v, *pattern, scale)
-                rows.append((f"forward {pattern} TMA={tma}", host_us(fwd, args.calls), gpu_ms(fwd)))
+    single = fwd_default.pop("w0")
+    forwards = [(f"forward {pattern} TMA={tma}", pattern, dict(fwd_default, TMA=tma))
+                for pattern in [(64, 0, 0), (16, 256, 4)] for tma in (False, True, "device")]
+    forwards += [(f"forward (64, 0, 0) single pass TMA={tma}", (64, 0, 0),
+                  dict(fwd_default, w0=dict(single, TMA=tma))) for tma in (False, True, "device")]
+    for label, pattern, cfg in forwards:
+        with fm.block_config(fwd=cfg):
+            def fwd(pattern=pattern):
+                fm._forward(q, k, v, *pattern, scale)
+            rows.append((label, host_us(fwd, args.calls), gpu_ms(fwd)))
     out, lse = fm._forward(q, k, v, 64, 0, 0, scale)
     base = fm._bwd_config(DH, torch.bfloat16)
     candidates = [("split", dict(base, w0=None, w0_tma=None)),

@@ -61,6 +61,10 @@ diag_copy() {  # diag_copy SRC DEST MARKER SED_ARGS...: sed SRC into DEST, which
   grep -q "$marker" "$dest" || { echo "diagnostic copy $dest: sed matched nothing"; exit 2; }
 }
 
+# Nsight Compute sections of rec_ncu / da_ncu (one forward + backward inside the profiler range).
+NCU_SECTIONS="--profile-from-start off --section SpeedOfLight --section Occupancy --section LaunchStats
+  --section WarpStateStats --section MemoryWorkloadAnalysis"
+
 for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
   case "$s" in
     rec_tests) step rec_tests "${REC_TEST_LIMIT:-480}" python3 -m pytest -q -p no:cacheprovider \
@@ -90,13 +94,10 @@ for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
                step rec_sync 300 python3 tools/bench/bench_recurrence.py --no-fla --sweep-only --no-pairs \
                  --rounds 3 --compare .bench_prev/fused_nowait.py --compare .bench_prev/fused_nopublish.py \
                  --compare .bench_prev/fused_noclaim.py ;;
-    rec_ncu)   TAIL=${TAIL:-400} step rec_ncu 300 ncu --profile-from-start off --section SpeedOfLight \
-                 --section Occupancy --section LaunchStats --section WarpStateStats \
-                 --section MemoryWorkloadAnalysis python3 tools/bench/profile_recurrence.py ${REC_NCU_ARGS:-} ;;
-    da_ncu)    TAIL=${TAIL:-400} step da_ncu 300 ncu --profile-from-start off --section SpeedOfLight \
-                 --section Occupancy --section LaunchStats --section WarpStateStats \
-                 --section MemoryWorkloadAnalysis ${DA_NCU_FILTER:-} python3 tools/bench/profile_dilated.py \
-                 ${DA_NCU_ARGS:-} ;;
+    rec_ncu)   TAIL=${TAIL:-400} step rec_ncu 300 ncu $NCU_SECTIONS \
+                 python3 tools/bench/profile_recurrence.py ${REC_NCU_ARGS:-} ;;
+    da_ncu)    TAIL=${TAIL:-400} step da_ncu 300 ncu $NCU_SECTIONS ${DA_NCU_FILTER:-} \
+                 python3 tools/bench/profile_dilated.py ${DA_NCU_ARGS:-} ;;
     rec_spread) step rec_spread 240 python3 tools/bench/bench_recurrence.py --no-fla --spread --sweep-only ;;
     gpu_tests) step gpu_tests 480 python3 -m pytest -q -p no:cacheprovider -m gpu tests ;;
     da_tests)  step da_tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_dilated_attention.py \
