@@ -520,10 +520,14 @@ def test_gpu_odd_shapes(poisoned, T, D, W, P, Dh):
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,D,P,Dh", [(4096, 64, 0, 128), (1000, 64, 0, 64), (777, 16, 3, 128)])
 @pytest.mark.parametrize("tma", [False, True, "device"])
-def test_gpu_w0_single_pass(poisoned, T, D, P, Dh, tma):
+@pytest.mark.parametrize("warps", [4, 8])
+def test_gpu_w0_single_pass(poisoned, T, D, P, Dh, tma, warps):
     """The single-pass W = 0 backward (whether or not it is the default) at realistic shapes,
-    with pointer loads and with pipelined TMA tiles (host or in-kernel descriptors)."""
-    w0 = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=4)
+    with pointer loads and with pipelined TMA tiles (host or in-kernel descriptors), in one
+    warpgroup (the default: 16-row blocks) and in two (32-row blocks, unfolded diagonal with
+    pointer loads)."""
+    w0 = dict(BLK=16 if warps == 4 else 32, NGC_MAX=64, num_warps=warps, num_stages=1, PROGS_PER_SM=4,
+              FOLD_DIAG=warps == 4)
     tiles = (dict(w0=None, w0_tma=dict(w0, LOOP_STAGES=3, FOLD_DIAG=True, TMA=tma)) if tma
              else dict(w0=w0, w0_tma=None))
     bwd = dict(fused_mod._bwd_config(Dh, torch.bfloat16), **tiles)

@@ -252,8 +252,10 @@ BWD_SWEEP_VARIANTS = {
             dict(BG=64, BM2=32, num_warps=4, num_stages=3, PROGS_PER_SM=8, TMA=True),
             dict(BG=64, BM2=64, num_warps=4, num_stages=3, PROGS_PER_SM=8, TMA=True)],
     # the single-pass W = 0 backward (replaces dq + far when it applies)
-    # (spill-free offline; BLK=64 or 4 warps spill 0.3-3 KB per thread)
-    "w0": [dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=4),
+    # (BLK=32 / 8 warps spill-free offline; BLK=64, or BLK=32 at 4 warps, spill 0.3-3 KB per
+    # thread; BLK=16 at 4 warps, the default since the tenth session, 16-28 B)
+    "w0": [dict(BLK=16, NGC_MAX=64, num_warps=4, num_stages=1, PROGS_PER_SM=8, FOLD_DIAG=True),
+           dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=4),
            dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=2),
            dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=8),
            dict(BLK=16, NGC_MAX=64, num_warps=8, num_stages=2, PROGS_PER_SM=4),
@@ -273,6 +275,11 @@ BWD_SWEEP_VARIANTS = {
                dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=4, PROGS_PER_SM=8,
                     FOLD_DIAG=True),
                dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=2, PROGS_PER_SM=8,
+                    FOLD_DIAG=True),
+               # tenth session: 4 warps (one warpgroup: the score tiles are not computed twice)
+               *[dict(BLK=16, NGC_MAX=64, num_warps=4, num_stages=1, LOOP_STAGES=st, PROGS_PER_SM=per_sm,
+                      FOLD_DIAG=True) for st in (2, 3, 4) for per_sm in (4, 8, 16)],
+               dict(BLK=32, NGC_MAX=64, num_warps=4, num_stages=1, LOOP_STAGES=3, PROGS_PER_SM=8,
                     FOLD_DIAG=True)],
 }
 # The sweeps' reference backward: the split one (every single pass switched off).

@@ -719,24 +719,26 @@ def _bwd_global_kernel(
 _INTERPRET_BLOCKS = {"fwd": dict(BM=16, BN=16, BG=16), "bwd": dict(BLK=16, BN1=16, BM2=16, BG=16)}
 # Optional override of the launch configuration (tests and the benchmark's sweep).
 _OVERRIDE: dict = {"fwd": None, "bwd": None}
-# Launch configuration of the single-pass W = 0 backward (bf16/fp16 on the GPU), or None for the
-# split backward only. Spill-free for sm_90 (tools/bench/kernel_resources.py); 7 tensor passes
-# instead of 10 but one CTA per SM. On an H100 at B=4, T=4096, 16x128 heads, D=64 (fourth session,
-# profiler GPU time of forward+backward): 0.461 ms with 8 programs per SM, 0.474 with 4, 0.475
-# with 16, 0.502 with 2, against 0.500 for the split backward. FOLD_DIAG (seventh session): the
-# global rows' diagonal rides in the key-major products instead of per-block atomics, 0.429 vs
-# 0.443 ms. W0_BACKWARD (below) times it on first use: at T=16384 it does not apply (more global
-# keys than one tile).
-_W0_CONFIG: Optional[dict] = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=8,
+# Launch configurations of the single-pass W = 0 backward (bf16/fp16 on the GPU; None: the split
+# backward only), candidates of the first-use choice W0_BACKWARD (below) where the global keys fit
+# one tile: at T=16384 with D=64 they do not. History at the anchor (B=4, T=4096, 16x128 heads,
+# D=64; profiler GPU time of forward+backward): 0.461 ms with BLK=32 / 8 warps (fourth session),
+# 0.429 with FOLD_DIAG (the global rows' diagonal rides in the key-major products instead of
+# per-block atomics, seventh session), against 0.476-0.500 for the split backward.
+# One warpgroup (tenth session): with 8 warps Triton gives the chained score tiles ([NGC, BLK],
+# NGC = 64 rows) one warp per 16 rows of M (its heuristic for flash-attention chains), so both
+# warpgroups computed the same 64-row products and their element-wise work. At 4 warps each
+# tile is computed once; the global-key accumulators then take twice the registers per thread,
+# so BLK=16 (6-28 B of spills per thread, 2 CTAs per SM): 0.360 vs 0.423 ms with pointer loads.
+_W0_CONFIG: Optional[dict] = dict(BLK=16, NGC_MAX=64, num_warps=4, num_stages=1, PROGS_PER_SM=8,
                                   FOLD_DIAG=True)
 # The same single pass reading q, k, v, do as host-made TMA tiles, prefetched LOOP_STAGES - 1
-# query blocks ahead by the software pipeliner (the pointer version waits for each block's loads
-# at one CTA per SM): 0.409 ms forward+backward at the anchor (seventh session, 3 stages; 2 stages
-# 0.449, 4 stages 0.416), but about 270 us more host time per call for encoding its four
-# descriptors (tools/bench/launch_overhead.py). A candidate of the same first-use choice (ranked
-# by GPU time, so it wins at the anchor: 0.308-0.310 vs 0.331 ms backward, ninth session) where
-# the inputs allow TMA (_row_tiles_ok).
-_W0_TMA_CONFIG: Optional[dict] = dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=3,
+# query blocks ahead by the software pipeliner: 0.339 ms forward+backward at the anchor with
+# 3 stages (0.338 with 4, 0.363 with 2; 0.352 / 0.385 with 16 / 4 programs per SM), against
+# 0.402 for the 8-warp BLK=32 configuration of the seventh to ninth sessions. It costs about
+# 270 us more host time per call for encoding its four descriptors
+# (tools/bench/launch_overhead.py), which the first-use choice (by GPU time) does not count.
+_W0_TMA_CONFIG: Optional[dict] = dict(BLK=16, NGC_MAX=64, num_warps=4, num_stages=1, LOOP_STAGES=3,
                                       PROGS_PER_SM=8, FOLD_DIAG=True)
 # The single-pass W = 0 forward (``_fwd_w0_kernel``; bf16/fp16 on the GPU), a candidate of the
 # first-use choice W0_FORWARD where the global keys fit one tile of NGC_MAX rows; None: per-block
