@@ -200,13 +200,17 @@ def test_fused_w0_backward_paths(T, D, P, path):
 
 @pytest.mark.parametrize("T,D,P,fused_view", [(80, 16, 0, False), (70, 4, 1, True), (33, 5, 40, False),
                                               (64, 64, 0, True), (17, 16, 0, False)])
-def test_fused_w0_tma_single_pass(T, D, P, fused_view):
+@pytest.mark.parametrize("variant", [{}, dict(TMA_STORE=True, DQ_T=True)])
+def test_fused_w0_tma_single_pass(T, D, P, fused_view, variant):
     """The single pass reading q, k, v, do as TMA tiles of ``[T, columns]`` views (bf16, as on
     the GPU), against the reference: rows past T read as zeros, several query segments, views of
-    a fused projection (column offsets b * stride_b + h * stride_h inside a wider row)."""
+    a fused projection (column offsets b * stride_b + h * stride_h inside a wider row); also
+    storing dq, dk, dv as TMA tiles (rows past T dropped) with dq as a transposed product."""
+    if variant and T % 2:
+        pytest.skip("TMA_STORE needs FOLD_DIAG (even T here)")
     extra = dict(num_warps=4, num_stages=1)
     bwd = {name: dict(c, **extra) for name, c in _SPLIT_BWD.items()}
-    bwd.update(w0=None, w0_tma=dict(BLK=16, NGC_MAX=64, LOOP_STAGES=1, FOLD_DIAG=T % 2 == 0, **extra))
+    bwd.update(w0=None, w0_tma=dict(BLK=16, NGC_MAX=64, LOOP_STAGES=1, FOLD_DIAG=T % 2 == 0, **extra, **variant))
     fused_mod._LAST_KERNELS.clear()
     with fused_mod.block_config(fwd=dict(BM=16, BN=16, BG=16, **extra), bwd=bwd):
         _check(T, 2, 2, 16, (D, 0, P), dtype=torch.bfloat16, fused_view=fused_view,
@@ -519,7 +523,7 @@ def test_gpu_odd_shapes(poisoned, T, D, W, P, Dh):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,D,P,Dh", [(4096, 64, 0, 128), (1000, 64, 0, 64), (777, 16, 3, 128)])
-@pytest.mark.parametrize("tma", [False, True, "device"])
+@pytest.mark.parametrize("tma", [False, True, "device", "store"])
 @pytest.mark.parametrize("warps", [4, 8])
 def test_gpu_w0_single_pass(poisoned, T, D, P, Dh, tma, warps):
     """The single-pass W = 0 backward (whether or not it is the default) at realistic shapes,
@@ -528,7 +532,8 @@ def test_gpu_w0_single_pass(poisoned, T, D, P, Dh, tma, warps):
     pointer loads)."""
     w0 = dict(BLK=16 if warps == 4 else 32, NGC_MAX=64, num_warps=warps, num_stages=1, PROGS_PER_SM=4,
               FOLD_DIAG=warps == 4)
-    tiles = (dict(w0=None, w0_tma=dict(w0, LOOP_STAGES=3, FOLD_DIAG=True, TMA=tma)) if tma
+    tma = dict(TMA=True, TMA_STORE=True, DQ_T=warps == 4) if tma == "store" else dict(TMA=tma)
+    tiles = (dict(w0=None, w0_tma=dict(w0, LOOP_STAGES=3, FOLD_DIAG=True, **tma)) if tma["TMA"]
              else dict(w0=w0, w0_tma=None))
     bwd = dict(fused_mod._bwd_config(Dh, torch.bfloat16), **tiles)
     fused_mod._LAST_KERNELS.clear()

@@ -255,6 +255,7 @@ BWD_SWEEP_VARIANTS = {
     # (BLK=32 / 8 warps spill-free offline; BLK=64, or BLK=32 at 4 warps, spill 0.3-3 KB per
     # thread; BLK=16 at 4 warps, the default since the tenth session, 16-28 B)
     "w0": [dict(BLK=16, NGC_MAX=64, num_warps=4, num_stages=1, PROGS_PER_SM=8, FOLD_DIAG=True),
+           dict(BLK=16, NGC_MAX=64, num_warps=4, num_stages=1, PROGS_PER_SM=8, FOLD_DIAG=True, DQ_T=True),
            dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=4),
            dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=2),
            dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=8),
@@ -280,7 +281,12 @@ BWD_SWEEP_VARIANTS = {
                *[dict(BLK=16, NGC_MAX=64, num_warps=4, num_stages=1, LOOP_STAGES=st, PROGS_PER_SM=per_sm,
                       FOLD_DIAG=True) for st in (2, 3, 4) for per_sm in (4, 8, 16)],
                dict(BLK=32, NGC_MAX=64, num_warps=4, num_stages=1, LOOP_STAGES=3, PROGS_PER_SM=8,
-                    FOLD_DIAG=True)],
+                    FOLD_DIAG=True),
+               # dq as a transposed (wgmma) product, dq / dk / dv stored as TMA tiles
+               *[dict(BLK=16, NGC_MAX=64, num_warps=4, num_stages=1, LOOP_STAGES=st, PROGS_PER_SM=8,
+                      FOLD_DIAG=True, **x)
+                 for st in (3, 4) for x in (dict(DQ_T=True), dict(TMA_STORE=True),
+                                            dict(DQ_T=True, TMA_STORE=True))]],
 }
 # The sweeps' reference backward: the split one (every single pass switched off).
 _NO_SINGLE_PASS = dict(w0=None, w0_tma=None)

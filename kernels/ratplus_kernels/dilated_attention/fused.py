@@ -577,13 +577,14 @@ def _bwd_far_kernel(
 
 @triton.jit
 def _bwd_w0_kernel(
-    Q, K, V, DO, QD, KD, VD, DOD, LSE, DLSE, DQ, DK, DV, DKG, DVG,
+    Q, K, V, DO, QD, KD, VD, DOD, LSE, DLSE, DQ, DK, DV, DQD, DKD, DVD, DKG, DVG,
     sqt, sqb, sqh, skt, skb, skh, svt, svb, svh, sdt, sdb, sdh,
     sgt, sgb, sgh,
     T, H, P, D, CMIN, NS, NG, SEG, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     BLK: tl.constexpr, NGC: tl.constexpr, PREC: tl.constexpr, HAS_DLSE: tl.constexpr,
     UPCAST: tl.constexpr, TMA: tl.constexpr, LOOP_STAGES: tl.constexpr, FOLD_DIAG: tl.constexpr,
+    TMA_STORE: tl.constexpr = False, DQ_T: tl.constexpr = False,
 ):
     """Single-pass backward for W = 0 with few global keys (``NG <= NGC``): one program per
     (segment of SEG queries, batch x head) holds all global keys of its head and their dk, dv
@@ -598,7 +599,14 @@ def _bwd_w0_kernel(
     FOLD_DIAG: the diagonal gradient of a global row (its own key) goes into the key-major tiles
     at the free position ``j == t`` (the far mask is ``j < t``), so the products that accumulate
     ``dk, dv`` of the global keys (and ``dq``) carry it: no per-block atomics into the compact
-    buffers, and only ordinary rows are stored directly."""
+    buffers, and only ordinary rows are stored directly.
+
+    DQ_T: ``dq`` as the transposed product ``(kg^T dS^T)^T``, whose M side (the head dimension)
+    fills a warpgroup's 64-row wgmma even for 16-row query blocks; the direct ``dS kg`` product
+    (M = BLK) is an mma.sync instruction, which ptxas cannot overlap with the asynchronous wgmma
+    accumulating ``dk, dv`` of the global keys ("wgmma serialized", C7515).
+    TMA_STORE (host TMA descriptors DQD, DKD, DVD; FOLD_DIAG): dq, dk, dv stored as TMA tiles, no
+    address arithmetic or masks per element."""
     pid_s = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -664,7 +672,6 @@ def _bwd_w0_kernel(
             delta -= tl.load(DLSE + bh64 * T + rows, mask=rm, other=0.0)
         dsT = pT * (dpT - delta[None, :])
         ds_d = p_d * (dp_d - delta)
-        dq_off = out_base + rows[:, None].to(tl.int64) * sgt + d[None, :]
         if FOLD_DIAG:
             own = gv[:, None] & rm[None, :] & (j[:, None] == rows[None, :])
             dsT = tl.where(own, ds_d[None, :], dsT)
@@ -673,17 +680,30 @@ def _bwd_w0_kernel(
             ds_d = tl.where(is_g, 0.0, ds_d)          # global rows' dq term: in the product
         dkg += _dot(dsT.to(q.dtype), q, PREC, UPCAST)
         dvg += _dot(pT.to(do.dtype), do, PREC, UPCAST)
-        dq = _dot(tl.trans(dsT.to(kg.dtype)), kg, PREC, UPCAST) + ds_d[:, None] * kn.to(tl.float32)
-        tl.store(DQ + dq_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=_row_mask(rm, dmask, EVEN_D))
-        if FOLD_DIAG:
-            ordinary = _row_mask(rm & ~is_g, dmask, EVEN_D)
-            tl.store(DK + dq_off, (ds_d[:, None] * q.to(tl.float32) * sm_scale).to(DK.dtype.element_ty),
-                     mask=ordinary)
-            tl.store(DV + dq_off, (p_d[:, None] * do.to(tl.float32)).to(DV.dtype.element_ty), mask=ordinary)
+        if DQ_T:
+            dq = tl.trans(_dot(tl.trans(kg), dsT.to(kg.dtype), PREC, UPCAST))
         else:
-            _bwd_store_dkdv(ds_d[:, None] * q.to(tl.float32) * sm_scale, p_d[:, None] * do.to(tl.float32),
-                            rows, rm, DK, DV, DKG, DVG, out_base, sgt, d, dmask, bh64, NG, P, D, CMIN,
-                            HEAD_DIM, EVEN_D)
+            dq = _dot(tl.trans(dsT.to(kg.dtype)), kg, PREC, UPCAST)
+        dq = ((dq + ds_d[:, None] * kn.to(tl.float32)) * sm_scale).to(DQ.dtype.element_ty)
+        dk = ds_d[:, None] * q.to(tl.float32) * sm_scale
+        dv = p_d[:, None] * do.to(tl.float32)
+        if TMA_STORE:
+            # whole row tiles (rows past T dropped by the TMA unit; a global row's dk, dv are
+            # rewritten from the compact buffers after this kernel)
+            col = (b * sgb + h * sgh).to(tl.int32)
+            DQD.store([m0, col], dq)
+            DKD.store([m0, col], dk.to(DK.dtype.element_ty))
+            DVD.store([m0, col], dv.to(DV.dtype.element_ty))
+        else:
+            dq_off = out_base + rows[:, None].to(tl.int64) * sgt + d[None, :]
+            tl.store(DQ + dq_off, dq, mask=_row_mask(rm, dmask, EVEN_D))
+            if FOLD_DIAG:
+                ordinary = _row_mask(rm & ~is_g, dmask, EVEN_D)
+                tl.store(DK + dq_off, dk.to(DK.dtype.element_ty), mask=ordinary)
+                tl.store(DV + dq_off, dv.to(DV.dtype.element_ty), mask=ordinary)
+            else:
+                _bwd_store_dkdv(dk, dv, rows, rm, DK, DV, DKG, DVG, out_base, sgt, d, dmask, bh64, NG, P, D,
+                                CMIN, HEAD_DIM, EVEN_D)
     gp = (bh64 * NG + g)[:, None] * HEAD_DIM + d[None, :]
     gm = _row_mask(gv, dmask, EVEN_D)
     tl.atomic_add(DKG + gp, dkg * sm_scale, mask=gm, sem="relaxed")
@@ -733,13 +753,15 @@ _OVERRIDE: dict = {"fwd": None, "bwd": None}
 _W0_CONFIG: Optional[dict] = dict(BLK=16, NGC_MAX=64, num_warps=4, num_stages=1, PROGS_PER_SM=8,
                                   FOLD_DIAG=True)
 # The same single pass reading q, k, v, do as host-made TMA tiles, prefetched LOOP_STAGES - 1
-# query blocks ahead by the software pipeliner: 0.339 ms forward+backward at the anchor with
-# 3 stages (0.338 with 4, 0.363 with 2; 0.352 / 0.385 with 16 / 4 programs per SM), against
-# 0.402 for the 8-warp BLK=32 configuration of the seventh to ninth sessions. It costs about
-# 270 us more host time per call for encoding its four descriptors
-# (tools/bench/launch_overhead.py), which the first-use choice (by GPU time) does not count.
+# query blocks ahead by the software pipeliner, and with DQ_T and TMA_STORE (dq as a wgmma
+# product, dq / dk / dv stored as TMA tiles): 0.300 ms forward+backward at the anchor, against
+# 0.323 with TMA_STORE alone, 0.328 with DQ_T alone, 0.339 with neither (3 stages; 4 stages:
+# 0.302 / 0.330 / 0.331 / 0.338; with neither, 0.352 / 0.385 with 16 / 4 programs per SM) and
+# 0.402 for the 8-warp BLK=32 configuration of the seventh to ninth sessions (tenth session). Its
+# seven host descriptors cost host time on every launch (tools/bench/launch_overhead.py), which
+# the first-use choice (by GPU time) does not count.
 _W0_TMA_CONFIG: Optional[dict] = dict(BLK=16, NGC_MAX=64, num_warps=4, num_stages=1, LOOP_STAGES=3,
-                                      PROGS_PER_SM=8, FOLD_DIAG=True)
+                                      PROGS_PER_SM=8, FOLD_DIAG=True, DQ_T=True, TMA_STORE=True)
 # The single-pass W = 0 forward (``_fwd_w0_kernel``; bf16/fp16 on the GPU), a candidate of the
 # first-use choice W0_FORWARD where the global keys fit one tile of NGC_MAX rows; None: per-block
 # forward only. TMA row tiles prefetched LOOP_STAGES - 1 query blocks ahead (pointer loads where
@@ -1022,8 +1044,16 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
         gbuf = torch.zeros((2, B * H, ngb, Dh), dtype=torch.float32, device=dev)
         c0, tiles, seg = _single_pass_launch(w0_cfg, (q, k, v, dout), T, B * H, dev)
         c0.setdefault("FOLD_DIAG", False)
+        out_tiles = (dq, dk, dv)
+        if c0.get("TMA_STORE"):
+            if not c0["FOLD_DIAG"]:
+                raise ValueError("single-pass W = 0 backward: TMA_STORE needs FOLD_DIAG (whole row tiles "
+                                 "are stored; the global rows are rewritten from the compact buffers)")
+            out_cfg = dict(TMA=True)
+            out_tiles = _tile_args(out_cfg, [(x, c0["BLK"]) for x in out_tiles])
+            c0["TMA_STORE"] = bool(out_cfg["TMA"])         # pointer stores where TMA cannot write
         _LAST_KERNELS["bwd_w0"] = _bwd_w0_kernel[(triton.cdiv(T, seg), B * H)](
-            q, k, v, dout, *tiles, lse, dlse if has_dlse else lse, dq, dk, dv, gbuf[0], gbuf[1],
+            q, k, v, dout, *tiles, lse, dlse if has_dlse else lse, dq, dk, dv, *out_tiles, gbuf[0], gbuf[1],
             *s_in, *dout.stride()[:3], *dq.stride()[:3],
             T, H, initial, D, cmin, ns, ngb, seg, *scales,
             NGC=ngc, HAS_DLSE=has_dlse, **common, **c0,
