@@ -220,15 +220,17 @@ def test_fused_w0_tma_single_pass(T, D, P, fused_view, variant):
 
 @pytest.mark.parametrize("T,D,P", [(80, 16, 0), (70, 4, 1), (33, 5, 40), (64, 64, 0), (17, 16, 0),
                                    (40, 64, 0), (50, 1, 0)])
-@pytest.mark.parametrize("tiles", ["pointer", "tma", "device"])
+@pytest.mark.parametrize("tiles", ["pointer", "tma", "device", "tma_store"])
 def test_fused_w0_single_pass_forward(monkeypatch, T, D, P, tiles):
     """The single-pass W = 0 forward (global keys loaded once per query segment, exact softmax
     per row) against the reference: fp32 with pointer loads, bf16 on TMA tiles made on the host
-    or in the kernel (views of a fused projection, rows past T read as zeros), several segments."""
+    or in the kernel (views of a fused projection, rows past T read as zeros), several segments;
+    o also stored as TMA tiles (rows past T dropped)."""
     extra = dict(num_warps=4, num_stages=1)
     w0 = dict(BLK=16, NGC_MAX=64, LOOP_STAGES=1, **extra)
     if tiles != "pointer":
-        w0["TMA"] = True if tiles == "tma" else "device"
+        w0["TMA"] = "device" if tiles == "device" else True
+        w0["TMA_STORE"] = tiles == "tma_store"
     made = []
     if tiles == "device":
         monkeypatch.setattr(fused_mod, "_device_tile", _counting_device_tile(made))
@@ -544,11 +546,12 @@ def test_gpu_w0_single_pass(poisoned, T, D, P, Dh, tma, warps):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,D,P,Dh", [(4096, 64, 0, 128), (1000, 64, 0, 64), (777, 16, 3, 128)])
-@pytest.mark.parametrize("tma", [False, True, "device"])
+@pytest.mark.parametrize("tma", [False, True, "device", "store"])
 def test_gpu_w0_single_pass_forward(poisoned, T, D, P, Dh, tma):
     """The single-pass W = 0 forward (whether or not the first-use choice keeps it) at realistic
-    and odd shapes, pointer loads or pipelined TMA tiles (host or in-kernel descriptors)."""
-    w0 = dict(fused_mod._FWD_W0_CONFIG, TMA=tma)
+    and odd shapes, pointer loads or pipelined TMA tiles (host or in-kernel descriptors), and o
+    stored as TMA tiles."""
+    w0 = dict(fused_mod._FWD_W0_CONFIG, TMA=bool(tma) if tma == "store" else tma, TMA_STORE=tma == "store")
     fwd = dict(BM=64, BN=32, BG=32, num_warps=4, num_stages=3, w0=w0)
     fused_mod._LAST_KERNELS.clear()
     with fused_mod.block_config(fwd=fwd, bwd=fused_mod._bwd_config(Dh, torch.bfloat16)):

@@ -227,6 +227,10 @@ FWD_SWEEP += [dict(_FWD_DEFAULT, w0=dict(BLK=blk, NGC_MAX=64, num_warps=nw, num_
               for blk, nw, st, per_sm in [(64, 4, 3, 2), (64, 4, 3, 1), (64, 4, 3, 4), (64, 4, 2, 2),
                                           (64, 8, 3, 2), (128, 8, 3, 2), (32, 4, 3, 2), (32, 4, 4, 4),
                                           (64, 4, 4, 2), (64, 4, 3, 8), (64, 4, 3, 6)]]
+# tenth session: o stored as TMA tiles
+FWD_SWEEP += [dict(_FWD_DEFAULT, w0=dict(BLK=64, NGC_MAX=64, num_warps=4, num_stages=1, LOOP_STAGES=3,
+                                         PROGS_PER_SM=per_sm, TMA=True, TMA_STORE=True))
+              for per_sm in (2, 4, 8)]
 BWD_SWEEP_VARIANTS = {
     "dq": [dict(BLK=128, BN1=64, BG=64, num_warps=8, num_stages=2),
            dict(BLK=64, BN1=64, BG=64, num_warps=8, num_stages=2),
@@ -286,7 +290,9 @@ BWD_SWEEP_VARIANTS = {
                *[dict(BLK=16, NGC_MAX=64, num_warps=4, num_stages=1, LOOP_STAGES=st, PROGS_PER_SM=8,
                       FOLD_DIAG=True, **x)
                  for st in (3, 4) for x in (dict(DQ_T=True), dict(TMA_STORE=True),
-                                            dict(DQ_T=True, TMA_STORE=True))]],
+                                            dict(DQ_T=True, TMA_STORE=True))],
+               *[dict(BLK=16, NGC_MAX=64, num_warps=4, num_stages=1, LOOP_STAGES=3, PROGS_PER_SM=per_sm,
+                      FOLD_DIAG=True, DQ_T=True, TMA_STORE=True) for per_sm in (6, 10, 12)]],
 }
 # The sweeps' reference backward: the split one (every single pass switched off).
 _NO_SINGLE_PASS = dict(w0=None, w0_tma=None)

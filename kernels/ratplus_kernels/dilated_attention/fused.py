@@ -277,12 +277,12 @@ def _fwd_kernel(
 
 @triton.jit
 def _fwd_w0_kernel(
-    Q, K, V, QD, KD, VD, O, LSE,
+    Q, K, V, QD, KD, VD, O, OD, LSE,
     sqt, sqb, sqh, skt, skb, skh, svt, svb, svh, sot, sob, soh,
     T, H, P, D, CMIN, NS, SEG, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     BLK: tl.constexpr, NGC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr, TMA_STORE: tl.constexpr = False,
 ):
     """Single-pass forward for W = 0 with few global keys (``NG <= NGC``): one program per
     (segment of SEG queries, batch x head) loads the global keys of its head once, then walks its
@@ -292,7 +292,8 @@ def _fwd_w0_kernel(
 
     Against the per-query-block forward (one program per block, each gathering the global keys
     from L2 and waiting on its own loads) this keeps the loads of the next blocks in flight and
-    reads the global keys once per segment."""
+    reads the global keys once per segment. TMA_STORE: o stored as TMA tiles of the host
+    descriptor OD (rows past T dropped by the TMA unit)."""
     pid_s = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -332,9 +333,12 @@ def _fwd_w0_kernel(
         p_d = tl.exp2(s_d - m)
         l_i = tl.sum(p, 1) + p_d
         acc = _dot(p.to(vg.dtype), vg, PREC, UPCAST) + p_d[:, None] * vn.to(tl.float32)
-        out = acc / l_i[:, None]
-        o_ptr = o_base + rows[:, None].to(tl.int64) * sot + d[None, :]
-        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=_row_mask(rm, dmask, EVEN_D))
+        out = (acc / l_i[:, None]).to(O.dtype.element_ty)
+        if TMA_STORE:
+            OD.store([m0, (b * sob + h * soh).to(tl.int32)], out)
+        else:
+            o_ptr = o_base + rows[:, None].to(tl.int64) * sot + d[None, :]
+            tl.store(o_ptr, out, mask=_row_mask(rm, dmask, EVEN_D))
         tl.store(LSE + bh.to(tl.int64) * T + rows, (m + tl.log2(l_i)) * 0.6931471805599453, mask=rm)
 
 
@@ -889,7 +893,7 @@ def _forward(q, k, v, dilation, window, initial, scale):
     def single_pass():
         c, tiles, seg = _single_pass_launch(w0_cfg, (q, k, v), T, B * H, q.device)
         _LAST_KERNELS["fwd_w0"] = _fwd_w0_kernel[(triton.cdiv(T, seg), B * H)](
-            q, k, v, *tiles, out, lse, *strides,
+            q, k, v, *tiles, out, *_store_tiles(c, (out,)), lse, *strides,
             T, H, initial, D, cmin, ns, seg, scale * _LOG2E, NGC=ngc, **common, **c,
         )
 
@@ -988,6 +992,19 @@ def _tile_args(cfg: dict, tiles):
     return tuple(_row_tile_descriptor(x, rows) for x, rows in tiles)
 
 
+def _store_tiles(cfg: dict, outputs):
+    """Output arguments of a single-pass kernel that stores ``cfg["BLK"]``-row tiles: host TMA
+    descriptors where ``cfg["TMA_STORE"]`` asks for them and the outputs allow them, else the
+    tensors themselves (``cfg["TMA_STORE"]`` is set to the mode used)."""
+    if not cfg.get("TMA_STORE"):
+        cfg["TMA_STORE"] = False
+        return tuple(outputs)
+    mode = dict(TMA=True)
+    tiles = _tile_args(mode, [(x, cfg["BLK"]) for x in outputs])
+    cfg["TMA_STORE"] = bool(mode["TMA"])
+    return tiles
+
+
 def _torch_scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
@@ -1044,14 +1061,10 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
         gbuf = torch.zeros((2, B * H, ngb, Dh), dtype=torch.float32, device=dev)
         c0, tiles, seg = _single_pass_launch(w0_cfg, (q, k, v, dout), T, B * H, dev)
         c0.setdefault("FOLD_DIAG", False)
-        out_tiles = (dq, dk, dv)
-        if c0.get("TMA_STORE"):
-            if not c0["FOLD_DIAG"]:
-                raise ValueError("single-pass W = 0 backward: TMA_STORE needs FOLD_DIAG (whole row tiles "
-                                 "are stored; the global rows are rewritten from the compact buffers)")
-            out_cfg = dict(TMA=True)
-            out_tiles = _tile_args(out_cfg, [(x, c0["BLK"]) for x in out_tiles])
-            c0["TMA_STORE"] = bool(out_cfg["TMA"])         # pointer stores where TMA cannot write
+        if c0.get("TMA_STORE") and not c0["FOLD_DIAG"]:
+            raise ValueError("single-pass W = 0 backward: TMA_STORE needs FOLD_DIAG (whole row tiles are "
+                             "stored; the global rows are rewritten from the compact buffers)")
+        out_tiles = _store_tiles(c0, (dq, dk, dv))
         _LAST_KERNELS["bwd_w0"] = _bwd_w0_kernel[(triton.cdiv(T, seg), B * H)](
             q, k, v, dout, *tiles, lse, dlse if has_dlse else lse, dq, dk, dv, *out_tiles, gbuf[0], gbuf[1],
             *s_in, *dout.stride()[:3], *dq.stride()[:3],
