@@ -271,7 +271,8 @@ BWD_SWEEP_VARIANTS = {
            # seventh session: the global rows' diagonal folded into the key-major products
            dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, PROGS_PER_SM=8, FOLD_DIAG=True)],
     # the same single pass on pipelined TMA tiles (seventh session; spill-free offline at
-    # BLK=32 / 8 warps with 2 or 3 stages, 254-255 registers; BLK=64 or 4 / 16 warps spill)
+    # BLK=32 / 8 warps with 2 or 3 stages, 254-255 registers; BLK=64 or 16 warps spill; the
+    # tenth session's default, BLK=16 / 4 warps, spills 2-28 B)
     "w0_tma": [dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=3, PROGS_PER_SM=8),
                dict(BLK=32, NGC_MAX=64, num_warps=8, num_stages=1, LOOP_STAGES=3, PROGS_PER_SM=8,
                     FOLD_DIAG=True),

@@ -749,11 +749,12 @@ _OVERRIDE: dict = {"fwd": None, "bwd": None}
 # D=64; profiler GPU time of forward+backward): 0.461 ms with BLK=32 / 8 warps (fourth session),
 # 0.429 with FOLD_DIAG (the global rows' diagonal rides in the key-major products instead of
 # per-block atomics, seventh session), against 0.476-0.500 for the split backward.
-# One warpgroup (tenth session): with 8 warps Triton gives the chained score tiles ([NGC, BLK],
-# NGC = 64 rows) one warp per 16 rows of M (its heuristic for flash-attention chains), so both
-# warpgroups computed the same 64-row products and their element-wise work. At 4 warps each
-# tile is computed once; the global-key accumulators then take twice the registers per thread,
-# so BLK=16 (6-28 B of spills per thread, 2 CTAs per SM): 0.360 vs 0.423 ms with pointer loads.
+# One warpgroup (tenth session): Triton lays a dot whose result feeds another dot out with all
+# warps along M (warpsPerCTA [8, 1] at 8 warps, its flash-attention heuristic), so the 64-row
+# score tiles ([NGC, BLK]) were held twice and both warpgroups computed the same products and
+# element-wise work. At 4 warps each tile is computed once; the global-key accumulators then take
+# twice the registers per thread, so BLK=16 (2-28 B of spills per thread, 2 CTAs per SM): 0.360
+# vs 0.423 ms with pointer loads.
 _W0_CONFIG: Optional[dict] = dict(BLK=16, NGC_MAX=64, num_warps=4, num_stages=1, PROGS_PER_SM=8,
                                   FOLD_DIAG=True)
 # The same single pass reading q, k, v, do as host-made TMA tiles, prefetched LOOP_STAGES - 1
