@@ -200,22 +200,35 @@ def test_fused_w0_backward_paths(T, D, P, path):
 
 @pytest.mark.parametrize("T,D,P,fused_view", [(80, 16, 0, False), (70, 4, 1, True), (33, 5, 40, False),
                                               (64, 64, 0, True), (17, 16, 0, False)])
-@pytest.mark.parametrize("variant", [{}, dict(TMA_STORE=True, DQ_T=True)])
+@pytest.mark.parametrize("variant", [{}, dict(TMA_STORE=True, DQ_T=True, FOLD_DIAG=True)])
 def test_fused_w0_tma_single_pass(T, D, P, fused_view, variant):
     """The single pass reading q, k, v, do as TMA tiles of ``[T, columns]`` views (bf16, as on
     the GPU), against the reference: rows past T read as zeros, several query segments, views of
     a fused projection (column offsets b * stride_b + h * stride_h inside a wider row); also
-    storing dq, dk, dv as TMA tiles (rows past T dropped) with dq as a transposed product."""
-    if variant and T % 2:
-        pytest.skip("TMA_STORE needs FOLD_DIAG (even T here)")
+    storing dq, dk, dv as TMA tiles (rows past T dropped; folded diagonal, which TMA_STORE
+    needs) with dq as a transposed product."""
     extra = dict(num_warps=4, num_stages=1)
     bwd = {name: dict(c, **extra) for name, c in _SPLIT_BWD.items()}
-    bwd.update(w0=None, w0_tma=dict(BLK=16, NGC_MAX=64, LOOP_STAGES=1, FOLD_DIAG=T % 2 == 0, **extra, **variant))
+    w0 = dict(BLK=16, NGC_MAX=64, LOOP_STAGES=1, FOLD_DIAG=T % 2 == 0, **extra)
+    bwd.update(w0=None, w0_tma=dict(w0, **variant))
     fused_mod._LAST_KERNELS.clear()
     with fused_mod.block_config(fwd=dict(BM=16, BN=16, BG=16, **extra), bwd=bwd):
         _check(T, 2, 2, 16, (D, 0, P), dtype=torch.bfloat16, fused_view=fused_view,
                tol=(1e-2, 2e-2), seed=T + P)
     assert "bwd_w0" in fused_mod._LAST_KERNELS
+
+
+def test_fused_w0_tma_stores_need_the_folded_diagonal():
+    """TMA stores write whole row tiles, global rows included, which only the folded diagonal
+    rewrites afterwards: asking for them without it is a clear error, not a wrong gradient."""
+    extra = dict(num_warps=4, num_stages=1)
+    bwd = {name: dict(c, **extra) for name, c in _SPLIT_BWD.items()}
+    bwd.update(w0=None, w0_tma=dict(BLK=16, NGC_MAX=64, FOLD_DIAG=False, TMA_STORE=True, **extra))
+    q, k, v = (torch.randn(32, 1, 1, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with fused_mod.block_config(fwd=dict(BM=16, BN=16, BG=16, **extra), bwd=bwd):
+        out = fused_mod.fused_dilated_attention(q, k, v, 16, 0, 0)
+        with pytest.raises(ValueError, match="TMA_STORE needs FOLD_DIAG"):
+            out.sum().backward()
 
 
 @pytest.mark.parametrize("T,D,P", [(80, 16, 0), (70, 4, 1), (33, 5, 40), (64, 64, 0), (17, 16, 0),

@@ -1,6 +1,6 @@
 """Host time per call of the fused dilated attention (the per-block and the single-pass W = 0
-forwards, and each W = 0 backward candidate), beside its GPU time: where eager timings exceed CUDA-graph timings, this says which
-launch path costs the host time.
+forwards, and each W = 0 backward candidate), beside its GPU time: where eager timings exceed
+CUDA-graph timings, this says which launch path costs the host time.
 
     PYTHONPATH=kernels:. python tools/bench/launch_overhead.py [--calls 200]
 

@@ -99,7 +99,7 @@ for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
     da_ncu)    TAIL=${TAIL:-400} step da_ncu 300 ncu $NCU_SECTIONS ${DA_NCU_FILTER:-} \
                  python3 tools/bench/profile_dilated.py ${DA_NCU_ARGS:-} ;;
     rec_spread) step rec_spread 240 python3 tools/bench/bench_recurrence.py --no-fla --spread --sweep-only ;;
-    gpu_tests) step gpu_tests 480 python3 -m pytest -q -p no:cacheprovider -m gpu tests ;;
+    gpu_tests) step gpu_tests 560 python3 -m pytest -q -p no:cacheprovider -m gpu tests ;;
     da_tests)  step da_tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_dilated_attention.py \
                  ${DA_TEST_K:+-k "$DA_TEST_K"} ;;
     da_bench)  step da_bench 420 python3 tools/bench/bench_dilated_attention.py ${DA_ARGS:-} ;;

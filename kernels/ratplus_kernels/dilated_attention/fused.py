@@ -63,7 +63,9 @@ accumulators, walks its query blocks once and adds the accumulators into the com
 It takes ``delta_t = sum_j P_tj dP_tj`` from the scores in registers instead of ``sum(o_t do_t)``,
 so ``o`` is not read: 7 tensor passes (q, k, v, do in; dq, dk, dv out) against the split
 backward's 8 plus the far pass's reread of q and do. The products are written key-major
-(``[global keys, queries]``) so that no operand is replicated across warps.
+(``[global keys, queries]``) so that no operand is replicated across warps, and the default
+launch is one warpgroup: at 8 warps Triton holds the 64-row score tiles twice (see
+``_W0_CONFIG``).
 
 Single-pass forward for ``W = 0`` (``_fwd_w0_kernel``, same condition as the single-pass backward;
 chosen on first use against the per-block forward, see ``W0_FORWARD``): one program per (query
@@ -77,7 +79,8 @@ read as boxes of the 2-D ``[T, columns]`` view of the ``[T, B, H, Dh]`` tensor (
 ``stride_t``; the (b, h) tile starts at column ``b * stride_b + h * stride_h``): no address
 registers, asynchronous loads the software pipeliner can prefetch, rows past T read as zeros.
 Used only where every tensor allows it (``_row_tiles_ok``: 16-bit, Dh in {16..128}, aligned,
-non-overlapping rows); gathered global keys stay pointer loads.
+non-overlapping rows); gathered global keys stay pointer loads. The single-pass kernels may also
+store their outputs as such boxes (``TMA_STORE``: host descriptors, rows past T dropped).
 
 The log-sum-exp output is differentiable: its gradient enters as ``delta_t - dlse_t``.
 
@@ -660,7 +663,8 @@ def _bwd_w0_kernel(
                            EVEN_D, TMA)
         lse2 = tl.load(LSE + bh64 * T + rows, mask=rm, other=0.0) * 1.4426950408889634
         # far: the gathered global keys j < t, key-major ([NGC, BLK]: the global keys are the
-        # M side of every product, so no operand is replicated across the warps)
+        # M side of every product, so no operand is replicated across the warps; the result
+        # tiles are, at 8 warps: see _W0_CONFIG)
         sT = _dot(kg, tl.trans(q), PREC, UPCAST) * qk_scale
         allowed = gv[:, None] & rm[None, :] & (j[:, None] < rows[None, :])
         pT = tl.where(allowed, tl.exp2(sT - lse2[None, :]), 0.0)
