@@ -198,64 +198,6 @@ def test_fused_w0_backward_paths(T, D, P, path):
     assert used <= set(fused_mod._LAST_KERNELS), sorted(fused_mod._LAST_KERNELS)
 
 
-def _record_dq_parts(monkeypatch):
-    """The ``dq_parts`` of every split backward run (2: all of dq in the query-major pass)."""
-    parts = []
-    real = fused_mod._backward_split
-    monkeypatch.setattr(fused_mod, "_backward_split", lambda *a: parts.append(a[-1]) or real(*a))
-    return parts
-
-
-@pytest.mark.parametrize("T,D,W,P", [(75, 16, 20, 4), (70, 8, 33, 4), (90, 4, 0, 0), (48, 7, 3, 9),
-                                     (53, -1, 6, 2), (37, 1, 10, 2), (33, 5, 40, 0), (31, 16, 256, 4)])
-@pytest.mark.parametrize("mode", ["band_dq", "atomic_dq"])
-def test_fused_dq_from_key_major_kernels(monkeypatch, T, D, W, P, mode):
-    """dq added with fp32 atomics by the band kernel ("band_dq", W > 0: the far keys' part stays
-    in the query-major pass) or by the band and far kernels ("atomic_dq"; W = 0: the far kernel),
-    forced through the first-use choices; several heads, fused-projection views, lse gradient."""
-    for name in ("W0_BACKWARD", "BAND_BACKWARD"):
-        monkeypatch.setattr(fused_mod, name, FirstUseChoice(name, mode=mode))
-    parts = _record_dq_parts(monkeypatch)
-    _check(T, 2, 2, 16, (D, W, P), fused_view=True, seed=T + W)
-    offered = mode == "atomic_dq" or W > 0                 # no band kernel when W = 0
-    assert parts == [dict(band_dq=1, atomic_dq=0)[mode] if offered else 2]
-
-
-@pytest.mark.parametrize("dq_t", [False, True])
-@pytest.mark.parametrize("T,D,W,P", [(83, 16, 20, 4), (70, 4, 0, 1), (47, -1, 37, 0)])
-def test_fused_dq_atomics_tilings(monkeypatch, T, D, W, P, dq_t):
-    """The key-major kernels' dq as the direct (``dS k``) or transposed product, with key tiles
-    and query tiles of different sizes, bf16."""
-    extra = dict(num_warps=4, num_stages=1, DQ_T=dq_t)
-    bwd = {name: dict(c, num_warps=4, num_stages=1) for name, c in _SPLIT_BWD.items()}
-    bwd.update(w0=None, w0_tma=None, dkdv_dq=dict(BLK=32, BM2=16, **extra), far_dq=dict(BG=16, BM2=32, **extra))
-    parts = _record_dq_parts(monkeypatch)
-    with fused_mod.block_config(fwd=dict(BM=16, BN=16, BG=16, num_warps=4, num_stages=1), bwd=bwd):
-        _check(T, 2, 2, 16, (D, W, P), dtype=torch.bfloat16, tol=(1e-2, 2e-2), seed=T)
-    assert parts == [0]
-
-
-def test_fused_band_auto_selection(monkeypatch):
-    """W > 0: the first use of a shape times the split backward and both atomic-dq variants
-    and runs the fastest from then on."""
-    timed = []
-
-    def fake_time(fn):
-        timed.append(fn.__name__)
-        fn()
-        return dict(split=2.0, band_dq=1.0, atomic_dq=3.0)[fn.__name__]
-
-    choice = FirstUseChoice("W>0 backward", timer=fake_time, can_time=lambda: True)
-    monkeypatch.setattr(fused_mod, "BAND_BACKWARD", choice)
-    parts = _record_dq_parts(monkeypatch)
-    _check(75, 1, 2, 16, (16, 20, 4), seed=7)
-    assert timed == ["split", "band_dq", "atomic_dq"] and parts == [2, 1, 0, 1]
-    _check(75, 1, 2, 16, (16, 20, 4), seed=8)
-    assert len(timed) == 3 and parts[4:] == [1]
-    _check(75, 1, 2, 16, (16, 30, 4), seed=8)                  # another window: timed again
-    assert len(timed) == 6
-
-
 @pytest.mark.parametrize("T,D,P,fused_view", [(80, 16, 0, False), (70, 4, 1, True), (33, 5, 40, False),
                                               (64, 64, 0, True), (17, 16, 0, False)])
 @pytest.mark.parametrize("variant", [{}, dict(TMA_STORE=True, DQ_T=True, FOLD_DIAG=True)])
@@ -414,36 +356,35 @@ def w0_auto(monkeypatch):
     return timed, times, choice
 
 
-@pytest.mark.parametrize("fastest", ["split", "split_dq_w0", "atomic_dq", "single_pass"])
+@pytest.mark.parametrize("fastest", ["split", "split_dq_w0", "single_pass"])
 def test_fused_w0_auto_selection_times_once_per_shape(w0_auto, fastest):
     timed, times, choice = w0_auto
-    times.update(split=2.0, split_dq_w0=2.5, atomic_dq=2.7, single_pass=3.0)
+    times.update(split=2.0, split_dq_w0=2.5, single_pass=3.0)
     times[fastest] = 1.0
     _check(80, 1, 2, 16, (16, 0, 0), seed=1)                   # times all, runs the fastest
-    assert timed == ["split", "split_dq_w0", "atomic_dq", "single_pass"]
+    assert timed == ["split", "split_dq_w0", "single_pass"]
     fused_mod._LAST_KERNELS.clear()
     _check(80, 1, 2, 16, (16, 0, 0), seed=1)                   # reuses the choice
     assert ("bwd_w0" in fused_mod._LAST_KERNELS) == (fastest == "single_pass")
     assert ("bwd_dq" in fused_mod._LAST_KERNELS) != (fastest == "single_pass")
     assert list(choice.choices.values()) == [fastest]
     _check(96, 1, 2, 16, (16, 0, 0), seed=2)                   # same length bucket (<= 128)
-    assert len(timed) == 4
+    assert len(timed) == 3
     _check(200, 1, 2, 16, (16, 0, 0), seed=2)                  # a new bucket is timed again
-    assert len(timed) == 8
+    assert len(timed) == 6
     _check(150, 1, 1, 16, (2, 0, 0), seed=2)                   # 75 global keys: no single pass
-    assert timed[8:] == ["split", "split_dq_w0", "atomic_dq"]
+    assert timed[6:] == ["split", "split_dq_w0"]
 
 
 def test_fused_w0_auto_skips_a_failing_candidate(w0_auto):
     timed, times, choice = w0_auto
-    times.update(split=2.0, split_dq_w0=3.0, atomic_dq=3.0,
-                 single_pass=RuntimeError("out of resources: shared memory"))
+    times.update(split=2.0, split_dq_w0=3.0, single_pass=RuntimeError("out of resources: shared memory"))
     with pytest.warns(RuntimeWarning, match="'single_pass' failed"):
         _check(80, 1, 2, 16, (16, 0, 0), seed=3)
     assert list(choice.choices.values()) == ["split"]
     fused_mod._LAST_KERNELS.clear()
     _check(80, 1, 2, 16, (16, 0, 0), seed=4)                   # no second attempt
-    assert len(timed) == 4 and "bwd_dq" in fused_mod._LAST_KERNELS
+    assert len(timed) == 3 and "bwd_dq" in fused_mod._LAST_KERNELS
 
 
 def test_fused_w0_modes(monkeypatch):
@@ -585,23 +526,6 @@ def test_gpu_tma_tiles_every_kernel(poisoned, monkeypatch, T, D, W, P, Dh, mode)
         assert made == []
     else:
         assert len(made) >= 3 + 5 + 2                # forward, dq kernel, far (and band) kernels
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("T,D,W,P,Dh", [(4096, 16, 256, 4, 128), (1000, 16, 100, 4, 64),
-                                        (777, 64, 0, 0, 128), (4096, 16, 0, 0, 128), (513, -1, 200, 4, 64)])
-@pytest.mark.parametrize("mode", ["band_dq", "atomic_dq"])
-@pytest.mark.parametrize("tma", [False, True])
-def test_gpu_dq_atomics(poisoned, monkeypatch, T, D, W, P, Dh, mode, tma):
-    """dq added with atomics by the band kernel, or by the band and far kernels, with the default
-    launch configurations (pointer loads or TMA row tiles), at realistic and odd shapes."""
-    base = fused_mod._bwd_config(Dh, torch.bfloat16)
-    bwd = dict(base, w0=None, w0_tma=None, dkdv_dq=dict(base["dkdv_dq"], TMA=tma),
-               far_dq=dict(base["far_dq"], TMA=tma) if mode == "atomic_dq" else None)
-    parts = _record_dq_parts(monkeypatch)
-    with fused_mod.block_config(bwd=bwd):
-        _check(T, 2, 4, Dh, (D, W, P), dtype=torch.bfloat16, fused_view=True, tol=(1e-2, 2e-2), seed=T)
-    assert parts == [dict(band_dq=1, atomic_dq=0)[mode] if W or mode == "atomic_dq" else 2]
 
 
 @pytest.mark.gpu

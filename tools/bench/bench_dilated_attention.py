@@ -231,8 +231,6 @@ FWD_SWEEP += [dict(_FWD_DEFAULT, w0=dict(BLK=blk, NGC_MAX=64, num_warps=nw, num_
 FWD_SWEEP += [dict(_FWD_DEFAULT, w0=dict(BLK=64, NGC_MAX=64, num_warps=4, num_stages=1, LOOP_STAGES=3,
                                          PROGS_PER_SM=per_sm, TMA=True, TMA_STORE=True))
               for per_sm in (2, 4, 8)]
-_DKDV_DQ = dict(BLK=64, BM2=32, num_warps=4, num_stages=2, DQ_T=True)
-_FAR_DQ = dict(BG=64, BM2=32, num_warps=4, num_stages=2, PROGS_PER_SM=8, DQ_T=True)
 BWD_SWEEP_VARIANTS = {
     "dq": [dict(BLK=128, BN1=64, BG=64, num_warps=8, num_stages=2),
            dict(BLK=64, BN1=64, BG=64, num_warps=8, num_stages=2),
@@ -296,25 +294,9 @@ BWD_SWEEP_VARIANTS = {
                                             dict(DQ_T=True, TMA_STORE=True))],
                *[dict(BLK=16, NGC_MAX=64, num_warps=4, num_stages=1, LOOP_STAGES=3, PROGS_PER_SM=per_sm,
                       FOLD_DIAG=True, DQ_T=True, TMA_STORE=True) for per_sm in (6, 10, 12)]],
-    # the band kernel adding dq with atomics (W > 0; the far keys' dq stays in the dq kernel)
-    "dkdv_dq": [dict(BLK=64, BM2=32, num_warps=4, num_stages=2, DQ_T=True),       # spill-free offline
-                dict(BLK=64, BM2=32, num_warps=4, num_stages=3, DQ_T=True),
-                dict(BLK=128, BM2=32, num_warps=8, num_stages=2, DQ_T=True),
-                dict(BLK=64, BM2=64, num_warps=4, num_stages=2, DQ_T=True),       # spills 116 B
-                dict(BLK=64, BM2=32, num_warps=4, num_stages=2, DQ_T=True, TMA=True)],
-    # the band and far kernels adding dq with atomics: entries are {kernel: configuration}
-    "atomic_dq": [dict(dkdv_dq=_DKDV_DQ, far_dq=dict(_FAR_DQ, **x))
-                  for x in (dict(), dict(num_stages=3), dict(PROGS_PER_SM=4), dict(PROGS_PER_SM=16),
-                            dict(BG=128, num_warps=8), dict(TMA=True))],
 }
-# The sweeps' reference backward: the split one (no single pass, no dq atomics).
-_SPLIT_ONLY = dict(w0=None, w0_tma=None, dkdv_dq=None, far_dq=None)
-
-
-def sweep_config(base: dict, kind: str, variant: dict) -> dict:
-    """The backward configuration of one sweep variant: ``base`` with the ``kind`` kernel's
-    configuration replaced (kind "atomic_dq": several kernels', given as a dict)."""
-    return dict(base, **(variant if kind == "atomic_dq" else {kind: variant}))
+# The sweeps' reference backward: the split one (every single pass switched off).
+_NO_SINGLE_PASS = dict(w0=None, w0_tma=None)
 
 
 def _single_pass_applies(fm, T, pat) -> bool:
@@ -334,10 +316,10 @@ def run_sweep(args) -> None:
     fwd_cfgs = [c for c in FWD_SWEEP if args.sweep_kinds is None
                 or ("fwd_w0" if "w0" in c else "fwd") in args.sweep_kinds]
     # explicit configurations: the split backward unless a variant sets the single pass
-    base = dict(fm._bwd_config(DH, torch.bfloat16), **_SPLIT_ONLY)
+    base = dict(fm._bwd_config(DH, torch.bfloat16), **_NO_SINGLE_PASS)
     variants = {n: cs for n, cs in BWD_SWEEP_VARIANTS.items()
                 if args.sweep_kinds is None or n in args.sweep_kinds}
-    bwd_cfgs = [base] + [sweep_config(base, name, c) for name, cs in variants.items() for c in cs]
+    bwd_cfgs = [base] + [dict(base, **{name: c}) for name, cs in variants.items() for c in cs]
     qd, kd, vd = q.detach(), k.detach(), v.detach()
     print("\nsweep at B=4 T=4096 (ms of GPU kernel time from the profiler: forward, forward+backward)")
     for pat in PATTERNS:
@@ -354,7 +336,7 @@ def run_sweep(args) -> None:
             print(f"  {pat} fwd {fc}: {ms:.4f} {_regs(fm, 'fwd_w0' if 'w0' in fc else 'fwd')}")
         out = fused_dilated_attention(q, k, v, *pat)
         for bc in bwd_cfgs:
-            if pat[1] == 0 and (bc["dkdv"] != base["dkdv"] or (bc["dkdv_dq"] and not bc["far_dq"])):
+            if pat[1] == 0 and bc["dkdv"] != base["dkdv"]:
                 continue                                  # no band kernel when W = 0
             if (bc.get("w0") or bc.get("w0_tma")) and not _single_pass_applies(fm, T, pat):
                 continue                                  # W > 0 or too many global keys
@@ -376,8 +358,8 @@ def run_sweep(args) -> None:
 
 
 def run_profile(args) -> None:
-    """Per-kernel CUDA time at the anchor shape for each candidate of the first-use choices
-    (W0_BACKWARD, BAND_BACKWARD), forced."""
+    """Per-kernel CUDA time at the anchor shape: the default configuration, and for W = 0 each
+    candidate of the first-use choice, forced."""
     import ratplus_kernels.dilated_attention.fused as fm
     from ratplus_kernels.dilated_attention import fused_dilated_attention
 
@@ -385,15 +367,11 @@ def run_profile(args) -> None:
     q, k, v, do = (torch.randn(T, B, H, DH, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     for x in (q, k, v):
         x.requires_grad_(True)
-    base = dict(fm._bwd_config(DH, torch.bfloat16), **_SPLIT_ONLY)
+    base = dict(fm._bwd_config(DH, torch.bfloat16), **_NO_SINGLE_PASS)
     for pat in PATTERNS:
-        full = fm._bwd_config(DH, torch.bfloat16)
-        # each candidate of the first-use choice, forced
-        settings = [("split", base), ("band_dq", dict(base, dkdv_dq=full["dkdv_dq"])),
-                    ("atomic_dq", dict(base, dkdv_dq=full["dkdv_dq"], far_dq=full["far_dq"]))]
-        if pat[1] == 0:
-            settings = [("split", base), ("split, dq_w0", dict(base, dq=base["dq_w0"])),
-                        ("atomic_dq", dict(base, far_dq=full["far_dq"]))]
+        settings = [("default", None)]
+        if pat[1] == 0:                # each W = 0 candidate of the first-use choice, forced
+            settings = [("split", base), ("split, dq_w0", dict(base, dq=base["dq_w0"]))]
             if _single_pass_applies(fm, T, pat):
                 settings.append(("single pass", dict(base, w0=fm._W0_CONFIG)))
                 settings.append(("single pass, TMA", dict(base, w0_tma=fm._W0_TMA_CONFIG)))

@@ -85,23 +85,18 @@ def dilated_rows(sweep: bool, arch: int):
             with fm.block_config(fwd=fc), offline_compilation(arch) as compiled:
                 fm._forward(q, k, v, *pattern, scale)
             rows.append(_row("dilated", f"{name} fwd {fc or 'default'}", compiled[0]))
-        split = dict(base, **bench._SPLIT_ONLY)
-        if pattern[1] == 0:                    # W = 0: several backwards (chosen at run time)
+        if pattern[1] == 0:                    # W = 0 has two backwards (chosen at run time)
             single = base.get("w0") or bench.BWD_SWEEP_VARIANTS["w0"][0]
             single_tma = base.get("w0_tma") or bench.BWD_SWEEP_VARIANTS["w0_tma"][0]
+            split = dict(base, **bench._NO_SINGLE_PASS)
             bwd_cfgs = [("default split", split),
                         ("default split dq_w0", dict(split, dq=base.get("dq_w0") or base["dq"])),
-                        ("default atomic dq", dict(split, far_dq=base.get("far_dq") or bench._FAR_DQ)),
                         ("default single pass", dict(split, w0=single)),
                         ("default single pass TMA", dict(split, w0_tma=single_tma))]
-        else:                                  # W > 0: three backwards (chosen at run time)
-            dkdv_dq = base.get("dkdv_dq") or bench._DKDV_DQ
-            bwd_cfgs = [("default split", split),
-                        ("default band dq", dict(split, dkdv_dq=dkdv_dq)),
-                        ("default atomic dq", dict(split, dkdv_dq=dkdv_dq,
-                                                   far_dq=base.get("far_dq") or bench._FAR_DQ))]
+        else:
+            bwd_cfgs = [("default", base)]
         if sweep:
-            bwd_cfgs += [(f"{kind} {c}", bench.sweep_config(split, kind, c))
+            bwd_cfgs += [(f"{kind} {c}", {**base, **bench._NO_SINGLE_PASS, kind: c})
                          for kind, cs in bench.BWD_SWEEP_VARIANTS.items() for c in cs]
         for label, bc in bwd_cfgs:
             with fm.block_config(bwd=bc), offline_compilation(arch) as compiled:

@@ -64,7 +64,7 @@ def main() -> int:
             rows.append((label, host_us(fwd, args.calls), gpu_ms(fwd)))
     out, lse = fm._forward(q, k, v, 64, 0, 0, scale)
     base = fm._bwd_config(DH, torch.bfloat16)
-    candidates = [("split", dict(base, w0=None, w0_tma=None, far_dq=None)),
+    candidates = [("split", dict(base, w0=None, w0_tma=None)),
                   ("single pass", dict(base, w0=base["w0"], w0_tma=None)),
                   ("single pass, host TMA", dict(base, w0=None, w0_tma=dict(base["w0_tma"], TMA=True))),
                   ("single pass, device TMA", dict(base, w0=None, w0_tma=dict(base["w0_tma"], TMA="device")))]

@@ -383,17 +383,9 @@ def _bwd_dq_loop(dq, q, do, lse2, delta, rows, rmask, k_base, v_base, skt, svt, 
 def _bwd_dkdv_loop(dk, dv, kn, vn, cols, cm, q_base, do_base, lse_base, delta_base, sqt, sdt,
                    d, dmask, m_lo, m_hi, W, qk_scale, FAR: tl.constexpr, EVEN_D: tl.constexpr,
                    BM: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, QD=None, DOD=None,
-                   qcol=0, dcol=0, TMA: tl.constexpr = False, dqa_base=None, sm_scale=1.0,
-                   HEAD_DIM: tl.constexpr = 128, DQ_ATOMIC: tl.constexpr = False,
-                   DQ_T: tl.constexpr = False):
+                   qcol=0, dcol=0, TMA: tl.constexpr = False):
     """dk (unscaled), dv of a key tile from queries ``[m_lo, m_hi)``; mask ``t - j > W`` (FAR)
-    or ``0 <= t - j <= W`` (band). Reads the delta written by the dq kernel.
-
-    DQ_ATOMIC: also this tile's share of ``dq`` (``dS k``, scaled), added with fp32 atomics into
-    the accumulator rows ``dqa_base + t * HEAD_DIM``: the scores and ``dS`` are formed once for
-    all three gradients (five products per tile instead of the query-major pass's three plus
-    this loop's four). DQ_T: as the transposed product ``(k^T dS^T)^T``, whose M side (the head
-    dimension) fills a 64-row wgmma whatever ``BM`` is (see ``_bwd_w0_kernel``)."""
+    or ``0 <= t - j <= W`` (band). Reads the delta written by the dq kernel."""
     for m0 in range(m_lo, m_hi, BM):
         qr = m0 + tl.arange(0, BM)
         qm = qr < m_hi
@@ -411,15 +403,8 @@ def _bwd_dkdv_loop(dk, dv, kn, vn, cols, cm, q_base, do_base, lse_base, delta_ba
         pT = tl.where(allowed, tl.exp2(sT - l2[None, :]), 0.0)
         dv += _dot(pT.to(dd.dtype), dd, PREC, UPCAST)
         dpT = _dot(vn, tl.trans(dd), PREC, UPCAST)
-        dsT = (pT * (dpT - dl[None, :])).to(qq.dtype)
-        dk += _dot(dsT, qq, PREC, UPCAST)
-        if DQ_ATOMIC:
-            if DQ_T:
-                dq = tl.trans(_dot(tl.trans(kn), dsT, PREC, UPCAST))
-            else:
-                dq = _dot(tl.trans(dsT), kn, PREC, UPCAST)
-            tl.atomic_add(dqa_base + qr[:, None] * HEAD_DIM + d[None, :], dq * sm_scale,
-                          mask=_row_mask(qm, dmask, EVEN_D), sem="relaxed")
+        dsT = pT * (dpT - dl[None, :])
+        dk += _dot(dsT.to(qq.dtype), qq, PREC, UPCAST)
     return dk, dv
 
 
@@ -444,22 +429,17 @@ def _bwd_store_dkdv(dk, dv, cols, cm, DK, DV, DKG, DVG, out_base, sgt, d, dmask,
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, O, DO, QD, KD, VD, OD, DOD, LSE, DLSE, DELTA, DQ, DK, DV, DKG, DVG, DQA,
+    Q, K, V, O, DO, QD, KD, VD, OD, DOD, LSE, DLSE, DELTA, DQ, DK, DV, DKG, DVG,
     sqt, sqb, sqh, skt, skb, skh, svt, svb, svh, sot, sob, soh, sdt, sdb, sdh,
     sgt, sgb, sgh,
     T, H, W, P, D, CMIN, NS, NG, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     BLK: tl.constexpr, BN1: tl.constexpr, BG: tl.constexpr,
     PREC: tl.constexpr, HAS_DLSE: tl.constexpr, UPCAST: tl.constexpr, W_ZERO: tl.constexpr,
-    TMA: tl.constexpr, DQ_PARTS: tl.constexpr = 2,
+    TMA: tl.constexpr,
 ):
     """Query-major pass: delta, dq (far + band). With W = 0 the band is the diagonal, handled
-    elementwise, and this program also owns the band dk, dv of its keys (no band kernel).
-
-    DQ_PARTS < 2: the key-major kernels add (part of) dq with atomics (DQ_ATOMIC), so this pass
-    writes its own part, in fp32 and scaled, to the accumulator DQA (``[B*H, T, HEAD_DIM]``;
-    every row written, so it needs no zeroing): 1 = the far keys' part (the band kernel adds the
-    band's), 0 = only the W = 0 diagonal's (zeros for W > 0; the far kernel adds the far part)."""
+    elementwise, and this program also owns the band dk, dv of its keys (no band kernel)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     n0 = (tl.num_programs(0) - 1 - pid) * BLK               # most far keys first
@@ -508,35 +488,28 @@ def _bwd_dq_kernel(
         dq = ds[:, None] * kn.to(tl.float32)
     else:
         dq = tl.zeros([BLK, BLOCK_D], tl.float32)
-        if DQ_PARTS == 2:
-            lo = tl.maximum(n0 - W, 0) // BN1 * BN1
-            dq = _bwd_dq_loop(dq, q, do, lse2, delta, rows, rmask, k_base, v_base, skt, svt, d, dmask,
-                              lo, tl.minimum(n0 + BLK, T), T, W, P, D, CMIN, NS, qk_scale, False,
-                              EVEN_D, BN1, PREC, UPCAST, KD, VD, kcol, vcol, TMA)
-    if DQ_PARTS >= 1:
-        t_last = tl.minimum(n0 + BLK, T) - 1
-        n_far = _n_global(t_last - W - 1, P, D, CMIN)
+        lo = tl.maximum(n0 - W, 0) // BN1 * BN1
         dq = _bwd_dq_loop(dq, q, do, lse2, delta, rows, rmask, k_base, v_base, skt, svt, d, dmask,
-                          0, n_far, T, W, P, D, CMIN, NS, qk_scale, True, EVEN_D, BG, PREC, UPCAST)
-    if DQ_PARTS == 2:
-        tl.store(DQ + dq_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=_row_mask(rmask, dmask, EVEN_D))
-    else:
-        tl.store(DQA + bh64 * T * HEAD_DIM + rows[:, None] * HEAD_DIM + d[None, :], dq * sm_scale,
-                 mask=_row_mask(rmask, dmask, EVEN_D))
+                          lo, tl.minimum(n0 + BLK, T), T, W, P, D, CMIN, NS, qk_scale, False,
+                          EVEN_D, BN1, PREC, UPCAST, KD, VD, kcol, vcol, TMA)
+    t_last = tl.minimum(n0 + BLK, T) - 1
+    n_far = _n_global(t_last - W - 1, P, D, CMIN)
+    dq = _bwd_dq_loop(dq, q, do, lse2, delta, rows, rmask, k_base, v_base, skt, svt, d, dmask,
+                      0, n_far, T, W, P, D, CMIN, NS, qk_scale, True, EVEN_D, BG, PREC, UPCAST)
+    tl.store(DQ + dq_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=_row_mask(rmask, dmask, EVEN_D))
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, DKG, DVG, DQA,
+    Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, DKG, DVG,
     sqt, sqb, sqh, skt, skb, skh, svt, svb, svh, sdt, sdb, sdh,
     sgt, sgb, sgh,
     T, H, W, P, D, CMIN, NG, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     BLK: tl.constexpr, BM2: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    TMA: tl.constexpr, DQ_ATOMIC: tl.constexpr = False, DQ_T: tl.constexpr = False,
+    TMA: tl.constexpr,
 ):
-    """Key-major band pass (W > 0): dk, dv of a key block from its band queries (DQ_ATOMIC: and
-    their band dq, added into the fp32 accumulator DQA)."""
+    """Key-major band pass (W > 0): dk, dv of a key block from its band queries."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     n0 = pid * BLK
@@ -558,24 +531,23 @@ def _bwd_dkdv_kernel(
                             LSE + bh64 * T, DELTA + bh64 * T, sqt, sdt, d, dmask,
                             n0, tl.minimum(n0 + BLK + W, T), W, qk_scale, False, EVEN_D, BM2,
                             PREC, UPCAST, QD, DOD, (b * sqb + h * sqh).to(tl.int32),
-                            (b * sdb + h * sdh).to(tl.int32), TMA, DQA + bh64 * T * HEAD_DIM,
-                            sm_scale, HEAD_DIM, DQ_ATOMIC, DQ_T)
+                            (b * sdb + h * sdh).to(tl.int32), TMA)
     _bwd_store_dkdv(dk * sm_scale, dv, cols, cm, DK, DV, DKG, DVG, b * sgb + h * sgh, sgt, d, dmask,
                     bh64, NG, P, D, CMIN, HEAD_DIM, EVEN_D)
 
 
 @triton.jit
 def _bwd_far_kernel(
-    Q, K, V, DO, QD, DOD, LSE, DELTA, DKG, DVG, DQA,
+    Q, K, V, DO, QD, DOD, LSE, DELTA, DKG, DVG,
     sqt, sqb, sqh, skt, skb, skh, svt, svb, svh, sdt, sdb, sdh,
     T, H, W, P, D, CMIN, NS, NG, SEG, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     BG: tl.constexpr, BM2: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    TMA: tl.constexpr, DQ_ATOMIC: tl.constexpr = False, DQ_T: tl.constexpr = False,
+    TMA: tl.constexpr,
 ):
     """Key-major far pass: one program per (tile of BG gathered global keys, segment of SEG
     queries, batch x head); accumulates the far dk, dv in registers and adds them once into
-    the compact fp32 buffers (DQ_ATOMIC: and adds the far dq into the accumulator DQA)."""
+    the compact fp32 buffers."""
     pid_g = tl.program_id(0)
     pid_s = tl.program_id(1)
     bh = tl.program_id(2)
@@ -603,8 +575,7 @@ def _bwd_far_kernel(
                                 DO + b * sdb + h * sdh, LSE + bh64 * T, DELTA + bh64 * T, sqt, sdt,
                                 d, dmask, m_lo, m_hi, W, qk_scale, True, EVEN_D, BM2, PREC, UPCAST,
                                 QD, DOD, (b * sqb + h * sqh).to(tl.int32),
-                                (b * sdb + h * sdh).to(tl.int32), TMA, DQA + bh64 * T * HEAD_DIM,
-                                sm_scale, HEAD_DIM, DQ_ATOMIC, DQ_T)
+                                (b * sdb + h * sdh).to(tl.int32), TMA)
         gp = (bh64 * NG + g)[:, None] * HEAD_DIM + d[None, :]
         gm = _row_mask(gv, dmask, EVEN_D)
         tl.atomic_add(DKG + gp, dk * sm_scale, mask=gm, sem="relaxed")
@@ -815,10 +786,6 @@ _FWD_W0_CONFIG: Optional[dict] = dict(BLK=64, NGC_MAX=64, num_warps=4, num_stage
 # wins at T=4096, D=64 over the default dq tiling (0.357 vs 0.386 ms backward) and loses at D=16
 # and at T=16384 (e.g. 4.76 vs 3.38 ms at T=16384, D=16), hence a choice, not a default.
 _DQ_W0_CONFIG: Optional[dict] = dict(BLK=32, BN1=32, BG=32, num_warps=4, num_stages=3)
-# The band and far dk/dv kernels when they also add dq with atomics (DQ_ATOMIC; candidates of the
-# first-use choices BAND_BACKWARD and W0_BACKWARD; None: no such candidate).
-_DKDV_DQ_CONFIG: Optional[dict] = dict(BLK=64, BM2=32, num_warps=4, num_stages=2, DQ_T=True)
-_FAR_DQ_CONFIG: Optional[dict] = dict(BG=64, BM2=32, num_warps=4, num_stages=2, PROGS_PER_SM=8, DQ_T=True)
 # The last launched compiled kernels (the benchmark prints their registers / spills).
 _LAST_KERNELS: dict = {}
 
@@ -867,18 +834,16 @@ def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
         return dict(dq=dict(BLK=b["BLK"], BN1=b["BN1"], BG=b["BG"], **x),
                     dkdv=dict(BLK=b["BLK"], BM2=b["BM2"], **x), far=dict(BG=b["BG"], BM2=b["BM2"], **x),
                     w0=dict(BLK=b["BLK"], NGC_MAX=64, **x), dq_w0=dict(BLK=32, BN1=16, BG=16, **x),
-                    w0_tma=dict(BLK=b["BLK"], NGC_MAX=64, LOOP_STAGES=1, **x),
-                    dkdv_dq=dict(BLK=b["BLK"], BM2=b["BM2"], **x), far_dq=dict(BG=b["BG"], BM2=b["BM2"], **x))
+                    w0_tma=dict(BLK=b["BLK"], NGC_MAX=64, LOOP_STAGES=1, **x))
     if dtype == torch.float32:
         x = dict(num_warps=4, num_stages=1)
         return dict(dq=dict(BLK=32, BN1=32, BG=32, **x), dkdv=dict(BLK=32, BM2=32, **x),
-                    far=dict(BG=32, BM2=32, **x), w0=None, dkdv_dq=None, far_dq=None)
+                    far=dict(BG=32, BM2=32, **x), w0=None)
     # chosen by tools/bench/bench_dilated_attention.py --sweep on an H100 (2026-11-23)
     return dict(dq=dict(BLK=64, BN1=32, BG=32, num_warps=4, num_stages=3),
                 dkdv=dict(BLK=64, BM2=64, num_warps=4, num_stages=2),
                 far=dict(BG=64, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=8),
-                w0=_W0_CONFIG, w0_tma=_W0_TMA_CONFIG, dq_w0=_DQ_W0_CONFIG,
-                dkdv_dq=_DKDV_DQ_CONFIG, far_dq=_FAR_DQ_CONFIG)
+                w0=_W0_CONFIG, w0_tma=_W0_TMA_CONFIG, dq_w0=_DQ_W0_CONFIG)
 
 
 def _pattern_args(T: int, dilation: int, initial: int):
@@ -1085,22 +1050,16 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
                 HEAD_DIM=Dh, BLOCK_D=block_d, EVEN_D=even_d, BR=br, num_warps=4,
             )
 
-    def split(dq_cfg=None, dq_parts=2):
+    def split(dq_cfg=None):
         gbuf = torch.zeros((2, B * H, ngb, Dh), dtype=torch.float32, device=dev)
         c = cfg if dq_cfg is None else dict(cfg, dq=dq_cfg)
         _backward_split(q, k, v, out, lse, dout, dlse, dq, dk, dv, gbuf, c, window, initial,
-                        D, cmin, ns, ng, common, s_in, scales, dq_parts)
+                        D, cmin, ns, ng, common, s_in, scales)
         global_rows(gbuf)
 
-    def band_dq():
-        split(dq_parts=1)
-
-    def atomic_dq():
-        # W = 0: the dq kernel keeps only the diagonal, which spills in the default 64-row tiling
-        split(cfg.get("dq_w0") if window == 0 else None, dq_parts=0)
-
-    def split_dq_w0():
-        split(cfg["dq_w0"])
+    if window != 0:
+        split()
+        return dq, dk, dv
 
     def run_single_pass(w0_cfg):
         # W = 0, few global keys: one pass (dq, diagonal dk/dv, global dk/dv)
@@ -1119,41 +1078,30 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
         )
         global_rows(gbuf)
 
-    def single_pass():
-        run_single_pass(cfg["w0"])
-
-    def single_pass_tma():
-        run_single_pass(dict({"TMA": True}, **cfg["w0_tma"]))
-
-    # the split backward first (the default without a timer), then the alternatives: dq added
-    # with atomics by the band kernel (W > 0) or by the band and far kernels; for W = 0 the
-    # spill-free dq tiling and, where the global keys fit one tile, the single pass
+    # W = 0: the split backward first (the default without a timer), then the alternatives
     candidates = {"split": split}
-    if window != 0:
-        if cfg.get("dkdv_dq") is not None:
-            candidates["band_dq"] = band_dq
-            if cfg.get("far_dq") is not None:
-                candidates["atomic_dq"] = atomic_dq
-    else:
-        if cfg.get("dq_w0") is not None:
-            candidates["split_dq_w0"] = split_dq_w0
-        if cfg.get("far_dq") is not None:
-            candidates["atomic_dq"] = atomic_dq
-        ngc = _w0_tile(cfg.get("w0") or cfg.get("w0_tma"), window, ng, block_d)
-        if ngc and cfg.get("w0") is not None:
-            candidates["single_pass"] = single_pass
-        if ngc and cfg.get("w0_tma") is not None and _row_tiles_ok((q, k, v, dout), cfg["w0_tma"]["BLK"]):
-            candidates["single_pass_tma"] = single_pass_tma
+    if cfg.get("dq_w0") is not None:
+        def split_dq_w0():
+            split(cfg["dq_w0"])
+        candidates["split_dq_w0"] = split_dq_w0
+    ngc = _w0_tile(cfg.get("w0") or cfg.get("w0_tma"), window, ng, block_d)
+    if ngc and cfg.get("w0") is not None:
+        def single_pass():
+            run_single_pass(cfg["w0"])
+        candidates["single_pass"] = single_pass
+    if ngc and cfg.get("w0_tma") is not None and _row_tiles_ok((q, k, v, dout), cfg["w0_tma"]["BLK"]):
+        def single_pass_tma():
+            run_single_pass(dict({"TMA": True}, **cfg["w0_tma"]))
+        candidates["single_pass_tma"] = single_pass_tma
     # lengths and batch x heads bucketed to powers of two: varying lengths are timed log-many times
-    key = (triton.next_power_of_2(T), triton.next_power_of_2(B * H), Dh, dilation, window, initial,
-           q.dtype, has_dlse, str(dev))
-    # an explicit configuration (block_config: tests, sweeps) runs as given: the first of these
-    # that its entries offer
+    key = (triton.next_power_of_2(T), triton.next_power_of_2(B * H), Dh, dilation, initial, q.dtype,
+           has_dlse, str(dev))
+    # an explicit configuration (block_config: tests, sweeps) runs as given: the TMA single pass
+    # where given and possible, else the pointer single pass where given, else the split backward
     forced = None
     if _OVERRIDE["bwd"] is not None:
-        forced = next(n for n in ("single_pass_tma", "single_pass", "atomic_dq", "band_dq", "split")
-                      if n in candidates)
-    (W0_BACKWARD if window == 0 else BAND_BACKWARD).run(key, candidates, forced)
+        forced = next(n for n in ("single_pass_tma", "single_pass", "split") if n in candidates)
+    W0_BACKWARD.run(key, candidates, forced)
     return dq, dk, dv
 
 
@@ -1161,42 +1109,31 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
 # split backward with the spill-free dq tiling, the single pass where it applies) on the real
 # inputs and keeps the fastest; set ``W0_BACKWARD.mode`` to a candidate's name to force it.
 W0_BACKWARD = FirstUseChoice("dilated-attention W=0 backward")
-# The same for W > 0: the split backward, or dq added by the band kernel ("band_dq") or by the
-# band and far kernels ("atomic_dq") with fp32 atomics.
-BAND_BACKWARD = FirstUseChoice("dilated-attention W>0 backward")
 
 
 def _backward_split(q, k, v, out, lse, dout, dlse, dq, dk, dv, gbuf, cfg, window, initial,
-                    D, cmin, ns, ng, common, s_in, scales, dq_parts=2):
-    """The general backward: query-major dq, key-major band dk/dv, key-major far dk/dv.
-
-    ``dq_parts`` (see ``_bwd_dq_kernel``'s DQ_PARTS): 2, the query-major pass computes all of dq;
-    1, the band kernel adds the band's dq with atomics (configuration ``dkdv_dq``); 0, the far
-    kernel adds the far keys' dq too (``far_dq``). Below 2, dq is summed in an fp32 accumulator and
-    copied into ``dq`` at the end."""
+                    D, cmin, ns, ng, common, s_in, scales):
+    """The general backward: query-major dq, key-major band dk/dv, key-major far dk/dv."""
     T, B, H, Dh = q.shape
     ngb = max(ng, 1)
     has_dlse = dlse is not None
     delta = torch.empty((B * H, T), dtype=torch.float32, device=q.device)
-    dqa = gbuf if dq_parts == 2 else torch.empty((B * H, T, Dh), dtype=torch.float32, device=q.device)
-    c1 = dict(cfg["dq"])
-    c2 = dict(cfg["dkdv_dq" if dq_parts < 2 else "dkdv"], DQ_ATOMIC=dq_parts < 2)
-    c3 = dict(cfg["far_dq" if dq_parts == 0 else "far"], DQ_ATOMIC=dq_parts == 0)
+    c1, c2, c3 = dict(cfg["dq"]), dict(cfg["dkdv"]), dict(cfg["far"])
     # 1. query-major: delta, dq; with W = 0 also the (diagonal) band dk, dv
     kv_rows = c1["BLK"] if window == 0 else c1["BN1"]
     tiles = _tile_args(c1, [(q, c1["BLK"]), (k, kv_rows), (v, kv_rows), (out, c1["BLK"]),
                             (dout, c1["BLK"])])
     _LAST_KERNELS["bwd_dq"] = _bwd_dq_kernel[(triton.cdiv(T, c1["BLK"]), B * H)](
         q, k, v, out, dout, *tiles, lse, dlse if has_dlse else lse, delta, dq, dk, dv, gbuf[0], gbuf[1],
-        dqa, *s_in, *out.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
+        *s_in, *out.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
         T, H, window, initial, D, cmin, ns, ngb, *scales,
-        HAS_DLSE=has_dlse, W_ZERO=window == 0, DQ_PARTS=dq_parts, **common, **c1,
+        HAS_DLSE=has_dlse, W_ZERO=window == 0, **common, **c1,
     )
     # 2. key-major band dk, dv (W > 0)
     if window > 0:
         tiles = _tile_args(c2, [(q, c2["BM2"]), (dout, c2["BM2"])])
         _LAST_KERNELS["bwd_dkdv"] = _bwd_dkdv_kernel[(triton.cdiv(T, c2["BLK"]), B * H)](
-            q, k, v, dout, *tiles, lse, delta, dk, dv, gbuf[0], gbuf[1], dqa,
+            q, k, v, dout, *tiles, lse, delta, dk, dv, gbuf[0], gbuf[1],
             *s_in, *dout.stride()[:3], *dk.stride()[:3],
             T, H, window, initial, D, cmin, ngb, *scales, **common, **c2,
         )
@@ -1208,12 +1145,10 @@ def _backward_split(q, k, v, out, lse, dout, dlse, dq, dk, dv, gbuf, cfg, window
         seg = _query_segment(T, n_tiles * B * H, c3["BM2"], per_sm, q.device)
         tiles = _tile_args(c3, [(q, c3["BM2"]), (dout, c3["BM2"])])
         _LAST_KERNELS["bwd_far"] = _bwd_far_kernel[(n_tiles, triton.cdiv(T, seg), B * H)](
-            q, k, v, dout, *tiles, lse, delta, gbuf[0], gbuf[1], dqa,
+            q, k, v, dout, *tiles, lse, delta, gbuf[0], gbuf[1],
             *s_in, *dout.stride()[:3],
             T, H, window, initial, D, cmin, ns, ngb, seg, *scales, **common, **c3,
         )
-    if dq_parts < 2:
-        dq.copy_(dqa.view(B, H, T, Dh).permute(2, 0, 1, 3))
 
 
 class _FusedDilatedAttention(torch.autograd.Function):
