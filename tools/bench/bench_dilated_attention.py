@@ -293,11 +293,7 @@ BWD_SWEEP_VARIANTS = {
                  for st in (3, 4) for x in (dict(DQ_T=True), dict(TMA_STORE=True),
                                             dict(DQ_T=True, TMA_STORE=True))],
                *[dict(BLK=16, NGC_MAX=64, num_warps=4, num_stages=1, LOOP_STAGES=3, PROGS_PER_SM=per_sm,
-                      FOLD_DIAG=True, DQ_T=True, TMA_STORE=True) for per_sm in (6, 10, 12)],
-               # eleventh session: the last program of a head writes its global rows (no kernel)
-               *[dict(BLK=16, NGC_MAX=64, num_warps=4, num_stages=1, LOOP_STAGES=3, PROGS_PER_SM=per_sm,
-                      FOLD_DIAG=True, DQ_T=True, TMA_STORE=store, LAST_WRITES=True)
-                 for per_sm in (8, 12) for store in (True, False)]],
+                      FOLD_DIAG=True, DQ_T=True, TMA_STORE=True) for per_sm in (6, 10, 12)]],
 }
 # The sweeps' reference backward: the split one (every single pass switched off).
 _NO_SINGLE_PASS = dict(w0=None, w0_tma=None)

@@ -584,15 +584,14 @@ def _bwd_far_kernel(
 
 @triton.jit
 def _bwd_w0_kernel(
-    Q, K, V, DO, QD, KD, VD, DOD, LSE, DLSE, DQ, DK, DV, DQD, DKD, DVD, DKG, DVG, DONE,
+    Q, K, V, DO, QD, KD, VD, DOD, LSE, DLSE, DQ, DK, DV, DQD, DKD, DVD, DKG, DVG,
     sqt, sqb, sqh, skt, skb, skh, svt, svb, svh, sdt, sdb, sdh,
     sgt, sgb, sgh,
     T, H, P, D, CMIN, NS, NG, SEG, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     BLK: tl.constexpr, NGC: tl.constexpr, PREC: tl.constexpr, HAS_DLSE: tl.constexpr,
     UPCAST: tl.constexpr, TMA: tl.constexpr, LOOP_STAGES: tl.constexpr, FOLD_DIAG: tl.constexpr,
-    TMA_STORE: tl.constexpr = False, DQ_T: tl.constexpr = False, LAST_WRITES: tl.constexpr = False,
-    BULK_WAIT: tl.constexpr = True,
+    TMA_STORE: tl.constexpr = False, DQ_T: tl.constexpr = False,
 ):
     """Single-pass backward for W = 0 with few global keys (``NG <= NGC``): one program per
     (segment of SEG queries, batch x head) holds all global keys of its head and their dk, dv
@@ -614,13 +613,7 @@ def _bwd_w0_kernel(
     (M = BLK) is an mma.sync instruction, which ptxas cannot overlap with the asynchronous wgmma
     accumulating ``dk, dv`` of the global keys ("wgmma serialized", C7515).
     TMA_STORE (host TMA descriptors DQD, DKD, DVD; FOLD_DIAG): dq, dk, dv stored as TMA tiles, no
-    address arithmetic or masks per element.
-    LAST_WRITES (FOLD_DIAG): the last segment program of a head to finish (counted in ``DONE``,
-    int32 per head, zeroed) writes the head's global rows of dk, dv from the compact buffers, so
-    no separate kernel does. With TMA_STORE every program first waits for its bulk stores to
-    complete (they hold the global rows' partial values), so none lands after the last write;
-    BULK_WAIT=False only under the interpreter, which runs programs one after another and has no
-    inline assembly."""
+    address arithmetic or masks per element."""
     pid_s = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -723,27 +716,6 @@ def _bwd_w0_kernel(
     gm = _row_mask(gv, dmask, EVEN_D)
     tl.atomic_add(DKG + gp, dkg * sm_scale, mask=gm, sem="relaxed")
     tl.atomic_add(DVG + gp, dvg, mask=gm, sem="relaxed")
-    if LAST_WRITES:
-        if TMA_STORE and BULK_WAIT:
-            # this program's TMA stores (global rows included) complete before it is counted
-            _wait_bulk_stores(m_lo)
-        # every thread's additions precede the count (barrier); the count releases them to,
-        # and acquires the other programs' for, the last program of the head
-        tl.debug_barrier()
-        done = tl.atomic_add(DONE + bh, 1, sem="acq_rel", scope="gpu")
-        if done == tl.num_programs(0) - 1:
-            for g0 in range(0, NG, NGC):
-                _store_global_rows(DKG, DVG, DK, DV, bh, H, g0 + tl.arange(0, NGC), sgt, sgb, sgh, NG, P,
-                                   D, CMIN, NS, HEAD_DIM, BLOCK_D, EVEN_D)
-
-
-@triton.jit
-def _wait_bulk_stores(x):
-    """Wait until this thread's TMA (bulk asynchronous) stores have completed, not only read their
-    shared memory (Triton waits only for that), and order them before later generic-proxy memory
-    operations: ``cp.async.bulk.wait_group 0`` then ``fence.proxy.async.global``."""
-    tl.inline_asm_elementwise("cp.async.bulk.wait_group 0;\n\tfence.proxy.async.global;\n\tmov.u32 $0, 0;",
-                              "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -754,18 +726,9 @@ def _bwd_global_kernel(
     """Write the global rows of dk, dv (fp32 sums of near + far contributions) in output dtype."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    g = pid * BR + tl.arange(0, BR)
-    _store_global_rows(DKG, DVG, DK, DV, bh, H, g, sgt, sgb, sgh, NG, P, D, CMIN, NS, HEAD_DIM,
-                       BLOCK_D, EVEN_D)
-
-
-@triton.jit
-def _store_global_rows(DKG, DVG, DK, DV, bh, H, g, sgt, sgb, sgh, NG, P, D, CMIN, NS,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
-    """dk, dv rows of the global keys ``g`` of head ``bh`` from the compact fp32 buffers (read
-    through L2: ``.cg``, other programs' atomics are in L2, not in this SM's L1)."""
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    g = pid * BR + tl.arange(0, BR)
     gv = g < NG
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
@@ -773,10 +736,8 @@ def _store_global_rows(DKG, DVG, DK, DV, bh, H, g, sgt, sgb, sgh, NG, P, D, CMIN
     src = (bh.to(tl.int64) * NG + g)[:, None] * HEAD_DIM + d[None, :]
     j = _global_key(g, P, D, CMIN, NS)
     dst = b * sgb + h * sgh + j[:, None].to(tl.int64) * sgt + d[None, :]
-    dk = tl.load(DKG + src, mask=m, other=0.0, cache_modifier=".cg")
-    dv = tl.load(DVG + src, mask=m, other=0.0, cache_modifier=".cg")
-    tl.store(DK + dst, dk.to(DK.dtype.element_ty), mask=m)
-    tl.store(DV + dst, dv.to(DV.dtype.element_ty), mask=m)
+    tl.store(DK + dst, tl.load(DKG + src, mask=m, other=0.0).to(DK.dtype.element_ty), mask=m)
+    tl.store(DV + dst, tl.load(DVG + src, mask=m, other=0.0).to(DV.dtype.element_ty), mask=m)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1102,26 +1063,20 @@ def _backward(q, k, v, out, lse, dout, dlse, dilation, window, initial, scale):
 
     def run_single_pass(w0_cfg):
         # W = 0, few global keys: one pass (dq, diagonal dk/dv, global dk/dv)
+        gbuf = torch.zeros((2, B * H, ngb, Dh), dtype=torch.float32, device=dev)
         c0, tiles, seg = _single_pass_launch(w0_cfg, (q, k, v, dout), T, B * H, dev)
         c0.setdefault("FOLD_DIAG", False)
-        for flag in ("TMA_STORE", "LAST_WRITES"):
-            if c0.get(flag) and not c0["FOLD_DIAG"]:
-                raise ValueError(f"single-pass W = 0 backward: {flag} needs FOLD_DIAG (no program may "
-                                 "write a global row's dk, dv but the one that writes the compact buffers' sums)")
-        # compact buffers and (LAST_WRITES) the per-head count of finished programs: one memset
-        n_buf = 2 * B * H * ngb * Dh
-        work = torch.zeros(n_buf + B * H, dtype=torch.float32, device=dev)
-        gbuf = work[:n_buf].view(2, B * H, ngb, Dh)
-        done = work[n_buf:].view(torch.int32)
+        if c0.get("TMA_STORE") and not c0["FOLD_DIAG"]:
+            raise ValueError("single-pass W = 0 backward: TMA_STORE needs FOLD_DIAG (whole row tiles are "
+                             "stored; the global rows are rewritten from the compact buffers)")
         out_tiles = _store_tiles(c0, (dq, dk, dv))
         _LAST_KERNELS["bwd_w0"] = _bwd_w0_kernel[(triton.cdiv(T, seg), B * H)](
             q, k, v, dout, *tiles, lse, dlse if has_dlse else lse, dq, dk, dv, *out_tiles, gbuf[0], gbuf[1],
-            done, *s_in, *dout.stride()[:3], *dq.stride()[:3],
+            *s_in, *dout.stride()[:3], *dq.stride()[:3],
             T, H, initial, D, cmin, ns, ngb, seg, *scales,
-            NGC=ngc, HAS_DLSE=has_dlse, BULK_WAIT=not _interpreting(), **common, **c0,
+            NGC=ngc, HAS_DLSE=has_dlse, **common, **c0,
         )
-        if not c0.get("LAST_WRITES"):
-            global_rows(gbuf)
+        global_rows(gbuf)
 
     # W = 0: the split backward first (the default without a timer), then the alternatives
     candidates = {"split": split}
