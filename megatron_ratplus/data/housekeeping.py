@@ -3,10 +3,14 @@
 Streaming coordinates the readers of a node through POSIX shared memory named ``NNNNNN_<what>``
 (``/dev/shm`` on Linux) and lock files ``NNNNNN_barrier_filelock`` / ``NNNNNN_cache_filelock`` in
 the temp directory. A process that dies without cleaning up leaves them, and the lock files are
-never removed even on a clean exit; new datasets simply take the next free prefix, so leftovers
-cost nothing but clutter and a slightly longer prefix scan. The loader therefore never cleans up
-by itself: cleaning while any streaming job runs on the node would pull shared memory from under
-it. Run ``ratplus-data clean-shm --force`` on an idle node instead.
+never removed even on a clean exit; new datasets take the next free prefix. Leftover shared memory
+is not free, though: streaming (0.13) opens every existing prefix's shared memory while it scans
+for a free one and never closes it, so each new dataset costs one file descriptor per leftover
+prefix. On a node with a few hundred leftovers a process that builds many datasets (a test suite,
+a sweep) runs out of descriptors ("Too many open files"). The loader therefore warns when many
+prefixes exist (:func:`warn_about_leftovers`) but never cleans up by itself: cleaning while any
+streaming job runs on the node would pull shared memory from under it. Run
+``ratplus-data clean-shm --force`` on an idle node instead.
 
 (Streaming's own ``clean_stale_shared_memory`` stops at the first prefix without leftovers, so it
 misses leftovers above a gap; this walks the whole directory.)
@@ -16,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 SHM_DIR = Path("/dev/shm")
@@ -48,3 +53,23 @@ def clean_streaming_leftovers(*, dry_run: bool = False, only_prefixes: set[str] 
             except FileNotFoundError:
                 pass
     return shm, locks
+
+
+# Shared-memory prefixes on the node above which building a dataset warns (a node's own live jobs
+# hold a few each: one per dataset of every process).
+MANY_PREFIXES = 64
+
+
+def warn_about_leftovers(threshold: int | None = None) -> int:
+    """Number of streaming shared-memory prefixes on this node; warns when it exceeds
+    ``threshold`` (default :data:`MANY_PREFIXES`; see the module docstring: each costs every new
+    dataset a file descriptor)."""
+    threshold = MANY_PREFIXES if threshold is None else threshold
+    shm, _ = streaming_leftovers()
+    prefixes = {_SHM_RE.match(p.name).group(1) for p in shm}
+    if len(prefixes) > threshold:
+        warnings.warn(f"{len(prefixes)} prefixes of mosaicml-streaming shared memory in {SHM_DIR}, most likely "
+                      f"left by crashed or killed jobs; streaming keeps one file descriptor open per prefix "
+                      f"for every dataset it builds, so a process may run out of them. When no streaming "
+                      f"job runs on this node: ratplus-data clean-shm --force", RuntimeWarning, stacklevel=3)
+    return len(prefixes)

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .housekeeping import warn_about_leftovers
 from .manifest import COLUMN, INDEX_NAME, MANIFEST_NAME, TOKENIZER_NAME, DatasetManifest, read_manifest
 
 STATE_VERSION = 1
@@ -597,6 +598,7 @@ def build_pretraining_loader(
     ncn = num_canonical_nodes if num_canonical_nodes is not None else num_nodes
     group = _reader_group(group, dp_size=dp_size, readers_per_node=readers_per_node)
     dataset_cls = _make_dataset_class()
+    warn_about_leftovers()
     with _streaming_world(rank=dp_rank, world=dp_size, local_rank=local_rank, local_world=readers_per_node,
                           node=node, group=group):
         dataset = dataset_cls(streams=stream_objs, batch_size=micro_batch_size, shuffle=shuffle,

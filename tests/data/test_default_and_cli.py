@@ -123,3 +123,23 @@ def test_clean_streaming_leftovers_of_dead_jobs(tmp_path, monkeypatch, capsys):
     assert not (SHM_DIR / f"{prefix}_resume").exists()
     assert not (tmp_path / f"{prefix}_barrier_filelock").exists() and (tmp_path / "unrelated_filelock").exists()
     assert main(["clean-shm"]) == 0 and "would remove" in capsys.readouterr().out  # lists, deletes nothing
+
+
+def test_many_streaming_leftovers_warn(tmp_path, monkeypatch):
+    """Many shared-memory prefixes on the node (each costs every new streaming dataset a file
+    descriptor) give a warning naming the clean-up command; a few do not."""
+    import warnings
+
+    from megatron_ratplus.data import housekeeping
+
+    monkeypatch.setattr(housekeeping, "SHM_DIR", tmp_path)
+    for i in range(5):
+        for what in ("locals", "barrier", "resume"):
+            (tmp_path / f"{i:06d}_{what}").write_text("")
+    (tmp_path / "000099_unrelated").write_text("")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert housekeeping.warn_about_leftovers(threshold=5) == 5
+    with pytest.warns(RuntimeWarning, match="5 prefixes .* ratplus-data clean-shm --force"):
+        assert housekeeping.warn_about_leftovers(threshold=4) == 5
+
