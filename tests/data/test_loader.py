@@ -205,16 +205,14 @@ def test_tp_ranks_of_a_replica_get_the_same_batches(dataset_dir):
     assert len(outs[0]["batches"]) == 5 and len(outs[0]["batches"][0]) == 2
 
 
-def test_loader_warns_about_many_streaming_leftovers(dataset_dir, monkeypatch):
+def test_loader_warns_about_many_streaming_leftovers(dataset_dir, tmp_path, monkeypatch):
     """Building a loader checks the node's streaming shared memory first, and warns when many
     prefixes are left (fake /dev/shm with 3 prefixes against a threshold of 2)."""
     from megatron_ratplus.data import housekeeping
 
-    shm = dataset_dir.parent / "fake_shm"
-    shm.mkdir(exist_ok=True)
     for i in range(3):
-        (shm / f"{900000 + i:06d}_locals").write_text("")
-    monkeypatch.setattr(housekeeping, "SHM_DIR", shm)
+        (tmp_path / f"{900000 + i:06d}_locals").write_text("")
+    monkeypatch.setattr(housekeeping, "SHM_DIR", tmp_path)
     monkeypatch.setattr(housekeeping, "MANY_PREFIXES", 2)
     with pytest.warns(RuntimeWarning, match="3 prefixes of mosaicml-streaming shared memory"):
         ld = loader(dataset_dir)
