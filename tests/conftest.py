@@ -21,6 +21,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_streaming_leftovers(tmp_path_factory):
+    """Streaming datasets still alive when the session ends leave their shared memory in /dev/shm;
+    remove what belongs to this session's temporary directories, so repeated runs do not pile
+    them up (each costs every later dataset on the node a file descriptor)."""
+    yield
+    from megatron_ratplus.data.housekeeping import clean_streaming_leftovers, prefixes_reading
+
+    prefixes = prefixes_reading(tmp_path_factory.getbasetemp())
+    if prefixes:
+        clean_streaming_leftovers(only_prefixes=prefixes)
+
+
 @pytest.fixture(scope="session")
 def megatron_single_process():
     """A world of one process with Megatron parallel state (TP=PP=1), in CPU mode without a GPU."""

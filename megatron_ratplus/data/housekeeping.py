@@ -41,6 +41,23 @@ def streaming_leftovers(only_prefixes: set[str] | None = None) -> tuple[list[Pat
     return shm, locks
 
 
+def prefixes_reading(directory: str | os.PathLike) -> set[str]:
+    """Prefixes whose registered local directories (streaming's ``NNNNNN_locals``) lie under
+    ``directory``: the shared memory of datasets read from there, e.g. a finished test session's."""
+    root = os.fsencode(os.path.abspath(directory))
+    found = set()
+    if SHM_DIR.is_dir():
+        for p in SHM_DIR.iterdir():
+            m = _SHM_RE.match(p.name)
+            if m and m.group(2) == "locals":
+                try:
+                    if root in p.read_bytes():
+                        found.add(m.group(1))
+                except OSError:
+                    pass
+    return found
+
+
 def clean_streaming_leftovers(*, dry_run: bool = False, only_prefixes: set[str] | None = None
                               ) -> tuple[list[Path], list[Path]]:
     """Delete streaming's shared memory and lock files on this node; returns what was (or would be)

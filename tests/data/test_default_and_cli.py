@@ -143,3 +143,17 @@ def test_many_streaming_leftovers_warn(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="5 prefixes .* ratplus-data clean-shm --force"):
         assert housekeeping.warn_about_leftovers(threshold=4) == 5
 
+
+
+def test_prefixes_reading_a_directory(tmp_path, monkeypatch):
+    """The prefixes whose registered local directories lie under a directory (what a finished test
+    session cleans), and no others."""
+    from megatron_ratplus.data import housekeeping
+
+    monkeypatch.setattr(housekeeping, "SHM_DIR", tmp_path / "shm")
+    (tmp_path / "shm").mkdir()
+    (tmp_path / "shm" / "000001_locals").write_bytes(b"\x08\0\0\0" + str(tmp_path / "data" / "train").encode())
+    (tmp_path / "shm" / "000002_locals").write_bytes(b"\x08\0\0\0/elsewhere/train")
+    (tmp_path / "shm" / "000003_resume").write_bytes(str(tmp_path / "data").encode())   # not a locals
+    assert housekeeping.prefixes_reading(tmp_path / "data") == {"000001"}
+    assert housekeeping.prefixes_reading(tmp_path / "other") == set()
