@@ -30,31 +30,45 @@ _SHM_RE = re.compile(r"^(\d{6})_(" + "|".join(_SHM_NAMES) + r")$")
 _LOCK_RE = re.compile(r"^(\d{6})_(barrier|cache)_filelock$")
 
 
+def _shm_files() -> list[tuple[Path, re.Match]]:
+    """(path, name match) of streaming's shared-memory files on this node, sorted by name."""
+    if not SHM_DIR.is_dir():
+        return []
+    return [(p, m) for p in sorted(SHM_DIR.iterdir()) if (m := _SHM_RE.match(p.name))]
+
+
 def streaming_leftovers(only_prefixes: set[str] | None = None) -> tuple[list[Path], list[Path]]:
     """(shared-memory files, lock files) of streaming on this node, optionally for some prefixes."""
     def wanted(match) -> bool:
         return match is not None and (only_prefixes is None or match.group(1) in only_prefixes)
 
-    shm = sorted(p for p in SHM_DIR.iterdir() if wanted(_SHM_RE.match(p.name))) if SHM_DIR.is_dir() else []
+    shm = [p for p, m in _shm_files() if wanted(m)]
     tmp = Path(tempfile.gettempdir())
     locks = sorted(p for p in tmp.iterdir() if wanted(_LOCK_RE.match(p.name)))
     return shm, locks
 
 
+def _registered_locals(data: bytes) -> list[str]:
+    """The local directories in streaming's ``NNNNNN_locals`` record: an int32 byte count (the
+    count included), then the directories and the prefix number, NUL-separated."""
+    size = int.from_bytes(data[:4], "little", signed=True)
+    return data[4:size].decode("utf-8", errors="replace").split("\0")[:-1]
+
+
 def prefixes_reading(directory: str | os.PathLike) -> set[str]:
     """Prefixes whose registered local directories (streaming's ``NNNNNN_locals``) lie under
     ``directory``: the shared memory of datasets read from there, e.g. a finished test session's."""
-    root = os.fsencode(os.path.abspath(directory))
+    root = Path(os.path.abspath(directory))
     found = set()
-    if SHM_DIR.is_dir():
-        for p in SHM_DIR.iterdir():
-            m = _SHM_RE.match(p.name)
-            if m and m.group(2) == "locals":
-                try:
-                    if root in p.read_bytes():
-                        found.add(m.group(1))
-                except OSError:
-                    pass
+    for p, m in _shm_files():
+        if m.group(2) != "locals":
+            continue
+        try:
+            local_dirs = _registered_locals(p.read_bytes())
+        except OSError:
+            continue
+        if any(Path(d).is_relative_to(root) for d in local_dirs if d):
+            found.add(m.group(1))
     return found
 
 
@@ -82,8 +96,7 @@ def warn_about_leftovers(threshold: int | None = None) -> int:
     ``threshold`` (default :data:`MANY_PREFIXES`; see the module docstring: each costs every new
     dataset a file descriptor)."""
     threshold = MANY_PREFIXES if threshold is None else threshold
-    shm, _ = streaming_leftovers()
-    prefixes = {_SHM_RE.match(p.name).group(1) for p in shm}
+    prefixes = {m.group(1) for _, m in _shm_files()}
     if len(prefixes) > threshold:
         warnings.warn(f"{len(prefixes)} prefixes of mosaicml-streaming shared memory in {SHM_DIR}, most likely "
                       f"left by crashed or killed jobs; streaming keeps one file descriptor open per prefix "

@@ -144,16 +144,22 @@ def test_many_streaming_leftovers_warn(tmp_path, monkeypatch):
         assert housekeeping.warn_about_leftovers(threshold=4) == 5
 
 
+def _locals_record(dirs: list[str], prefix: int) -> bytes:
+    """Streaming's ``NNNNNN_locals`` layout: int32 byte count, then NUL-separated dirs and prefix."""
+    data = ("\0".join(dirs) + f"\0{prefix}").encode()
+    return (4 + len(data)).to_bytes(4, "little") + data
+
 
 def test_prefixes_reading_a_directory(tmp_path, monkeypatch):
     """The prefixes whose registered local directories lie under a directory (what a finished test
-    session cleans), and no others."""
+    session cleans), and no others: not another directory, not a sibling sharing its name's start."""
     from megatron_ratplus.data import housekeeping
 
     monkeypatch.setattr(housekeeping, "SHM_DIR", tmp_path / "shm")
     (tmp_path / "shm").mkdir()
-    (tmp_path / "shm" / "000001_locals").write_bytes(b"\x08\0\0\0" + str(tmp_path / "data" / "train").encode())
-    (tmp_path / "shm" / "000002_locals").write_bytes(b"\x08\0\0\0/elsewhere/train")
+    (tmp_path / "shm" / "000001_locals").write_bytes(_locals_record([str(tmp_path / "data" / "train")], 1))
+    (tmp_path / "shm" / "000002_locals").write_bytes(_locals_record(["/elsewhere/train"], 2))
     (tmp_path / "shm" / "000003_resume").write_bytes(str(tmp_path / "data").encode())   # not a locals
+    (tmp_path / "shm" / "000004_locals").write_bytes(_locals_record([str(tmp_path / "data2" / "val")], 4))
     assert housekeeping.prefixes_reading(tmp_path / "data") == {"000001"}
     assert housekeeping.prefixes_reading(tmp_path / "other") == set()
