@@ -219,7 +219,12 @@ FWD_SWEEP = [dict(BM=64, BN=32, BG=32, num_warps=4, num_stages=3),
              dict(BM=64, BN=32, BG=32, num_warps=4, num_stages=3, TMA=True),
              dict(BM=64, BN=64, BG=32, num_warps=4, num_stages=3, TMA=True),
              dict(BM=128, BN=64, BG=32, num_warps=8, num_stages=3, TMA=True),
-             dict(BM=128, BN=32, BG=32, num_warps=8, num_stages=3, TMA=True)]
+             dict(BM=128, BN=32, BG=32, num_warps=8, num_stages=3, TMA=True),
+             # twelfth session: larger far tiles for long sequences (T/D global keys per query)
+             dict(BM=64, BN=32, BG=64, num_warps=4, num_stages=3, TMA=True),
+             dict(BM=64, BN=64, BG=64, num_warps=4, num_stages=3, TMA=True),
+             dict(BM=128, BN=64, BG=64, num_warps=8, num_stages=3, TMA=True),
+             dict(BM=128, BN=64, BG=128, num_warps=8, num_stages=2, TMA=True)]
 # ninth session: the single-pass W = 0 forward (runs where it applies: W = 0, few global keys)
 _FWD_DEFAULT = dict(BM=64, BN=32, BG=32, num_warps=4, num_stages=3, TMA=True)
 FWD_SWEEP += [dict(_FWD_DEFAULT, w0=dict(BLK=blk, NGC_MAX=64, num_warps=nw, num_stages=1, LOOP_STAGES=st,
@@ -239,7 +244,11 @@ BWD_SWEEP_VARIANTS = {
            dict(BLK=64, BN1=32, BG=32, num_warps=8, num_stages=3),
            dict(BLK=64, BN1=32, BG=32, num_warps=4, num_stages=3, TMA=True),   # TMA row tiles
            dict(BLK=32, BN1=32, BG=32, num_warps=4, num_stages=3, TMA=True),
-           dict(BLK=64, BN1=64, BG=32, num_warps=8, num_stages=3, TMA=True)],
+           dict(BLK=64, BN1=64, BG=32, num_warps=8, num_stages=3, TMA=True),
+           # twelfth session: larger far tiles for long sequences
+           dict(BLK=64, BN1=32, BG=64, num_warps=4, num_stages=3),
+           dict(BLK=128, BN1=64, BG=64, num_warps=8, num_stages=3, TMA=True),
+           dict(BLK=64, BN1=64, BG=64, num_warps=4, num_stages=3, TMA=True)],
     "dkdv": [dict(BLK=128, BM2=64, num_warps=8, num_stages=2),
              dict(BLK=128, BM2=32, num_warps=8, num_stages=3),
              dict(BLK=64, BM2=32, num_warps=4, num_stages=3),              # no spills offline
@@ -254,7 +263,11 @@ BWD_SWEEP_VARIANTS = {
             dict(BG=32, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=8),
             dict(BG=64, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=8, TMA=True),   # TMA
             dict(BG=64, BM2=32, num_warps=4, num_stages=3, PROGS_PER_SM=8, TMA=True),
-            dict(BG=64, BM2=64, num_warps=4, num_stages=3, PROGS_PER_SM=8, TMA=True)],
+            dict(BG=64, BM2=64, num_warps=4, num_stages=3, PROGS_PER_SM=8, TMA=True),
+            # twelfth session: long sequences (more global keys per head)
+            dict(BG=128, BM2=64, num_warps=8, num_stages=3, PROGS_PER_SM=8, TMA=True),
+            dict(BG=64, BM2=64, num_warps=4, num_stages=3, PROGS_PER_SM=2, TMA=True),
+            dict(BG=128, BM2=32, num_warps=8, num_stages=3, PROGS_PER_SM=4)],
     # the single-pass W = 0 backward (replaces dq + far when it applies)
     # (BLK=32 / 8 warps spill-free offline; BLK=64, or BLK=32 at 4 warps, spill 0.3-3 KB per
     # thread; BLK=16 at 4 warps, the default since the tenth session, 16-28 B)
@@ -305,11 +318,11 @@ def _single_pass_applies(fm, T, pat) -> bool:
     return bool(fm._w0_tile(fm._W0_CONFIG or fm._W0_TMA_CONFIG, pat[1], ng, DH))
 
 
-def run_sweep(args) -> None:
+def run_sweep(args, shape) -> None:
     import ratplus_kernels.dilated_attention.fused as fm
     from ratplus_kernels.dilated_attention import fused_dilated_attention
 
-    B, T = 4, 4096
+    B, T = shape
     q, k, v, do = (torch.randn(T, B, H, DH, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     for x in (q, k, v):
         x.requires_grad_(True)
@@ -321,7 +334,7 @@ def run_sweep(args) -> None:
                 if args.sweep_kinds is None or n in args.sweep_kinds}
     bwd_cfgs = [base] + [dict(base, **{name: c}) for name, cs in variants.items() for c in cs]
     qd, kd, vd = q.detach(), k.detach(), v.detach()
-    print("\nsweep at B=4 T=4096 (ms of GPU kernel time from the profiler: forward, forward+backward)")
+    print(f"\nsweep at B={B} T={T} (ms of GPU kernel time from the profiler: forward, forward+backward)")
     for pat in PATTERNS:
         for fc in fwd_cfgs:
             if "w0" in fc and not _single_pass_applies(fm, T, pat):
@@ -357,13 +370,13 @@ def run_sweep(args) -> None:
         del out
 
 
-def run_profile(args) -> None:
-    """Per-kernel CUDA time at the anchor shape: the default configuration, and for W = 0 each
-    candidate of the first-use choice, forced."""
+def run_profile(args, shape) -> None:
+    """Per-kernel CUDA time at the sweep shape (default: the anchor): the default configuration,
+    and for W = 0 each candidate of the first-use choice, forced."""
     import ratplus_kernels.dilated_attention.fused as fm
     from ratplus_kernels.dilated_attention import fused_dilated_attention
 
-    B, T = 4, 4096
+    B, T = shape
     q, k, v, do = (torch.randn(T, B, H, DH, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     for x in (q, k, v):
         x.requires_grad_(True)
@@ -379,7 +392,7 @@ def run_profile(args) -> None:
             with fm.block_config(bwd=bwd):
                 events = _profiled(lambda pat=pat: torch.autograd.grad(
                     fused_dilated_attention(q, k, v, *pat), (q, k, v), do), 10)
-            print(f"\nprofile {pat} {label} B=4 T=4096 (per call, us):")
+            print(f"\nprofile {pat} {label} B={B} T={T} (per call, us):")
             for e in sorted(events, key=lambda e: -e.device_time_total)[:8]:
                 print(f"  {e.key[:60]:60s} {e.device_time_total / 10:9.1f}")
 
@@ -540,6 +553,8 @@ def main() -> None:
                     help="comma-separated BxT list, e.g. 4x4096,1x65536")
     ap.add_argument("--flex-shapes", type=shapes_arg, default=None,
                     help="BxT list to run flex on (default: all)")
+    ap.add_argument("--sweep-shapes", type=shapes_arg, default=[(4, 4096)],
+                    help="BxT list of --sweep and --profile (default 4x4096, the anchor)")
     ap.add_argument("--sweep-kinds", default=None, type=lambda x: x.split(","),
                     help="--sweep only these: fwd, fwd_w0 (single-pass W = 0 forward) and/or backward kernels among "
                          + ",".join(BWD_SWEEP_VARIANTS) + " (default: all)")
@@ -567,10 +582,11 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
           f"triton {triton.__version__}; H={H}, Dh={DH}, bf16")
-    if args.sweep:
-        run_sweep(args)
-    if args.profile:
-        run_profile(args)
+    for shape in args.sweep_shapes:
+        if args.sweep:
+            run_sweep(args, shape)
+        if args.profile:
+            run_profile(args, shape)
     if args.decode_sweep:
         run_decode_sweep(args)
     if not args.no_main:
