@@ -307,6 +307,24 @@ def test_fused_tma_tiles_every_kernel(monkeypatch, T, D, W, P, fused_view, mode)
     assert len(made) >= 3 + 5
 
 
+@pytest.mark.parametrize("T,uses_tma", [(75, True), (63, False)])
+def test_fused_far_kernel_tma_from_length(monkeypatch, T, uses_tma):
+    """``TMA_FROM_T`` of the far kernel's configuration (the default sets it for long sequences):
+    from that length on the far dk/dv kernel reads q and do as TMA tiles, below it by pointers;
+    the other kernels keep their own setting, and the gradients are right either way."""
+    made = []
+    real = fused_mod._row_tile_descriptor
+    monkeypatch.setattr(fused_mod, "_row_tile_descriptor", lambda x, rows: made.append(rows) or real(x, rows))
+    extra = dict(num_warps=4, num_stages=1)
+    bwd = {name: dict(c, **extra) for name, c in _SPLIT_BWD.items()}
+    bwd["far"].update(BM2=32, TMA_FROM_T=64)
+    bwd.update(w0=None, w0_tma=None)
+    with fused_mod.block_config(fwd=dict(BM=16, BN=16, BG=16, **extra), bwd=bwd):
+        _check(T, 2, 2, 16, (16, 20, 4), dtype=torch.bfloat16, tol=(1e-2, 2e-2), seed=T)
+    assert made == ([32, 32] if uses_tma else [])       # q and do boxes of BM2 rows, far kernel only
+    assert "TMA_FROM_T" in bwd["far"]                    # the caller's configuration is not consumed
+
+
 def _counting_device_tile(made):
     """The in-kernel descriptor helper, recording each use (interpreter only)."""
     return _Recorder(fused_mod._device_tile, made)
@@ -492,9 +510,12 @@ def poisoned(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pattern", [(64, 0, 0), (16, 256, 4), (16, 0, 0)])
-def test_gpu_realistic_bf16(poisoned, pattern):
-    T, B, H, Dh = 4096, 2, 16, 128
+@pytest.mark.parametrize("T,B,pattern", [(4096, 2, (64, 0, 0)), (4096, 2, (16, 256, 4)), (4096, 2, (16, 0, 0)),
+                                         (8192, 1, (16, 256, 4)), (8192, 1, (64, 0, 0))])
+def test_gpu_realistic_bf16(poisoned, T, B, pattern):
+    """The default kernels at the anchor's length and at a long one (where the far kernel switches
+    to TMA tiles, ``TMA_FROM_T``)."""
+    H, Dh = 16, 128
     _, qkv, do, dlse = _inputs(T, B, H, Dh, torch.bfloat16, fused_view=True, seed=11)
     out, lse, grads = _run(fused_dilated_attention, qkv, do, dlse, pattern, True)
     ref_in = [x.detach().float().requires_grad_(True) for x in qkv]        # fp32 reference

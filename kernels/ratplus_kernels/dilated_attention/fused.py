@@ -839,10 +839,13 @@ def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
         x = dict(num_warps=4, num_stages=1)
         return dict(dq=dict(BLK=32, BN1=32, BG=32, **x), dkdv=dict(BLK=32, BM2=32, **x),
                     far=dict(BG=32, BM2=32, **x), w0=None)
-    # chosen by tools/bench/bench_dilated_attention.py --sweep on an H100 (2026-11-23)
+    # chosen by tools/bench/bench_dilated_attention.py --sweep on an H100 (2026-11-23). The far
+    # kernel reads its query tiles through TMA from T = TMA_FROM_T on: on an H200 (2026-12-02,
+    # --sweep-shapes 1x16384,1x65536) 2.5-4% faster fwd+bwd at every pattern; at T = 4096 no faster
+    # on an H100 (seventh session), and each host descriptor costs launch time
     return dict(dq=dict(BLK=64, BN1=32, BG=32, num_warps=4, num_stages=3),
                 dkdv=dict(BLK=64, BM2=64, num_warps=4, num_stages=2),
-                far=dict(BG=64, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=8),
+                far=dict(BG=64, BM2=64, num_warps=4, num_stages=2, PROGS_PER_SM=8, TMA_FROM_T=8192),
                 w0=_W0_CONFIG, w0_tma=_W0_TMA_CONFIG, dq_w0=_DQ_W0_CONFIG)
 
 
@@ -1141,6 +1144,8 @@ def _backward_split(q, k, v, out, lse, dout, dlse, dq, dk, dv, gbuf, cfg, window
     j0 = 0 if initial > 0 else (cmin + 1) * D - 1             # smallest global key
     if ng > 0 and j0 + window + 1 < T:
         per_sm = c3.pop("PROGS_PER_SM", 8)
+        if T >= c3.pop("TMA_FROM_T", T + 1):
+            c3["TMA"] = True
         n_tiles = triton.cdiv(ng, c3["BG"])
         seg = _query_segment(T, n_tiles * B * H, c3["BM2"], per_sm, q.device)
         tiles = _tile_args(c3, [(q, c3["BM2"]), (dout, c3["BM2"])])
