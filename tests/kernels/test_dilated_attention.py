@@ -8,7 +8,10 @@ marked ``gpu`` run realistic shapes with every output / gradient allocation pref
 from __future__ import annotations
 
 import pytest
+import ratplus_kernels.dilated_attention.backward_kernels as backward_kernels
+import ratplus_kernels.dilated_attention.forward_kernels as forward_kernels
 import ratplus_kernels.dilated_attention.fused as fused_mod
+import ratplus_kernels.dilated_attention.tiles as tiles_mod
 import torch
 import torch.nn.functional as F
 from ratplus_kernels import fused_dilated_attention as top_level_export
@@ -246,7 +249,7 @@ def test_fused_w0_single_pass_forward(monkeypatch, T, D, P, tiles):
         w0["TMA_STORE"] = tiles == "tma_store"
     made = []
     if tiles == "device":
-        monkeypatch.setattr(fused_mod, "_device_tile", _counting_device_tile(made))
+        _record_device_tiles(monkeypatch, made)
     bwd = dict({name: dict(c, **extra) for name, c in _SPLIT_BWD.items()}, w0=None, w0_tma=None)
     fused_mod._LAST_KERNELS.clear()
     with fused_mod.block_config(fwd=dict(BM=16, BN=16, BG=16, w0=w0, **extra), bwd=bwd):
@@ -292,7 +295,7 @@ def test_fused_tma_tiles_every_kernel(monkeypatch, T, D, W, P, fused_view, mode)
     real = fused_mod._row_tile_descriptor
     monkeypatch.setattr(fused_mod, "_row_tile_descriptor", lambda x, rows: made.append(rows) or real(x, rows))
     if mode == "device":
-        monkeypatch.setattr(fused_mod, "_device_tile", _counting_device_tile(made))
+        _record_device_tiles(monkeypatch, made)
     extra = dict(num_warps=4, num_stages=1, TMA=mode)
     bwd = {name: dict(c, **extra) for name, c in _SPLIT_BWD.items()}
     bwd.update(w0=None, w0_tma=None)
@@ -325,9 +328,12 @@ def test_fused_far_kernel_tma_from_length(monkeypatch, T, uses_tma):
     assert "TMA_FROM_T" in bwd["far"]                    # the caller's configuration is not consumed
 
 
-def _counting_device_tile(made):
-    """The in-kernel descriptor helper, recording each use (interpreter only)."""
-    return _Recorder(fused_mod._device_tile, made)
+def _record_device_tiles(monkeypatch, made):
+    """Every use of the in-kernel descriptor helper by the (interpreted) forward and backward
+    kernels leaves a trace in ``made``."""
+    recorder = _Recorder(tiles_mod._device_tile, made)
+    for kernels in (forward_kernels, backward_kernels):
+        monkeypatch.setattr(kernels, "_device_tile", recorder)
 
 
 class _Recorder:
