@@ -13,6 +13,18 @@ from .tiles import _device_tile, _dot, _global_key, _load_rows, _n_global, _row_
 
 
 @triton.jit
+def _add_global_rows(DKG, DVG, dk, dv, dk_scale, bh64, NG, g, gmask, d, dmask, HEAD_DIM: tl.constexpr,
+                     EVEN_D: tl.constexpr):
+    """Add fp32 rows of ``dk * dk_scale, dv`` into the compact global-key buffers ``[B*H, NG, Dh]`` at the
+    compact numbers ``g`` (rows where ``gmask``), with relaxed atomics: several programs add to
+    the same global key, and the sum is written once by ``_bwd_global_kernel``."""
+    gp = (bh64 * NG + g)[:, None] * HEAD_DIM + d[None, :]
+    gm = _row_mask(gmask, dmask, EVEN_D)
+    tl.atomic_add(DKG + gp, dk * dk_scale, mask=gm, sem="relaxed")
+    tl.atomic_add(DVG + gp, dv, mask=gm, sem="relaxed")
+
+
+@triton.jit
 def _bwd_dq_loop(dq, q, do, lse2, delta, rows, rmask, k_base, v_base, skt, svt, d, dmask,
                  c_lo, c_hi, T, W, P, D, CMIN, NS, qk_scale,
                  FAR: tl.constexpr, EVEN_D: tl.constexpr, BN: tl.constexpr,
@@ -85,10 +97,7 @@ def _bwd_store_dkdv(dk, dv, cols, cm, DK, DV, DKG, DVG, out_base, sgt, d, dmask,
     gsel = cm & is_g
     gidx = tl.where(cols < P, cols, P + (cols + 1) // D - 1 - CMIN)
     gidx = tl.where(gsel, gidx, 0)
-    gp = (bh64 * NG + gidx)[:, None] * HEAD_DIM + d[None, :]
-    gm = _row_mask(gsel, dmask, EVEN_D)
-    tl.atomic_add(DKG + gp, dk, mask=gm, sem="relaxed")
-    tl.atomic_add(DVG + gp, dv, mask=gm, sem="relaxed")
+    _add_global_rows(DKG, DVG, dk, dv, 1.0, bh64, NG, gidx, gsel, d, dmask, HEAD_DIM, EVEN_D)
 
 
 @triton.jit
@@ -240,10 +249,7 @@ def _bwd_far_kernel(
                                 d, dmask, m_lo, m_hi, W, qk_scale, True, EVEN_D, BM2, PREC, UPCAST,
                                 QD, DOD, (b * sqb + h * sqh).to(tl.int32),
                                 (b * sdb + h * sdh).to(tl.int32), TMA)
-        gp = (bh64 * NG + g)[:, None] * HEAD_DIM + d[None, :]
-        gm = _row_mask(gv, dmask, EVEN_D)
-        tl.atomic_add(DKG + gp, dk * sm_scale, mask=gm, sem="relaxed")
-        tl.atomic_add(DVG + gp, dv, mask=gm, sem="relaxed")
+        _add_global_rows(DKG, DVG, dk, dv, sm_scale, bh64, NG, g, gv, d, dmask, HEAD_DIM, EVEN_D)
 
 
 @triton.jit
@@ -376,10 +382,7 @@ def _bwd_w0_kernel(
             else:
                 _bwd_store_dkdv(dk, dv, rows, rm, DK, DV, DKG, DVG, out_base, sgt, d, dmask, bh64, NG, P, D,
                                 CMIN, HEAD_DIM, EVEN_D)
-    gp = (bh64 * NG + g)[:, None] * HEAD_DIM + d[None, :]
-    gm = _row_mask(gv, dmask, EVEN_D)
-    tl.atomic_add(DKG + gp, dkg * sm_scale, mask=gm, sem="relaxed")
-    tl.atomic_add(DVG + gp, dvg, mask=gm, sem="relaxed")
+    _add_global_rows(DKG, DVG, dkg, dvg, sm_scale, bh64, NG, g, gv, d, dmask, HEAD_DIM, EVEN_D)
 
 
 @triton.jit
