@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 
+from ..warning_filters import hide_in_child_processes
 from .errors import CheckpointError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -140,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+    hide_in_child_processes()
     ns = _parser().parse_args(argv)
     try:
         if ns.command == "to-hf":

@@ -225,6 +225,9 @@ def to_transformer_config(
         pipeline_dtype=params_dtype,
         use_cpu_initialization=use_cpu_initialization,
         recompute_granularity=recompute_granularity,
+        # Megatron 0.16's default, "full", means "the whole layer" and warns that it is deprecated
+        # on every construction; the empty list is its current spelling of the same scope
+        cuda_graph_scope=[],
         ratplus_recurrence=args.recurrence,
         ratplus_output_gate=args.output_gate,
         ratplus_patterns=args.patterns(),

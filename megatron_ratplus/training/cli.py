@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from typing import List, Optional
 
 import yaml
 
+from ..warning_filters import hide_in_child_processes
 from .config import ConfigError, RunConfig, load_config
 
 
@@ -50,8 +50,7 @@ def dry_run(cfg: RunConfig, world_size: int, gpu_memory_gib: float, tokens_per_s
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|TE) .*not installed.*")
-    warnings.filterwarnings("ignore", message=".*Falling back to.*")
+    hide_in_child_processes()
     ns = _parser().parse_args(argv)
     recipe, overrides = _split_overrides(ns.recipe, ns.overrides)
     try:

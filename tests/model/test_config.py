@@ -68,3 +68,15 @@ def test_preset_builds_on_meta_device_with_exact_count(megatron_single_process):
     with torch.device("meta"):
         model = build_gpt_model(args, cfg, spec="local")
     assert count_parameters(model) == args.num_parameters(pad_vocab_size(args.vocab_size, 1))
+
+
+def test_transformer_config_builds_without_warnings():
+    """Megatron 0.16 warns on every TransformerConfig whose CUDA-graph scope is its default "full";
+    ours spells the same scope as the empty list, so building a config warns about nothing."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = to_transformer_config(RATPlusModelArgs(**BASE))
+    assert cfg.cuda_graph_scope == []
+    assert [str(w.message) for w in caught] == []
