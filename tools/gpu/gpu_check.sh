@@ -25,7 +25,8 @@
 #               $DA_NCU_ARGS, e.g. --forward single_pass; DA_NCU_FILTER: ncu options, e.g. -k regex:w0)
 #   da_sweep    bench_dilated_attention.py --sweep --no-main --no-decode (every launch configuration,
 #               the single-pass W = 0 backward included) and $DA_SWEEP_ARGS (default --profile:
-#               per-kernel times)
+#               per-kernel times; e.g. --sweep-shapes 1x16384,1x65536 --sweep-kinds fwd,far for long
+#               sequences)
 #   resources   tools/bench/kernel_resources.py --sweep (registers / spills with the host's Triton)
 #   decode      bench_decode.py on CUDA, bf16, real prefill, $DECODE_ARGS
 #   decode16    the same with 16 sequences per step
