@@ -5,11 +5,14 @@ or ``pip install flash-attn``), its kernels serve CUDA bf16/fp16 calls instead: 
 (``flash_attn_interface``, built for Hopper) when present, else FlashAttention-2 (``flash_attn``).
 Both take ``[B, T, H, Dh]`` tensors with any batch / sequence / head strides, so the time-first
 ``[T, B, H, Dh]`` activations of the layer go in as transposed views, without a copy.
+``RATPLUS_FLASH_ATTN=0`` in the environment keeps SDPA even where flash-attn is installed (the
+sparse attention is not affected, unlike ``model.kernel_backend=reference``).
 """
 from __future__ import annotations
 
 import importlib
 import inspect
+import os
 from typing import Callable, Optional
 
 import torch
@@ -50,11 +53,13 @@ class FlashAttention:
 
 
 def installed_flash_attention() -> Optional[FlashAttention]:
-    """The preferred installed implementation, or None (looked up once per process)."""
+    """The preferred installed implementation, or None (looked up once per process; None when
+    ``RATPLUS_FLASH_ATTN=0``)."""
     global _loaded
     if _loaded is _UNSET:
         _loaded = None
-        for module, name in _CANDIDATES:
+        disabled = os.environ.get("RATPLUS_FLASH_ATTN", "1").strip().lower() in ("0", "false", "no", "off")
+        for module, name in () if disabled else _CANDIDATES:
             try:
                 func = importlib.import_module(module).flash_attn_func
             # absent, or a build for another torch / CUDA (undefined symbols, version checks)

@@ -54,6 +54,13 @@ def test_lookup_prefers_flash_attention_3(monkeypatch, fresh_lookup, present, ex
     assert installed_flash_attention() is found                     # looked up once
 
 
+def test_environment_switch_keeps_sdpa(monkeypatch, fresh_lookup):
+    monkeypatch.setitem(sys.modules, "flash_attn", _module("flash_attn", lambda *a, **k: None))
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
+    monkeypatch.setenv("RATPLUS_FLASH_ATTN", "0")
+    assert installed_flash_attention() is None
+
+
 @pytest.mark.parametrize("returns_lse", [False, True])
 @pytest.mark.parametrize("deterministic_kwarg", [True, False])
 def test_time_first_layout_and_gradients(returns_lse, deterministic_kwarg):
