@@ -25,6 +25,25 @@ class SparsePattern:
         """D == 1 admits every causal key: run it as dense attention."""
         return self.dilation == 1
 
+    def allowed_pairs(self, seq_len: int) -> int:
+        """Number of allowed (query, key) pairs of one head over ``seq_len`` tokens: what the
+        attention FLOPs of this pattern scale with (benchmarks count TFLOP/s on these only).
+
+        Per query t: the band ``t - W .. t``; of the ``c = t - W`` keys below it, the first
+        ``min(c, P)`` and the chunk ends ``j = mD - 1`` with ``P <= j < c`` (``c // D - P // D`` of
+        them). Closed form per query, so long sequences cost no mask.
+        """
+        if seq_len < 0:
+            raise ValueError(f"seq_len must be >= 0, got {seq_len}")
+        D, W, P = self.dilation, self.window, self.initial
+        total = 0
+        for t in range(seq_len):
+            below = max(t - W, 0)
+            total += min(t, W) + 1 + min(below, P)
+            if D > 0:
+                total += max(below // D - P // D, 0)
+        return total
+
     def validate(self, where: str = "") -> None:
         loc = f" ({where})" if where else ""
         if isinstance(self.dilation, bool) or not isinstance(self.dilation, int) or self.dilation == 0 \

@@ -107,19 +107,21 @@ class _CpuEvent:
         return 0.0
 
 
-def _zero(*args, **kwargs):
-    return 0
-
-
-def _noop(*args, **kwargs):
-    return None
+def _returning(value):
+    """A new function returning ``value``: one object per patched attribute, because TorchDynamo
+    indexes ``torch.cuda``'s functions by identity and refuses one object found under two names
+    with different tracing rules (``synchronize`` and ``set_device``), which broke any
+    ``torch.compile`` decorator met on import after CPU mode was on."""
+    def stand_in(*args, **kwargs):
+        return value
+    return stand_in
 
 
 def _patch_cuda_module() -> None:
     cuda = torch.cuda
-    cuda.synchronize = _noop
-    cuda.set_device = _noop
-    cuda.empty_cache = _noop
+    cuda.synchronize = _returning(None)
+    cuda.set_device = _returning(None)
+    cuda.empty_cache = _returning(None)
     # A device string rather than an index: backward passes run on autograd's worker threads, where
     # the (thread-local) function mode is not active, and Megatron allocates there with
     # ``device=torch.cuda.current_device()``.
@@ -131,15 +133,15 @@ def _patch_cuda_module() -> None:
     cuda.default_stream = lambda *a, **k: _CpuStream()
     cuda.stream = lambda *a, **k: contextlib.nullcontext()
     for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
-        setattr(cuda, name, _zero)
-    cuda.reset_peak_memory_stats = _noop
+        setattr(cuda, name, _returning(0))
+    cuda.reset_peak_memory_stats = _returning(None)
     # RNG: the CUDA generator API, served by the CPU generator.
     cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
     cuda.random.get_rng_state = cuda.get_rng_state
     cuda.random.set_rng_state = cuda.set_rng_state
     cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
-    cuda.manual_seed_all = _noop  # torch.manual_seed already seeded the CPU generator
+    cuda.manual_seed_all = _returning(None)  # torch.manual_seed already seeded the CPU generator
     cuda.random.manual_seed = cuda.manual_seed
 
 

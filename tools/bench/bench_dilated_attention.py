@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from bench_args import patterns_arg, shapes_arg
 
+from megatron_ratplus.attention_pattern import SparsePattern
+
 H, DH = 16, 128
 PATTERNS = [(64, 0, 0), (16, 256, 4), (16, 0, 0)]
 SHAPES = [(4, 4096), (16, 4096), (4, 16384), (1, 65536)]      # (B, T); first = DESIGN anchor
@@ -47,14 +49,8 @@ ANCHORS = {(64, 0, 0): {"flex": 1.415, "target": 0.30}, (16, 256, 4): {"flex": 2
 
 
 def allowed_pairs(T: int, D: int, W: int, P: int) -> int:
-    """Allowed (query, key) pairs of one head: band + initial + chunk-end keys below the band."""
-    t = torch.arange(T, dtype=torch.int64)
-    band = torch.clamp(t, max=W) + 1
-    c = torch.clamp(t - W, min=0)                   # number of keys j <= t - W - 1
-    far = torch.clamp(c, max=P)
-    if D > 0:
-        far = far + torch.clamp(c // D - P // D, min=0)
-    return int((band + far).sum())
+    """Allowed (query, key) pairs of one head (band + initial + chunk-end keys below the band)."""
+    return SparsePattern(D, W, P).allowed_pairs(T)
 
 
 # ------------------------------------------------------------------------------------------------

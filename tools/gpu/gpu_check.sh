@@ -27,6 +27,8 @@
 #               the single-pass W = 0 backward included) and $DA_SWEEP_ARGS (default --profile:
 #               per-kernel times; e.g. --sweep-shapes 1x16384,1x65536 --sweep-kinds fwd,far for long
 #               sequences)
+#   layer_bench bench_layer.py $LAYER_ARGS (one RAT+ layer through Megatron's TransformerLayer against
+#               the DESIGN.md layer anchors; e.g. LAYER_ARGS="--with-ffn --profile")
 #   resources   tools/bench/kernel_resources.py --sweep (registers / spills with the host's Triton)
 #   decode      bench_decode.py on CUDA, bf16, real prefill, $DECODE_ARGS
 #   decode16    the same with 16 sequences per step
@@ -106,6 +108,7 @@ for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
     da_bench)  step da_bench 420 python3 tools/bench/bench_dilated_attention.py ${DA_ARGS:-} ;;
     da_sweep)  TAIL=200 step da_sweep 540 python3 tools/bench/bench_dilated_attention.py --sweep --no-main \
                  --no-decode ${DA_SWEEP_ARGS---profile} ;;
+    layer_bench) TAIL=${TAIL:-120} step layer_bench 420 python3 tools/bench/bench_layer.py ${LAYER_ARGS:-} ;;
     resources) TAIL=120 step resources 300 python3 tools/bench/kernel_resources.py --sweep ;;
     decode)    step decode 540 python3 tools/bench/bench_decode.py --device cuda --dtype bfloat16 --fill prefill \
                  --steps 32 --warmup 4 ${DECODE_ARGS:-} ;;
