@@ -28,6 +28,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from ..ops import gated_recurrence, ratplus_attention
 from ..ops.elementwise import output_gate, rope_qk
+from ..ops.projection_split import split_projection
 from .config import RATPlusTransformerConfig
 
 
@@ -93,20 +94,21 @@ class RATPlusSelfAttention(MegatronModule):
         """The sparse pattern in effect, or None for dense attention."""
         return self.sparse_pattern if self.mode == "sparse" else None
 
-    def split_projection(self, projected: torch.Tensor) -> dict:
-        """``[s, b, heads*blocks*d_h]`` -> dict of ``[s, b, heads, d_h]`` strided views per block."""
-        s, b = projected.shape[:2]
-        blocks = projected.view(s, b, self.num_heads_per_rank, self.num_blocks, self.head_dim)
-        # unbind: one gradient buffer for all blocks in backward (slicing would allocate one per block)
-        return dict(zip(self.block_names, blocks.unbind(dim=3)))
+    def split_projection(self, projected: torch.Tensor):
+        """``[s, b, heads*blocks*d_h]`` -> (dict of ``[s, b, heads, d_h]`` strided views per block,
+        the :class:`ProjectionGradient` that assembles their gradient in place)."""
+        blocks, gradient = split_projection(projected, self.num_heads_per_rank, self.num_blocks, self.head_dim)
+        return dict(zip(self.block_names, blocks)), gradient
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, rotary_pos_emb=None,
                 **kwargs):
         projected, _ = self.linear_in(hidden_states)
-        parts = self.split_projection(projected)
+        parts, gradient = self.split_projection(projected)
         q, k, v = parts["q"], parts["k"], parts["v"]
         if self.use_recurrence:
-            k, v, _ = gated_recurrence(parts["g"], k, v, backend=self.kernel_backend)
+            # dg, dk, dv go straight into their slots of the projection's gradient
+            slots = gradient.destination([self.block_names.index(n) for n in ("g", "k", "v")])
+            k, v, _ = gated_recurrence(parts["g"], k, v, backend=self.kernel_backend, grad_destination=slots)
         if rotary_pos_emb is not None:
             freqs = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
             q, k = rope_qk(q, k, freqs)

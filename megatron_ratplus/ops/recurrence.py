@@ -18,14 +18,17 @@ def gated_recurrence(
     initial_state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     output_final_state: bool = False,
     backend: str = "auto",
+    grad_destination=None,
 ):
     """``k~_t = a_t k~_{t-1} + (1 - a_t) k_t`` (and v) with ``a = sigmoid(g)``, state in fp32.
 
     Inputs ``[T, B, H, D]`` time-first; returns ``(k~, v~, final_state)`` with outputs in the
     input dtype. CUDA tensors use the fused Triton kernel; elsewhere the sequential PyTorch scan
-    with a hand-written backward runs (exact, fast on CPU).
+    with a hand-written backward runs (exact, fast on CPU). ``grad_destination``: tensors the
+    backward writes ``dg, dk, dv`` into (``ratplus_kernels.recurrence.grad_destination``).
     """
     if use_fused(backend, g, _FUSED, "gated_recurrence"):
-        return _FUSED(g, k, v, initial_state=initial_state, output_final_state=output_final_state)
+        return _FUSED(g, k, v, initial_state=initial_state, output_final_state=output_final_state,
+                      grad_destination=grad_destination)
     return scan_gated_recurrence(g, k, v, initial_state=initial_state,
-                                 output_final_state=output_final_state)
+                                 output_final_state=output_final_state, grad_destination=grad_destination)

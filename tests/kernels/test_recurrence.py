@@ -14,6 +14,7 @@ from ratplus_kernels.recurrence import (
     chunked_gated_recurrence,
     fused_gated_recurrence,
     naive_gated_recurrence,
+    scan_gated_recurrence,
 )
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -219,6 +220,61 @@ def test_fused_empty_and_errors():
         fused_gated_recurrence(x, x, x, (torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)))
 
 
+def _slot_destination(x, blocks=(4, 2, 3)):
+    """A gradient destination of the (g, k, v) slots of a NaN-filled buffer laid out like the
+    fused projection ``x`` (unwritten elements stay NaN); returns the provider, the buffer and
+    the list of its calls."""
+    buffer = torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
+    calls = []
+
+    def provide():
+        calls.append(1)
+        return tuple(buffer[:, :, :, i] for i in blocks)
+    return provide, buffer, calls
+
+
+_IMPLS = {"fused": fused_gated_recurrence, "naive": naive_gated_recurrence,
+          "chunked": chunked_gated_recurrence, "scan": scan_gated_recurrence}
+
+
+_DESTINATION_CASES = ([("fused", d, t) for d in ("lookback", "stream") for t in (torch.float32, torch.bfloat16)]
+                      + [(impl, "lookback", torch.float32) for impl in ("naive", "chunked", "scan")])
+
+
+@pytest.mark.parametrize("impl,design,dtype", _DESTINATION_CASES)
+def test_grad_destination_receives_the_gradients(monkeypatch, impl, design, dtype):
+    """dg, dk, dv land in the destination's tensors (the fused backward writes them with the
+    inputs' strides, the references copy), are returned as the gradients, and equal those of a
+    call without destination. ``design``: the fused backward's design."""
+    monkeypatch.setitem(fused_mod._INTERPRET_DESIGN, "bwd", design)
+    x, g, k, v = _fused_inputs(37, 2, 2, 8, dtype, gate_scale=2.0)
+    init = _init_state(2, 2, 8)
+    fn = _IMPLS[impl]
+    up = [torch.randn(k.shape, generator=torch.Generator().manual_seed(5)).to(DEV, dtype) for _ in range(2)]
+    ko, vo, _ = fn(g, k, v, init, False)
+    want = torch.autograd.grad([ko, vo], [g, k, v], up)
+    provide, buffer, calls = _slot_destination(x)
+    ko, vo, _ = fn(g, k, v, init, False, grad_destination=provide)
+    got = torch.autograd.grad([ko, vo], [g, k, v], up)
+    assert calls == [1]
+    for i, (a, b) in zip((4, 2, 3), zip(got, want)):
+        slot = buffer[:, :, :, i]
+        assert a.data_ptr() == slot.data_ptr() and a.stride() == slot.stride()
+        assert _rel(a, b) < (1e-6 if dtype == torch.float32 else 1e-2)
+    assert torch.isnan(buffer[:, :, :, :2]).all()       # the other blocks' slots are untouched
+
+
+def test_grad_destination_declined_or_wrong():
+    x, g, k, v = _fused_inputs(9, 1, 2, 8, torch.float32)
+    ko, _, _ = fused_gated_recurrence(g, k, v, grad_destination=lambda: None)
+    dg, dk = torch.autograd.grad(ko.sum(), [g, k])          # declined: new tensors
+    assert dg.is_contiguous() and _rel(dk, torch.autograd.grad(naive_gated_recurrence(g, k, v)[0].sum(), k)[0]) < 1e-6
+    contiguous = lambda: tuple(torch.empty(g.shape, device=g.device) for _ in range(3))  # noqa: E731
+    ko, _, _ = fused_gated_recurrence(g, k, v, grad_destination=contiguous)
+    with pytest.raises(ValueError, match="dg must match its input's shape, dtype, device and strides"):
+        torch.autograd.grad(ko.sum(), [g])
+
+
 def test_exported_from_package():
     import ratplus_kernels
 
@@ -280,6 +336,29 @@ def test_gpu_every_autotuning_candidate(poisoned_outputs, monkeypatch, kind, con
         return chunked_gated_recurrence(g, k, v, init, final, chunk_size=64)
 
     _compare(fused_gated_recurrence, reference, x, init, True, g, k, v, 1e-2, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("force", [None, "stream"])
+def test_gpu_grad_destination(poisoned_outputs, monkeypatch, force):
+    """The backward writing into the slots of a NaN-filled projection gradient (strided stores),
+    autotuned and with a streaming block forced: equal to the contiguous-output backward, every
+    slot element written, the other blocks untouched."""
+    if force:
+        monkeypatch.setitem(fused_mod._FORCE_CONFIG, "bwd",
+                            fused_mod._launch_kwargs(fused_mod._streaming.stream_bwd_configs()[0]))
+    x, g, k, v = _fused_inputs(4001, 2, 16, 128, torch.bfloat16, gate_shift=6.0, gate_scale=2.0, seed=4)
+    up = [torch.randn(k.shape, generator=torch.Generator().manual_seed(6)).to(DEV, k.dtype) for _ in range(2)]
+    ko, vo, _ = fused_gated_recurrence(g, k, v)
+    want = torch.autograd.grad([ko, vo], [g, k, v], up)
+    provide, buffer, calls = _slot_destination(x)
+    ko, vo, _ = fused_gated_recurrence(g, k, v, grad_destination=provide)
+    got = torch.autograd.grad([ko, vo], [g, k, v], up)
+    assert calls == [1]
+    for i, a, b in zip((4, 2, 3), got, want):
+        assert a.data_ptr() == buffer[:, :, :, i].data_ptr()
+        assert _rel(a, b) < 1e-2                   # NaN (an unwritten slot element) fails here
+    assert torch.isnan(buffer[:, :, :, :2]).all()
 
 
 @pytest.mark.gpu

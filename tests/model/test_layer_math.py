@@ -113,7 +113,7 @@ def test_projection_is_head_interleaved(megatron_single_process):
     attn = model.decoder.layers[0].self_attention
     x = torch.randn(3, 1, 32, dtype=torch.float64)
     proj, _ = attn.linear_in(x)
-    parts = attn.split_projection(proj)
+    parts, _ = attn.split_projection(proj)
     w = attn.linear_in.weight
     nb, dh = attn.num_blocks, attn.head_dim
     for bi, name in enumerate(attn.block_names):

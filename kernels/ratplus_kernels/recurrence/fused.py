@@ -68,6 +68,7 @@ import triton.language as tl
 from .._env import interpreting as _interpreting
 from ..gpu_time import autotune_bench, gpu_median
 from . import streaming as _streaming
+from .grad_destination import GradDestination, claim_grad_destination
 from .tiles import (
     _affine_combine,
     _gates,
@@ -253,6 +254,7 @@ def _bwd_kernel(
     D: tl.constexpr,
     HAS_H0: tl.constexpr,
     HAS_DHT: tl.constexpr,
+    GRADS_LIKE_INPUTS: tl.constexpr,
     DEPTH: tl.constexpr,
     BT: tl.constexpr,
     BD: tl.constexpr,
@@ -311,7 +313,8 @@ def _bwd_kernel(
     if EARLY != 1:
         rk, rv = _residuals(kx, vx, hk_in, hv_in, a, w)
 
-    _store_grads(dg_ptr, dk_ptr, dv_ptr, t, n, NCH, m2, e, rk, rv, uk, uv)
+    _store_grads(dg_ptr, dk_ptr, dv_ptr, t, b, h, d, n, NCH, m2, e, rk, rv, uk, uv,
+                 sg_t, sg_b, sg_h, sg_d, sk_t, sk_b, sk_h, sk_d, sv_t, sv_b, sv_h, sv_d, GRADS_LIKE_INPUTS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -570,14 +573,20 @@ def _forward(g, k, v, h0k, h0v, output_final_state):
     return ko, vo, hTk, hTv, inc, bt_f
 
 
-def _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, finc, bt_f):
-    """Launch the backward from the forward's kept states ``finc`` (one row per ``bt_f`` steps)."""
+def _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, finc, bt_f, grads=None):
+    """Launch the backward from the forward's kept states ``finc`` (one row per ``bt_f`` steps).
+    ``grads``: ``(dg, dk, dv)`` to write, with the strides of ``g, k, v`` (checked by the caller);
+    new contiguous tensors otherwise."""
     T, B, H, D = g.shape
     nch = B * H * D
     dev = g.device
-    dg = _new_output((T, B, H, D), g.dtype, dev)
-    dk = _new_output((T, B, H, D), k.dtype, dev)
-    dv = _new_output((T, B, H, D), v.dtype, dev)
+    like_inputs = grads is not None
+    if like_inputs:
+        dg, dk, dv = grads
+    else:
+        dg = _new_output((T, B, H, D), g.dtype, dev)
+        dk = _new_output((T, B, H, D), k.dtype, dev)
+        dv = _new_output((T, B, H, D), v.dtype, dev)
     has_h0 = h0k is not None
     has_dht = dhTk is not None
     dh0k = dh0v = None
@@ -592,7 +601,7 @@ def _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, finc, bt_f):
             dh0k if has_h0 else dummy, dh0v if has_h0 else dummy, finc, bt_f)
     tail = (T, H, nch, *_strides(g), *_strides(k), *_strides(v), *_strides(dko), *_strides(dvo),
             t_key, bh_key)
-    common = {"D": D, "HAS_H0": has_h0, "HAS_DHT": has_dht}
+    common = {"D": D, "HAS_H0": has_h0, "HAS_DHT": has_dht, "GRADS_LIKE_INPUTS": like_inputs}
 
     def run_lookback(kernel, meta):
         # every backward block allowed by the pruning is a multiple of the forward's state rows
@@ -611,7 +620,7 @@ def _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, finc, bt_f):
             meta.setdefault("EARLY", 1)
     else:
         key = ("bwd", D, t_key, bh_key, bt_f, g.dtype, k.dtype, v.dtype, dko.dtype, dvo.dtype,
-               has_h0, has_dht, _lookback_depth(), str(dev))
+               has_h0, has_dht, like_inputs, _lookback_depth(), str(dev))
         meta = _select_design(key, [(_bwd_tuned, run_lookback), (_stream_bwd_tuned, run_stream)])
     if meta["BT"] % bt_f != 0:
         raise ValueError(f"backward block {meta['BT']} must be a multiple of the forward's state "
@@ -625,10 +634,11 @@ def _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, finc, bt_f):
 
 class _FusedGatedRecurrence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, g, k, v, h0k, h0v, output_final_state):
+    def forward(ctx, g, k, v, h0k, h0v, output_final_state, grad_destination):
         ko, vo, hTk, hTv, inc, bt_f = _forward(g, k, v, h0k, h0v, output_final_state)
         ctx.save_for_backward(g, k, v, h0k, h0v, inc)
         ctx.bt_f = bt_f
+        ctx.grad_destination = grad_destination
         return ko, vo, hTk, hTv
 
     @staticmethod
@@ -644,8 +654,9 @@ class _FusedGatedRecurrence(torch.autograd.Function):
         if dhTk is not None:
             dhTk = dhTk.float().contiguous()
             dhTv = dhTv.float().contiguous()
-        dg, dk, dv, dh0k, dh0v = _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, inc, ctx.bt_f)
-        return dg, dk, dv, dh0k, dh0v, None
+        grads = claim_grad_destination(ctx.grad_destination, g, k, v)
+        dg, dk, dv, dh0k, dh0v = _backward(g, k, v, dko, dvo, h0k, h0v, dhTk, dhTv, inc, ctx.bt_f, grads)
+        return dg, dk, dv, dh0k, dh0v, None, None
 
 
 def fused_gated_recurrence(
@@ -654,6 +665,7 @@ def fused_gated_recurrence(
     v: torch.Tensor,
     initial_state: Optional[State] = None,
     output_final_state: bool = False,
+    grad_destination: Optional[GradDestination] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[State]]:
     """Fused Triton RAT+ recurrence; same contract as ``naive_gated_recurrence``.
 
@@ -662,6 +674,11 @@ def fused_gated_recurrence(
     ``[T, B, H, D]`` tensors in ``k``'s / ``v``'s dtype and, if ``output_final_state``, the fp32
     ``(k_T, v_T)`` of shape ``[B, H, D]``. ``initial_state = (k0, v0)``, each ``[B, H, D]``.
     Differentiable in ``g, k, v`` and the initial state.
+
+    ``grad_destination``: optional callable, called once by the backward, returning ``(dg, dk,
+    dv)`` tensors (each with its input's shape, dtype and strides) that the kernel writes the
+    gradients into and returns, or None to decline. The RAT+ layer passes the slots of its fused
+    projection's gradient buffer, so no copy assembles that gradient afterwards.
 
     Reproducibility: by default the carries between time tiles are combined in whatever order the
     look-back finds them (fastest; last-bit differences between runs). Under
@@ -701,8 +718,10 @@ def fused_gated_recurrence(
         return ko, vo, (h0k, h0v)
     if g.device.type == "cuda":
         with torch.cuda.device(g.device):
-            ko, vo, hTk, hTv = _FusedGatedRecurrence.apply(g, k, v, h0k, h0v, bool(output_final_state))
+            ko, vo, hTk, hTv = _FusedGatedRecurrence.apply(g, k, v, h0k, h0v, bool(output_final_state),
+                                                           grad_destination)
     else:
-        ko, vo, hTk, hTv = _FusedGatedRecurrence.apply(g, k, v, h0k, h0v, bool(output_final_state))
+        ko, vo, hTk, hTv = _FusedGatedRecurrence.apply(g, k, v, h0k, h0v, bool(output_final_state),
+                                                       grad_destination)
     final = (hTk, hTv) if output_final_state else None
     return ko, vo, final

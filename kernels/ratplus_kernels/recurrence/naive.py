@@ -16,6 +16,8 @@ Layout contract shared with the fused Triton kernel (same signature):
 * ``initial_state``: optional ``(k0, v0)``, each ``[B, H, D]``.
 * returns ``(k_out, v_out, final_state)``; ``final_state`` is ``(k_T, v_T)`` in fp32 ``[B, H, D]``
   when ``output_final_state`` else ``None``.
+* ``grad_destination``: optional provider of the tensors that receive ``dg, dk, dv`` in the
+  backward (:mod:`.grad_destination`); the fused kernel writes them in place, these copy.
 
 Two references live here: ``naive_gated_recurrence`` is the literal loop over time (the oracle in
 tests), ``chunked_gated_recurrence`` is a numerically stable chunked form that runs fast enough on
@@ -26,6 +28,8 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+
+from .grad_destination import GradDestination, route_grads_into
 
 State = Tuple[torch.Tensor, torch.Tensor]
 
@@ -49,9 +53,11 @@ def naive_gated_recurrence(
     v: torch.Tensor,
     initial_state: Optional[State] = None,
     output_final_state: bool = False,
+    grad_destination: Optional[GradDestination] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[State]]:
     """Literal time loop in fp32. Slow; the ground truth for every other implementation."""
     _check_inputs(g, k, v)
+    g, k, v = route_grads_into(grad_destination, g, k, v)
     T, B, H, D = g.shape
     dt = _state_dtype(g)
     a = torch.sigmoid(g.to(dt))
@@ -83,6 +89,7 @@ def chunked_gated_recurrence(
     initial_state: Optional[State] = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    grad_destination: Optional[GradDestination] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[State]]:
     """Chunked exact form: O(T * C * D) work, T / C sequential steps, stable in fp32.
 
@@ -94,6 +101,7 @@ def chunked_gated_recurrence(
     matrix is built per channel. Keys and values share the decay so they go through one einsum.
     """
     _check_inputs(g, k, v)
+    g, k, v = route_grads_into(grad_destination, g, k, v)
     T, B, H, D = g.shape
     dt = _state_dtype(g)
     logsig = torch.nn.functional.logsigmoid(g.to(dt))             # log a_t

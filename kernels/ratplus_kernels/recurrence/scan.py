@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .grad_destination import GradDestination, route_grads_into
 from .naive import State, _check_inputs, _state_dtype
 
 
@@ -66,8 +67,10 @@ def scan_gated_recurrence(
     v: torch.Tensor,
     initial_state: Optional[State] = None,
     output_final_state: bool = False,
+    grad_destination: Optional[GradDestination] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[State]]:
     _check_inputs(g, k, v)
+    g, k, v = route_grads_into(grad_destination, g, k, v)
     T, B, H, D = g.shape
     dt = _state_dtype(g)
     if initial_state is None:

@@ -104,6 +104,7 @@ def _stream_bwd_kernel(
     D: tl.constexpr,
     HAS_H0: tl.constexpr,
     HAS_DHT: tl.constexpr,
+    GRADS_LIKE_INPUTS: tl.constexpr,
     BT: tl.constexpr,
     BD: tl.constexpr,
     VEC: tl.constexpr,
@@ -130,7 +131,9 @@ def _stream_bwd_kernel(
         uk_t = Al * uk[None, :] + Uk
         uv_t = Al * uv[None, :] + Uv
         rk, rv = _residuals(kx, vx, hk_in, hv_in, a, w)
-        _store_grads(dg_ptr, dk_ptr, dv_ptr, t, n, NCH, m2, e, rk, rv, uk_t, uv_t)
+        _store_grads(dg_ptr, dk_ptr, dv_ptr, t, b, h, d, n, NCH, m2, e, rk, rv, uk_t, uv_t,
+                     sg_t, sg_b, sg_h, sg_d, sk_t, sk_b, sk_h, sk_d, sv_t, sv_b, sv_h, sv_d,
+                     GRADS_LIKE_INPUTS)
         uk = _row(uk_t, rows, 0)
         uv = _row(uv_t, rows, 0)
     if HAS_H0:                                   # d h_{-1} = a_0 dh_0 = u_0
