@@ -104,18 +104,23 @@ class RATPlusSelfAttention(MegatronModule):
                 **kwargs):
         projected, _ = self.linear_in(hidden_states)
         parts, gradient = self.split_projection(projected)
+
+        def slots(*names):   # the backward of the block's consumer writes into its gradient slot
+            return gradient.destination([self.block_names.index(n) for n in names])
+
         q, k, v = parts["q"], parts["k"], parts["v"]
+        k_is_block = True
         if self.use_recurrence:
-            # dg, dk, dv go straight into their slots of the projection's gradient
-            slots = gradient.destination([self.block_names.index(n) for n in ("g", "k", "v")])
-            k, v, _ = gated_recurrence(parts["g"], k, v, backend=self.kernel_backend, grad_destination=slots)
+            k, v, _ = gated_recurrence(parts["g"], k, v, backend=self.kernel_backend,
+                                       grad_destination=slots("g", "k", "v"))
+            k_is_block = False
         if rotary_pos_emb is not None:
             freqs = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
-            q, k = rope_qk(q, k, freqs)
+            q, k = rope_qk(q, k, freqs, slots("q"), slots("k") if k_is_block else None)
         attn = ratplus_attention(q, k, v, self.active_pattern(), scale=self.softmax_scale,
                                  backend=self.kernel_backend)
         if self.use_output_gate:
-            attn = output_gate(attn, parts["o"])
+            attn = output_gate(attn, parts["o"], slots("o"))
         s, b = attn.shape[:2]
         output, bias = self.linear_out(attn.reshape(s, b, -1))
         return output, bias

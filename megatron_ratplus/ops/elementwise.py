@@ -1,18 +1,28 @@
 """Elementwise parts of the RAT+ layer: RoPE on (q, k~) and the output gate.
 
-On CUDA they run as ``torch.compile``'d functions, so each becomes one fused kernel forward and
-backward instead of a chain of memory-bound ops (Megatron's unfused RoPE recomputes cos/sin and
-concatenates per call; TE's fused RoPE is optional). Elsewhere the same eager code runs: compiling
-on CPU would cost more than it saves for the small CPU models.
+Each is an autograd Function whose forward and backward run as ``torch.compile``'d functions on
+CUDA (one fused kernel each way instead of a chain of memory-bound ops; Megatron's unfused RoPE
+recomputes cos/sin and concatenates per call, TE's fused RoPE is optional), and eagerly elsewhere
+(compiling on CPU would cost more than it saves for the small CPU models).
+
+Both take optional gradient destinations (``ops.projection_split``): the backward then writes the
+gradient of an input that is a block of the fused projection (q, and k in the attention baseline;
+the gate's o) straight into its slot of the projection's gradient, inside the same fused kernel,
+instead of into a new tensor that the split would copy (a strided copy: slower than the kernel
+that produced it).
 
 RoPE is rotate-half over the whole head dimension (DESIGN.md §1), angles ``freqs`` as produced by
-Megatron's ``RotaryEmbedding``: ``[s, 1, 1, d_h]``.
+Megatron's ``RotaryEmbedding``: ``[s, 1, 1, d_h]``. Its backward is the transposed rotation:
+``dx = dy * cos - rotate_half(dy * sin)``.
 """
 from __future__ import annotations
 
 import functools
+from typing import Callable, Optional, Tuple
 
 import torch
+
+Destination = Optional[Callable[[], Optional[Tuple[torch.Tensor, ...]]]]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -20,29 +30,124 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _rope_qk(q: torch.Tensor, k: torch.Tensor, freqs: torch.Tensor):
-    cos = torch.cos(freqs).to(q.dtype)
-    sin = torch.sin(freqs).to(q.dtype)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+def _rope(x, cos, sin):
+    return x * cos + _rotate_half(x) * sin
 
 
-def _gate(attn: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+def _rope_transposed(dy, cos, sin):
+    return dy * cos - _rotate_half(dy * sin)
+
+
+def _cos_sin(freqs, dtype):
+    return torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
+
+
+def _rope_qk_fwd(q, k, freqs):
+    cos, sin = _cos_sin(freqs, q.dtype)
+    return _rope(q, cos, sin), _rope(k, cos, sin)
+
+
+def _rope_one_bwd(dy, freqs, out):
+    """The transposed rotation of ``dy``, written into ``out`` when given (returns None), else
+    returned."""
+    cos, sin = _cos_sin(freqs, dy.dtype)
+    dx = _rope_transposed(dy, cos, sin)
+    if out is None:
+        return dx
+    out.copy_(dx)
+    return None
+
+
+def _rope_qk_bwd(dq, dk, freqs, q_out, k_out):
+    return _rope_one_bwd(dq, freqs, q_out), _rope_one_bwd(dk, freqs, k_out)
+
+
+def _gate_fwd(attn, o):
     return attn * torch.sigmoid(o)
+
+
+def _gate_bwd(dy, attn, o, o_out):
+    ct = torch.promote_types(o.dtype, torch.float32)       # fp32 math for bf16/fp16 inputs
+    s = torch.sigmoid(o.to(ct))
+    dy_s = dy.to(ct) * s
+    dattn = dy_s.to(attn.dtype)
+    do = (dy_s * attn.to(ct) * (1.0 - s)).to(o.dtype)
+    if o_out is None:
+        return dattn, do
+    o_out.copy_(do)
+    return dattn, None
+
+
+_FUNCTIONS = {"rope_fwd": _rope_qk_fwd, "rope_bwd": _rope_qk_bwd, "gate_fwd": _gate_fwd, "gate_bwd": _gate_bwd}
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(name: str):
-    fn = {"rope": _rope_qk, "gate": _gate}[name]
-    return torch.compile(fn, dynamic=False, fullgraph=True)
+    return torch.compile(_FUNCTIONS[name], dynamic=False, fullgraph=True)
 
 
-def rope_qk(q: torch.Tensor, k: torch.Tensor, freqs: torch.Tensor):
-    """Rotate q and k (``[s, b, h, d]``) by ``freqs`` (``[s, 1, 1, d]``)."""
-    fn = _compiled("rope") if q.is_cuda else _rope_qk
-    return fn(q, k, freqs)
+def _run(name: str, *args):
+    """The compiled function on CUDA, the eager one elsewhere."""
+    on_cuda = next(a for a in args if isinstance(a, torch.Tensor)).is_cuda
+    return (_compiled(name) if on_cuda else _FUNCTIONS[name])(*args)
 
 
-def output_gate(attn: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-    """``attn * sigmoid(o)``."""
-    fn = _compiled("gate") if attn.is_cuda else _gate
-    return fn(attn, o)
+def _claim(destination: Destination, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """The one slot a destination provides, if it matches ``like`` (shape, dtype, device)."""
+    if destination is None:
+        return None
+    slots = destination()
+    if slots is None:
+        return None
+    (slot,) = slots
+    if slot.shape != like.shape or slot.dtype != like.dtype or slot.device != like.device:
+        raise ValueError(f"gradient destination {tuple(slot.shape)} {slot.dtype} does not match its input "
+                         f"{tuple(like.shape)} {like.dtype}")
+    return slot
+
+
+class _RopeQK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, freqs, q_destination, k_destination):
+        ctx.save_for_backward(freqs)
+        ctx.destinations = (q_destination, k_destination)
+        ctx.meta = ((q.shape, q.dtype), (k.shape, k.dtype))
+        return _run("rope_fwd", q, k, freqs)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        (freqs,) = ctx.saved_tensors
+        (q_shape, q_dtype), (k_shape, k_dtype) = ctx.meta
+        dq = torch.zeros(q_shape, dtype=q_dtype, device=freqs.device) if dq is None else dq
+        dk = torch.zeros(k_shape, dtype=k_dtype, device=freqs.device) if dk is None else dk
+        q_slot = _claim(ctx.destinations[0], dq)
+        k_slot = _claim(ctx.destinations[1], dk)
+        gq, gk = _run("rope_bwd", dq, dk, freqs, q_slot, k_slot)
+        return (q_slot if gq is None else gq), (k_slot if gk is None else gk), None, None, None
+
+
+class _OutputGate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, attn, o, o_destination):
+        ctx.save_for_backward(attn, o)
+        ctx.o_destination = o_destination
+        return _run("gate_fwd", attn, o)
+
+    @staticmethod
+    def backward(ctx, dy):
+        attn, o = ctx.saved_tensors
+        o_slot = _claim(ctx.o_destination, o)
+        dattn, do = _run("gate_bwd", dy, attn, o, o_slot)
+        return dattn, (o_slot if do is None else do), None
+
+
+def rope_qk(q: torch.Tensor, k: torch.Tensor, freqs: torch.Tensor,
+            q_grad_destination: Destination = None, k_grad_destination: Destination = None):
+    """Rotate q and k (``[s, b, h, d]``) by ``freqs`` (``[s, 1, 1, d]``); the destinations, if
+    given, receive dq / dk (one slot each)."""
+    return _RopeQK.apply(q, k, freqs, q_grad_destination, k_grad_destination)
+
+
+def output_gate(attn: torch.Tensor, o: torch.Tensor, o_grad_destination: Destination = None) -> torch.Tensor:
+    """``attn * sigmoid(o)``; the destination, if given, receives do."""
+    return _OutputGate.apply(attn, o, o_grad_destination)

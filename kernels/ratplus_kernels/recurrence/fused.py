@@ -314,7 +314,7 @@ def _bwd_kernel(
         rk, rv = _residuals(kx, vx, hk_in, hv_in, a, w)
 
     _store_grads(dg_ptr, dk_ptr, dv_ptr, t, b, h, d, n, NCH, m2, e, rk, rv, uk, uv,
-                 sg_t, sg_b, sg_h, sg_d, sk_t, sk_b, sk_h, sk_d, sv_t, sv_b, sv_h, sv_d, GRADS_LIKE_INPUTS)
+                 sk_t, sk_b, sk_h, sk_d, GRADS_LIKE_INPUTS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -677,7 +677,7 @@ def fused_gated_recurrence(
 
     ``grad_destination``: optional callable, called once by the backward, returning ``(dg, dk,
     dv)`` tensors (each with its input's shape, dtype and strides) that the kernel writes the
-    gradients into and returns, or None to decline. The RAT+ layer passes the slots of its fused
+    gradients into and returns, or None to decline; used when ``g, k, v`` share their strides. The RAT+ layer passes the slots of its fused
     projection's gradient buffer, so no copy assembles that gradient afterwards.
 
     Reproducibility: by default the carries between time tiles are combined in whatever order the

@@ -19,9 +19,10 @@ GradDestination = Callable[[], Optional[Grads]]
 
 def claim_grad_destination(grad_destination, g, k, v):
     """``(dg, dk, dv)`` from a ``grad_destination`` provider (called once, in the backward), or
-    None when there is none or it declines. Each must match its input's shape, dtype, device and
-    strides: the kernels write gradients with the inputs' strides."""
-    if grad_destination is None:
+    None when there is none or it declines, or when ``g, k, v`` do not share one set of strides
+    (the fused kernel stores all three through one offset tile; the provider is then not called).
+    Each must match its input's shape, dtype, device and strides."""
+    if grad_destination is None or not (g.stride() == k.stride() == v.stride()):
         return None
     dests = grad_destination()
     if dests is None:

@@ -132,8 +132,7 @@ def _stream_bwd_kernel(
         uv_t = Al * uv[None, :] + Uv
         rk, rv = _residuals(kx, vx, hk_in, hv_in, a, w)
         _store_grads(dg_ptr, dk_ptr, dv_ptr, t, b, h, d, n, NCH, m2, e, rk, rv, uk_t, uv_t,
-                     sg_t, sg_b, sg_h, sg_d, sk_t, sk_b, sk_h, sk_d, sv_t, sv_b, sv_h, sv_d,
-                     GRADS_LIKE_INPUTS)
+                     sk_t, sk_b, sk_h, sk_d, GRADS_LIKE_INPUTS)
         uk = _row(uk_t, rows, 0)
         uv = _row(uv_t, rows, 0)
     if HAS_H0:                                   # d h_{-1} = a_0 dh_0 = u_0

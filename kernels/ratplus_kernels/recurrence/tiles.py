@@ -113,28 +113,19 @@ def _state_or_zeros(pk, pv, n, mask, HAS: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def _grad_offsets(t, b, h, d, n, NCH, s_t, s_b, s_h, s_d, LIKE_INPUT: tl.constexpr):
-    """Offsets of a gradient tile: contiguous ``[T, B, H, D]`` (``t NCH + n``), or with the
-    strides of its input (``LIKE_INPUT``: the gradients land in the slots of the fused projection's
-    gradient, whose layout the inputs share)."""
-    if LIKE_INPUT:
-        return t[:, None] * s_t + (b * s_b + h * s_h) + d[None, :] * s_d
-    else:
-        return t[:, None] * NCH + n[None, :]
-
-
-@triton.jit
 def _store_grads(dg_ptr, dk_ptr, dv_ptr, t, b, h, d, n, NCH, m2, e, rk, rv, uk, uv,
-                 sg_t, sg_b, sg_h, sg_d, sk_t, sk_b, sk_h, sk_d, sv_t, sv_b, sv_h, sv_d,
-                 LIKE_INPUTS: tl.constexpr):
+                 s_t, s_b, s_h, s_d, LIKE_INPUTS: tl.constexpr):
     """The tile's gradients from ``u = a dh`` and the residuals ``h - x`` (fp32 math)::
 
         dk = (1 - a) dh = e u,   dv = e u^v,   dg = e sum_s (h_t - x_t) u_t
 
-    stored contiguously, or with the strides of ``g, k, v`` when ``LIKE_INPUTS``."""
-    o_g = _grad_offsets(t, b, h, d, n, NCH, sg_t, sg_b, sg_h, sg_d, LIKE_INPUTS)
-    o_k = _grad_offsets(t, b, h, d, n, NCH, sk_t, sk_b, sk_h, sk_d, LIKE_INPUTS)
-    o_v = _grad_offsets(t, b, h, d, n, NCH, sv_t, sv_b, sv_h, sv_d, LIKE_INPUTS)
-    tl.store(dg_ptr + o_g, (e * (rk * uk + rv * uv)).to(dg_ptr.dtype.element_ty), mask=m2)
-    tl.store(dk_ptr + o_k, (e * uk).to(dk_ptr.dtype.element_ty), mask=m2)
-    tl.store(dv_ptr + o_v, (e * uv).to(dv_ptr.dtype.element_ty), mask=m2)
+    stored contiguously, or, with ``LIKE_INPUTS``, with the strides ``s_*`` that ``g, k, v`` share
+    (slots of the fused projection's gradient: :mod:`.grad_destination`). One offset tile serves
+    the three stores either way (three int64 tiles cost registers the backward does not have)."""
+    if LIKE_INPUTS:
+        o_out = t[:, None] * s_t + (b * s_b + h * s_h) + d[None, :] * s_d
+    else:
+        o_out = t[:, None] * NCH + n[None, :]
+    tl.store(dg_ptr + o_out, (e * (rk * uk + rv * uv)).to(dg_ptr.dtype.element_ty), mask=m2)
+    tl.store(dk_ptr + o_out, (e * uk).to(dk_ptr.dtype.element_ty), mask=m2)
+    tl.store(dv_ptr + o_out, (e * uv).to(dv_ptr.dtype.element_ty), mask=m2)
