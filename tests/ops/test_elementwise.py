@@ -28,6 +28,11 @@ def _freqs(device="cpu", general=False, seed=1):
     return torch.cat((f, f), dim=-1).to(device)
 
 
+def _rel(a, b):
+    """Norm-wise relative error (bf16 results against fp64 formulas)."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 def _slots(x, index):
     """A destination handing out slot ``index`` of a NaN buffer shaped like ``x``; returns it and
     the buffer."""
@@ -96,10 +101,10 @@ def test_gpu_compiled_kernels_write_slots():
     dq, dk = torch.autograd.grad((qr, kr), (q, k), (up, up))
     assert dq.data_ptr() == buffer[:, :, :, 0].data_ptr() and not torch.isnan(dq).any()
     want = torch.autograd.grad(_ref_rope(q.double(), freqs.double()), q, up.double())[0]
-    torch.testing.assert_close(dq.double(), want, rtol=2e-2, atol=2e-2)
+    assert _rel(dq, want) < 1e-2
     gate_dest, gbuf = _slots(x, 2)
     out = output_gate(kr, o, gate_dest)
     do = torch.autograd.grad(out, o, up)[0]
     assert do.data_ptr() == gbuf[:, :, :, 2].data_ptr() and not torch.isnan(do).any()
     s = torch.sigmoid(o.double())
-    torch.testing.assert_close(do.double(), up.double() * kr.double() * s * (1 - s), rtol=2e-2, atol=2e-2)
+    assert _rel(do, up.double() * kr.double() * s * (1 - s)) < 1e-2
