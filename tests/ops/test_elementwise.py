@@ -40,22 +40,25 @@ def _slots(x, index):
     return (lambda: (buffer[:, :, :, index],)), buffer
 
 
+def _matches_formula(out, want_out, inputs, up):
+    """Outputs equal the formula's; returns (got, want) gradients w.r.t. ``inputs``, checked equal."""
+    want = torch.autograd.grad(want_out, inputs, up)
+    torch.testing.assert_close(out, want_out)
+    got = torch.autograd.grad(out, inputs, up)
+    torch.testing.assert_close(got, want)
+    return got
+
+
 @pytest.mark.parametrize("general", [False, True])
 @pytest.mark.parametrize("with_destinations", [False, True])
 def test_rope_matches_formula_and_autograd(general, with_destinations):
     x, q, k, _ = _blocks()
     freqs = _freqs(general=general)
     up = [torch.randn(S, B, H, D, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in (2, 3)]
-    want_out = (_ref_rope(q, freqs), _ref_rope(k, freqs))
-    want = torch.autograd.grad(want_out, [q, k], up)
     dq_dest, dq_buffer = _slots(x, 0) if with_destinations else (None, None)
     dk_dest, dk_buffer = _slots(x, 1) if with_destinations else (None, None)
-    out = rope_qk(q, k, freqs, dq_dest, dk_dest)
-    for a, b in zip(out, want_out):
-        torch.testing.assert_close(a, b)
-    got = torch.autograd.grad(out, [q, k], up)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b)
+    got = _matches_formula(rope_qk(q, k, freqs, dq_dest, dk_dest), (_ref_rope(q, freqs), _ref_rope(k, freqs)),
+                           (q, k), up)
     if with_destinations:
         assert got[0].data_ptr() == dq_buffer[:, :, :, 0].data_ptr()
         assert got[1].data_ptr() == dk_buffer[:, :, :, 1].data_ptr()
@@ -66,14 +69,8 @@ def test_output_gate_matches_autograd(with_destination):
     x, attn_src, _, o = _blocks()
     attn = attn_src * 1.5
     up = torch.randn(S, B, H, D, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    want_out = attn * torch.sigmoid(o)
-    want = torch.autograd.grad(want_out, [attn, o], up)
     dest, buffer = _slots(x, 2) if with_destination else (None, None)
-    out = output_gate(attn, o, dest)
-    torch.testing.assert_close(out, want_out)
-    got = torch.autograd.grad(out, [attn, o], up)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b)
+    got = _matches_formula(output_gate(attn, o, dest), attn * torch.sigmoid(o), (attn, o), up)
     if with_destination:
         assert got[1].data_ptr() == buffer[:, :, :, 2].data_ptr()
 

@@ -38,6 +38,7 @@ import time
 import torch
 import torch.nn.functional as F
 from bench_args import patterns_arg, shapes_arg
+from gpu_timing import cuda_kernels, profiled
 
 from megatron_ratplus.attention_pattern import SparsePattern
 
@@ -146,28 +147,12 @@ def bench(fn, rep=100):
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
-def _profiled(fn, iters):
-    """Warm ``fn`` up (compile, autotune), then run it ``iters`` times under the CUDA profiler;
-    returns the per-kernel averages."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    return prof.key_averages()
-
-
 def bench_kernels(fn, iters=20):
     """Mean GPU time (ms) of the kernels ``fn`` launches, from the profiler: the sum of kernel
     durations per call, without the host's launch gaps that dominate eager timings of the small
     W = 0 backwards at the anchor shape (CUDA-graph capture of the sweep's autograd calls failed
     on the GPU host in the fourth session)."""
-    kernels = [e for e in _profiled(fn, iters) if e.device_time_total > 0
-               and not e.key.startswith(("cuda", "Activity", "cuLaunch"))]
+    kernels = cuda_kernels(profiled(fn, iters))
     return sum(e.device_time_total for e in kernels) / iters / 1e3
 
 
@@ -386,7 +371,7 @@ def run_profile(args, shape) -> None:
                 settings.append(("single pass, TMA", dict(base, w0_tma=fm._W0_TMA_CONFIG)))
         for label, bwd in settings:
             with fm.block_config(bwd=bwd):
-                events = _profiled(lambda pat=pat: torch.autograd.grad(
+                events = profiled(lambda pat=pat: torch.autograd.grad(
                     fused_dilated_attention(q, k, v, *pat), (q, k, v), do), 10)
             print(f"\nprofile {pat} {label} B={B} T={T} (per call, us):")
             for e in sorted(events, key=lambda e: -e.device_time_total)[:8]:

@@ -116,19 +116,10 @@ def median_ms(fn, steps: int, warmup: int, cuda: bool) -> float:
 
 def profile_top_kernels(fn, top: int, calls: int = 3) -> list[tuple[str, float, float]]:
     """(kernel name, ms per call, share of the GPU time) of the ``top`` costliest CUDA kernels."""
-    from torch.profiler import ProfilerActivity, profile
+    from gpu_timing import cuda_kernels, profiled
 
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_time_total > 0
-               and not e.key.startswith(("cuda", "Activity", "cuLaunch"))]
+    kernels = sorted(cuda_kernels(profiled(fn, calls, warmup=2)), key=lambda e: -e.device_time_total)
     total = sum(e.device_time_total for e in kernels)
-    kernels.sort(key=lambda e: -e.device_time_total)
     return [(e.key, e.device_time_total / calls / 1e3, e.device_time_total / total) for e in kernels[:top]]
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from ratplus_kernels.gpu_time import gpu_median, gpu_times, percentile
 
-__all__ = ["gpu_median", "gpu_times", "histogram", "percentile", "profile_once"]
+__all__ = ["cuda_kernels", "gpu_median", "gpu_times", "histogram", "percentile", "profile_once", "profiled"]
 
 
 def profile_once(step: Callable[[], object], warmup: int = 3) -> None:
@@ -22,6 +22,27 @@ def profile_once(step: Callable[[], object], warmup: int = 3) -> None:
     step()
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
+
+
+def profiled(fn: Callable[[], object], iters: int, warmup: int = 3):
+    """Warm ``fn`` up (compile, autotune), then run it ``iters`` times under the CUDA profiler;
+    returns the per-kernel averages (``key_averages()``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages()
+
+
+def cuda_kernels(events) -> list:
+    """The device kernels among profiler events (no runtime API calls or activity markers)."""
+    return [e for e in events if e.device_time_total > 0
+            and not e.key.startswith(("cuda", "Activity", "cuLaunch"))]
 
 
 def histogram(sorted_ms: list[float], width_ms: float = 0.025) -> list[str]:
