@@ -42,6 +42,11 @@ def recurrence_rows(sweep: bool, arch: int):
     import ratplus_kernels.recurrence.fused as fm
 
     g, k, v = (torch.empty(T, B, H, DH, dtype=torch.bfloat16) for _ in range(3))
+    # the layer's case: g, k, v are slots of the fused projection, gradients written into slots
+    # of its gradient (strided stores: GRADS_LIKE_INPUTS)
+    proj, dproj = (torch.empty(T, B, H, 5, DH, dtype=torch.bfloat16) for _ in range(2))
+    slot_inputs = tuple(proj[:, :, :, i] for i in (4, 2, 3))
+    slot_grads = tuple(dproj[:, :, :, i] for i in (4, 2, 3))
 
     fwd = [fm._launch_kwargs(c) for c in fm.forward_candidates()]
     bwd = [fm._launch_kwargs(c) for c in fm.backward_candidates()]
@@ -64,6 +69,9 @@ def recurrence_rows(sweep: bool, arch: int):
             with offline_compilation(arch) as compiled:
                 fm._backward(g, k, v, ko, vo, None, None, None, None, inc, bt_f)
             rows.append(_row("recurrence", "bwd " + bench.config_label(m), compiled[0]))
+            with offline_compilation(arch) as compiled:
+                fm._backward(*slot_inputs, ko, vo, None, None, None, None, inc, bt_f, slot_grads)
+            rows.append(_row("recurrence", "bwd into slots " + bench.config_label(m), compiled[0]))
     finally:
         fm._FORCE_CONFIG.update(fwd=None, bwd=None)
     return rows
