@@ -109,14 +109,13 @@ class RATPlusSelfAttention(MegatronModule):
             return gradient.destination([self.block_names.index(n) for n in names])
 
         q, k, v = parts["q"], parts["k"], parts["v"]
-        k_is_block = True
         if self.use_recurrence:
             k, v, _ = gated_recurrence(parts["g"], k, v, backend=self.kernel_backend,
                                        grad_destination=slots("g", "k", "v"))
-            k_is_block = False
         if rotary_pos_emb is not None:
             freqs = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
-            q, k = rope_qk(q, k, freqs, slots("q"), slots("k") if k_is_block else None)
+            # k is still a projection block only without the recurrence (else it is k~)
+            q, k = rope_qk(q, k, freqs, slots("q"), None if self.use_recurrence else slots("k"))
         attn = ratplus_attention(q, k, v, self.active_pattern(), scale=self.softmax_scale,
                                  backend=self.kernel_backend)
         if self.use_output_gate:

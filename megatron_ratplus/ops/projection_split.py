@@ -61,11 +61,13 @@ class ProjectionGradient:
         return provide
 
     def assemble(self, grads: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
-        """The whole gradient from the blocks' gradients (None: the block was not used)."""
-        if self._buffer is None and not any(g is not None for g in grads):
-            return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
-        buffer = self._get_buffer()
-        self._buffer, self._claimed = None, set()
+        """The whole gradient from the blocks' gradients (None: the block was not used). When no
+        consumer wrote a slot, the blocks are stacked (one vectorised copy, as autograd's own
+        ``unbind`` backward does) rather than copied slot by slot (strided writes)."""
+        buffer, self._buffer, self._claimed = self._buffer, None, set()
+        if buffer is None:
+            return torch.stack([torch.zeros(self.shape[:3] + self.shape[4:], dtype=self.dtype, device=self.device)
+                                if g is None else g for g in grads], dim=3)
         for i, grad in enumerate(grads):
             slot = buffer.select(3, i)
             if grad is None:

@@ -59,6 +59,20 @@ def test_gradient_equals_unbind(twice):
     assert got.view(S, B, H, NB, DH)[:, :, :, 3].abs().max() == 0      # the unused block
 
 
+def test_no_slot_writer_stacks_like_unbind():
+    """No consumer asks for slots (blocks 0 and 2 used plainly, 1 and 3 unused): the gradient is
+    the stack of the blocks' gradients, zeros for the unused ones."""
+    x = _projected()
+
+    def consume(blocks, _gradient):
+        return (blocks[0].sin() * blocks[2]).sum()
+    want = _reference_grad(x, consume)
+    blocks, gradient = split_projection(x, H, NB, DH)
+    got = torch.autograd.grad(consume(blocks, gradient), x)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got.view(S, B, H, NB, DH)[:, :, :, [1, 3]].abs().max() == 0
+
+
 def test_slots_are_the_returned_gradient_no_copy():
     x = _projected()
     blocks, gradient = split_projection(x, H, NB, DH)

@@ -50,17 +50,26 @@ def test_dense_flops_agree_with_the_training_formula(recurrence):
     """Layer + FFN, dense, per token, against RATPlusModelArgs.flops_per_token of one layer without
     the LM head; the bench counts the exact causal pairs T(T+1)/2, the formula T^2/2."""
     B, T, d, H = 4, 4096, 2048, 16
-    variant = bench_layer.Variant(recurrence, "dense")
     args = RATPlusModelArgs(num_layers=1, hidden_size=d, num_attention_heads=H, vocab_size=128,
                             recurrence=recurrence)
     per_token = args.flops_per_token(T) - 3 * 2 * d * args.vocab_size
-    got = bench_layer.layer_flops(variant, B, T, d, H, args.ffn_size) / (B * T)
+    got = bench_layer.layer_flops(args, B, T, with_ffn=True) / (B * T)
     assert got == pytest.approx(per_token, rel=1e-3)
 
 
 def test_sparse_flops_count_only_allowed_pairs():
     B, T, d, H = 2, 1024, 256, 2
-    dense = bench_layer.layer_flops(bench_layer.Variant(True, "dense"), B, T, d, H)
-    sparse = bench_layer.layer_flops(bench_layer.Variant(True, "sparse", (64, 0, 0)), B, T, d, H)
+    dense = RATPlusModelArgs(num_layers=1, hidden_size=d, num_attention_heads=H, vocab_size=128)
+    sparse = RATPlusModelArgs(num_layers=1, hidden_size=d, num_attention_heads=H, vocab_size=128,
+                              dilation=64, local_window=0, initial_tokens=0, attention_mode="sparse")
     pairs_dense, pairs_sparse = T * (T + 1) // 2, sum(1 + (t // 64) for t in range(T))
-    assert dense - sparse == pytest.approx(3 * 4 * d * B * (pairs_dense - pairs_sparse))
+    assert (bench_layer.layer_flops(dense, B, T) - bench_layer.layer_flops(sparse, B, T)
+            == pytest.approx(3 * 4 * d * B * (pairs_dense - pairs_sparse)))
+
+
+def test_variants_map_to_their_architecture():
+    class Size:
+        hidden, heads, seq_len = 256, 2, 128
+    args = bench_layer.model_args(bench_layer.VARIANTS["ratplus-d16w256p4"], Size)
+    assert (args.recurrence, args.attention_mode, args.patterns()[0].window) == (True, "sparse", 256)
+    assert bench_layer.model_args(bench_layer.VARIANTS["attention-dense"], Size).num_projection_blocks == 4

@@ -62,33 +62,42 @@ def variants_arg(text: str) -> list[str]:
     return names
 
 
-def layer_flops(variant: Variant, batch: int, seq_len: int, hidden: int, heads: int,
-                ffn_hidden: int = 0) -> float:
-    """Model FLOPs of forward+backward (3x forward) of the layer; ``ffn_hidden`` > 0 adds the FFN."""
-    blocks = 3 + 1 + int(variant.recurrence)          # o, q, k, v (+ g); the output gate is always on
+def model_args(variant: Variant, batch_args):
+    """The one-layer architecture of a variant at the command line's size."""
+    from megatron_ratplus.model import RATPlusModelArgs
+
+    D, W, P = variant.pattern
+    return RATPlusModelArgs(num_layers=1, hidden_size=batch_args.hidden, num_attention_heads=batch_args.heads,
+                            vocab_size=128, max_seq_len=batch_args.seq_len, recurrence=variant.recurrence,
+                            dilation=D, local_window=W, initial_tokens=P, attention_mode=variant.mode)
+
+
+def layer_flops(args, batch: int, seq_len: int, with_ffn: bool = False) -> float:
+    """Model FLOPs of forward+backward (3x forward) of one layer of ``args`` (its projection blocks,
+    its attention mode and sparse pattern), plus the FFN with ``with_ffn``."""
     tokens = batch * seq_len
-    matmul = 2.0 * tokens * hidden * hidden * (blocks + 1) + 2.0 * tokens * hidden * ffn_hidden * 2
-    pattern = SparsePattern(1, 0, 0) if variant.mode == "dense" else SparsePattern(*variant.pattern)
-    attention = 4.0 * (hidden // heads) * heads * batch * pattern.allowed_pairs(seq_len)
+    d = args.hidden_size
+    matmul = 2.0 * tokens * d * d * (args.num_projection_blocks + 1)
+    if with_ffn:
+        matmul += 2.0 * tokens * d * args.ffn_size * (3 if args.ffn_type == "swiglu" else 2)
+    pattern = args.patterns()[0] if args.attention_mode == "sparse" else SparsePattern(1, 0, 0)
+    attention = 4.0 * args.head_dim * args.num_attention_heads * batch * pattern.allowed_pairs(seq_len)
     return 3.0 * (matmul + attention)
 
 
-def build_layer(variant: Variant, a, device: torch.device, dtype: torch.dtype):
-    """One TransformerLayer from the package's spec, and the RoPE angles the model would pass it."""
+def build_layer(args, a, device: torch.device, dtype: torch.dtype):
+    """One TransformerLayer of ``args`` from the package's spec, and the RoPE angles the model
+    would pass it."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.transformer.spec_utils import build_module
 
-    from megatron_ratplus.model import RATPlusModelArgs, to_transformer_config
+    from megatron_ratplus.model import to_transformer_config
     from megatron_ratplus.model.specs import (
         get_ratplus_layer_local_spec,
         get_ratplus_layer_te_spec,
         resolve_spec_name,
     )
 
-    D, W, P = variant.pattern
-    args = RATPlusModelArgs(num_layers=1, hidden_size=a.hidden, num_attention_heads=a.heads, vocab_size=128,
-                            max_seq_len=a.seq_len, recurrence=variant.recurrence, dilation=D, local_window=W,
-                            initial_tokens=P, attention_mode=variant.mode)
     cpu = device.type == "cpu"
     config = to_transformer_config(args, params_dtype=dtype, bf16=dtype == torch.bfloat16,
                                    use_cpu_initialization=cpu, kernel_backend=a.kernel_backend)
@@ -96,7 +105,7 @@ def build_layer(variant: Variant, a, device: torch.device, dtype: torch.dtype):
     layer = build_module(spec, config=config, layer_number=1).to(device)
     rope = RotaryEmbedding(kv_channels=args.head_dim, rotary_percent=1.0, rotary_base=args.rope_base,
                            use_cpu_initialization=cpu)
-    return layer, rope(a.seq_len).to(device), args
+    return layer, rope(a.seq_len).to(device)
 
 
 def median_ms(fn, steps: int, warmup: int, cuda: bool) -> float:
@@ -125,7 +134,8 @@ def profile_top_kernels(fn, top: int, calls: int = 3) -> list[tuple[str, float, 
 
 def run_variant(name: str, a, device: torch.device, dtype: torch.dtype) -> dict:
     variant = VARIANTS[name]
-    layer, freqs, args = build_layer(variant, a, device, dtype)
+    args = model_args(variant, a)
+    layer, freqs = build_layer(args, a, device, dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(a.seq_len, a.batch, a.hidden, device=device, dtype=dtype, generator=gen).requires_grad_()
     dy = torch.randn(a.seq_len, a.batch, a.hidden, device=device, dtype=dtype, generator=gen)
@@ -149,10 +159,10 @@ def run_variant(name: str, a, device: torch.device, dtype: torch.dtype) -> dict:
     row = {"name": name, "variant": variant,
            "fwd": median_ms(attention_fwd, a.steps, a.warmup, cuda),
            "fwd_bwd": median_ms(fwd_bwd(attention_fwd, attention_params), a.steps, a.warmup, cuda),
-           "flops": layer_flops(variant, a.batch, a.seq_len, a.hidden, a.heads)}
+           "flops": layer_flops(args, a.batch, a.seq_len)}
     if a.with_ffn:
         row["block_fwd_bwd"] = median_ms(fwd_bwd(block_fwd, params), a.steps, a.warmup, cuda)
-        row["block_flops"] = layer_flops(variant, a.batch, a.seq_len, a.hidden, a.heads, args.ffn_size)
+        row["block_flops"] = layer_flops(args, a.batch, a.seq_len, with_ffn=True)
     if a.profile and cuda:
         row["kernels"] = profile_top_kernels(fwd_bwd(attention_fwd, attention_params), a.profile_top)
     return row

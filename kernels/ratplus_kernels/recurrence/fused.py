@@ -677,8 +677,9 @@ def fused_gated_recurrence(
 
     ``grad_destination``: optional callable, called once by the backward, returning ``(dg, dk,
     dv)`` tensors (each with its input's shape, dtype and strides) that the kernel writes the
-    gradients into and returns, or None to decline; used when ``g, k, v`` share their strides. The RAT+ layer passes the slots of its fused
-    projection's gradient buffer, so no copy assembles that gradient afterwards.
+    gradients into and returns, or None to decline; used when ``g, k, v`` share their strides.
+    The RAT+ layer passes the slots of its fused projection's gradient buffer, so no copy
+    assembles that gradient afterwards.
 
     Reproducibility: by default the carries between time tiles are combined in whatever order the
     look-back finds them (fastest; last-bit differences between runs). Under
