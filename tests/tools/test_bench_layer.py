@@ -27,10 +27,17 @@ def test_cpu_smoke_run_prints_a_row_per_variant():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("| ratplus", "| attention"))]
     assert [r.split("|")[1].strip() for r in rows] == ["ratplus-d16w256p4", "attention-dense"]
+    class Size:
+        hidden, heads, seq_len = 64, 2, 64
     for r in rows:
         cells = [c.strip() for c in r.strip("|").split("|")]
         fwd, fwd_bwd, block = float(cells[1]), float(cells[2]), float(cells[8])
-        assert 0 < fwd and 0 < fwd_bwd < block
+        assert min(fwd, fwd_bwd, block) > 0           # CPU wall times: no ordering between them is reliable
+        args = bench_layer.model_args(bench_layer.VARIANTS[cells[0]], Size)
+        # the TFLOP/s columns are the model FLOPs over the printed times (3 significant digits)
+        assert float(cells[3]) == pytest.approx(bench_layer.layer_flops(args, 1, 64) / fwd_bwd / 1e9, rel=2e-2)
+        assert float(cells[9]) == pytest.approx(bench_layer.layer_flops(args, 1, 64, with_ffn=True) / block / 1e9,
+                                                rel=2e-2)
         assert cells[5] == "—" and cells[7] == "—"      # not the anchor shape: no ratio, no target verdict
     assert "not this shape" in proc.stdout
 
