@@ -78,6 +78,10 @@ class TrainSection:
     mode: str = "dense"                    # attention mode when joint is off (adaptation: sparse)
     max_nonfinite_steps: int = 5           # halt after this many consecutive non-finite losses
     recompute: Optional[str] = None        # None | "full" | "selective"
+    # Weight-gradient GEMMs accumulate into the fp32 gradient buffer (Megatron's
+    # gradient_accumulation_fusion; apex's extension or torch's fp32-output GEMM). None: on where
+    # supported on GPU, off in CPU mode.
+    gradient_accumulation_fusion: Optional[bool] = None
 
 
 @dataclass
@@ -156,6 +160,9 @@ class RunConfig:
             raise ConfigError(f"train.mode must be dense or sparse, got {t.mode!r}")
         if not 0.0 <= t.warmup_fraction < 1.0:
             raise ConfigError(f"train.warmup_fraction must be in [0, 1), got {t.warmup_fraction}")
+        if t.gradient_accumulation_fusion not in (None, True, False):
+            raise ConfigError("train.gradient_accumulation_fusion must be true, false or null (automatic), "
+                              f"got {t.gradient_accumulation_fusion!r}")
         if t.lr_decay_style not in ("cosine", "linear", "constant"):
             raise ConfigError(f"train.lr_decay_style must be cosine|linear|constant, got {t.lr_decay_style!r}")
         p = self.parallel

@@ -20,7 +20,8 @@ from megatron.core.transformer.module import Float16Module
 
 from ..cpu_mode import cpu_mode_enabled
 from ..model import RATPlusModelArgs, build_gpt_model, to_transformer_config
-from .config import RunConfig
+from . import fused_wgrad, multi_tensor
+from .config import ConfigError, RunConfig
 
 
 @dataclass
@@ -30,6 +31,25 @@ class TrainingObjects:
     model: List[torch.nn.Module]        # DDP-wrapped chunks
     optimizer: object
     scheduler: OptimizerParamScheduler
+
+
+def use_gradient_accumulation_fusion(cfg: RunConfig) -> bool:
+    """Resolve ``train.gradient_accumulation_fusion`` (None: on where it works, on GPU) and register the
+    torch weight-gradient GEMMs with Megatron's linear layers when it is on and apex is absent."""
+    requested = cfg.train.gradient_accumulation_fusion
+    if requested is False:
+        return False
+    device = torch.device("cpu") if cpu_mode_enabled() else torch.device("cuda", torch.cuda.current_device())
+    if requested is None and cpu_mode_enabled():
+        return False
+    if not fused_wgrad.available(device):
+        if requested:
+            raise ConfigError("train.gradient_accumulation_fusion=true, but neither apex's "
+                              "fused_weight_gradient_mlp_cuda nor torch's fp32-output GEMM "
+                              f"(torch.addmm out_dtype, torch >= 2.8) works on {device}; set it to false")
+        return False
+    fused_wgrad.install()
+    return True
 
 
 def build_transformer_config(cfg: RunConfig, args: RATPlusModelArgs):
@@ -51,6 +71,7 @@ def build_transformer_config(cfg: RunConfig, args: RATPlusModelArgs):
         # Megatron's fused (torch.compile'd) vocab-parallel cross entropy on GPU.
         cross_entropy_loss_fusion=not cpu_mode_enabled(),
         cross_entropy_fusion_impl="native",
+        gradient_accumulation_fusion=use_gradient_accumulation_fusion(cfg),
     )
 
 
@@ -110,6 +131,7 @@ def build_optimizer(cfg: RunConfig, tconfig, model: List[torch.nn.Module]):
         params_dtype=tconfig.params_dtype,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer and not cpu_mode_enabled(),
     )
+    multi_tensor.install()   # device-side grad norm and clipping where Megatron lacks TE/apex
     optimizer = get_megatron_optimizer(opt_config, model)
     if not cpu_mode_enabled():
         use_fused_adamw(optimizer)

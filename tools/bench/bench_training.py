@@ -19,10 +19,41 @@ import time
 import warnings
 
 import torch
+from gpu_idle import PHASE_PREFIX, format_idle_table, idle_by_phase, profiler_intervals
 
 warnings.filterwarnings("ignore")
 
+
+def phase(name):
+    """A host phase for the idle-gap attribution of ``--profile`` (a no-op range otherwise)."""
+    return torch.profiler.record_function(PHASE_PREFIX + name)
+
 ANCHORS = {"dense": 32.6e3, "joint": 16.7e3, "sparse": 34.0e3}   # tokens/s, 1.5B, one H100
+
+
+def print_host_profile(mode, run_step, rows=35):
+    """cProfile one step: where the host spends its time. A step is host-bound when the host's time to
+    queue it exceeds the GPU's time to run it (the profiler's CUDA total); blocking device-to-host reads
+    show up here as time in the call that makes them."""
+    import cProfile
+    import io
+    import pstats
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    t0 = time.perf_counter()
+    profiler.enable()
+    run_step()
+    profiler.disable()
+    queued = time.perf_counter() - t0
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    print(f"--- host profile: {mode} step (queued in {queued * 1e3:.1f} ms under cProfile) ---")
+    for key in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).strip_dirs().sort_stats(key).print_stats(rows)
+        print(text.getvalue())
 
 
 def main():
@@ -41,7 +72,13 @@ def main():
     ap.add_argument("--recompute", default=None, choices=[None, "full", "selective"])
     ap.add_argument("--kernel-backend", default="auto")
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step per mode")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of two steps per mode and where the GPU "
+                    "waited for the host (idle time per host phase)")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="print the host's (Python) costliest functions over one step per mode (cProfile), to "
+                         "find what keeps the host from running ahead of the GPU")
+    ap.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a run-config override, e.g. train.gradient_accumulation_fusion=false (repeatable)")
     a = ap.parse_args()
 
     from megatron_ratplus.model import set_attention_mode
@@ -65,6 +102,7 @@ def main():
         overrides.append(f"model.num_layers={a.num_layers}")
     if a.recompute:
         overrides.append(f"train.recompute={a.recompute}")
+    overrides += a.override
     cfg = load_config(None, overrides)
     args = cfg.model.model_args(vocab_size=a.vocab, seq_len=a.seq_len)
     objs = build_training_objects(cfg, args, 1000)
@@ -78,18 +116,21 @@ def main():
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
 
     def update(mode):
-        set_attention_mode(objs.model, mode)
-        for chunk in objs.model:
-            chunk.zero_grad_buffer()
-        objs.optimizer.zero_grad()
-        loss = forward_backward(objs.model, batches, seq_len=a.seq_len)
-        objs.optimizer.step()
+        with phase("zero_grad"):
+            set_attention_mode(objs.model, mode)
+            for chunk in objs.model:
+                chunk.zero_grad_buffer()
+            objs.optimizer.zero_grad()
+        with phase("forward_backward"):
+            loss = forward_backward(objs.model, batches, seq_len=a.seq_len)
+        with phase("optimizer_step"):
+            objs.optimizer.step()
         return loss
 
     rows = []
     for mode in a.modes.split(","):
         passes = ["sparse", "dense"] if mode == "joint" else [mode]
-        times = []
+        times, host_times = [], []
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         for i in range(a.warmup + a.steps):
@@ -98,35 +139,48 @@ def main():
             t0 = time.perf_counter()
             for p in passes:
                 loss = update(p)
+            queued = time.perf_counter() - t0
             loss = loss.item()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             if i >= a.warmup:
                 times.append(time.perf_counter() - t0)
+                host_times.append(queued)
         if a.profile and torch.cuda.is_available():
             from torch.profiler import ProfilerActivity, profile
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for p in passes:
-                    update(p)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(2):   # two steps: the boundary between them is profiled too
+                    for p in passes:
+                        loss = update(p)
+                    with phase("read_loss"):
+                        loss.item()
                 torch.cuda.synchronize()
             if info["rank"] == 0:
-                print(f"--- profile: {mode} step ---")
-                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
+                print(f"--- profile: {mode}, two steps ---")
+                print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60,
+                                                max_name_column_width=90))
+                busy, phases = profiler_intervals(prof.events())
+                print(format_idle_table(busy, idle_by_phase(busy, phases)))
+        if a.host_profile and info["rank"] == 0:
+            print_host_profile(mode, lambda: [update(p) for p in passes])
         med = statistics.median(times)
         tok_s = tokens_per_step / med
         tflops = flops_per_token * tokens_per_step * len(passes) / med / world / 1e12
         mem = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
         anchor = ANCHORS.get(mode) if a.preset == "ratplus-1.5b" and not a.num_layers else None
-        rows.append((mode, med * 1e3, tok_s / world, tflops, (tflops / peak) if peak else None, mem,
-                     (tok_s / world / anchor) if anchor else None, loss))
+        rows.append((mode, med * 1e3, statistics.median(host_times) * 1e3, tok_s / world, tflops,
+                     (tflops / peak) if peak else None, mem, (tok_s / world / anchor) if anchor else None, loss))
     if info["rank"] == 0:
         print(f"device: {name} × {world} | preset {a.preset} ({args.num_parameters(pad_vocab_size(args.vocab_size)):,} "
               f"params, {args.num_layers} layers) | micro-batch {a.micro_batch} × {a.accum} | T={a.seq_len} | "
-              f"TP={a.tp} PP={a.pp} SP={a.sp} DP={dp} | bf16 | kernels={a.kernel_backend}")
-        print(f"{'mode':<7}{'step ms':>10}{'tok/s/GPU':>12}{'TFLOP/s/GPU':>13}{'MFU':>7}{'mem GiB':>9}"
+              f"TP={a.tp} PP={a.pp} SP={a.sp} DP={dp} | bf16 | kernels={a.kernel_backend} | "
+              f"wgrad fusion={objs.transformer_config.gradient_accumulation_fusion}"
+              + (f" | overrides: {' '.join(a.override)}" if a.override else ""))
+        print("host ms: time to queue the step (until the loss is read); near the step time, the host limits it")
+        print(f"{'mode':<7}{'step ms':>10}{'host ms':>9}{'tok/s/GPU':>12}{'TFLOP/s/GPU':>13}{'MFU':>7}{'mem GiB':>9}"
               f"{'vs anchor':>11}{'loss':>8}")
-        for mode, ms, tok, tf, mfu, mem, ratio, loss in rows:
-            print(f"{mode:<7}{ms:>10.1f}{tok:>12,.0f}{tf:>13.1f}{(f'{100 * mfu:.1f}%' if mfu else '-'):>7}"
+        for mode, ms, host_ms, tok, tf, mfu, mem, ratio, loss in rows:
+            print(f"{mode:<7}{ms:>10.1f}{host_ms:>9.1f}{tok:>12,.0f}{tf:>13.1f}{(f'{100 * mfu:.1f}%' if mfu else '-'):>7}"
                   f"{mem:>9.1f}{(f'{ratio:.2f}x' if ratio else '-'):>11}{loss:>8.3f}")
     destroy_distributed()
 
