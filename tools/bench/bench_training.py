@@ -28,10 +28,26 @@ def phase(name):
     """A host phase for the idle-gap attribution of ``--profile`` (a no-op range otherwise)."""
     return torch.profiler.record_function(PHASE_PREFIX + name)
 
+
+def mark_schedule_phases():
+    """Wrap the pipeline schedules' per-micro-batch ``forward_step`` and ``backward_step`` in host
+    phases, so ``--profile`` tells a GPU waiting for the forward's launches from one waiting
+    for the backward's."""
+    from megatron.core.pipeline_parallel import schedules
+
+    def wrapped(function, name):
+        def run(*args, **kwargs):
+            with phase(name):
+                return function(*args, **kwargs)
+        return run
+
+    schedules.forward_step = wrapped(schedules.forward_step, "forward_step")
+    schedules.backward_step = wrapped(schedules.backward_step, "backward_step")
+
 ANCHORS = {"dense": 32.6e3, "joint": 16.7e3, "sparse": 34.0e3}   # tokens/s, 1.5B, one H100
 
 
-def print_host_profile(mode, run_step, rows=35):
+def print_host_profile(mode, run_step, rows=50):
     """cProfile one step: where the host spends its time. A step is host-bound when the host's time to
     queue it exceeds the GPU's time to run it (the profiler's CUDA total); blocking device-to-host reads
     show up here as time in the call that makes them."""
@@ -89,6 +105,8 @@ def main():
     from megatron_ratplus.training.setup import build_training_objects
     from megatron_ratplus.training.step import forward_backward
 
+    if a.profile:
+        mark_schedule_phases()
     info = initialize_distributed(ParallelLayout(a.tp, a.pp, None, a.sp), seed=1234)
     world = info["world_size"]
     dp = world // (a.tp * a.pp)
