@@ -76,3 +76,13 @@ def install() -> str:
     layers.fused_weight_gradient_mlp_cuda = TORCH_WGRAD_EXTENSION
     layers._grad_accum_fusion_available = True
     return TORCH_WGRAD_EXTENSION.__name__
+
+
+def describe(fused: bool) -> str:
+    """One line for the run log: how weight gradients reach the fp32 gradient buffer."""
+    if not fused:
+        return "unfused (bf16/fp32 weight gradient, then added to main_grad by DDP)"
+    from megatron.core.tensor_parallel import layers
+
+    extension = getattr(layers, "fused_weight_gradient_mlp_cuda", None)
+    return f"fused into the GEMM ({getattr(extension, '__name__', 'fused_weight_gradient_mlp_cuda')})"

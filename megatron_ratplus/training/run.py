@@ -12,6 +12,7 @@ import yaml
 from ..cpu_mode import cpu_mode_enabled
 from ..model.config import pad_vocab_size
 from ..parallel import ParallelLayout, destroy_distributed, initialize_distributed
+from . import fused_wgrad
 from .config import ConfigError, RunConfig
 from .data import TrainingData, dataset_manifest, resolve_streams
 from .loop import TrainState, Trainer
@@ -96,6 +97,7 @@ def run_training(cfg: RunConfig) -> TrainState:
                      f"{accum} micro-batches of {t.micro_batch_size} per step | {total_steps} steps | "
                      f"{'joint sparse+dense' if t.joint else t.mode} training")
         objs = build_training_objects(cfg, args, total_steps)
+        _rank0_print(f"weight-gradient accumulation: {fused_wgrad.describe(objs.transformer_config.gradient_accumulation_fusion)}")
         device = torch.device("cpu") if cpu_mode_enabled() else torch.device("cuda", torch.cuda.current_device())
         data = TrainingData(streams, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size, seed=t.seed,
                             device=device, val_streams=cfg.data.val_streams or None,
