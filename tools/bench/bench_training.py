@@ -29,6 +29,19 @@ def phase(name):
     return torch.profiler.record_function(PHASE_PREFIX + name)
 
 
+def use_dilated_pointer_loads():
+    """Force the dilated-attention kernels onto pointer loads: Triton's launcher encodes each host TMA
+    descriptor on every launch (20-95 us of host time each), which a host-bound step pays in full."""
+    from ratplus_kernels.dilated_attention import fused
+
+    forward = fused._fwd_config(128, torch.bfloat16)
+    forward["TMA"] = False
+    if forward.get("w0"):
+        forward["w0"] = dict(forward["w0"], TMA=False)
+    fused._OVERRIDE["fwd"] = forward
+    fused.W0_BACKWARD.mode = "single_pass"
+
+
 def mark_schedule_phases():
     """Wrap the pipeline schedules' per-micro-batch ``forward_step`` and ``backward_step`` in host
     phases, so ``--profile`` tells a GPU waiting for the forward's launches from one waiting
@@ -95,6 +108,9 @@ def main():
                          "find what keeps the host from running ahead of the GPU")
     ap.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a run-config override, e.g. train.gradient_accumulation_fusion=false (repeatable)")
+    ap.add_argument("--dilated-pointer-loads", action="store_true",
+                    help="dilated attention without host TMA descriptors (pointer loads, the pointer single-pass "
+                         "W = 0 backward): less host time per launch, a little more GPU time")
     a = ap.parse_args()
 
     from megatron_ratplus.model import set_attention_mode
@@ -107,6 +123,8 @@ def main():
 
     if a.profile:
         mark_schedule_phases()
+    if a.dilated_pointer_loads:
+        use_dilated_pointer_loads()
     info = initialize_distributed(ParallelLayout(a.tp, a.pp, None, a.sp), seed=1234)
     world = info["world_size"]
     dp = world // (a.tp * a.pp)
@@ -193,7 +211,8 @@ def main():
               f"params, {args.num_layers} layers) | micro-batch {a.micro_batch} × {a.accum} | T={a.seq_len} | "
               f"TP={a.tp} PP={a.pp} SP={a.sp} DP={dp} | bf16 | kernels={a.kernel_backend} | "
               f"wgrad fusion={objs.transformer_config.gradient_accumulation_fusion}"
-              + (f" | overrides: {' '.join(a.override)}" if a.override else ""))
+              + (f" | overrides: {' '.join(a.override)}" if a.override else "")
+              + (" | dilated attention: pointer loads" if a.dilated_pointer_loads else ""))
         print("host ms: time to queue the step (until the loss is read); near the step time, the host limits it")
         print(f"{'mode':<7}{'step ms':>10}{'host ms':>9}{'tok/s/GPU':>12}{'TFLOP/s/GPU':>13}{'MFU':>7}{'mem GiB':>9}"
               f"{'vs anchor':>11}{'loss':>8}")
