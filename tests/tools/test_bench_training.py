@@ -1,0 +1,38 @@
+"""tools/bench/bench_training.py: the training benchmark runs the real stack on CPU (tiny preset),
+applies config overrides and reports them, and rejects a bad override with the config's error."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_script(*args):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'kernels'}{os.pathsep}{ROOT}"}
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "bench_training.py"), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_cpu_run_prints_a_row_per_mode_with_host_time():
+    proc = run_script("--preset", "ratplus-tiny", "--seq-len", "64", "--micro-batch", "1", "--steps", "1",
+                      "--warmup", "1", "--modes", "dense,joint", "--dilated-pointer-loads",
+                      "--override", "train.gradient_accumulation_fusion=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "wgrad fusion=True" in out and "overrides: train.gradient_accumulation_fusion=true" in out
+    assert "dilated attention: pointer loads" in out
+    header = next(line for line in out.splitlines() if line.startswith("mode"))
+    assert header.split()[:3] == ["mode", "step", "ms"] and "host ms" in header
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("dense ", "joint "))}
+    assert set(rows) == {"dense", "joint"}
+    for cells in rows.values():
+        step_ms, host_ms = float(cells[1]), float(cells[2])
+        assert 0 < host_ms <= step_ms      # the host's queue time is part of the step
+
+
+def test_bad_override_is_a_config_error():
+    proc = run_script("--preset", "ratplus-tiny", "--seq-len", "64", "--steps", "1", "--warmup", "0",
+                      "--override", "train.gradient_accumulation_fusion=sometimes")
+    assert proc.returncode != 0
+    assert "gradient_accumulation_fusion must be true, false or null" in proc.stderr
