@@ -26,11 +26,12 @@ def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor, 
         torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=torch.float32, out=main_grad)
     else:
         # CPU (CPU mode, tests) and fp32 activations: the same sum in main_grad's precision.
-        main_grad.addmm_(grad_output.t().to(main_grad.dtype), total_input.to(main_grad.dtype))
+        wgrad_gemm_accum_fp16(total_input, grad_output, main_grad)
 
 
 def wgrad_gemm_accum_fp16(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
-    """The same for a bf16/fp16 ``main_grad`` (``grad_reduce_in_fp32`` off)."""
+    """The same sum in ``main_grad``'s own precision (a bf16/fp16 ``main_grad`` when
+    ``grad_reduce_in_fp32`` is off)."""
     main_grad.addmm_(grad_output.t().to(main_grad.dtype), total_input.to(main_grad.dtype))
 
 

@@ -37,11 +37,9 @@ def use_gradient_accumulation_fusion(cfg: RunConfig) -> bool:
     """Resolve ``train.gradient_accumulation_fusion`` (None: on where it works, on GPU) and register the
     torch weight-gradient GEMMs with Megatron's linear layers when it is on and apex is absent."""
     requested = cfg.train.gradient_accumulation_fusion
-    if requested is False:
+    if requested is False or (requested is None and cpu_mode_enabled()):
         return False
     device = torch.device("cpu") if cpu_mode_enabled() else torch.device("cuda", torch.cuda.current_device())
-    if requested is None and cpu_mode_enabled():
-        return False
     if not fused_wgrad.available(device):
         if requested:
             raise ConfigError("train.gradient_accumulation_fusion=true, but neither apex's "
