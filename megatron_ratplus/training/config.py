@@ -82,6 +82,11 @@ class TrainSection:
     # gradient_accumulation_fusion; apex's extension or torch's fp32-output GEMM). None: on where
     # supported on GPU, off in CPU mode.
     gradient_accumulation_fusion: Optional[bool] = None
+    # Replay each mode's forward/backward from a CUDA graph (training/cuda_graph.py) after
+    # cuda_graph_warmup_steps eager steps per mode: removes the host's launch time from the step.
+    # GPU only, pipeline_parallel=1, no recompute.
+    cuda_graph: bool = False
+    cuda_graph_warmup_steps: int = 2
 
 
 @dataclass
@@ -163,6 +168,17 @@ class RunConfig:
         if t.gradient_accumulation_fusion not in (None, True, False):
             raise ConfigError("train.gradient_accumulation_fusion must be true, false or null (automatic), "
                               f"got {t.gradient_accumulation_fusion!r}")
+        if t.cuda_graph not in (True, False):
+            raise ConfigError(f"train.cuda_graph must be true or false, got {t.cuda_graph!r}")
+        if not isinstance(t.cuda_graph_warmup_steps, int) or t.cuda_graph_warmup_steps < 1:
+            raise ConfigError("train.cuda_graph_warmup_steps must be an integer >= 1 (autotuning and compilation "
+                              f"must happen before the capture), got {t.cuda_graph_warmup_steps!r}")
+        if t.cuda_graph and self.parallel.pipeline_parallel != 1:
+            raise ConfigError("train.cuda_graph=true needs parallel.pipeline_parallel=1 (the pipeline "
+                              "schedules' point-to-point exchange is not captured)")
+        if t.cuda_graph and t.recompute:
+            raise ConfigError(f"train.cuda_graph=true cannot be combined with train.recompute={t.recompute!r} "
+                              "(recomputation's RNG state handling runs on the host)")
         if t.lr_decay_style not in ("cosine", "linear", "constant"):
             raise ConfigError(f"train.lr_decay_style must be cosine|linear|constant, got {t.lr_decay_style!r}")
         p = self.parallel

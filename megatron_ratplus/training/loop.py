@@ -46,13 +46,23 @@ def modes_for(cfg: RunConfig) -> List[str]:
     return ["sparse", "dense"] if cfg.train.joint else [cfg.train.mode]
 
 
+def training_forward_backward(objs: TrainingObjects, microbatches, mode: str, seq_len: int) -> torch.Tensor:
+    """The training forward/backward in ``mode`` (already set on the model): the mean token loss
+    as a device tensor. Replayed from a CUDA graph per mode when ``train.cuda_graph`` is on."""
+    def run(batches):
+        return forward_backward(objs.model, batches, seq_len=seq_len)
+    if objs.step_graphs is None:
+        return run(microbatches)
+    return objs.step_graphs(mode, run, microbatches)
+
+
 def train_update(objs: TrainingObjects, microbatches, mode: str, seq_len: int):
     """One forward/backward in ``mode`` and (if the loss is finite) one optimizer step."""
     set_attention_mode(objs.model, mode)
     for chunk in objs.model:
         chunk.zero_grad_buffer()
     objs.optimizer.zero_grad()
-    loss = forward_backward(objs.model, microbatches, seq_len=seq_len).item()
+    loss = training_forward_backward(objs, microbatches, mode, seq_len).item()
     if not math.isfinite(loss):
         return loss, None, False
     updated, grad_norm, _ = objs.optimizer.step()

@@ -8,7 +8,7 @@ and ``OptimizerParamScheduler`` (linear warmup, cosine decay to ``min_lr``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -21,6 +21,7 @@ from megatron.core.transformer.module import Float16Module
 from ..cpu_mode import cpu_mode_enabled
 from ..model import RATPlusModelArgs, build_gpt_model, to_transformer_config
 from . import fused_wgrad, multi_tensor
+from .cuda_graph import ForwardBackwardGraphs
 from .config import ConfigError, RunConfig
 
 
@@ -31,6 +32,16 @@ class TrainingObjects:
     model: List[torch.nn.Module]        # DDP-wrapped chunks
     optimizer: object
     scheduler: OptimizerParamScheduler
+    step_graphs: Optional[ForwardBackwardGraphs] = None   # train.cuda_graph
+
+
+def build_step_graphs(cfg: RunConfig) -> Optional[ForwardBackwardGraphs]:
+    """The CUDA graphs of the training forward/backward when ``train.cuda_graph`` is on."""
+    if not cfg.train.cuda_graph:
+        return None
+    if cpu_mode_enabled() or not torch.cuda.is_available():
+        raise ConfigError("train.cuda_graph=true needs a GPU (this run is in CPU mode); set it to false")
+    return ForwardBackwardGraphs(cfg.train.cuda_graph_warmup_steps)
 
 
 def use_gradient_accumulation_fusion(cfg: RunConfig) -> bool:
@@ -181,8 +192,14 @@ def build_scheduler(cfg: RunConfig, optimizer, total_steps: int) -> OptimizerPar
 
 
 def build_training_objects(cfg: RunConfig, args: RATPlusModelArgs, total_steps: int) -> TrainingObjects:
+    step_graphs = build_step_graphs(cfg)     # refuses an impossible request before the model is built
     tconfig = build_transformer_config(cfg, args)
-    model = wrap_ddp(cfg, tconfig, build_model_chunks(cfg, args, tconfig))
+    chunks = build_model_chunks(cfg, args, tconfig)
+    if step_graphs is None:
+        model = wrap_ddp(cfg, tconfig, chunks)
+    else:
+        with step_graphs.capture_stream_context():   # DDP's gradient nodes on the capture stream
+            model = wrap_ddp(cfg, tconfig, chunks)
     optimizer = build_optimizer(cfg, tconfig, model)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
-    return TrainingObjects(args, tconfig, model, optimizer, scheduler)
+    return TrainingObjects(args, tconfig, model, optimizer, scheduler, step_graphs)

@@ -26,7 +26,8 @@ def lm_loss_func(per_token_loss: torch.Tensor):
     """Megatron's 3-tuple loss convention: (sum, token count, report)."""
     losses = per_token_loss.float()
     loss_sum = losses.sum()
-    num_tokens = torch.tensor(losses.numel(), dtype=torch.int, device=losses.device)
+    # A fill kernel, not a host-to-device copy: capturable in a CUDA graph, no copy per micro-batch.
+    num_tokens = torch.full((), losses.numel(), dtype=torch.int, device=losses.device)
     report = torch.stack([loss_sum.detach(), num_tokens.float()])
     return loss_sum, num_tokens, {"lm loss": report}
 

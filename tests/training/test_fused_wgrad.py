@@ -13,14 +13,6 @@ from megatron_ratplus.training.step import forward_backward
 VOCAB = 128
 
 
-@pytest.fixture
-def restore_megatron_layers(monkeypatch):
-    """install() edits Megatron's module globals: put them back after the test."""
-    monkeypatch.setattr(layers, "_grad_accum_fusion_available", layers._grad_accum_fusion_available)
-    monkeypatch.setattr(layers, "fused_weight_gradient_mlp_cuda",
-                        getattr(layers, "fused_weight_gradient_mlp_cuda", None), raising=False)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_accumulates_the_weight_gradient_into_main_grad(dtype):
     gen = torch.Generator().manual_seed(0)

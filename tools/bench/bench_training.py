@@ -119,7 +119,7 @@ def main():
     from megatron_ratplus.training.config import load_config
     from megatron_ratplus.training.metrics import device_peak_tflops
     from megatron_ratplus.training.setup import build_training_objects
-    from megatron_ratplus.training.step import forward_backward
+    from megatron_ratplus.training.loop import training_forward_backward
 
     if a.profile:
         mark_schedule_phases()
@@ -142,6 +142,10 @@ def main():
     cfg = load_config(None, overrides)
     args = cfg.model.model_args(vocab_size=a.vocab, seq_len=a.seq_len)
     objs = build_training_objects(cfg, args, 1000)
+    if objs.step_graphs is not None and a.warmup <= objs.step_graphs.warmup_steps:
+        raise SystemExit(f"--warmup {a.warmup}: with CUDA graphs the first {objs.step_graphs.warmup_steps} steps per "
+                         "mode are eager and the next one captures; give --warmup of at least "
+                         f"{objs.step_graphs.warmup_steps + 1} so the timed steps are replays")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, a.vocab, (a.micro_batch, a.seq_len + 1), generator=gen).to(device)
@@ -158,7 +162,7 @@ def main():
                 chunk.zero_grad_buffer()
             objs.optimizer.zero_grad()
         with phase("forward_backward"):
-            loss = forward_backward(objs.model, batches, seq_len=a.seq_len)
+            loss = training_forward_backward(objs, batches, mode, a.seq_len)
         with phase("optimizer_step"):
             objs.optimizer.step()
         return loss
@@ -210,7 +214,8 @@ def main():
         print(f"device: {name} × {world} | preset {a.preset} ({args.num_parameters(pad_vocab_size(args.vocab_size)):,} "
               f"params, {args.num_layers} layers) | micro-batch {a.micro_batch} × {a.accum} | T={a.seq_len} | "
               f"TP={a.tp} PP={a.pp} SP={a.sp} DP={dp} | bf16 | kernels={a.kernel_backend} | "
-              f"wgrad fusion={objs.transformer_config.gradient_accumulation_fusion}"
+              f"wgrad fusion={objs.transformer_config.gradient_accumulation_fusion} | "
+              f"CUDA graphs={'on' if objs.step_graphs else 'off'}"
               + (f" | overrides: {' '.join(a.override)}" if a.override else "")
               + (" | dilated attention: pointer loads" if a.dilated_pointer_loads else ""))
         print("host ms: time to queue the step (until the loss is read); near the step time, the host limits it")
