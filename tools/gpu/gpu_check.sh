@@ -29,6 +29,10 @@
 #               sequences)
 #   layer_bench bench_layer.py $LAYER_ARGS (one RAT+ layer through Megatron's TransformerLayer against
 #               the DESIGN.md layer anchors; e.g. LAYER_ARGS="--with-ffn --profile")
+#   train_graph the CUDA-graph training check: probe_cuda_graph.py (which part of a small model's step
+#               cannot be captured, host syncs inside it) and pytest tests/training/test_cuda_graph.py
+#   train_bench bench_training.py on the 1.5B preset, eager then CUDA graphs ($TRAIN_ARGS, default
+#               --modes dense,sparse,joint --steps 8 --warmup 3)
 #   resources   tools/bench/kernel_resources.py --sweep (registers / spills with the host's Triton)
 #   decode      bench_decode.py on CUDA, bf16, real prefill, $DECODE_ARGS
 #   decode16    the same with 16 sequences per step
@@ -109,6 +113,13 @@ for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
     da_sweep)  TAIL=200 step da_sweep 540 python3 tools/bench/bench_dilated_attention.py --sweep --no-main \
                  --no-decode ${DA_SWEEP_ARGS---profile} ;;
     layer_bench) TAIL=${TAIL:-120} step layer_bench 420 python3 tools/bench/bench_layer.py ${LAYER_ARGS:-} ;;
+    train_graph) TAIL=${TAIL:-80} step train_graph 240 bash -c "python3 tools/bench/probe_cuda_graph.py && \
+                 python3 -m pytest -q -p no:cacheprovider -m gpu tests/training/test_cuda_graph.py" ;;
+    train_bench) for g in false true; do
+                   TAIL=${TAIL:-8} step "train_bench_graph_$g" 300 python3 tools/bench/bench_training.py --preset ratplus-1.5b \
+                     --micro-batch 2 --seq-len 4096 ${TRAIN_ARGS:---modes dense,sparse,joint --steps 8 --warmup 3} \
+                     --override "train.cuda_graph=$g"
+                 done ;;
     resources) TAIL=120 step resources 300 python3 tools/bench/kernel_resources.py --sweep ;;
     decode)    step decode 540 python3 tools/bench/bench_decode.py --device cuda --dtype bfloat16 --fill prefill \
                  --steps 32 --warmup 4 ${DECODE_ARGS:-} ;;
