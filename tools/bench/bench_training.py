@@ -7,6 +7,10 @@ one H100: dense 32.6K tok/s, joint 16.7K tok/s for the 1.5B model at B=2, T=4096
 
     python tools/bench/bench_training.py --preset ratplus-1.5b --micro-batch 2 --seq-len 4096 --steps 12
     torchrun --nproc_per_node=2 tools/bench/bench_training.py --tp 2 ...   # multi-GPU
+    python tools/bench/bench_training.py ... --override train.cuda_graph=true   # forward/backward replayed
+
+With ``train.cuda_graph=true`` the first warm-up steps per mode are eager and the next one captures
+the graph, so ``--warmup`` must exceed ``train.cuda_graph_warmup_steps``; the timed steps are replays.
 
 Token batches are random (throughput does not depend on the text); everything else is the
 training code path.
