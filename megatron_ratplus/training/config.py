@@ -176,6 +176,9 @@ class RunConfig:
         if t.cuda_graph and self.parallel.pipeline_parallel != 1:
             raise ConfigError("train.cuda_graph=true needs parallel.pipeline_parallel=1 (the pipeline "
                               "schedules' point-to-point exchange is not captured)")
+        if t.cuda_graph and self.parallel.overlap_param_gather:
+            raise ConfigError("train.cuda_graph=true cannot be combined with parallel.overlap_param_gather=true (its "
+                              "forward hooks wait for the optimizer's all-gather on the host side, which a replay skips)")
         if t.cuda_graph and t.recompute:
             raise ConfigError(f"train.cuda_graph=true cannot be combined with train.recompute={t.recompute!r} "
                               "(recomputation's RNG state handling runs on the host)")

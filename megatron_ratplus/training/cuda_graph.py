@@ -18,8 +18,9 @@ never concurrently, and each one's output is read before the other replays.
 Only the forward/backward is captured. The optimizer step, gradient zeroing, the loss read and
 evaluation stay eager, so the loss-skipping and clipping logic and checkpointing are unchanged.
 Requirements, checked where the config is validated: a GPU, no pipeline parallelism (its
-point-to-point schedule is not captured here) and no activation recomputation (its RNG
-bookkeeping is host-side). Python side effects inside the captured region (DDP's per-parameter
+point-to-point schedule is not captured here), no activation recomputation (its RNG
+bookkeeping is host-side) and no overlapped parameter all-gather (its forward hooks wait for the
+optimizer's eager all-gather, a wait a replay would skip). Python side effects inside the captured region (DDP's per-parameter
 bookkeeping, autograd hooks) run once, during the capture; their GPU work replays.
 """
 from __future__ import annotations

@@ -75,6 +75,7 @@ def test_needs_a_warmup_step():
     (["train.cuda_graph=true", "train.cuda_graph_warmup_steps=0"], "cuda_graph_warmup_steps must be an integer >= 1"),
     (["train.cuda_graph=true", "parallel.pipeline_parallel=2"], "needs parallel.pipeline_parallel=1"),
     (["train.cuda_graph=true", "train.recompute=full"], "cannot be combined with train.recompute"),
+    (["train.cuda_graph=true", "parallel.overlap_param_gather=true"], "cannot be combined with parallel.overlap_param_gather"),
 ])
 def test_config_refuses_what_cannot_be_captured(overrides, message):
     with pytest.raises(ConfigError, match=message):
