@@ -84,7 +84,7 @@ class TrainSection:
     gradient_accumulation_fusion: Optional[bool] = None
     # Replay each mode's forward/backward from a CUDA graph (training/cuda_graph.py) after
     # cuda_graph_warmup_steps eager steps per mode: removes the host's launch time from the step.
-    # GPU only, pipeline_parallel=1, no recompute.
+    # GPU only, pipeline_parallel=1, no recompute, no overlap_param_gather.
     cuda_graph: bool = False
     cuda_graph_warmup_steps: int = 2
 

@@ -20,8 +20,9 @@ evaluation stay eager, so the loss-skipping and clipping logic and checkpointing
 Requirements, checked where the config is validated: a GPU, no pipeline parallelism (its
 point-to-point schedule is not captured here), no activation recomputation (its RNG
 bookkeeping is host-side) and no overlapped parameter all-gather (its forward hooks wait for the
-optimizer's eager all-gather, a wait a replay would skip). Python side effects inside the captured region (DDP's per-parameter
-bookkeeping, autograd hooks) run once, during the capture; their GPU work replays.
+optimizer's eager all-gather, a wait a replay would skip). Python side effects inside the
+captured region (DDP's per-parameter bookkeeping, autograd hooks) run once, during the capture;
+their GPU work replays.
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ and ``OptimizerParamScheduler`` (linear warmup, cosine decay to ``min_lr``).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -195,11 +196,9 @@ def build_training_objects(cfg: RunConfig, args: RATPlusModelArgs, total_steps: 
     step_graphs = build_step_graphs(cfg)     # refuses an impossible request before the model is built
     tconfig = build_transformer_config(cfg, args)
     chunks = build_model_chunks(cfg, args, tconfig)
-    if step_graphs is None:
+    # with CUDA graphs, DDP's gradient nodes must live on the capture stream (training/cuda_graph.py)
+    with step_graphs.capture_stream_context() if step_graphs else contextlib.nullcontext():
         model = wrap_ddp(cfg, tconfig, chunks)
-    else:
-        with step_graphs.capture_stream_context():   # DDP's gradient nodes on the capture stream
-            model = wrap_ddp(cfg, tconfig, chunks)
     optimizer = build_optimizer(cfg, tconfig, model)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
     return TrainingObjects(args, tconfig, model, optimizer, scheduler, step_graphs)

@@ -19,29 +19,31 @@ import warnings
 
 import torch
 
+from megatron_ratplus.training.cuda_graph import CudaGraphCaptureError, capture_cuda_graph
 
-KEEP_ALIVE = []
+
+KEEP_ALIVE = []   # a memory pool lives only as long as a graph using it
 
 
 def try_capture(label, fn, pool, stream):
-    graph = torch.cuda.CUDAGraph()
-    stream.wait_stream(torch.cuda.current_stream())
+    """Capture ``fn`` (returning a tensor) with the mechanism ``train.cuda_graph`` uses, replay it,
+    and print ok or the failure's cause; return the pool for the next region."""
     try:
-        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-            fn()
-        graph.replay()
+        step, captured_pool = capture_cuda_graph(lambda _inputs: fn(), [], pool, stream)
+        KEEP_ALIVE.append(step)
+        pool = captured_pool
+        step.replay([])
         torch.cuda.synchronize()
         print(f"capture {label}: ok")
-        KEEP_ALIVE.append(graph)   # a pool lives only as long as a graph using it
-        return graph.pool()
     except Exception as e:   # report and go on with the next region
-        print(f"capture {label}: FAILED: {type(e).__name__}: {str(e).splitlines()[0]}")
-        cause = e.__cause__ or e.__context__
+        error = e.__cause__ if isinstance(e, CudaGraphCaptureError) and e.__cause__ is not None else e
+        print(f"capture {label}: FAILED: {type(error).__name__}: {str(error).splitlines()[0]}")
+        cause = error.__cause__ or error.__context__
         if cause is not None:
             print(f"    caused by {type(cause).__name__}: {str(cause).splitlines()[0]}")
-        traceback.print_exc(limit=-6)
+        traceback.print_exception(error, limit=-6)
         torch.cuda.synchronize()
-        return pool
+    return pool
 
 
 def main():
@@ -79,7 +81,9 @@ def main():
     def forward_and_backward():   # no_sync: DDP's hooks accumulate but start no reduction
         inputs, labels, positions = split_batch(batches[0])
         with model.no_sync():
-            model(inputs, positions, None, labels=labels).float().sum().backward()
+            loss = model(inputs, positions, None, labels=labels).float().sum()
+            loss.backward()
+        return loss.detach()
 
     pool = None
     for mode in ("sparse", "dense"):
