@@ -82,6 +82,10 @@ class TrainSection:
     # gradient_accumulation_fusion; apex's extension or torch's fp32-output GEMM). None: on where
     # supported on GPU, off in CPU mode.
     gradient_accumulation_fusion: Optional[bool] = None
+    # AdamW and the copy of the fp32 master weights into the bf16 model weights in one Triton pass
+    # (training/fused_optimizer_update.py), where Megatron has no TE precision-aware optimizer.
+    # None: on where it applies on GPU, off in CPU mode; true: required (an error if it cannot apply).
+    fused_optimizer_update: Optional[bool] = None
     # Replay each mode's forward/backward from a CUDA graph (training/cuda_graph.py) after
     # cuda_graph_warmup_steps eager steps per mode: removes the host's launch time from the step.
     # GPU only, pipeline_parallel=1, no recompute, no overlap_param_gather.
@@ -165,6 +169,9 @@ class RunConfig:
             raise ConfigError(f"train.mode must be dense or sparse, got {t.mode!r}")
         if not 0.0 <= t.warmup_fraction < 1.0:
             raise ConfigError(f"train.warmup_fraction must be in [0, 1), got {t.warmup_fraction}")
+        if t.fused_optimizer_update not in (None, True, False):
+            raise ConfigError("train.fused_optimizer_update must be true, false or null (automatic), "
+                              f"got {t.fused_optimizer_update!r}")
         if t.gradient_accumulation_fusion not in (None, True, False):
             raise ConfigError("train.gradient_accumulation_fusion must be true, false or null (automatic), "
                               f"got {t.gradient_accumulation_fusion!r}")

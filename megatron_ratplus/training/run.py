@@ -12,7 +12,7 @@ import yaml
 from ..cpu_mode import cpu_mode_enabled
 from ..model.config import pad_vocab_size
 from ..parallel import ParallelLayout, destroy_distributed, initialize_distributed
-from . import cuda_graph, fused_wgrad
+from . import cuda_graph, fused_optimizer_update, fused_wgrad
 from .config import ConfigError, RunConfig
 from .data import TrainingData, dataset_manifest, resolve_streams
 from .loop import TrainState, Trainer
@@ -99,6 +99,7 @@ def run_training(cfg: RunConfig) -> TrainState:
         objs = build_training_objects(cfg, args, total_steps)
         _rank0_print(f"weight-gradient accumulation: {fused_wgrad.describe(objs.transformer_config.gradient_accumulation_fusion)}")
         _rank0_print(f"CUDA graphs: {cuda_graph.describe(objs.step_graphs)}")
+        _rank0_print(f"optimizer update: {fused_optimizer_update.describe(objs.optimizer)}")
         device = torch.device("cpu") if cpu_mode_enabled() else torch.device("cuda", torch.cuda.current_device())
         data = TrainingData(streams, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size, seed=t.seed,
                             device=device, val_streams=cfg.data.val_streams or None,

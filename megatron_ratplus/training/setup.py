@@ -21,7 +21,7 @@ from megatron.core.transformer.module import Float16Module
 
 from ..cpu_mode import cpu_mode_enabled
 from ..model import RATPlusModelArgs, build_gpt_model, to_transformer_config
-from . import fused_wgrad, multi_tensor
+from . import fused_optimizer_update, fused_wgrad, multi_tensor
 from .cuda_graph import ForwardBackwardGraphs
 from .config import ConfigError, RunConfig
 
@@ -145,6 +145,10 @@ def build_optimizer(cfg: RunConfig, tconfig, model: List[torch.nn.Module]):
     optimizer = get_megatron_optimizer(opt_config, model)
     if not cpu_mode_enabled():
         use_fused_adamw(optimizer)
+    try:
+        fused_optimizer_update.install(optimizer, cfg.train.fused_optimizer_update)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return optimizer
 
 

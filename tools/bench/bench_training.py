@@ -124,6 +124,7 @@ def main():
     from megatron_ratplus.training.metrics import device_peak_tflops
     from megatron_ratplus.training.setup import build_training_objects
     from megatron_ratplus.training.loop import training_forward_backward
+    from megatron_ratplus.training import fused_optimizer_update
 
     if a.profile:
         mark_schedule_phases()
@@ -219,7 +220,8 @@ def main():
               f"params, {args.num_layers} layers) | micro-batch {a.micro_batch} × {a.accum} | T={a.seq_len} | "
               f"TP={a.tp} PP={a.pp} SP={a.sp} DP={dp} | bf16 | kernels={a.kernel_backend} | "
               f"wgrad fusion={objs.transformer_config.gradient_accumulation_fusion} | "
-              f"CUDA graphs={'on' if objs.step_graphs else 'off'}"
+              f"CUDA graphs={'on' if objs.step_graphs else 'off'} | "
+              f"fused optimizer update={'on' if fused_optimizer_update.installed_count(objs.optimizer) else 'off'}"
               + (f" | overrides: {' '.join(a.override)}" if a.override else "")
               + (" | dilated attention: pointer loads" if a.dilated_pointer_loads else ""))
         print("host ms: time to queue the step (until the loss is read); near the step time, the host limits it")

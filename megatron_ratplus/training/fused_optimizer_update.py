@@ -1,0 +1,193 @@
+"""One-pass AdamW update that also writes the model's bf16 weights, for Megatron's mixed-precision
+optimizers without Transformer-Engine or apex.
+
+Megatron-core's step for a bf16 model is: torch's AdamW over the fp32 master weights
+(``self.optimizer.step()``), then ``_copy_main_params_to_model_params`` (one copy per tensor into
+the bf16 weights). For the 1.5B model on an H200 that is 12.4 + 2.6 ms of a ~180 ms training step,
+repeated for each of the two updates of a joint step. With TE, Megatron's precision-aware
+optimizer fuses the copy into TE's FusedAdam; without it, :mod:`ratplus_kernels.optimizer` does the
+same in one multi-tensor Triton launch per parameter group (11.2 ms, near the device's copy
+bandwidth; docs/benchmarks.md).
+
+:func:`install` swaps the two calls, per Megatron optimizer instance, for the duration of
+``step_with_ready_grads`` only, so everything else of Megatron's step stays its own: the gradient
+norm and clipping before it, the distributed optimizer's parameter all-gather after it, timers.
+Other users of the torch optimizer's ``step`` (Megatron fills optimizer state with a dummy step when
+it loads a checkpoint) keep torch's. The moments and step counts live in the torch optimizer's
+state with torch's names and dtypes, so checkpoints are the same as without this module.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List, Optional
+
+import torch
+
+from ..cpu_mode import cpu_mode_enabled
+
+
+def _inner_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+
+
+def _model_copies(opt) -> Dict[int, torch.Tensor]:
+    """Master weight address -> the low-precision tensor Megatron's ``_copy_main_params_to_model_params``
+    writes from it (the model weight, or the distributed optimizer's shard of the param buffer).
+    Keyed by address: Megatron hands out ``.data`` views, new objects over the master weights."""
+    model_data, main_data = opt._get_model_and_main_params_data_float16()
+    return {main.data_ptr(): model for model, main in zip(model_data, main_data) if main is not None}
+
+
+def _distributed_copies_are_param_buffer_shards(opt, copies: Dict[int, torch.Tensor]) -> bool:
+    """The distributed optimizer copies each master shard into its bucket's ``param_data`` (which the
+    all-gather sends). Its shard views of the model weights must be that memory, or writing them
+    would not reach the all-gather; checked once, against Megatron's own mapping."""
+    for model_group, main_group in zip(opt.model_float16_groups, opt.shard_fp32_from_float16_groups):
+        for model_param, main in zip(model_group, main_group):
+            world_range = opt._get_model_param_range_map(model_param)["gbuf_world_in_bucket"]
+            gbuf_index, _, bucket_id = opt.model_param_gbuf_map[model_param]
+            bucket = opt.buffers[gbuf_index].buckets[bucket_id].param_data
+            target = bucket.view(-1)[world_range.start:world_range.end]
+            copy = copies.get(main.data_ptr())
+            if copy is None or copy.data_ptr() != target.data_ptr() or copy.numel() != target.numel():
+                return False
+    return True
+
+
+def why_not_applicable(opt) -> Optional[str]:
+    """None if the fused update can replace ``opt``'s AdamW step and weight copy, else the reason."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    if not isinstance(opt, (Float16OptimizerWithFloat16Params, DistributedOptimizer)):
+        return f"{type(opt).__name__} is not a bf16/fp16 mixed-precision optimizer"
+    if getattr(opt, "is_stub_optimizer", False):
+        return "a stub optimizer (no parameters on this rank)"
+    config = opt.config
+    if getattr(config, "use_precision_aware_optimizer", False):
+        return "Megatron's precision-aware optimizer (TE FusedAdam) already fuses the copy"
+    if getattr(config, "reuse_grad_buf_for_mxfp8_param_ag", False):
+        return "fp8 parameters (the weight copy goes through the gradient buffer) are not supported"
+    ddp_config = getattr(opt, "ddp_config", None)
+    if ddp_config is not None and getattr(ddp_config, "use_megatron_fsdp", False):
+        return "Megatron FSDP manages its own weight copies"
+    inner = opt.optimizer
+    groups = inner.param_groups
+    if not isinstance(inner, torch.optim.AdamW) and not (
+            isinstance(inner, torch.optim.Adam) and all(g.get("decoupled_weight_decay") for g in groups)):
+        return f"the inner optimizer is {type(inner).__module__}.{type(inner).__name__}, not torch AdamW"
+    for g in groups:
+        if g.get("amsgrad") or g.get("maximize") or g.get("differentiable"):
+            return "AdamW with amsgrad / maximize / differentiable is not supported"
+        if not all(p.dtype == torch.float32 and p.is_contiguous() for p in g["params"]):
+            return "master weights are not all contiguous fp32"
+    copies = _model_copies(opt)
+    if any(c.dtype not in (torch.bfloat16, torch.float16) or not c.is_contiguous() for c in copies.values()):
+        return "model weights are not all contiguous bf16/fp16 (fp8?)"
+    if isinstance(opt, DistributedOptimizer) and not _distributed_copies_are_param_buffer_shards(opt, copies):
+        return "the distributed optimizer's weight shards are not views of its param buffers"
+    return None
+
+
+class FusedUpdate:
+    """The replacement of ``opt.optimizer.step()`` + ``opt._copy_main_params_to_model_params()``."""
+
+    def __init__(self, opt):
+        self.opt = opt
+        self.copies = _model_copies(opt)
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        from ratplus_kernels.optimizer import fused_adamw_update
+
+        if closure is not None:
+            raise ValueError("the fused optimizer update takes no closure")
+        inner = self.opt.optimizer
+        for group in inner.param_groups:
+            params: List[torch.Tensor] = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            states = [self._state(inner, p) for p in params]
+            beta1, beta2 = group["betas"]
+            fused_adamw_update(
+                params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
+                [self.copies.get(p.data_ptr()) for p in params],
+                lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]))
+
+    @staticmethod
+    def _state(inner, p: torch.Tensor) -> dict:
+        """torch AdamW's state for ``p``, created as torch's fused AdamW creates it."""
+        state = inner.state[p]
+        if len(state) == 0:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @contextlib.contextmanager
+    def in_place_of_megatron_step(self):
+        """Inside: the torch optimizer's step is this update, and Megatron's weight copy is a no-op
+        (instance attributes, removed on exit)."""
+        inner = self.opt.optimizer
+        inner.step = self.step
+        self.opt._copy_main_params_to_model_params = lambda: None
+        try:
+            yield
+        finally:
+            del inner.step
+            del self.opt._copy_main_params_to_model_params
+
+
+def _wrap(opt, update: FusedUpdate) -> None:
+    megatron_step_with_ready_grads = opt.step_with_ready_grads
+
+    def step_with_ready_grads() -> bool:
+        with update.in_place_of_megatron_step():
+            return megatron_step_with_ready_grads()
+
+    opt.step_with_ready_grads = step_with_ready_grads
+    opt.ratplus_fused_update = update
+
+
+def install(optimizer, requested: Optional[bool]) -> List[str]:
+    """Resolve ``train.fused_optimizer_update`` for a Megatron optimizer and install the fused update
+    on every inner optimizer it applies to. None: automatic (GPU, where it applies), True: required
+    (raises ValueError naming why it cannot apply), False: off. Returns the reasons it was not
+    installed (empty when every inner optimizer got it or when it was off)."""
+    if requested is False:
+        return []
+    if cpu_mode_enabled():
+        from ratplus_kernels._env import interpreting
+        if requested is None:
+            return ["off in CPU mode"]
+        if not interpreting():
+            raise ValueError("train.fused_optimizer_update=true in CPU mode needs TRITON_INTERPRET=1 "
+                             "(the Triton kernel then runs on CPU); set it to null or false")
+    skipped = []
+    for opt in _inner_optimizers(optimizer):
+        reason = why_not_applicable(opt)
+        if reason is not None:
+            if requested:
+                raise ValueError(f"train.fused_optimizer_update=true, but it cannot apply: {reason}; "
+                                 "set it to null (automatic) or false")
+            skipped.append(reason)
+            continue
+        if getattr(opt, "ratplus_fused_update", None) is None:
+            _wrap(opt, FusedUpdate(opt))
+    return skipped
+
+
+def installed_count(optimizer) -> int:
+    """How many of the inner optimizers run the fused update."""
+    return sum(getattr(o, "ratplus_fused_update", None) is not None for o in _inner_optimizers(optimizer))
+
+
+def describe(optimizer) -> str:
+    """One line for the run log: how the optimizer updates the master and model weights."""
+    fused = installed_count(optimizer)
+    if fused:
+        return (f"fused AdamW + bf16 weight write (ratplus_kernels.optimizer) on {fused} of "
+                f"{len(_inner_optimizers(optimizer))} optimizer(s)")
+    return "Megatron's (inner optimizer step, then the master-to-model weight copy)"

@@ -1,0 +1,149 @@
+"""The fused AdamW + bf16 weight write in Megatron's mixed-precision optimizer
+(training/fused_optimizer_update.py): training steps with it leave the same master weights, moments
+and bf16 model weights as Megatron's own step (torch AdamW, then the weight copy), and it is
+installed only where it applies.
+
+On CPU the kernel runs under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1);
+CPU mode uses Megatron's float16 optimizer. The distributed optimizer's path (GPU only) is the
+``gpu`` test."""
+import pytest
+import torch
+from ratplus_kernels._env import interpreting
+
+from megatron_ratplus.training import fused_optimizer_update
+from megatron_ratplus.training.config import ConfigError, load_config
+from megatron_ratplus.training.loop import train_update
+from megatron_ratplus.training.setup import build_training_objects
+
+VOCAB = 128
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build(overrides):
+    cfg = load_config(None, ["train.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=2",
+                             "train.max_steps=4", "train.precision=bf16", "train.lr=1e-2",
+                             "train.warmup_fraction=0", "logging.progress=false",
+                             "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=2",
+                             "model.dilation=4", *overrides])
+    torch.manual_seed(0)
+    if torch.cuda.is_available():    # the GPU initialises weights from Megatron's tracked RNG
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+        model_parallel_cuda_manual_seed(1234)
+    return build_training_objects(cfg, cfg.model.model_args(vocab_size=VOCAB, seq_len=32), 4)
+
+
+def train(objs, steps=3, modes=("sparse", "dense")):
+    """Joint training on fixed random batches; returns the losses."""
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for step in range(steps):
+        batch = [torch.randint(0, VOCAB, (2, 33), generator=gen).to(DEVICE)]
+        for mode in modes:
+            loss, _, updated = train_update(objs, batch, mode, seq_len=32)
+            assert updated, f"step {step} {mode}: not applied (loss {loss})"
+            losses.append(loss)
+        objs.scheduler.step(increment=1)
+    return losses
+
+
+def snapshot(objs):
+    """(bf16 model weights, fp32 master weights, AdamW state tensors), in a fixed order."""
+    inner = fused_optimizer_update._inner_optimizers(objs.optimizer)
+    model, main = [], []
+    for o in inner:
+        model_data, main_data = o._get_model_and_main_params_data_float16()
+        model += [t.clone() for t in model_data]
+        main += [t.clone() for t in main_data]
+    state = [s[k].clone() for o in inner for s in o.optimizer.state.values() for k in ("exp_avg", "exp_avg_sq", "step")]
+    return model, main, state
+
+
+def assert_model_is_rounded_master(model, main, by_kernel=False):
+    """Each model weight is its master weight rounded to nearest. Triton's CPU interpreter rounds
+    the kernel's fp32 -> bf16 conversion toward zero instead (GPUs round to nearest), so there a
+    kernel-written weight may be one bf16 step lower in magnitude."""
+    for low, master in zip(model, main):
+        want = master.to(low.dtype)
+        if by_kernel and interpreting():
+            truncated = (master.view(torch.int32) & ~0xFFFF).view(torch.float32).to(low.dtype)
+            assert torch.equal(low, want) or bool(((low == want) | (low == truncated)).all())
+        else:
+            assert torch.equal(low, want)
+
+
+def test_one_update_matches_megatrons_step(megatron_single_process):
+    """One update (same gradients): master weights and moments agree to fp32 rounding, and each
+    bf16 model weight is its master weight rounded."""
+    plain = build(["train.fused_optimizer_update=false"])
+    assert fused_optimizer_update.installed_count(plain.optimizer) == 0
+    train(plain, steps=1, modes=("sparse",))
+    want_model, want_main, want_state = snapshot(plain)
+    assert_model_is_rounded_master(want_model, want_main)
+
+    fused = build(["train.fused_optimizer_update=true"])
+    assert fused_optimizer_update.installed_count(fused.optimizer) >= 1
+    assert "fused AdamW" in fused_optimizer_update.describe(fused.optimizer)
+    train(fused, steps=1, modes=("sparse",))
+    got_model, got_main, got_state = snapshot(fused)
+    assert_model_is_rounded_master(got_model, got_main, by_kernel=True)
+    assert len(got_main) == len(want_main) > 0 and len(got_state) == len(want_state) > 0
+    for got, want in zip(got_main + got_state, want_main + want_state):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    # Megatron's methods are back once the step is over (the swap is scoped to step_with_ready_grads)
+    for o in fused_optimizer_update._inner_optimizers(fused.optimizer):
+        assert "step" not in vars(o.optimizer) and "_copy_main_params_to_model_params" not in vars(o)
+
+
+def test_joint_training_runs_the_fused_update_for_both_modes(megatron_single_process):
+    """Three joint batches: the fused update runs for every update, the model keeps its master
+    weights' rounding, and the losses follow Megatron's step (early Adam steps amplify last-bit
+    differences of the weights, so the comparison is of losses, loosely)."""
+    want = train(build(["train.fused_optimizer_update=false"]))
+    fused = build(["train.fused_optimizer_update=true"])
+    calls = []
+    update = fused_optimizer_update._inner_optimizers(fused.optimizer)[0].ratplus_fused_update
+    original = update.step
+    update.step = lambda closure=None: (calls.append(1), original())[1]
+    got = train(fused)
+    assert len(calls) == 6                          # 3 batches x (sparse + dense update)
+    assert_model_is_rounded_master(*snapshot(fused)[:2], by_kernel=True)
+    assert got[0] == want[0]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=2e-2, atol=0)
+
+
+def test_automatic_is_off_in_cpu_mode_and_bad_values_are_refused(megatron_single_process):
+    objs = build([])
+    assert objs.optimizer is not None and fused_optimizer_update.installed_count(objs.optimizer) == 0
+    assert "Megatron's" in fused_optimizer_update.describe(objs.optimizer)
+    with pytest.raises(ConfigError, match="fused_optimizer_update must be true, false or null"):
+        load_config(None, ["train.max_steps=1", "train.fused_optimizer_update=maybe"])
+
+
+def test_required_but_not_applicable_is_an_error(megatron_single_process):
+    with pytest.raises(ConfigError, match="fused_optimizer_update=true, but it cannot apply: .*not a bf16"):
+        build(["train.precision=fp32", "train.fused_optimizer_update=true"])
+
+
+def test_required_in_cpu_mode_without_the_interpreter_is_an_error(megatron_single_process, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match="needs TRITON_INTERPRET=1"):
+        build(["train.fused_optimizer_update=true"])
+
+
+@pytest.mark.gpu
+def test_gpu_distributed_optimizer_matches_megatrons_step(megatron_single_process):
+    """GPU: Megatron's distributed optimizer (the weight copies are shards of the param buffer)."""
+    plain = build(["train.fused_optimizer_update=false", "parallel.distributed_optimizer=true"])
+    train(plain, steps=1, modes=("sparse",))
+    want_model, want_main, want_state = snapshot(plain)
+    fused = build(["train.fused_optimizer_update=true", "parallel.distributed_optimizer=true"])
+    assert fused_optimizer_update.installed_count(fused.optimizer) >= 1
+    assert type(fused_optimizer_update._inner_optimizers(fused.optimizer)[0]).__name__ == "DistributedOptimizer"
+    train(fused, steps=1, modes=("sparse",))
+    got_model, got_main, got_state = snapshot(fused)
+    assert_model_is_rounded_master(got_model, got_main, by_kernel=True)
+    for got, want in zip(got_main + got_state, want_main + want_state):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    # the all-gathered model weights (DP=1: the buffer itself) are the ones the next forward uses
+    for got, want in zip(got_model, want_model):
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2 ** -7 * want.float().abs().max().item())
