@@ -94,7 +94,6 @@ class FusedUpdate:
 
     def __init__(self, opt):
         self.opt = opt
-        self.copies = _model_copies(opt)
 
     @torch.no_grad()
     def step(self, closure=None) -> None:
@@ -103,6 +102,9 @@ class FusedUpdate:
         if closure is not None:
             raise ValueError("the fused optimizer update takes no closure")
         inner = self.opt.optimizer
+        # Megatron's current pairing, looked up each step as its own copy does (a checkpoint load
+        # may replace master weights): a master weight is never left without its model weight
+        copies = _model_copies(self.opt)
         for group in inner.param_groups:
             params: List[torch.Tensor] = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -112,7 +114,7 @@ class FusedUpdate:
             fused_adamw_update(
                 params, [p.grad for p in params], [s["exp_avg"] for s in states],
                 [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
-                [self.copies.get(p.data_ptr()) for p in params],
+                [copies.get(p.data_ptr()) for p in params],
                 lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
                 weight_decay=float(group["weight_decay"]))
 
