@@ -59,6 +59,9 @@ def why_not_applicable(opt) -> Optional[str]:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
+    import ratplus_kernels.optimizer as kernels
+    if not hasattr(kernels, "fused_adamw_update"):
+        return "the Triton kernel is unavailable (triton does not import)"
     if not isinstance(opt, (Float16OptimizerWithFloat16Params, DistributedOptimizer)):
         return f"{type(opt).__name__} is not a bf16/fp16 mixed-precision optimizer"
     if getattr(opt, "is_stub_optimizer", False):

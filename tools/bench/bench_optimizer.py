@@ -3,7 +3,7 @@ Megatron's copy of the master weights into the bf16 model weights, against the o
 update (:mod:`ratplus_kernels.optimizer`).
 
     python tools/bench/bench_optimizer.py                            # ratplus-1.5b, GPU
-    python tools/bench/bench_optimizer.py --preset ratplus-tiny      # a smoke run (CPU: interpreter)
+    TRITON_INTERPRET=1 python tools/bench/bench_optimizer.py --preset ratplus-tiny --calls 2   # CPU smoke run
 
 The parameter tensors have the preset's shapes (fused input projection, output projection, FFN,
 norms, embedding, LM head), fp32 master weights, grads and moments, bf16 model weights. Rows:

@@ -33,6 +33,8 @@
 #               cannot be captured, host syncs inside it) and pytest tests/training/test_cuda_graph.py
 #   train_bench bench_training.py on the 1.5B preset, eager then CUDA graphs ($TRAIN_ARGS, default
 #               --modes dense,sparse,joint --steps 8 --warmup 3)
+#   optimizer   the fused AdamW + bf16 weight write: its GPU tests (kernel against torch's fused AdamW; Megatron's
+#               distributed optimizer with and without it) and bench_optimizer.py (the 1.5B model's tensors)
 #   resources   tools/bench/kernel_resources.py --sweep (registers / spills with the host's Triton)
 #   decode      bench_decode.py on CUDA, bf16, real prefill, $DECODE_ARGS
 #   decode16    the same with 16 sequences per step
@@ -120,6 +122,8 @@ for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
                      --micro-batch 2 --seq-len 4096 ${TRAIN_ARGS:---modes dense,sparse,joint --steps 8 --warmup 3} \
                      --override "train.cuda_graph=$g"
                  done ;;
+    optimizer) step optimizer 300 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_optimizer.py \
+                 tests/training/test_fused_optimizer_update.py && python3 tools/bench/bench_optimizer.py" ;;
     resources) TAIL=120 step resources 300 python3 tools/bench/kernel_resources.py --sweep ;;
     decode)    step decode 540 python3 tools/bench/bench_decode.py --device cuda --dtype bfloat16 --fill prefill \
                  --steps 32 --warmup 4 ${DECODE_ARGS:-} ;;
