@@ -88,7 +88,8 @@ _MAX_TABLES = 16      # one set per parameter group and optimizer; a few models 
 
 
 def _tables_for(lists) -> _Tables:
-    key = tuple((0 if t is None else t.data_ptr(), 0 if t is None else t.numel())
+    # address, size and dtype: tensors allocated where freed ones were get checked again if they differ
+    key = tuple((t.data_ptr(), t.numel(), t.dtype) if t is not None else None
                 for tensors in lists for t in tensors)
     tables = _TABLES.get(key)
     if tables is None:
