@@ -195,4 +195,4 @@ def describe(optimizer) -> str:
     if fused:
         return (f"fused AdamW + bf16 weight write (ratplus_kernels.optimizer) on {fused} of "
                 f"{len(_inner_optimizers(optimizer))} optimizer(s)")
-    return "Megatron's (inner optimizer step, then the master-to-model weight copy)"
+    return "Megatron's (the inner optimizer's step; in bf16/fp16 training then its master-to-model weight copy)"
