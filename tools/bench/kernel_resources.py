@@ -2,7 +2,7 @@
 offline for an H100 (compute capability 9.0; ``--arch 80``: A100) — no GPU needed.
 
     PYTHONPATH=kernels:. python tools/bench/kernel_resources.py [--kernels recurrence,dilated]
-        [--sweep] [--arch 90]
+        [--sweep] [--arch 90]             # --kernels optimizer: the fused AdamW update
 
 For the same compiler as the GPU host, put that Triton first on the path, e.g.
 ``pip install --target /tmp/triton36 --no-deps triton==3.6.0`` and ``PYTHONPATH=/tmp/triton36:kernels:.``.
@@ -124,6 +124,33 @@ def dilated_rows(sweep: bool, arch: int):
     return unique
 
 
+def optimizer_rows(sweep: bool, arch: int):
+    """The fused AdamW + bf16 weight write (its default block, or every block the GPU sweep timed)."""
+    import ratplus_kernels.optimizer.fused as fm
+
+    n = 3 * 8192
+    params, grads, moments, squares = ([torch.empty(n)] for _ in range(4))
+    steps, low = [torch.zeros(())], [torch.empty(n, dtype=torch.bfloat16)]
+    configs = [(fm.BLOCK, fm.NUM_WARPS)]
+    if sweep:
+        configs += [(b, w) for b in (1024, 2048, 4096, 8192) for w in (4, 8) if (b, w) not in configs]
+    default = configs[0]
+    rows = []
+    try:
+        for block, warps in configs:
+            fm.BLOCK, fm.NUM_WARPS = block, warps
+            fm._TABLES.clear()
+            with offline_compilation(arch) as compiled:
+                fm.fused_adamw_update(params, grads, moments, squares, steps, low, lr=1e-4, beta1=0.9, beta2=0.95,
+                                      eps=1e-8, weight_decay=0.1)
+            rows.append(_row("optimizer", f"{block} elements{' (default)' if (block, warps) == default else ''}",
+                             compiled[0]))
+    finally:
+        fm.BLOCK, fm.NUM_WARPS = default
+        fm._TABLES.clear()
+    return rows
+
+
 def print_table(rows) -> None:
     cols = ["family", "setting", "kernel", "warps", "stages", "regs", "spill", "smem_kib", "ctas", "note"]
     head = {"spill": "spill st/ld B", "smem_kib": "smem KiB", "ctas": "CTAs/SM"}
@@ -140,7 +167,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, choices=[80, 90],
                     help="CUDA compute capability x 10 (90: H100/H200, 80: A100)")
     args = ap.parse_args(argv)
-    families = {"recurrence": recurrence_rows, "dilated": dilated_rows}
+    families = {"recurrence": recurrence_rows, "dilated": dilated_rows, "optimizer": optimizer_rows}
     unknown = set(args.kernels.split(",")) - set(families)
     if unknown:
         ap.error(f"unknown kernels {sorted(unknown)}; choose from {sorted(families)}")
