@@ -105,3 +105,14 @@ def test_kernel_resources_tool_rejects_unknown_family():
     proc = _run(args=["tools/bench/kernel_resources.py", "--kernels", "recurrence,flash"])
     assert proc.returncode == 2
     assert "unknown kernels ['flash']" in proc.stderr
+
+
+@needs_ptxas
+def test_kernel_resources_tool_optimizer_default_does_not_spill():
+    """The fused AdamW update streams five tensors; its default block must fit in registers
+    (larger blocks spill and run several times slower, docs/benchmarks.md)."""
+    proc = _run(args=["tools/bench/kernel_resources.py", "--kernels", "optimizer"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines() if line.startswith("| optimizer")]
+    assert len(rows) == 1 and "(default)" in rows[0][1] and rows[0][2] == "adamw_kernel"
+    assert rows[0][6] == "0/0" and rows[0][9] == "", rows[0]
