@@ -115,6 +115,7 @@ def test_tables_follow_moved_tensors():
     (lambda s: s.__setitem__(5, [torch.zeros(12, device=DEV), None]), "model copy 0 must be a contiguous bf16"),
     (lambda s: s[5].__setitem__(1, torch.zeros(12, dtype=torch.float16, device=DEV)), "mix dtypes"),
     (lambda s: s[4].pop(), "steps"),
+    (lambda s: s[4].__setitem__(1, torch.tensor(1.0, device="meta")), "step 1 is on meta"),
 ])
 def test_bad_input_is_named(breakage, message):
     state = _state([12, 12], seed=6)

@@ -35,7 +35,11 @@ def check_adamw_lists(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
     low_dtypes = {m.dtype for m in model_params if m is not None}
     if len(low_dtypes) > 1:
         raise ValueError(f"adamw update: the model copies mix dtypes {sorted(map(str, low_dtypes))}")
+    device = params[0].device if n else None
     for i, (p, g, m, v, s, low) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps, model_params)):
+        for name, t in (("param", p), ("grad", g), ("exp_avg", m), ("exp_avg_sq", v), ("step", s), ("model copy", low)):
+            if t is not None and t.device != device:
+                raise ValueError(f"adamw update: {name} {i} is on {t.device}, param 0 on {device}")
         for name, t in (("param", p), ("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
             if t.dtype != torch.float32 or not t.is_contiguous():
                 raise ValueError(f"adamw update: {name} {i} must be a contiguous fp32 tensor, got "
