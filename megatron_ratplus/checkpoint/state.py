@@ -54,7 +54,8 @@ def parallel_layout() -> Dict[str, Optional[int]]:
     }
 
 
-def _optimizers(optimizer) -> list:
+def inner_optimizers(optimizer) -> list:
+    """The Megatron optimizers inside ``optimizer``: a ChainedOptimizer's members, else itself."""
     return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
 
 
@@ -62,7 +63,7 @@ def optimizer_kind(optimizer) -> Optional[str]:
     if optimizer is None:
         return None
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-    return "distributed" if any(isinstance(o, DistributedOptimizer) for o in _optimizers(optimizer)) \
+    return "distributed" if any(isinstance(o, DistributedOptimizer) for o in inner_optimizers(optimizer)) \
         else "plain"
 
 

@@ -23,11 +23,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..checkpoint.state import inner_optimizers
 from ..cpu_mode import cpu_mode_enabled
-
-
-def _inner_optimizers(optimizer) -> list:
-    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
 
 
 def _model_copies(opt) -> Dict[int, torch.Tensor]:
@@ -156,37 +153,33 @@ def _wrap(opt, update: FusedUpdate) -> None:
     opt.ratplus_fused_update = update
 
 
-def install(optimizer, requested: Optional[bool]) -> List[str]:
+def install(optimizer, requested: Optional[bool]) -> None:
     """Resolve ``train.fused_optimizer_update`` for a Megatron optimizer and install the fused update
     on every inner optimizer it applies to. None: automatic (GPU, where it applies), True: required
-    (raises ValueError naming why it cannot apply), False: off. Returns the reasons it was not
-    installed (empty when every inner optimizer got it or when it was off)."""
+    (raises ValueError naming why it cannot apply), False: off. :func:`describe` reports the outcome."""
     if requested is False:
-        return []
+        return
     if cpu_mode_enabled():
         from ratplus_kernels._env import interpreting
         if requested is None:
-            return ["off in CPU mode"]
+            return
         if not interpreting():
             raise ValueError("train.fused_optimizer_update=true in CPU mode needs TRITON_INTERPRET=1 "
                              "(the Triton kernel then runs on CPU); set it to null or false")
-    skipped = []
-    for opt in _inner_optimizers(optimizer):
+    for opt in inner_optimizers(optimizer):
         reason = why_not_applicable(opt)
         if reason is not None:
             if requested:
                 raise ValueError(f"train.fused_optimizer_update=true, but it cannot apply: {reason}; "
                                  "set it to null (automatic) or false")
-            skipped.append(reason)
             continue
         if getattr(opt, "ratplus_fused_update", None) is None:
             _wrap(opt, FusedUpdate(opt))
-    return skipped
 
 
 def installed_count(optimizer) -> int:
     """How many of the inner optimizers run the fused update."""
-    return sum(getattr(o, "ratplus_fused_update", None) is not None for o in _inner_optimizers(optimizer))
+    return sum(getattr(o, "ratplus_fused_update", None) is not None for o in inner_optimizers(optimizer))
 
 
 def describe(optimizer) -> str:
@@ -194,5 +187,5 @@ def describe(optimizer) -> str:
     fused = installed_count(optimizer)
     if fused:
         return (f"fused AdamW + bf16 weight write (ratplus_kernels.optimizer) on {fused} of "
-                f"{len(_inner_optimizers(optimizer))} optimizer(s)")
+                f"{len(inner_optimizers(optimizer))} optimizer(s)")
     return "Megatron's (the inner optimizer's step; in bf16/fp16 training then its master-to-model weight copy)"

@@ -19,6 +19,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
+from ..checkpoint.state import inner_optimizers
 from ..cpu_mode import cpu_mode_enabled
 from ..model import RATPlusModelArgs, build_gpt_model, to_transformer_config
 from . import fused_optimizer_update, fused_wgrad, multi_tensor
@@ -159,9 +160,8 @@ def use_fused_adamw(optimizer) -> int:
     the fused implementation does the whole update in one pass over master params and moments.
     Returns the number of param groups switched (0 with TE/apex FusedAdam, already fused).
     """
-    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
     switched = 0
-    for opt in inner:
+    for opt in inner_optimizers(optimizer):
         torch_opt = getattr(opt, "optimizer", None)
         if isinstance(torch_opt, (torch.optim.AdamW, torch.optim.Adam)):
             for group in torch_opt.param_groups:

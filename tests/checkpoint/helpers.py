@@ -12,6 +12,7 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
+from megatron_ratplus.checkpoint.state import inner_optimizers  # noqa: E402
 from megatron_ratplus.model import set_attention_mode  # noqa: E402
 from megatron_ratplus.training.config import load_config  # noqa: E402
 from megatron_ratplus.training.setup import build_training_objects  # noqa: E402
@@ -81,12 +82,12 @@ def model_weights(objs):
 def optimizer_states(objs):
     """Adam state of every parameter, in parameter-group order: [(exp_avg, exp_avg_sq, step)]."""
     out = []
-    for opt in getattr(objs.optimizer, "chained_optimizers", None) or [objs.optimizer]:
+    for opt in inner_optimizers(objs.optimizer):
         for group in opt.optimizer.param_groups:
             for p in group["params"]:
                 st = opt.optimizer.state[p]
                 out.append({k: (v.detach().clone() if hasattr(v, "detach") else v) for k, v in st.items()})
-    for opt in getattr(objs.optimizer, "chained_optimizers", None) or [objs.optimizer]:
+    for opt in inner_optimizers(objs.optimizer):
         for group in getattr(opt, "fp32_from_float16_groups", []):
             for p in group:
                 out.append({"fp32_master": p.detach().clone()})

@@ -10,6 +10,7 @@ import pytest
 import torch
 from ratplus_kernels._env import interpreting
 
+from megatron_ratplus.checkpoint.state import inner_optimizers
 from megatron_ratplus.training import fused_optimizer_update
 from megatron_ratplus.training.config import ConfigError, load_config
 from megatron_ratplus.training.loop import train_update
@@ -48,7 +49,7 @@ def train(objs, steps=3, modes=("sparse", "dense")):
 
 def snapshot(objs):
     """(bf16 model weights, fp32 master weights, AdamW state tensors), in a fixed order."""
-    inner = fused_optimizer_update._inner_optimizers(objs.optimizer)
+    inner = inner_optimizers(objs.optimizer)
     model, main = [], []
     for o in inner:
         model_data, main_data = o._get_model_and_main_params_data_float16()
@@ -90,7 +91,7 @@ def test_one_update_matches_megatrons_step(megatron_single_process):
     for got, want in zip(got_main + got_state, want_main + want_state):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     # Megatron's methods are back once the step is over (the swap is scoped to step_with_ready_grads)
-    for o in fused_optimizer_update._inner_optimizers(fused.optimizer):
+    for o in inner_optimizers(fused.optimizer):
         assert "step" not in vars(o.optimizer) and "_copy_main_params_to_model_params" not in vars(o)
 
 
@@ -101,7 +102,7 @@ def test_joint_training_runs_the_fused_update_for_both_modes(megatron_single_pro
     want = train(build(["train.fused_optimizer_update=false"]))
     fused = build(["train.fused_optimizer_update=true"])
     calls = []
-    update = fused_optimizer_update._inner_optimizers(fused.optimizer)[0].ratplus_fused_update
+    update = inner_optimizers(fused.optimizer)[0].ratplus_fused_update
     original = update.step
     update.step = lambda closure=None: (calls.append(1), original())[1]
     got = train(fused)
@@ -138,7 +139,7 @@ def test_gpu_distributed_optimizer_matches_megatrons_step(megatron_single_proces
     want_model, want_main, want_state = snapshot(plain)
     fused = build(["train.fused_optimizer_update=true", "parallel.distributed_optimizer=true"])
     assert fused_optimizer_update.installed_count(fused.optimizer) >= 1
-    assert type(fused_optimizer_update._inner_optimizers(fused.optimizer)[0]).__name__ == "DistributedOptimizer"
+    assert type(inner_optimizers(fused.optimizer)[0]).__name__ == "DistributedOptimizer"
     train(fused, steps=1, modes=("sparse",))
     got_model, got_main, got_state = snapshot(fused)
     assert_model_is_rounded_master(got_model, got_main, by_kernel=True)
