@@ -169,6 +169,8 @@ class RunConfig:
             raise ConfigError(f"train.mode must be dense or sparse, got {t.mode!r}")
         if not 0.0 <= t.warmup_fraction < 1.0:
             raise ConfigError(f"train.warmup_fraction must be in [0, 1), got {t.warmup_fraction}")
+        if not t.clip_grad >= 0.0:    # Megatron would silently skip clipping for a negative or NaN value
+            raise ConfigError(f"train.clip_grad must be >= 0 (0: no clipping), got {t.clip_grad}")
         if t.fused_optimizer_update not in (None, True, False):
             raise ConfigError("train.fused_optimizer_update must be true, false or null (automatic), "
                               f"got {t.fused_optimizer_update!r}")

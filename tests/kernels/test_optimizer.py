@@ -96,6 +96,29 @@ def test_fused_without_any_model_copy_and_fp16_copies():
         torch.testing.assert_close(got.float(), ref.float(), rtol=1e-3, atol=1e-3)
 
 
+def test_grad_scale_is_the_update_of_scaled_gradients():
+    """grad_scale (gradient clipping's coefficient, folded into the update): the kernel and the
+    reference update as if the gradients had been multiplied by it first, and leave them unchanged."""
+    state = _state([fused_mod.BLOCK + 5, 9], seed=8)
+    grads_before = [g.clone() for g in state[1]]
+    prescaled = _clone(state)
+    prescaled[1] = [g * 0.37 for g in prescaled[1]]
+    naive = _clone(state)
+    fused_adamw_update(*state, **HYPER, grad_scale=0.37)
+    naive_adamw_update(*naive, **HYPER, grad_scale=0.37)
+    naive_adamw_update(*prescaled, **HYPER)
+    prescaled[1] = grads_before          # the gradients the folded updates must have left alone
+    _assert_same(naive, prescaled, rtol=0, atol=0)
+    _assert_same(state, prescaled)
+
+
+@pytest.mark.parametrize("update", [fused_adamw_update, naive_adamw_update])
+@pytest.mark.parametrize("grad_scale", [0.0, 1.5, float("nan")])
+def test_grad_scale_outside_zero_one_is_refused(update, grad_scale):
+    with pytest.raises(ValueError, match="grad_scale must lie in"):
+        update(*_state([4], seed=9), **HYPER, grad_scale=grad_scale)
+
+
 def test_tables_follow_moved_tensors():
     """New tensors at other addresses get new tables: the update lands in them, not in the old ones."""
     first = _state([40], seed=4)
@@ -127,7 +150,7 @@ def test_bad_input_is_named(breakage, message):
 @pytest.mark.gpu
 def test_gpu_matches_torch_fused_adamw_at_model_shapes():
     """Shapes of the 1.5B model (projection, FFN, a norm, a vocab-sized embedding slice): the kernel
-    against torch's fused AdamW followed by the bf16 copy, over three steps."""
+    against torch's fused AdamW followed by the bf16 copy, over three steps (one of them clipped)."""
     shapes = [(5 * 2048, 2048), (8192, 2048), (2048,), (3000, 2048), (1,)]
     sizes = [torch.Size(s).numel() for s in shapes]
     state = _state(sizes, seed=7, device="cuda")
@@ -136,11 +159,11 @@ def test_gpu_matches_torch_fused_adamw_at_model_shapes():
                             weight_decay=HYPER["weight_decay"], fused=True)
     for p, m, v, s in zip(params, state[2], state[3], state[4]):
         opt.state[p] = {"step": s.clone(), "exp_avg": m.clone(), "exp_avg_sq": v.clone()}
-    for _ in range(3):
+    for scale in (1.0, 0.3, 1.0):      # the middle step clips (grad_scale: one product in fp32, as torch's)
         for p, g in zip(params, state[1]):
-            p.grad = g
+            p.grad = g * scale
         opt.step()
-        fused_adamw_update(*state, **HYPER)
+        fused_adamw_update(*state, **HYPER, grad_scale=scale)
     for i, (p, got, low) in enumerate(zip(params, state[0], state[5])):
         torch.testing.assert_close(got, p.detach(), rtol=1e-5, atol=1e-6, msg=lambda m: f"param {i}: {m}")
         torch.testing.assert_close(state[2][i], opt.state[p]["exp_avg"], rtol=1e-5, atol=1e-7)

@@ -29,6 +29,10 @@ def test_cpu_run_prints_a_row_per_mode_with_host_time():
     for cells in rows.values():
         step_ms, host_ms = float(cells[1]), float(cells[2])
         assert 0 < host_ms <= step_ms      # the host's queue time is part of the step
+    assert "clipped" in header and "clip_grad=1.0" in out
+    clipped = {mode: cells[-1].split("/") for mode, cells in rows.items()}
+    assert clipped["dense"][1] == "1" and clipped["joint"][1] == "2"   # timed updates only (1 step)
+    assert all(0 <= int(k) <= int(n) for k, n in clipped.values())
 
 
 def test_bad_override_is_a_config_error():

@@ -112,12 +112,80 @@ def test_joint_training_runs_the_fused_update_for_both_modes(megatron_single_pro
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=2e-2, atol=0)
 
 
+def main_grad_norm(objs) -> float:
+    grads = [p.grad.float() for o in inner_optimizers(objs.optimizer) for g in o.optimizer.param_groups
+             for p in g["params"] if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+
+
+def one_update(objs):
+    gen = torch.Generator().manual_seed(1)
+    batch = [torch.randint(0, VOCAB, (2, 33), generator=gen).to(DEVICE)]
+    loss, grad_norm, updated = train_update(objs, batch, "sparse", seq_len=32)
+    assert updated
+    return grad_norm
+
+
+def test_clipping_is_folded_into_the_update(megatron_single_process, monkeypatch):
+    """With the norm above clip_grad, the fused update applies Megatron's clipping coefficient itself:
+    same master weights and moments as Megatron's clip-then-step, no separate scaling pass, and the
+    stored main gradients left as they were (their norm is still the unclipped one)."""
+    from megatron.core.optimizer import clip_grads
+
+    plain = build(["train.fused_optimizer_update=false", "train.clip_grad=0.05"])
+    norm = one_update(plain)
+    assert norm > 0.5, "the test needs a step that clips"
+    assert main_grad_norm(plain) == pytest.approx(0.05, rel=1e-4)     # Megatron scaled the gradients
+    want = snapshot(plain)
+
+    fused = build(["train.fused_optimizer_update=true", "train.clip_grad=0.05"])
+    scaled = []
+    scale_impl = clip_grads.multi_tensor_scale_impl
+    monkeypatch.setattr(clip_grads, "multi_tensor_scale_impl", lambda *a: (scaled.append(1), scale_impl(*a))[1])
+    assert one_update(fused) == pytest.approx(norm, rel=1e-6)
+    assert not scaled, "the gradients were scaled in a separate pass"
+    assert main_grad_norm(fused) == pytest.approx(norm, rel=1e-4)
+    assert all(o.ratplus_fused_update.pending_grad_scale == 1.0 for o in inner_optimizers(fused.optimizer))
+    got = snapshot(fused)
+    assert_model_is_rounded_master(got[0], got[1], by_kernel=True)
+    for g, w in zip(got[1] + got[2], want[1] + want[2]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_a_coefficient_whose_update_never_ran_is_dropped(megatron_single_process):
+    """A clip coefficient left from a step that stopped before its update is cleared when the next
+    step starts (prepare_grads), so it never scales a later update; here one that does not clip
+    (clip_grad 0), where no clipping call would overwrite it."""
+    plain = build(["train.fused_optimizer_update=false", "train.clip_grad=0"])
+    one_update(plain)
+    fused = build(["train.fused_optimizer_update=true", "train.clip_grad=0"])
+    for o in inner_optimizers(fused.optimizer):
+        o.ratplus_fused_update.pending_grad_scale = 0.01
+    one_update(fused)
+    for g, w in zip(snapshot(fused)[1], snapshot(plain)[1]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_other_parameters_are_clipped_by_megatron(megatron_single_process):
+    """Parameters that are not one fused-update optimizer's own list go to Megatron's clipping."""
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+
+    build(["train.fused_optimizer_update=true"])
+    assert megatron_optimizer.clip_grad_by_total_norm_fp32 is fused_optimizer_update._clip_or_defer
+    param = torch.nn.Parameter(torch.ones(4))
+    param.grad = torch.full((4,), 2.0)
+    megatron_optimizer.clip_grad_by_total_norm_fp32([param], max_norm=1.0, total_norm=4.0)
+    torch.testing.assert_close(param.grad, torch.full((4,), 2.0 / (4.0 + 1e-6)))
+
+
 def test_automatic_is_off_in_cpu_mode_and_bad_values_are_refused(megatron_single_process):
     objs = build([])
     assert objs.optimizer is not None and fused_optimizer_update.installed_count(objs.optimizer) == 0
     assert "Megatron's" in fused_optimizer_update.describe(objs.optimizer)
     with pytest.raises(ConfigError, match="fused_optimizer_update must be true, false or null"):
         load_config(None, ["train.max_steps=1", "train.fused_optimizer_update=maybe"])
+    with pytest.raises(ConfigError, match="clip_grad must be >= 0"):
+        load_config(None, ["train.max_steps=1", "train.clip_grad=-1"])
 
 
 def test_required_but_not_applicable_is_an_error(megatron_single_process):
@@ -132,15 +200,19 @@ def test_required_in_cpu_mode_without_the_interpreter_is_an_error(megatron_singl
 
 
 @pytest.mark.gpu
-def test_gpu_distributed_optimizer_matches_megatrons_step(megatron_single_process):
-    """GPU: Megatron's distributed optimizer (the weight copies are shards of the param buffer)."""
-    plain = build(["train.fused_optimizer_update=false", "parallel.distributed_optimizer=true"])
-    train(plain, steps=1, modes=("sparse",))
+@pytest.mark.parametrize("clip_grad", ["0", "0.05"])
+def test_gpu_distributed_optimizer_matches_megatrons_step(megatron_single_process, clip_grad):
+    """GPU: Megatron's distributed optimizer (the weight copies are shards of the param buffer),
+    without clipping and with a step that clips (the coefficient folded into the update)."""
+    options = ["parallel.distributed_optimizer=true", f"train.clip_grad={clip_grad}"]
+    plain = build(["train.fused_optimizer_update=false", *options])
+    norm = one_update(plain)
+    assert clip_grad == "0" or norm > 0.5, "the clipped case needs a step that clips"
     want_model, want_main, want_state = snapshot(plain)
-    fused = build(["train.fused_optimizer_update=true", "parallel.distributed_optimizer=true"])
+    fused = build(["train.fused_optimizer_update=true", *options])
     assert fused_optimizer_update.installed_count(fused.optimizer) >= 1
     assert type(inner_optimizers(fused.optimizer)[0]).__name__ == "DistributedOptimizer"
-    train(fused, steps=1, modes=("sparse",))
+    one_update(fused)
     got_model, got_main, got_state = snapshot(fused)
     assert_model_is_rounded_master(got_model, got_main, by_kernel=True)
     for got, want in zip(got_main + got_state, want_main + want_state):

@@ -169,13 +169,15 @@ def main():
         with phase("forward_backward"):
             loss = training_forward_backward(objs, batches, mode, a.seq_len)
         with phase("optimizer_step"):
-            objs.optimizer.step()
+            _, grad_norm, _ = objs.optimizer.step()
+        grad_norms.append(grad_norm)
         return loss
 
-    rows = []
+    rows, grad_norms = [], []   # grad_norms: every update's (pre-clip) norm, to tell whether the timed ones clip
     for mode in a.modes.split(","):
         passes = ["sparse", "dense"] if mode == "joint" else [mode]
         times, host_times = [], []
+        grad_norms.clear()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         for i in range(a.warmup + a.steps):
@@ -191,6 +193,9 @@ def main():
             if i >= a.warmup:
                 times.append(time.perf_counter() - t0)
                 host_times.append(queued)
+            else:
+                del grad_norms[-len(passes):]
+        timed_norms = list(grad_norms)     # before the profiled steps below add theirs
         if a.profile and torch.cuda.is_available():
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -213,8 +218,10 @@ def main():
         tflops = flops_per_token * tokens_per_step * len(passes) / med / world / 1e12
         mem = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
         anchor = ANCHORS.get(mode) if a.preset == "ratplus-1.5b" and not a.num_layers else None
+        clipped = sum(n is not None and n > cfg.train.clip_grad > 0 for n in timed_norms)
         rows.append((mode, med * 1e3, statistics.median(host_times) * 1e3, tok_s / world, tflops,
-                     (tflops / peak) if peak else None, mem, (tok_s / world / anchor) if anchor else None, loss))
+                     (tflops / peak) if peak else None, mem, (tok_s / world / anchor) if anchor else None, loss,
+                     f"{clipped}/{len(timed_norms)}"))
     if info["rank"] == 0:
         print(f"device: {name} × {world} | preset {a.preset} ({args.num_parameters(pad_vocab_size(args.vocab_size)):,} "
               f"params, {args.num_layers} layers) | micro-batch {a.micro_batch} × {a.accum} | T={a.seq_len} | "
@@ -225,11 +232,13 @@ def main():
               + (f" | overrides: {' '.join(a.override)}" if a.override else "")
               + (" | dilated attention: pointer loads" if a.dilated_pointer_loads else ""))
         print("host ms: time to queue the step (until the loss is read); near the step time, the host limits it")
+        print(f"clipped: timed updates whose gradient norm exceeded clip_grad={cfg.train.clip_grad} (they pay the "
+              "clipping scale)")
         print(f"{'mode':<7}{'step ms':>10}{'host ms':>9}{'tok/s/GPU':>12}{'TFLOP/s/GPU':>13}{'MFU':>7}{'mem GiB':>9}"
-              f"{'vs anchor':>11}{'loss':>8}")
-        for mode, ms, host_ms, tok, tf, mfu, mem, ratio, loss in rows:
+              f"{'vs anchor':>11}{'loss':>8}{'clipped':>9}")
+        for mode, ms, host_ms, tok, tf, mfu, mem, ratio, loss, clipped in rows:
             print(f"{mode:<7}{ms:>10.1f}{host_ms:>9.1f}{tok:>12,.0f}{tf:>13.1f}{(f'{100 * mfu:.1f}%' if mfu else '-'):>7}"
-                  f"{mem:>9.1f}{(f'{ratio:.2f}x' if ratio else '-'):>11}{loss:>8.3f}")
+                  f"{mem:>9.1f}{(f'{ratio:.2f}x' if ratio else '-'):>11}{loss:>8.3f}{clipped:>9}")
     destroy_distributed()
 
 

@@ -4,7 +4,7 @@
 # writes its log to $OUT/<step>.log. Run from the repository root on the GPU host:
 #   STEPS="rec_tests rec_bench da_tests da_bench decode" bash tools/gpu/gpu_check.sh
 # Steps:
-#   gpu_tests   every test marked gpu (kernels, Hugging Face model on CUDA)
+#   gpu_tests   every test marked gpu (kernels, Hugging Face model on CUDA) under ${GPU_TESTS:-tests}
 #   rec_tests   pytest tests/kernels/test_recurrence.py (GPU tests run, poisoned outputs; REC_TEST_K:
 #               a -k filter, REC_TEST_LIMIT: seconds)
 #   rec_sweep   bench_recurrence.py --sweep $REC_SWEEP_ARGS (every block config, e.g. --sweep-designs
@@ -33,6 +33,9 @@
 #               cannot be captured, host syncs inside it) and pytest tests/training/test_cuda_graph.py
 #   train_bench bench_training.py on the 1.5B preset, eager then CUDA graphs ($TRAIN_ARGS, default
 #               --modes dense,sparse,joint --steps 8 --warmup 3)
+#   train_ab    bench_training.py ($TRAIN_ARGS, default dense,joint with CUDA graphs) four times, alternating this
+#               tree and the baseline tree TRAIN_BASE (carried, ignored: git archive <rev> megatron_ratplus kernels |
+#               tar -x -C .bench_base); each log starts with the package paths it imported
 #   optimizer   the fused AdamW + bf16 weight write: its GPU tests (kernel against torch's fused AdamW; Megatron's
 #               distributed optimizer with and without it) and bench_optimizer.py (the 1.5B model's tensors)
 #   resources   tools/bench/kernel_resources.py --sweep (registers / spills with the host's Triton)
@@ -108,7 +111,7 @@ for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
     da_ncu)    TAIL=${TAIL:-400} step da_ncu 300 ncu $NCU_SECTIONS ${DA_NCU_FILTER:-} \
                  python3 tools/bench/profile_dilated.py ${DA_NCU_ARGS:-} ;;
     rec_spread) step rec_spread 240 python3 tools/bench/bench_recurrence.py --no-fla --spread --sweep-only ;;
-    gpu_tests) step gpu_tests 560 python3 -m pytest -q -p no:cacheprovider -m gpu tests ;;
+    gpu_tests) step gpu_tests 560 python3 -m pytest -q -p no:cacheprovider -m gpu ${GPU_TESTS:-tests} ;;
     da_tests)  step da_tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_dilated_attention.py \
                  ${DA_TEST_K:+-k "$DA_TEST_K"} ;;
     da_bench)  step da_bench 420 python3 tools/bench/bench_dilated_attention.py ${DA_ARGS:-} ;;
@@ -122,6 +125,16 @@ for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
                      --micro-batch 2 --seq-len 4096 ${TRAIN_ARGS:---modes dense,sparse,joint --steps 8 --warmup 3} \
                      --override "train.cuda_graph=$g"
                  done ;;
+    train_ab) [ -d "${TRAIN_BASE:-}/megatron_ratplus" ] || { echo "train_ab: TRAIN_BASE must name a baseline tree"; exit 2; }
+              for run in new base new base; do
+                pp=$PYTHONPATH
+                [ "$run" = base ] && pp=$PWD/$TRAIN_BASE/kernels:$PWD/$TRAIN_BASE:$PYTHONPATH
+                n=$(ls "$OUT"/train_ab_"$run"_*.log 2>/dev/null | wc -l)
+                TAIL=${TAIL:-9} step "train_ab_${run}_$n" 300 env PYTHONPATH="$pp" bash -c "python3 -P -c 'import \
+                  megatron_ratplus, ratplus_kernels; print(megatron_ratplus.__file__, ratplus_kernels.__file__)' && \
+                  python3 tools/bench/bench_training.py --preset ratplus-1.5b --micro-batch 2 --seq-len 4096 \
+                  ${TRAIN_ARGS:---modes dense,joint --steps 6 --warmup 3 --override train.cuda_graph=true}"
+              done ;;
     optimizer) step optimizer 300 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_optimizer.py \
                  tests/training/test_fused_optimizer_update.py && python3 tools/bench/bench_optimizer.py" ;;
     resources) TAIL=120 step resources 300 python3 tools/bench/kernel_resources.py --sweep ;;

@@ -7,6 +7,7 @@ AdamW over the master weights, then a copy of each master weight into the model'
 The contract both implementations share::
 
     step    += 1                                   (each tensor's own 0-d fp32 step count)
+    grad     = grad * grad_scale                   (in registers; the stored gradient is unchanged)
     param   *= 1 - lr * weight_decay               (decoupled weight decay, as torch.optim.AdamW)
     exp_avg  = beta1 * exp_avg + (1 - beta1) * grad
     exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad**2
@@ -14,7 +15,8 @@ The contract both implementations share::
     model_param = param.to(model_param.dtype)      (where a model copy is given)
 
 Every tensor is fp32 and contiguous except the model copies (one low-precision dtype, contiguous).
-Tensors are updated in place; nothing is returned.
+Tensors are updated in place; nothing is returned. ``grad_scale`` is gradient clipping's coefficient,
+applied inside the update instead of by a separate pass that rewrites every gradient (1.0: none).
 """
 from __future__ import annotations
 
@@ -54,14 +56,24 @@ def check_adamw_lists(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
                              f"{p.numel()} elements, got {low.dtype} with {low.numel()}")
 
 
+def check_grad_scale(grad_scale: float) -> None:
+    """Clipping only shrinks gradients: a coefficient outside (0, 1] (or not finite) is a caller's bug."""
+    if not 0.0 < grad_scale <= 1.0:
+        raise ValueError(f"adamw update: grad_scale must lie in (0, 1], got {grad_scale}")
+
+
 @torch.no_grad()
 def naive_adamw_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                        exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
                        steps: Sequence[torch.Tensor], model_params: Sequence[Optional[torch.Tensor]],
-                       *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+                       *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                       grad_scale: float = 1.0) -> None:
     """One tensor at a time, in torch ops (the oracle in tests)."""
     check_adamw_lists(params, grads, exp_avgs, exp_avg_sqs, steps, model_params)
+    check_grad_scale(grad_scale)
     for p, g, m, v, s, low in zip(params, grads, exp_avgs, exp_avg_sqs, steps, model_params):
+        if grad_scale != 1.0:
+            g = g * grad_scale
         s.add_(1)
         step = float(s)
         p.mul_(1.0 - lr * weight_decay)
