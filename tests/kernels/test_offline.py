@@ -116,3 +116,13 @@ def test_kernel_resources_tool_optimizer_default_does_not_spill():
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines() if line.startswith("| optimizer")]
     assert len(rows) == 1 and "(default)" in rows[0][1] and rows[0][2] == "adamw_kernel"
     assert rows[0][6] == "0/0" and rows[0][9] == "", rows[0]
+
+
+def test_kernel_resources_tool_rmsnorm_rows_do_not_spill():
+    """The RMSNorm kernels hold a whole row in registers: up to the widest row they accept
+    (``--sweep``), forward and backward compile without spills."""
+    proc = _run(args=["tools/bench/kernel_resources.py", "--kernels", "rmsnorm", "--sweep"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines() if line.startswith("| rmsnorm")]
+    assert {r[2] for r in rows} == {"rms_norm_fwd_kernel", "rms_norm_bwd_kernel"} and len(rows) == 8
+    assert all(r[6] == "0/0" for r in rows), rows

@@ -2,7 +2,7 @@
 offline for an H100 (compute capability 9.0; ``--arch 80``: A100) — no GPU needed.
 
     PYTHONPATH=kernels:. python tools/bench/kernel_resources.py [--kernels recurrence,dilated]
-        [--sweep] [--arch 90]             # --kernels optimizer: the fused AdamW update
+        [--sweep] [--arch 90]             # --kernels optimizer: the fused AdamW update; rmsnorm
 
 For the same compiler as the GPU host, put that Triton first on the path, e.g.
 ``pip install --target /tmp/triton36 --no-deps triton==3.6.0`` and ``PYTHONPATH=/tmp/triton36:kernels:.``.
@@ -151,6 +151,21 @@ def optimizer_rows(sweep: bool, arch: int):
     return rows
 
 
+def rmsnorm_rows(sweep: bool, arch: int):
+    """The RMSNorm forward and backward at the presets' widths (and with ``--sweep`` the widest row)."""
+    import ratplus_kernels.rmsnorm.fused as fm
+
+    widths = [2048, 2560] + ([4096, fm.MAX_COLUMNS] if sweep else [])
+    rows = []
+    for d in widths:
+        x = torch.empty(64, d, dtype=torch.bfloat16, requires_grad=True)
+        w = torch.empty(d, dtype=torch.bfloat16, requires_grad=True)
+        with offline_compilation(arch) as compiled:
+            torch.autograd.grad(fm.fused_rms_norm(x, w), (x, w), torch.empty(64, d, dtype=torch.bfloat16))
+        rows += [_row("rmsnorm", f"d={d}", kernel) for kernel in compiled]
+    return rows
+
+
 def print_table(rows) -> None:
     cols = ["family", "setting", "kernel", "warps", "stages", "regs", "spill", "smem_kib", "ctas", "note"]
     head = {"spill": "spill st/ld B", "smem_kib": "smem KiB", "ctas": "CTAs/SM"}
@@ -167,7 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, choices=[80, 90],
                     help="CUDA compute capability x 10 (90: H100/H200, 80: A100)")
     args = ap.parse_args(argv)
-    families = {"recurrence": recurrence_rows, "dilated": dilated_rows, "optimizer": optimizer_rows}
+    families = {"recurrence": recurrence_rows, "dilated": dilated_rows, "optimizer": optimizer_rows,
+                "rmsnorm": rmsnorm_rows}
     unknown = set(args.kernels.split(",")) - set(families)
     if unknown:
         ap.error(f"unknown kernels {sorted(unknown)}; choose from {sorted(families)}")

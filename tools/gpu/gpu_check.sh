@@ -38,6 +38,8 @@
 #               tar -x -C .bench_base); each log starts with the package paths it imported
 #   optimizer   the fused AdamW + bf16 weight write: its GPU tests (kernel against torch's fused AdamW; Megatron's
 #               distributed optimizer with and without it) and bench_optimizer.py (the 1.5B model's tensors)
+#   rmsnorm     the Triton RMSNorm: its GPU test (the 1.5B shape against the reference and torch's rms_norm) and
+#               bench_rmsnorm.py (forward and forward + backward against torch's CUDA rms_norm)
 #   resources   tools/bench/kernel_resources.py --sweep (registers / spills with the host's Triton)
 #   decode      bench_decode.py on CUDA, bf16, real prefill, $DECODE_ARGS
 #   decode16    the same with 16 sequences per step
@@ -135,6 +137,8 @@ for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
                   python3 tools/bench/bench_training.py --preset ratplus-1.5b --micro-batch 2 --seq-len 4096 \
                   ${TRAIN_ARGS:---modes dense,joint --steps 6 --warmup 3 --override train.cuda_graph=true}"
               done ;;
+    rmsnorm)   step rmsnorm 240 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_rmsnorm.py \
+                 && python3 tools/bench/bench_rmsnorm.py" ;;
     optimizer) step optimizer 300 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_optimizer.py \
                  tests/training/test_fused_optimizer_update.py && python3 tools/bench/bench_optimizer.py" ;;
     resources) TAIL=120 step resources 300 python3 tools/bench/kernel_resources.py --sweep ;;
