@@ -34,17 +34,23 @@ def build(overrides):
 
 
 def train(objs, steps=3, modes=("sparse", "dense")):
-    """Joint training on fixed random batches; returns the losses."""
+    """Joint training on fixed random batches; returns each update's loss and (pre-clip) gradient norm."""
     gen = torch.Generator().manual_seed(1)
-    losses = []
+    losses, grad_norms = [], []
     for step in range(steps):
         batch = [torch.randint(0, VOCAB, (2, 33), generator=gen).to(DEVICE)]
         for mode in modes:
-            loss, _, updated = train_update(objs, batch, mode, seq_len=32)
+            loss, grad_norm, updated = train_update(objs, batch, mode, seq_len=32)
             assert updated, f"step {step} {mode}: not applied (loss {loss})"
             losses.append(loss)
+            grad_norms.append(grad_norm)
         objs.scheduler.step(increment=1)
-    return losses
+    return losses, grad_norms
+
+
+def one_update(objs) -> float:
+    """One sparse update on the first batch; returns its gradient norm."""
+    return train(objs, steps=1, modes=("sparse",))[1][0]
 
 
 def snapshot(objs):
@@ -77,14 +83,14 @@ def test_one_update_matches_megatrons_step(megatron_single_process):
     bf16 model weight is its master weight rounded."""
     plain = build(["train.fused_optimizer_update=false"])
     assert fused_optimizer_update.installed_count(plain.optimizer) == 0
-    train(plain, steps=1, modes=("sparse",))
+    one_update(plain)
     want_model, want_main, want_state = snapshot(plain)
     assert_model_is_rounded_master(want_model, want_main)
 
     fused = build(["train.fused_optimizer_update=true"])
     assert fused_optimizer_update.installed_count(fused.optimizer) >= 1
     assert "fused AdamW" in fused_optimizer_update.describe(fused.optimizer)
-    train(fused, steps=1, modes=("sparse",))
+    one_update(fused)
     got_model, got_main, got_state = snapshot(fused)
     assert_model_is_rounded_master(got_model, got_main, by_kernel=True)
     assert len(got_main) == len(want_main) > 0 and len(got_state) == len(want_state) > 0
@@ -99,13 +105,13 @@ def test_joint_training_runs_the_fused_update_for_both_modes(megatron_single_pro
     """Three joint batches: the fused update runs for every update, the model keeps its master
     weights' rounding, and the losses follow Megatron's step (early Adam steps amplify last-bit
     differences of the weights, so the comparison is of losses, loosely)."""
-    want = train(build(["train.fused_optimizer_update=false"]))
+    want, _ = train(build(["train.fused_optimizer_update=false"]))
     fused = build(["train.fused_optimizer_update=true"])
     calls = []
     update = inner_optimizers(fused.optimizer)[0].ratplus_fused_update
     original = update.step
     update.step = lambda closure=None: (calls.append(1), original())[1]
-    got = train(fused)
+    got, _ = train(fused)
     assert len(calls) == 6                          # 3 batches x (sparse + dense update)
     assert_model_is_rounded_master(*snapshot(fused)[:2], by_kernel=True)
     assert got[0] == want[0]
@@ -116,14 +122,6 @@ def main_grad_norm(objs) -> float:
     grads = [p.grad.float() for o in inner_optimizers(objs.optimizer) for g in o.optimizer.param_groups
              for p in g["params"] if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
-
-
-def one_update(objs):
-    gen = torch.Generator().manual_seed(1)
-    batch = [torch.randint(0, VOCAB, (2, 33), generator=gen).to(DEVICE)]
-    loss, grad_norm, updated = train_update(objs, batch, "sparse", seq_len=32)
-    assert updated
-    return grad_norm
 
 
 def test_clipping_is_folded_into_the_update(megatron_single_process, monkeypatch):

@@ -4,15 +4,30 @@ from __future__ import annotations
 import argparse
 
 
-def shapes_arg(text: str) -> list[tuple[int, int]]:
-    """``8x4096,2x4096`` -> ``[(8, 4096), (2, 4096)]`` (batch x sequence length); an argparse type,
-    so a malformed list is a usage error naming the value instead of a traceback."""
+def _positive_sizes(text: str) -> list[tuple[int, ...]]:
+    """``8x4096,4096x2x2048`` -> ``[(8, 4096), (4096, 2, 2048)]``, or [] if any size is not a positive int."""
     try:
         shapes = [tuple(int(x) for x in item.split("x")) for item in text.split(",")]
     except ValueError:
-        shapes = []
-    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        return []
+    return shapes if all(min(s) >= 1 for s in shapes) else []
+
+
+def shapes_arg(text: str) -> list[tuple[int, int]]:
+    """``8x4096,2x4096`` -> ``[(8, 4096), (2, 4096)]`` (batch x sequence length); an argparse type,
+    so a malformed list is a usage error naming the value instead of a traceback."""
+    shapes = _positive_sizes(text)
+    if not shapes or any(len(s) != 2 for s in shapes):
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of BxT, got {text!r}")
+    return shapes
+
+
+def sizes_arg(text: str) -> list[tuple[int, ...]]:
+    """``4096x2x2048,8x64`` -> tensor shapes of any rank; an argparse type like :func:`shapes_arg`."""
+    shapes = _positive_sizes(text)
+    if not shapes:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of sizes joined by x "
+                                         f"(e.g. 4096x2x2048), got {text!r}")
     return shapes
 
 

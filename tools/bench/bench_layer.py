@@ -27,11 +27,10 @@ excluded, as under a busy training step); on CPU wall time (a smoke run, not a b
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
+from gpu_timing import median_ms
 
 from megatron_ratplus.attention_pattern import SparsePattern
 
@@ -106,21 +105,6 @@ def build_layer(args, a, device: torch.device, dtype: torch.dtype):
     rope = RotaryEmbedding(kv_channels=args.head_dim, rotary_percent=1.0, rotary_base=args.rope_base,
                            use_cpu_initialization=cpu)
     return layer, rope(a.seq_len).to(device)
-
-
-def median_ms(fn, steps: int, warmup: int, cuda: bool) -> float:
-    if cuda:
-        from ratplus_kernels.gpu_time import gpu_median
-
-        return gpu_median(fn, calls=steps, warmup=warmup)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def profile_top_kernels(fn, top: int, calls: int = 3) -> list[tuple[str, float, float]]:

@@ -22,10 +22,9 @@ median of ``--calls`` (:mod:`ratplus_kernels.gpu_time`); wall time on CPU.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from gpu_timing import median_ms
 
 from megatron_ratplus.model import get_preset
 
@@ -89,17 +88,7 @@ def main() -> None:
     print(f"{'update':<24} {'ms':>9} {'GB/s':>8} {'vs torch + per-tensor copy':>28}")
     results = {}
     for label, fn, bytes_per_param in rows:
-        if cuda:
-            from ratplus_kernels.gpu_time import gpu_median
-            ms = gpu_median(fn, calls=args.calls, warmup=3)
-        else:
-            fn()
-            times = []
-            for _ in range(args.calls):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            ms = statistics.median(times)
+        ms = median_ms(fn, args.calls, warmup=3 if cuda else 1, cuda=cuda)
         results[label] = ms
         base = results.get("+ per-tensor copy")
         ratio = f"{base / ms:.2f}x" if base else "—"

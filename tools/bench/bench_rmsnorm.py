@@ -13,27 +13,16 @@ on CPU.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(v) for v in text.split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape {text!r}: expected sizes joined by x, e.g. 4096x2x2048") from None
-    if not shape or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"shape {text!r}: sizes must be positive")
-    return shape
+from bench_args import sizes_arg
+from gpu_timing import median_ms
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", type=lambda s: [parse_shape(v) for v in s.split(",")],
-                        default=[(4096, 2, 2048), (4096, 2, 2560)])
+    parser.add_argument("--shapes", type=sizes_arg, default=[(4096, 2, 2048), (4096, 2, 2560)])
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--sweep-warps", default="",
                         help="also time the Triton kernels at these warp counts, e.g. 4,8,16 (default: the kernel's choice)")
@@ -69,25 +58,12 @@ def main() -> None:
             if warps is not None:       # both kernels, forward and backward, at this warp count
                 fused_module._num_warps = lambda block, warps=warps: warps
             try:
-                ms = [_median_ms(f, args.calls, cuda) for f in (forward, forward_backward)]
+                ms = [median_ms(f, args.calls, warmup=3 if cuda else 1, cuda=cuda) for f in (forward, forward_backward)]
             finally:
                 fused_module._num_warps = default_warps
             base = base or ms[1]
             print(f"{'x'.join(map(str, shape)):<16} {label:<18} {ms[0]:8.4f} {numel * 4 / ms[0] / 1e6:6.0f} "
                   f"{ms[1]:11.4f} {numel * 10 / ms[1] / 1e6:6.0f} {base / ms[1]:8.2f}x")
-
-
-def _median_ms(fn, calls: int, cuda: bool) -> float:
-    if cuda:
-        from ratplus_kernels.gpu_time import gpu_median
-        return gpu_median(fn, calls=calls, warmup=3)
-    fn()
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 if __name__ == "__main__":

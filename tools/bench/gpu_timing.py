@@ -1,15 +1,33 @@
 """Benchmark timing helpers: GPU time without the host's launch time (the kernel library's
-:mod:`ratplus_kernels.gpu_time`, which the kernels' own first-use choices use too) and a text
-histogram of per-call timings."""
+:mod:`ratplus_kernels.gpu_time`, which the kernels' own first-use choices use too), the median of
+either GPU or wall time, and a text histogram of per-call timings."""
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
 from ratplus_kernels.gpu_time import gpu_median, gpu_times, percentile
 
-__all__ = ["cuda_kernels", "gpu_median", "gpu_times", "histogram", "percentile", "profile_once", "profiled"]
+__all__ = ["cuda_kernels", "gpu_median", "gpu_times", "histogram", "median_ms", "percentile", "profile_once",
+           "profiled"]
+
+
+def median_ms(fn: Callable[[], object], calls: int, warmup: int, cuda: bool) -> float:
+    """Median ms of ``calls`` calls after ``warmup``: GPU time on CUDA (:func:`gpu_median`), wall time
+    otherwise (the CPU smoke runs of the benchmark scripts, not benchmarks)."""
+    if cuda:
+        return gpu_median(fn, calls=calls, warmup=warmup)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def profile_once(step: Callable[[], object], warmup: int = 3) -> None:
