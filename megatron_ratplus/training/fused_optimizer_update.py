@@ -26,6 +26,12 @@ The stored main gradients are therefore left unscaled after the step (Megatron z
 the next backward; nothing of its step reads them after the update). The coefficient lives from the
 clip to the next update of the same step: each ``prepare_grads`` (the start of every Megatron step)
 clears it, so a step that stops early cannot pass it on.
+
+The update's host work (the tensor lists, the launch tables keyed by every tensor's address) is done
+in ``prepare_grads``, before Megatron reads the gradient norm. The training loop queues the step
+without waiting for the backward, so this host time overlaps the GPU's backward instead of adding to
+the gap between the norm read and the update's launch. The update checks (by object identity) that
+the prepared lists still name the groups' parameters and gradients, and prepares again if not.
 """
 from __future__ import annotations
 
@@ -107,35 +113,68 @@ class FusedUpdate:
     def __init__(self, opt):
         self.opt = opt
         self.pending_grad_scale = 1.0   # clipping's coefficient, deferred by _clip_or_defer
+        self.prepared: Optional[list] = None   # [(param group, PreparedAdamWUpdate)], from prepare()
 
     def owns_exactly(self, parameters) -> bool:
         """Whether ``parameters`` are this optimizer's master weights (the list Megatron clips)."""
         mine = [p for group in self.opt.optimizer.param_groups for p in group["params"]]
         return len(mine) == len(parameters) and {id(p) for p in mine} == {id(p) for p in parameters}
 
-    @torch.no_grad()
-    def step(self, closure=None) -> None:
-        from ratplus_kernels.optimizer import fused_adamw_update
+    def prepare(self) -> None:
+        """The update's host work that needs the gradients but not the norm: done right after
+        Megatron's ``prepare_grads``, while the GPU may still run the backward, so that once the
+        host has read the gradient norm only the launches remain (docs/benchmarks.md: that read
+        was followed by the step's longest GPU idle gap)."""
+        from ratplus_kernels.optimizer import PreparedAdamWUpdate
 
-        if closure is not None:
-            raise ValueError("the fused optimizer update takes no closure")
         inner = self.opt.optimizer
-        grad_scale, self.pending_grad_scale = self.pending_grad_scale, 1.0
         # Megatron's current pairing, looked up each step as its own copy does (a checkpoint load
         # may replace master weights): a master weight is never left without its model weight
         copies = _model_copies(self.opt)
+        prepared = []
         for group in inner.param_groups:
             params: List[torch.Tensor] = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             states = [self._state(inner, p) for p in params]
-            beta1, beta2 = group["betas"]
-            fused_adamw_update(
+            prepared.append((group, PreparedAdamWUpdate(
                 params, [p.grad for p in params], [s["exp_avg"] for s in states],
                 [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
-                [copies.get(p.data_ptr()) for p in params],
-                lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-                weight_decay=float(group["weight_decay"]), grad_scale=grad_scale)
+                [copies.get(p.data_ptr()) for p in params])))
+        self.prepared = prepared
+
+    def _prepared_is_current(self) -> bool:
+        """Whether the prepared launches still name the groups' parameters and gradients (object
+        identity, cheap): a step whose ``prepare_grads`` did not run through :func:`_wrap`, or a
+        checkpoint load between prepare and step, gets its launches built again."""
+        groups = self.opt.optimizer.param_groups
+        if self.prepared is None or len(self.prepared) > len(groups):
+            return False
+        by_group = {id(group): update for group, update in self.prepared}
+        for group in groups:
+            update = by_group.get(id(group))
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            if update is None:
+                if with_grad:
+                    return False
+                continue
+            if len(update.params) != len(with_grad) or any(
+                    p is not q or p.grad is not g for p, q, g in zip(with_grad, update.params, update.grads)):
+                return False
+        return True
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        if closure is not None:
+            raise ValueError("the fused optimizer update takes no closure")
+        grad_scale, self.pending_grad_scale = self.pending_grad_scale, 1.0
+        if not self._prepared_is_current():
+            self.prepare()
+        prepared, self.prepared = self.prepared, None
+        for group, update in prepared:
+            beta1, beta2 = group["betas"]
+            update.launch(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                          weight_decay=float(group["weight_decay"]), grad_scale=grad_scale)
 
     @staticmethod
     def _state(inner, p: torch.Tensor) -> dict:
@@ -196,7 +235,11 @@ def _wrap(opt, update: FusedUpdate) -> None:
 
     def prepare_grads() -> bool:
         update.pending_grad_scale = 1.0    # a new step: no coefficient from an unfinished one
-        return megatron_prepare_grads()
+        update.prepared = None
+        found_inf = megatron_prepare_grads()
+        if not found_inf:
+            update.prepare()
+        return found_inf
 
     def step_with_ready_grads() -> bool:
         with update.in_place_of_megatron_step():

@@ -9,7 +9,9 @@ Per global batch:
   attention baseline, ``sparse`` for resolution adaptation).
 
 A non-finite loss skips that optimizer step (every rank sees the same all-reduced loss, so they
-agree) and is reported; ``train.max_nonfinite_steps`` consecutive ones halt the run.
+agree) and is reported; ``train.max_nonfinite_steps`` consecutive ones halt the run. The loss is
+read inside the optimizer step, just before the weights would change (:mod:`.update_guard`), so the
+host queues the step's gradient work without waiting for the backward.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from .config import RunConfig
 from .metrics import MetricsLogger, StepRecord
 from .setup import TrainingObjects
 from .step import forward_backward
+from .update_guard import LossRead, update_only_if_finite
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,11 +65,12 @@ def train_update(objs: TrainingObjects, microbatches, mode: str, seq_len: int):
     for chunk in objs.model:
         chunk.zero_grad_buffer()
     objs.optimizer.zero_grad()
-    loss = training_forward_backward(objs, microbatches, mode, seq_len).item()
-    if not math.isfinite(loss):
-        return loss, None, False
-    updated, grad_norm, _ = objs.optimizer.step()
-    return loss, grad_norm, bool(updated)
+    loss = LossRead(training_forward_backward(objs, microbatches, mode, seq_len))
+    with update_only_if_finite(objs.optimizer, loss):
+        updated, grad_norm, _ = objs.optimizer.step()
+    if not loss.is_finite():
+        return loss.value(), None, False
+    return loss.value(), grad_norm, bool(updated)
 
 
 def evaluate(objs: TrainingObjects, data, cfg: RunConfig) -> Dict[str, float]:

@@ -19,7 +19,7 @@ VARIANTS = {
 
 
 def megatron_shapes(cfg, vocab_rows=None):
-    d, H, f, V = cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, vocab_rows or cfg.vocab_size
+    d, _, f, V = cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, vocab_rows or cfg.vocab_size
     nb = 3 + int(cfg.output_gate) + int(cfg.recurrence)
     shapes = {"embedding.word_embeddings.weight": (V, d), "decoder.final_layernorm.weight": (d,),
               "output_layer.weight": (V, d)}

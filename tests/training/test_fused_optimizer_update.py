@@ -164,6 +164,50 @@ def test_a_coefficient_whose_update_never_ran_is_dropped(megatron_single_process
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
 
 
+def test_the_update_is_prepared_before_the_gradient_norm_is_read(megatron_single_process, monkeypatch):
+    """The host work of the update (lists, tables) is done in prepare_grads, before Megatron reads the
+    gradient norm; after the read only the launch remains, and the preparation is used once."""
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+
+    fused = build(["train.fused_optimizer_update=true"])
+    update = inner_optimizers(fused.optimizer)[0].ratplus_fused_update
+    events = []
+    prepare = update.prepare
+    update.prepare = lambda: (events.append("prepare"), prepare())[1]
+    norm = megatron_optimizer.get_grad_norm_fp32
+    monkeypatch.setattr(megatron_optimizer, "get_grad_norm_fp32", lambda *a, **k: (events.append("norm"), norm(*a, **k))[1])
+    launch = fused_optimizer_update.FusedUpdate.step
+    monkeypatch.setattr(fused_optimizer_update.FusedUpdate, "step",
+                        lambda self, closure=None: (events.append("update"), launch(self, closure))[1])
+    train(fused, steps=2, modes=("sparse",))
+    assert events == ["prepare", "norm", "update"] * 2
+    assert update.prepared is None
+
+
+def test_a_preparation_that_no_longer_names_the_gradients_is_built_again(megatron_single_process):
+    """If a gradient tensor changes between prepare_grads and the update (here: replaced by a copy),
+    the update is prepared again and gives Megatron's result."""
+    plain = build(["train.fused_optimizer_update=false"])
+    one_update(plain)
+    fused = build(["train.fused_optimizer_update=true"])
+    update = inner_optimizers(fused.optimizer)[0].ratplus_fused_update
+    calls = []
+    prepare = update.prepare
+
+    def prepare_then_replace_a_gradient():
+        calls.append(1)
+        prepare()
+        if len(calls) == 1:
+            p = update.opt.optimizer.param_groups[0]["params"][0]
+            p.grad = p.grad.clone()
+
+    update.prepare = prepare_then_replace_a_gradient
+    one_update(fused)
+    assert len(calls) == 2
+    for g, w in zip(snapshot(fused)[1] + snapshot(fused)[2], snapshot(plain)[1] + snapshot(plain)[2]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
 def test_other_parameters_are_clipped_by_megatron(megatron_single_process):
     """Parameters that are not one fused-update optimizer's own list go to Megatron's clipping."""
     from megatron.core.optimizer import optimizer as megatron_optimizer

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from megatron_ratplus.checkpoint.state import inner_optimizers
 from megatron_ratplus.model import get_attention_modes
 from megatron_ratplus.training.config import load_config
 from megatron_ratplus.training.loop import NonFiniteLossError, Trainer
@@ -95,3 +96,23 @@ def test_non_finite_loss_skips_then_halts(megatron_single_process):
         if n in before:
             assert torch.equal(p, before[n]), "a skipped step must not change the weights"
     assert all(math.isnan(h["dense"]) for h in trainer.state.history)
+    # nor the optimizer's state: no AdamW step was counted
+    assert not any(state for o in inner_optimizers(objs.optimizer) for state in o.optimizer.state.values())
+
+
+def test_the_loss_is_read_after_the_gradient_norm(megatron_single_process, monkeypatch):
+    """The update's host work is queued before the host waits for the backward: the loss is read
+    (its finiteness decides the update) only after Megatron's step has computed the gradient norm."""
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+
+    from megatron_ratplus.training import update_guard
+
+    cfg, objs, data, trainer = make(megatron_single_process, "train.joint=false", steps=2)
+    events = []
+    norm = megatron_optimizer.get_grad_norm_fp32
+    monkeypatch.setattr(megatron_optimizer, "get_grad_norm_fp32", lambda *a, **k: (events.append("norm"), norm(*a, **k))[1])
+    read = update_guard.LossRead.value
+    monkeypatch.setattr(update_guard.LossRead, "value", lambda self: (events.append("loss"), read(self))[1])
+    state = trainer.run()
+    assert state.optimizer_updates == 2
+    assert events[:2] == ["norm", "loss"] and events.count("norm") == 2

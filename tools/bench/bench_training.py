@@ -61,6 +61,22 @@ def mark_schedule_phases():
     schedules.forward_step = wrapped(schedules.forward_step, "forward_step")
     schedules.backward_step = wrapped(schedules.backward_step, "backward_step")
 
+def mark_update_phases(objs):
+    """Host phases of the loop's update for ``--profile``: gradient zeroing, the forward/backward
+    (``loop.training_forward_backward``) and the optimizer step (which reads the loss)."""
+    from megatron_ratplus.training import loop
+
+    def wrapped(function, name):
+        def run(*args, **kwargs):
+            with phase(name):
+                return function(*args, **kwargs)
+        return run
+
+    loop.training_forward_backward = wrapped(loop.training_forward_backward, "forward_backward")
+    objs.optimizer.zero_grad = wrapped(objs.optimizer.zero_grad, "zero_grad")
+    objs.optimizer.step = wrapped(objs.optimizer.step, "optimizer_step")
+
+
 ANCHORS = {"dense": 32.6e3, "joint": 16.7e3, "sparse": 34.0e3}   # tokens/s, 1.5B, one H100
 
 
@@ -117,13 +133,12 @@ def main():
                          "W = 0 backward): less host time per launch, a little more GPU time")
     a = ap.parse_args()
 
-    from megatron_ratplus.model import set_attention_mode
     from megatron_ratplus.model.config import pad_vocab_size
     from megatron_ratplus.parallel import ParallelLayout, destroy_distributed, initialize_distributed
     from megatron_ratplus.training.config import load_config
     from megatron_ratplus.training.metrics import device_peak_tflops
     from megatron_ratplus.training.setup import build_training_objects
-    from megatron_ratplus.training.loop import training_forward_backward
+    from megatron_ratplus.training import loop
     from megatron_ratplus.training import fused_optimizer_update
 
     if a.profile:
@@ -160,16 +175,11 @@ def main():
     peak = device_peak_tflops()
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
 
+    mark_update_phases(objs)
+
     def update(mode):
-        with phase("zero_grad"):
-            set_attention_mode(objs.model, mode)
-            for chunk in objs.model:
-                chunk.zero_grad_buffer()
-            objs.optimizer.zero_grad()
-        with phase("forward_backward"):
-            loss = training_forward_backward(objs, batches, mode, a.seq_len)
-        with phase("optimizer_step"):
-            _, grad_norm, _ = objs.optimizer.step()
+        """The training loop's own update (loss read inside the optimizer step, non-finite skip)."""
+        loss, grad_norm, _ = loop.train_update(objs, batches, mode, a.seq_len)
         grad_norms.append(grad_norm)
         return loss
 
@@ -188,7 +198,6 @@ def main():
             for p in passes:
                 loss = update(p)
             queued = time.perf_counter() - t0
-            loss = loss.item()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             if i >= a.warmup:
@@ -201,8 +210,6 @@ def main():
                 for _ in range(2):   # two steps: the boundary between them is profiled too
                     for p in passes:
                         loss = update(p)
-                    with phase("read_loss"):
-                        loss.item()
                 torch.cuda.synchronize()
             if info["rank"] == 0:
                 print(f"--- profile: {mode}, two steps ---")
@@ -230,7 +237,7 @@ def main():
               f"fused optimizer update={'on' if fused_optimizer_update.installed_count(objs.optimizer) else 'off'}"
               + (f" | overrides: {' '.join(a.override)}" if a.override else "")
               + (" | dilated attention: pointer loads" if a.dilated_pointer_loads else ""))
-        print("host ms: time to queue the step (until the loss is read); near the step time, the host limits it")
+        print("host ms: time to queue the step (the loss is read inside the optimizer step); near the step time, the host limits it")
         print(f"clipped: timed updates whose gradient norm exceeded clip_grad={cfg.train.clip_grad} (they pay the "
               "clipping scale)")
         print(f"{'mode':<7}{'step ms':>10}{'host ms':>9}{'tok/s/GPU':>12}{'TFLOP/s/GPU':>13}{'MFU':>7}{'mem GiB':>9}"

@@ -5,7 +5,7 @@ from .naive import naive_adamw_update
 __all__ = ["naive_adamw_update"]
 
 try:  # triton is optional for the reference
-    from .fused import fused_adamw_update  # noqa: F401  (re-exported)
-    __all__.append("fused_adamw_update")
+    from .fused import PreparedAdamWUpdate, fused_adamw_update  # noqa: F401  (re-exported)
+    __all__ += ["fused_adamw_update", "PreparedAdamWUpdate"]
 except ImportError:  # pragma: no cover - depends on the environment
     pass

@@ -105,6 +105,42 @@ def _tables_for(lists) -> _Tables:
     return tables
 
 
+class PreparedAdamWUpdate:
+    """The host side of :func:`fused_adamw_update` for one set of tensors, done before the launch.
+
+    Why: Megatron's step reads the gradient norm (a host sync) between collecting the gradients
+    and running the update. Everything that does not depend on the norm, learning rate or step
+    (the tensor lists, the table lookup keyed by ~2,000 addresses, the contract check on first
+    use) can be done while the GPU still runs the backward, so that after the norm is read only
+    the launches remain.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                 exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+                 steps: Sequence[torch.Tensor], model_params: Sequence[Optional[torch.Tensor]]):
+        lists = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(steps), list(model_params))
+        self.params, self.grads, self.steps = lists[0], lists[1], lists[4]
+        self.tables = _tables_for(lists) if self.params else None
+        self.low_dtype = next((m.dtype for m in model_params if m is not None), torch.bfloat16)
+
+    @torch.no_grad()
+    def launch(self, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+               grad_scale: float = 1.0) -> None:
+        """Count the steps and run the update (two launches)."""
+        if self.tables is None:
+            return
+        check_grad_scale(grad_scale)
+        if not (0.0 < beta1 < 1.0 and 0.0 < beta2 < 1.0):
+            raise ValueError(f"adamw update: betas must lie in (0, 1), got {beta1}, {beta2}")
+        torch._foreach_add_(self.steps, 1.0)
+        tables, a = self.tables, self.tables.addresses
+        _adamw_kernel[(tables.num_blocks,)](
+            tables.block_tensor, tables.block_start, a[0], a[1], a[2], a[3], a[4], a[5], tables.numel,
+            lr, beta1, beta2, eps, 1.0 - lr * weight_decay, math.log2(beta1), math.log2(beta2), grad_scale,
+            LOW_DTYPE=_LOW_DTYPES[self.low_dtype], BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )
+
+
 @torch.no_grad()
 def fused_adamw_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                        exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
@@ -113,19 +149,7 @@ def fused_adamw_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
                        grad_scale: float = 1.0) -> None:
     """The update of :mod:`.naive` for every tensor in one launch (plus one to count the steps).
     The contract is checked when a set of tensors is first seen; the same addresses later reuse
-    the tables without checking again."""
-    if not params:
-        return
-    check_grad_scale(grad_scale)
-    if not (0.0 < beta1 < 1.0 and 0.0 < beta2 < 1.0):
-        raise ValueError(f"adamw update: betas must lie in (0, 1), got {beta1}, {beta2}")
-    lists = (params, grads, exp_avgs, exp_avg_sqs, steps, model_params)
-    tables = _tables_for(lists)
-    low_dtype = next((m.dtype for m in model_params if m is not None), torch.bfloat16)
-    torch._foreach_add_(list(steps), 1.0)
-    a = tables.addresses
-    _adamw_kernel[(tables.num_blocks,)](
-        tables.block_tensor, tables.block_start, a[0], a[1], a[2], a[3], a[4], a[5], tables.numel,
-        lr, beta1, beta2, eps, 1.0 - lr * weight_decay, math.log2(beta1), math.log2(beta2), grad_scale,
-        LOW_DTYPE=_LOW_DTYPES[low_dtype], BLOCK=BLOCK, num_warps=NUM_WARPS,
-    )
+    the tables without checking again. :class:`PreparedAdamWUpdate` splits the host work from the
+    launch."""
+    PreparedAdamWUpdate(params, grads, exp_avgs, exp_avg_sqs, steps, model_params).launch(
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale)
