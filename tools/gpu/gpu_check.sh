@@ -36,6 +36,11 @@
 #   train_ab    bench_training.py ($TRAIN_ARGS, default dense,joint with CUDA graphs) four times, alternating this
 #               tree and the baseline tree TRAIN_BASE (carried, ignored: git archive <rev> megatron_ratplus kernels |
 #               tar -x -C .bench_base); each log starts with the package paths it imported
+#   train_real  the training CLI itself (recipes/ratplus-1.5b-100bt.yaml: data loader, logging, CUDA graphs) for
+#               40 joint steps of 2 x 4096 tokens on a carried dataset, then bench_training.py with the same
+#               options for comparison. REAL_DATA names the dataset (default data_cache/gpu32k; carry it), made
+#               here with: ratplus-data default-corpus -o data_cache/gpu32k --seq-len 4096 --vocab-size 32000
+#               --size-mb 8 (the 1.5B preset's vocabulary, ~230 steps of data)
 #   optimizer   the fused AdamW + bf16 weight write: its GPU tests (kernel against torch's fused AdamW; Megatron's
 #               distributed optimizer with and without it) and bench_optimizer.py (the 1.5B model's tensors)
 #   rmsnorm     the Triton RMSNorm: its GPU test (the 1.5B shape against the reference and torch's rms_norm) and
@@ -137,6 +142,15 @@ for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
                   python3 tools/bench/bench_training.py --preset ratplus-1.5b --micro-batch 2 --seq-len 4096 \
                   ${TRAIN_ARGS:---modes dense,joint --steps 6 --warmup 3 --override train.cuda_graph=true}"
               done ;;
+    train_real) data=${REAL_DATA:-data_cache/gpu32k}
+               [ -f "$data/manifest.json" ] || { echo "train_real: no dataset at $data (see the step's comment)"; exit 2; }
+               TAIL=${TAIL:-12} step train_real 420 bash -c "python3 -m megatron_ratplus.training.cli \
+                 recipes/ratplus-1.5b-100bt.yaml 'data.streams=[{local: $PWD/$data}]' train.global_batch_size=2 \
+                 train.max_steps=40 train.cuda_graph=true checkpoint.save_dir=null checkpoint.load=null \
+                 logging.log_interval=5 logging.eval_interval=0 logging.progress=false logging.tensorboard_dir=null \
+                 && python3 tools/bench/bench_training.py --preset ratplus-1.5b --micro-batch 2 --seq-len 4096 \
+                 --modes joint --steps 6 --warmup 3 --override train.cuda_graph=true \
+                 --override parallel.distributed_optimizer=true --override parallel.overlap_grad_reduce=true" ;;
     rmsnorm)   step rmsnorm 240 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_rmsnorm.py \
                  && python3 tools/bench/bench_rmsnorm.py" ;;
     optimizer) step optimizer 300 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_optimizer.py \
