@@ -46,35 +46,31 @@ def use_dilated_pointer_loads():
     fused.W0_BACKWARD.mode = "single_pass"
 
 
+def in_phase(function, name):
+    """``function`` run inside host phase ``name``."""
+    def run(*args, **kwargs):
+        with phase(name):
+            return function(*args, **kwargs)
+    return run
+
+
 def mark_schedule_phases():
     """Wrap the pipeline schedules' per-micro-batch ``forward_step`` and ``backward_step`` in host
     phases, so ``--profile`` tells a GPU waiting for the forward's launches from one waiting
     for the backward's."""
     from megatron.core.pipeline_parallel import schedules
 
-    def wrapped(function, name):
-        def run(*args, **kwargs):
-            with phase(name):
-                return function(*args, **kwargs)
-        return run
-
-    schedules.forward_step = wrapped(schedules.forward_step, "forward_step")
-    schedules.backward_step = wrapped(schedules.backward_step, "backward_step")
+    schedules.forward_step = in_phase(schedules.forward_step, "forward_step")
+    schedules.backward_step = in_phase(schedules.backward_step, "backward_step")
 
 def mark_update_phases(objs):
     """Host phases of the loop's update for ``--profile``: gradient zeroing, the forward/backward
     (``loop.training_forward_backward``) and the optimizer step (which reads the loss)."""
     from megatron_ratplus.training import loop
 
-    def wrapped(function, name):
-        def run(*args, **kwargs):
-            with phase(name):
-                return function(*args, **kwargs)
-        return run
-
-    loop.training_forward_backward = wrapped(loop.training_forward_backward, "forward_backward")
-    objs.optimizer.zero_grad = wrapped(objs.optimizer.zero_grad, "zero_grad")
-    objs.optimizer.step = wrapped(objs.optimizer.step, "optimizer_step")
+    loop.training_forward_backward = in_phase(loop.training_forward_backward, "forward_backward")
+    objs.optimizer.zero_grad = in_phase(objs.optimizer.zero_grad, "zero_grad")
+    objs.optimizer.step = in_phase(objs.optimizer.step, "optimizer_step")
 
 
 ANCHORS = {"dense": 32.6e3, "joint": 16.7e3, "sparse": 34.0e3}   # tokens/s, 1.5B, one H100
@@ -138,8 +134,7 @@ def main():
     from megatron_ratplus.training.config import load_config
     from megatron_ratplus.training.metrics import device_peak_tflops
     from megatron_ratplus.training.setup import build_training_objects
-    from megatron_ratplus.training import loop
-    from megatron_ratplus.training import fused_optimizer_update
+    from megatron_ratplus.training import fused_optimizer_update, loop
 
     if a.profile:
         mark_schedule_phases()
@@ -223,7 +218,9 @@ def main():
         tok_s = tokens_per_step / med
         tflops = flops_per_token * tokens_per_step * len(passes) / med / world / 1e12
         mem = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
-        anchor = ANCHORS.get(mode) if a.preset == "ratplus-1.5b" and not a.num_layers else None
+        # the anchors are the 1.5B model's, and for sparse passes its D=64, W=0, P=0 pattern
+        anchor_pattern = mode == "dense" or (args.dilation, args.local_window, args.initial_tokens) == (64, 0, 0)
+        anchor = ANCHORS.get(mode) if a.preset == "ratplus-1.5b" and not a.num_layers and anchor_pattern else None
         clipped = sum(n is not None and n > cfg.train.clip_grad > 0 for n in timed_norms)
         rows.append((mode, med * 1e3, statistics.median(host_times) * 1e3, tok_s / world, tflops,
                      (tflops / peak) if peak else None, mem, (tok_s / world / anchor) if anchor else None, loss,
