@@ -114,6 +114,7 @@ class FusedUpdate:
         self.opt = opt
         self.pending_grad_scale = 1.0   # clipping's coefficient, deferred by _clip_or_defer
         self.prepared: Optional[list] = None   # [(param group, PreparedAdamWUpdate)], from prepare()
+        self._prepared_state = None             # the torch optimizer's state dict they were made from
 
     def owns_exactly(self, parameters) -> bool:
         """Whether ``parameters`` are this optimizer's master weights (the list Megatron clips)."""
@@ -142,13 +143,16 @@ class FusedUpdate:
                 [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
                 [copies.get(p.data_ptr()) for p in params])))
         self.prepared = prepared
+        self._prepared_state = inner.state
 
     def _prepared_is_current(self) -> bool:
-        """Whether the prepared launches still name the groups' parameters and gradients (object
-        identity, cheap): a step whose ``prepare_grads`` did not run through :func:`_wrap`, or a
-        checkpoint load between prepare and step, gets its launches built again."""
+        """Whether the prepared launches still name the optimizer's state, groups, parameters and
+        gradients (object identity, cheap). torch's ``load_state_dict`` installs a new state dict and
+        new group dicts, so a load between prepare and step, or a gradient replaced, gets the
+        launches built again."""
         groups = self.opt.optimizer.param_groups
-        if self.prepared is None or len(self.prepared) > len(groups):
+        if self.prepared is None or self.opt.optimizer.state is not self._prepared_state \
+                or len(self.prepared) > len(groups):
             return False
         by_group = {id(group): update for group, update in self.prepared}
         for group in groups:

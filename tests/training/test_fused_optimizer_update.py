@@ -184,9 +184,11 @@ def test_the_update_is_prepared_before_the_gradient_norm_is_read(megatron_single
     assert update.prepared is None
 
 
-def test_a_preparation_that_no_longer_names_the_gradients_is_built_again(megatron_single_process):
-    """If a gradient tensor changes between prepare_grads and the update (here: replaced by a copy),
-    the update is prepared again and gives Megatron's result."""
+@pytest.mark.parametrize("change", ["gradient replaced", "optimizer state reloaded"])
+def test_a_preparation_that_no_longer_names_the_tensors_is_built_again(megatron_single_process, change):
+    """If a gradient tensor changes between prepare_grads and the update (replaced by a copy), or the
+    optimizer state is reloaded (torch's load_state_dict makes new moment tensors), the update is
+    prepared again and gives Megatron's result."""
     plain = build(["train.fused_optimizer_update=false"])
     one_update(plain)
     fused = build(["train.fused_optimizer_update=true"])
@@ -197,9 +199,11 @@ def test_a_preparation_that_no_longer_names_the_gradients_is_built_again(megatro
     def prepare_then_replace_a_gradient():
         calls.append(1)
         prepare()
-        if len(calls) == 1:
+        if len(calls) == 1 and change == "gradient replaced":
             p = update.opt.optimizer.param_groups[0]["params"][0]
             p.grad = p.grad.clone()
+        elif len(calls) == 1:
+            update.opt.optimizer.load_state_dict(update.opt.optimizer.state_dict())
 
     update.prepare = prepare_then_replace_a_gradient
     one_update(fused)
