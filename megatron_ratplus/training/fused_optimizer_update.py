@@ -31,7 +31,9 @@ The update's host work (the tensor lists, the launch tables keyed by every tenso
 in ``prepare_grads``, before Megatron reads the gradient norm. The training loop queues the step
 without waiting for the backward, so this host time overlaps the GPU's backward instead of adding to
 the gap between the norm read and the update's launch. The update checks (by object identity) that
-the prepared lists still name the groups' parameters and gradients, and prepares again if not.
+the prepared lists still name the optimizer's state, groups, parameters and gradients, and prepares
+again if not. The preparation creates no AdamW state: on the first step, whose update may still be
+skipped, the update prepares itself.
 """
 from __future__ import annotations
 
@@ -121,14 +123,17 @@ class FusedUpdate:
         mine = [p for group in self.opt.optimizer.param_groups for p in group["params"]]
         return len(mine) == len(parameters) and {id(p) for p in mine} == {id(p) for p in parameters}
 
-    def prepare(self) -> None:
+    def prepare(self, create_state: bool = True) -> None:
         """The update's host work that needs the gradients but not the norm: done right after
         Megatron's ``prepare_grads``, while the GPU may still run the backward, so that once the
         host has read the gradient norm only the launches remain (docs/benchmarks.md: that read
-        was followed by the step's longest GPU idle gap)."""
+        was followed by the step's longest GPU idle gap). With ``create_state=False`` (ahead of the
+        update, which may yet be skipped) a parameter without AdamW state leaves nothing prepared:
+        the first update creates the state and prepares itself."""
         from ratplus_kernels.optimizer import PreparedAdamWUpdate
 
         inner = self.opt.optimizer
+        self.prepared = None
         # Megatron's current pairing, looked up each step as its own copy does (a checkpoint load
         # may replace master weights): a master weight is never left without its model weight
         copies = _model_copies(self.opt)
@@ -137,7 +142,9 @@ class FusedUpdate:
             params: List[torch.Tensor] = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            states = [self._state(inner, p) for p in params]
+            states = [self._state(inner, p, create_state) for p in params]
+            if any(state is None for state in states):
+                return
             prepared.append((group, PreparedAdamWUpdate(
                 params, [p.grad for p in params], [s["exp_avg"] for s in states],
                 [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
@@ -181,8 +188,12 @@ class FusedUpdate:
                           weight_decay=float(group["weight_decay"]), grad_scale=grad_scale)
 
     @staticmethod
-    def _state(inner, p: torch.Tensor) -> dict:
-        """torch AdamW's state for ``p``, created as torch's fused AdamW creates it."""
+    def _state(inner, p: torch.Tensor, create: bool = True) -> Optional[dict]:
+        """torch AdamW's state for ``p``, created as torch's fused AdamW creates it (None where it
+        does not exist yet and ``create`` is False)."""
+        state = inner.state.get(p)
+        if not state and not create:
+            return None
         state = inner.state[p]
         if len(state) == 0:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -242,7 +253,7 @@ def _wrap(opt, update: FusedUpdate) -> None:
         update.prepared = None
         found_inf = megatron_prepare_grads()
         if not found_inf:
-            update.prepare()
+            update.prepare(create_state=False)    # the update may yet be skipped (non-finite loss)
         return found_inf
 
     def step_with_ready_grads() -> bool:

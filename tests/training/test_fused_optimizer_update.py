@@ -166,21 +166,23 @@ def test_a_coefficient_whose_update_never_ran_is_dropped(megatron_single_process
 
 def test_the_update_is_prepared_before_the_gradient_norm_is_read(megatron_single_process, monkeypatch):
     """The host work of the update (lists, tables) is done in prepare_grads, before Megatron reads the
-    gradient norm; after the read only the launch remains, and the preparation is used once."""
+    gradient norm; after the read only the launch remains, and the preparation is used once. On the
+    first step there is no AdamW state yet and prepare_grads must not create it (the update may still
+    be skipped), so that update prepares itself."""
     from megatron.core.optimizer import optimizer as megatron_optimizer
 
     fused = build(["train.fused_optimizer_update=true"])
     update = inner_optimizers(fused.optimizer)[0].ratplus_fused_update
     events = []
     prepare = update.prepare
-    update.prepare = lambda: (events.append("prepare"), prepare())[1]
+    update.prepare = lambda **kwargs: (events.append("prepare"), prepare(**kwargs))[1]
     norm = megatron_optimizer.get_grad_norm_fp32
     monkeypatch.setattr(megatron_optimizer, "get_grad_norm_fp32", lambda *a, **k: (events.append("norm"), norm(*a, **k))[1])
     launch = fused_optimizer_update.FusedUpdate.step
     monkeypatch.setattr(fused_optimizer_update.FusedUpdate, "step",
                         lambda self, closure=None: (events.append("update"), launch(self, closure))[1])
-    train(fused, steps=2, modes=("sparse",))
-    assert events == ["prepare", "norm", "update"] * 2
+    train(fused, steps=3, modes=("sparse",))
+    assert events == ["prepare", "norm", "update", "prepare"] + ["prepare", "norm", "update"] * 2
     assert update.prepared is None
 
 
@@ -188,17 +190,22 @@ def test_the_update_is_prepared_before_the_gradient_norm_is_read(megatron_single
 def test_a_preparation_that_no_longer_names_the_tensors_is_built_again(megatron_single_process, change):
     """If a gradient tensor changes between prepare_grads and the update (replaced by a copy), or the
     optimizer state is reloaded (torch's load_state_dict makes new moment tensors), the update is
-    prepared again and gives Megatron's result."""
+    prepared again and gives Megatron's result. The AdamW state exists beforehand (zeros, as torch
+    creates it and as after a resume), so prepare_grads prepares."""
     plain = build(["train.fused_optimizer_update=false"])
     one_update(plain)
     fused = build(["train.fused_optimizer_update=true"])
     update = inner_optimizers(fused.optimizer)[0].ratplus_fused_update
+    inner = update.opt.optimizer
+    for group in inner.param_groups:
+        for p in group["params"]:
+            update._state(inner, p)
     calls = []
     prepare = update.prepare
 
-    def prepare_then_replace_a_gradient():
+    def prepare_then_replace_a_gradient(**kwargs):
         calls.append(1)
-        prepare()
+        prepare(**kwargs)
         if len(calls) == 1 and change == "gradient replaced":
             p = update.opt.optimizer.param_groups[0]["params"][0]
             p.grad = p.grad.clone()
@@ -210,6 +217,20 @@ def test_a_preparation_that_no_longer_names_the_tensors_is_built_again(megatron_
     assert len(calls) == 2
     for g, w in zip(snapshot(fused)[1] + snapshot(fused)[2], snapshot(plain)[1] + snapshot(plain)[2]):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_a_skipped_update_creates_no_optimizer_state(megatron_single_process):
+    """A non-finite loss skips the update after prepare_grads has run: the preparation must not have
+    created AdamW state (the first step's moments), so a skipped step changes no optimizer state."""
+    fused = build(["train.fused_optimizer_update=true"])
+    with torch.no_grad():
+        for name, p in fused.model[0].named_parameters():
+            if "final_layernorm" in name:
+                p.fill_(float("nan"))
+    batch = [torch.randint(0, VOCAB, (2, 33), generator=torch.Generator().manual_seed(1)).to(DEVICE)]
+    loss, grad_norm, updated = train_update(fused, batch, "sparse", seq_len=32)
+    assert loss != loss and grad_norm is None and not updated
+    assert not any(state for o in inner_optimizers(fused.optimizer) for state in o.optimizer.state.values())
 
 
 def test_other_parameters_are_clipped_by_megatron(megatron_single_process):
