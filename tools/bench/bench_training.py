@@ -63,6 +63,7 @@ def mark_schedule_phases():
     schedules.forward_step = in_phase(schedules.forward_step, "forward_step")
     schedules.backward_step = in_phase(schedules.backward_step, "backward_step")
 
+
 def mark_update_phases(objs):
     """Host phases of the loop's update for ``--profile``: gradient zeroing, the forward/backward
     (``loop.training_forward_backward``) and the optimizer step (which reads the loss)."""
@@ -170,7 +171,8 @@ def main():
     peak = device_peak_tflops()
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
 
-    mark_update_phases(objs)
+    if a.profile:
+        mark_update_phases(objs)
 
     def update(mode):
         """The training loop's own update (loss read inside the optimizer step, non-finite skip)."""
