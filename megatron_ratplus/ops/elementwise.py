@@ -13,7 +13,11 @@ that produced it).
 
 RoPE is rotate-half over the whole head dimension (DESIGN.md §1), angles ``freqs`` as produced by
 Megatron's ``RotaryEmbedding``: ``[s, 1, 1, d_h]``. Its backward is the transposed rotation:
-``dx = dy * cos - rotate_half(dy * sin)``.
+``dx = dy * cos - rotate_half(dy * sin)``. The cos/sin tables are computed once per ``freqs``
+tensor (Megatron's rotary embedding caches it, so once per run and sequence length) and read by
+the fused kernels: with the angles passed in, the compiler fused cos and sin into the rotation
+and evaluated them for every element of q and k (once per batch row and head), which held the
+RoPE kernels to about half the device's bandwidth (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import functools
 from typing import Callable, Optional, Tuple
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 Destination = Optional[Callable[[], Optional[Tuple[torch.Tensor, ...]]]]
 
@@ -38,19 +43,30 @@ def _rope_transposed(dy, cos, sin):
     return dy * cos - _rotate_half(dy * sin)
 
 
-def _cos_sin(freqs, dtype):
-    return torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
+# freqs tensor -> {dtype: (freqs._version, cos, sin)}. Weak keys compared by identity: a table lives
+# exactly as long as its angles, so also for as long as a captured CUDA graph that reads the angles.
+_TABLES = WeakTensorKeyDictionary()
 
 
-def _rope_qk_fwd(q, k, freqs):
-    cos, sin = _cos_sin(freqs, q.dtype)
+def rope_tables(freqs: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``cos(freqs)`` and ``sin(freqs)`` (fp32 math) in ``dtype``, computed once per ``freqs``
+    tensor and dtype (again if the tensor was modified in place)."""
+    per_dtype = _TABLES.setdefault(freqs, {})
+    entry = per_dtype.get(dtype)
+    if entry is None or entry[0] != freqs._version:
+        with torch.no_grad():
+            entry = (freqs._version, torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype))
+        per_dtype[dtype] = entry
+    return entry[1], entry[2]
+
+
+def _rope_qk_fwd(q, k, cos, sin):
     return _rope(q, cos, sin), _rope(k, cos, sin)
 
 
-def _rope_one_bwd(dy, freqs, out):
+def _rope_one_bwd(dy, cos, sin, out):
     """The transposed rotation of ``dy``, written into ``out`` when given (returns None), else
     returned."""
-    cos, sin = _cos_sin(freqs, dy.dtype)
     dx = _rope_transposed(dy, cos, sin)
     if out is None:
         return dx
@@ -58,8 +74,8 @@ def _rope_one_bwd(dy, freqs, out):
     return None
 
 
-def _rope_qk_bwd(dq, dk, freqs, q_out, k_out):
-    return _rope_one_bwd(dq, freqs, q_out), _rope_one_bwd(dk, freqs, k_out)
+def _rope_qk_bwd(dq, dk, cos, sin, q_out, k_out):
+    return _rope_one_bwd(dq, cos, sin, q_out), _rope_one_bwd(dk, cos, sin, k_out)
 
 
 def _gate_fwd(attn, o):
@@ -109,20 +125,21 @@ def _claim(destination: Destination, like: torch.Tensor) -> Optional[torch.Tenso
 class _RopeQK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, freqs, q_destination, k_destination):
-        ctx.save_for_backward(freqs)
+        cos, sin = rope_tables(freqs, q.dtype)
+        ctx.save_for_backward(cos, sin)
         ctx.destinations = (q_destination, k_destination)
         ctx.meta = ((q.shape, q.dtype), (k.shape, k.dtype))
-        return _run("rope_fwd", q, k, freqs)
+        return _run("rope_fwd", q, k, cos, sin)
 
     @staticmethod
     def backward(ctx, dq, dk):
-        (freqs,) = ctx.saved_tensors
+        cos, sin = ctx.saved_tensors
         (q_shape, q_dtype), (k_shape, k_dtype) = ctx.meta
-        dq = torch.zeros(q_shape, dtype=q_dtype, device=freqs.device) if dq is None else dq
-        dk = torch.zeros(k_shape, dtype=k_dtype, device=freqs.device) if dk is None else dk
+        dq = torch.zeros(q_shape, dtype=q_dtype, device=cos.device) if dq is None else dq
+        dk = torch.zeros(k_shape, dtype=k_dtype, device=cos.device) if dk is None else dk
         q_slot = _claim(ctx.destinations[0], dq)
         k_slot = _claim(ctx.destinations[1], dk)
-        gq, gk = _run("rope_bwd", dq, dk, freqs, q_slot, k_slot)
+        gq, gk = _run("rope_bwd", dq, dk, cos.to(dq.dtype), sin.to(dq.dtype), q_slot, k_slot)
         return (q_slot if gq is None else gq), (k_slot if gk is None else gk), None, None, None
 
 

@@ -105,3 +105,54 @@ def test_gpu_compiled_kernels_write_slots():
     assert do.data_ptr() == gbuf[:, :, :, 2].data_ptr() and not torch.isnan(do).any()
     s = torch.sigmoid(o.double())
     assert _rel(do, up.double() * kr.double() * s * (1 - s)) < 1e-2
+
+
+def test_rope_tables_are_computed_once_per_angles_tensor():
+    """The cos/sin tables are cached by the angles tensor (Megatron reuses one per sequence length):
+    the same tensors come back, per dtype; an in-place change or a new tensor gets new tables; a
+    dropped angles tensor drops its tables."""
+    import gc
+
+    from megatron_ratplus.ops.elementwise import _TABLES, rope_tables
+
+    freqs = _freqs().float()
+    cos, sin = rope_tables(freqs, torch.float32)
+    torch.testing.assert_close(cos, torch.cos(freqs))
+    torch.testing.assert_close(sin, torch.sin(freqs))
+    again = rope_tables(freqs, torch.float32)
+    assert again[0] is cos and again[1] is sin
+    half = rope_tables(freqs, torch.bfloat16)
+    assert half[0].dtype == torch.bfloat16 and half[0] is not cos
+    torch.testing.assert_close(half[0], torch.cos(freqs).bfloat16())
+
+    freqs.mul_(2.0)                                   # in place: the cached tables are stale
+    cos2, _ = rope_tables(freqs, torch.float32)
+    assert cos2 is not cos
+    torch.testing.assert_close(cos2, torch.cos(freqs))
+    other = freqs.clone()
+    assert rope_tables(other, torch.float32)[0] is not cos2
+
+    entries = len(_TABLES)
+    del other
+    gc.collect()
+    assert len(_TABLES) == entries - 1 and any(f is freqs for f in _TABLES.keys())
+
+
+def test_rope_reuses_the_tables_across_layers():
+    """Two layers' calls with one angles tensor compute the tables once (one cos, one sin)."""
+    x, q, k, _ = _blocks()
+    freqs = _freqs()
+    calls = []
+    real_cos = torch.cos
+
+    def counting_cos(t, *args, **kwargs):
+        calls.append(t.shape)
+        return real_cos(t, *args, **kwargs)
+
+    torch.cos = counting_cos
+    try:
+        for _ in range(3):
+            rope_qk(q, k, freqs)
+    finally:
+        torch.cos = real_cos
+    assert calls == [freqs.shape]
