@@ -137,8 +137,6 @@ def pad_vocab_size(vocab_size: int, tensor_parallel_size: int = 1, divisible_by:
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 from megatron.core.utils import init_method_normal  # noqa: E402
 
-from ..ops.activation import Gelu  # noqa: E402
-
 
 @dataclass
 class RATPlusTransformerConfig(TransformerConfig):
@@ -207,7 +205,7 @@ def to_transformer_config(
         add_bias_linear=False,
         add_qkv_bias=False,
         gated_linear_unit=swiglu,
-        activation_func=torch.nn.functional.silu if swiglu else Gelu(kernel_backend),   # Triton GELU on CUDA
+        activation_func=torch.nn.functional.silu if swiglu else torch.nn.functional.gelu,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,

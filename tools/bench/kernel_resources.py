@@ -2,7 +2,7 @@
 offline for an H100 (compute capability 9.0; ``--arch 80``: A100) — no GPU needed.
 
     PYTHONPATH=kernels:. python tools/bench/kernel_resources.py [--kernels recurrence,dilated]
-        [--sweep] [--arch 90]             # --kernels optimizer: the fused AdamW update; rmsnorm; activation
+        [--sweep] [--arch 90]             # --kernels optimizer: the fused AdamW update; rmsnorm
 
 For the same compiler as the GPU host, put that Triton first on the path, e.g.
 ``pip install --target /tmp/triton36 --no-deps triton==3.6.0`` and ``PYTHONPATH=/tmp/triton36:kernels:.``.
@@ -166,27 +166,6 @@ def rmsnorm_rows(sweep: bool, arch: int):
     return rows
 
 
-def activation_rows(sweep: bool, arch: int):
-    """The GELU forward and backward at the default launch (and with ``--sweep`` the launches
-    ``bench_elementwise.py --gelu-configs`` times)."""
-    import ratplus_kernels.activation.fused as fm
-
-    default = (fm.BLOCK, fm.NUM_WARPS)
-    configs = [default] + ([(1024, 4), (2048, 4), (2048, 8), (8192, 8), (8192, 16)] if sweep else [])
-    rows = []
-    for block, warps in configs:
-        fm.BLOCK, fm.NUM_WARPS = block, warps
-        try:
-            x = torch.empty(4096, 2, 8192, dtype=torch.bfloat16, requires_grad=True)
-            with offline_compilation(arch) as compiled:
-                torch.autograd.grad(fm.fused_gelu(x), x, torch.empty_like(x))
-        finally:
-            fm.BLOCK, fm.NUM_WARPS = default
-        label = f"BLOCK={block}" + (" (default)" if (block, warps) == default else "")
-        rows += [_row("activation", label, kernel) for kernel in compiled]
-    return rows
-
-
 def print_table(rows) -> None:
     cols = ["family", "setting", "kernel", "warps", "stages", "regs", "spill", "smem_kib", "ctas", "note"]
     head = {"spill": "spill st/ld B", "smem_kib": "smem KiB", "ctas": "CTAs/SM"}
@@ -204,7 +183,7 @@ def main(argv=None) -> int:
                     help="CUDA compute capability x 10 (90: H100/H200, 80: A100)")
     args = ap.parse_args(argv)
     families = {"recurrence": recurrence_rows, "dilated": dilated_rows, "optimizer": optimizer_rows,
-                "rmsnorm": rmsnorm_rows, "activation": activation_rows}
+                "rmsnorm": rmsnorm_rows}
     unknown = set(args.kernels.split(",")) - set(families)
     if unknown:
         ap.error(f"unknown kernels {sorted(unknown)}; choose from {sorted(families)}")
