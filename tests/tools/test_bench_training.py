@@ -40,3 +40,19 @@ def test_bad_override_is_a_config_error():
                       "--override", "train.gradient_accumulation_fusion=sometimes")
     assert proc.returncode != 0
     assert "gradient_accumulation_fusion must be true, false or null" in proc.stderr
+
+
+def test_anchor_only_for_the_anchors_setup():
+    """The DESIGN.md anchors are the 1.5B model at micro-batch 2, one update per micro-batch, D=64
+    sparse passes: other setups print no ratio."""
+    sys.path.insert(0, str(ROOT / "tools" / "bench"))
+    from bench_training import ANCHORS, anchor_tokens_per_s
+
+    d64 = (64, 0, 0)
+    assert anchor_tokens_per_s("joint", "ratplus-1.5b", None, 2, 1, d64) == ANCHORS["joint"]
+    assert anchor_tokens_per_s("dense", "ratplus-1.5b", None, 2, 1, (16, 256, 4)) == ANCHORS["dense"]
+    assert anchor_tokens_per_s("sparse", "ratplus-1.5b", None, 2, 1, (16, 256, 4)) is None
+    assert anchor_tokens_per_s("joint", "ratplus-1.5b", None, 2, 4, d64) is None     # accumulation
+    assert anchor_tokens_per_s("dense", "ratplus-1.5b", None, 4, 1, d64) is None     # other micro-batch
+    assert anchor_tokens_per_s("dense", "ratplus-1.5b", 4, 2, 1, d64) is None        # fewer layers
+    assert anchor_tokens_per_s("dense", "ratplus-2.6b", None, 2, 1, d64) is None
