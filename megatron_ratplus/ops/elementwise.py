@@ -50,7 +50,10 @@ _TABLES = WeakTensorKeyDictionary()
 
 def rope_tables(freqs: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """``cos(freqs)`` and ``sin(freqs)`` (fp32 math) in ``dtype``, computed once per ``freqs``
-    tensor and dtype (again if the tensor was modified in place)."""
+    tensor and dtype (again if the tensor was modified in place). Inference-mode tensors keep no
+    version counter, so their tables are computed on every call."""
+    if freqs.is_inference():
+        return torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
     per_dtype = _TABLES.setdefault(freqs, {})
     entry = per_dtype.get(dtype)
     if entry is None or entry[0] != freqs._version:

@@ -156,3 +156,16 @@ def test_rope_reuses_the_tables_across_layers():
     finally:
         torch.cos = real_cos
     assert calls == [freqs.shape]
+
+
+def test_rope_under_inference_mode_is_computed_and_not_cached():
+    """Inference tensors have no version counter: their tables are computed per call, not cached."""
+    from megatron_ratplus.ops.elementwise import _TABLES
+
+    _, q, k, _ = _blocks()
+    with torch.inference_mode():
+        freqs = _freqs()
+        before = len(_TABLES)
+        out = rope_qk(q.detach(), k.detach(), freqs)
+        torch.testing.assert_close(out[0], _ref_rope(q.detach(), freqs))
+        assert len(_TABLES) == before
