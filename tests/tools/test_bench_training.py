@@ -56,3 +56,9 @@ def test_anchor_only_for_the_anchors_setup():
     assert anchor_tokens_per_s("dense", "ratplus-1.5b", None, 4, 1, d64) is None     # other micro-batch
     assert anchor_tokens_per_s("dense", "ratplus-1.5b", 4, 2, 1, d64) is None        # fewer layers
     assert anchor_tokens_per_s("dense", "ratplus-2.6b", None, 2, 1, d64) is None
+
+
+def test_clocks_without_a_gpu_is_a_clear_error():
+    proc = run_script("--preset", "ratplus-tiny", "--seq-len", "64", "--steps", "1", "--warmup", "0", "--clocks")
+    assert proc.returncode != 0
+    assert "--clocks samples a CUDA GPU" in proc.stderr

@@ -18,11 +18,13 @@ training code path.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 import warnings
 
 import torch
+from gpu_clocks import ClockSampler, nvidia_smi_id
 from gpu_idle import PHASE_PREFIX, format_idle_table, idle_by_phase, profiler_intervals
 
 warnings.filterwarnings("ignore")
@@ -137,7 +139,12 @@ def main():
     ap.add_argument("--dilated-pointer-loads", action="store_true",
                     help="dilated attention without host TMA descriptors (pointer loads, the pointer single-pass "
                          "W = 0 backward): less host time per launch, a little more GPU time")
+    ap.add_argument("--clocks", action="store_true",
+                    help="sample the SM clock, power and clock-event reasons (nvidia-smi) over each mode's timed "
+                         "steps and print them below the table")
     a = ap.parse_args()
+    if a.clocks and not torch.cuda.is_available():
+        raise SystemExit("--clocks samples a CUDA GPU through nvidia-smi; this machine has none")
 
     from megatron_ratplus.model.config import pad_vocab_size
     from megatron_ratplus.parallel import ParallelLayout, destroy_distributed, initialize_distributed
@@ -190,14 +197,18 @@ def main():
         return loss
 
     rows, grad_norms = [], []   # grad_norms: every update's (pre-clip) norm, to tell whether the timed ones clip
+    clock_readings = {}
     for mode in a.modes.split(","):
         passes = ["sparse", "dense"] if mode == "joint" else [mode]
         times, host_times = [], []
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        sampling = contextlib.ExitStack()
         for i in range(a.warmup + a.steps):
             if i == a.warmup:
                 grad_norms.clear()       # keep the timed updates' norms only
+                if a.clocks:
+                    sampler = sampling.enter_context(ClockSampler(nvidia_smi_id(torch.cuda.current_device())))
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -209,6 +220,9 @@ def main():
             if i >= a.warmup:
                 times.append(time.perf_counter() - t0)
                 host_times.append(queued)
+        sampling.close()
+        if a.clocks:
+            clock_readings[mode] = sampler.reading
         timed_norms = list(grad_norms)     # before the profiled steps below add theirs
         if a.profile and torch.cuda.is_available():
             from torch.profiler import ProfilerActivity, profile
@@ -252,6 +266,8 @@ def main():
         for mode, ms, host_ms, tok, tf, mfu, mem, ratio, loss, clipped in rows:
             print(f"{mode:<7}{ms:>10.1f}{host_ms:>9.1f}{tok:>12,.0f}{tf:>13.1f}{(f'{100 * mfu:.1f}%' if mfu else '-'):>7}"
                   f"{mem:>9.1f}{(f'{ratio:.2f}x' if ratio else '-'):>11}{loss:>8.3f}{clipped:>9}")
+        for mode, reading in clock_readings.items():
+            print(f"clocks over the timed {mode} steps ({reading.samples} samples): {reading.short()}")
     destroy_distributed()
 
 
