@@ -73,11 +73,14 @@ fragmentation; it is a planning estimate, not a guarantee.
 
 Throughput
 ----------
-Without a measured ``tokens_per_sec_per_gpu``, the time to finish is estimated from the DESIGN.md
-§4 anchor (reference code, one H100, 1.5B, T=4096): dense 32.6K tokens/s, sparse D=64 34.0K,
-joint 16.7K batch tokens/s. The anchor's achieved model-FLOP rate is carried over to other sizes
-(``tokens/s = anchor_flop_rate / (flops_per_token × passes)``) and the pipeline bubble adds
-``(PP−1) / (VPP·accum)``; communication is not modelled. It is an estimate, printed as such.
+Without a measured ``tokens_per_sec_per_gpu``, the time to finish is estimated from this stack's
+model-FLOP rate measured on one H100 for the 1.5B preset at T=4096 (docs/benchmarks.md, twentieth
+session): 487 TFLOP/s dense and 524 joint with the recipes' 4 micro-batches per update, 530 sparse
+(D=64) with one. The rate is carried over to other sizes (``tokens/s = rate / (flops_per_token ×
+passes)``) and the pipeline bubble adds ``(PP−1) / (VPP·accum)``. Communication is not modelled, and
+the rates were measured with CUDA graphs (eager steps were up to 7% slower on an H200), so the
+estimate is optimistic; it is printed as an estimate. The DESIGN.md §4 reference code reached
+328 TFLOP/s dense and 336 joint on the same GPU.
 """
 from __future__ import annotations
 
@@ -92,11 +95,12 @@ from .config import ConfigError, RunConfig
 GIB = float(1 << 30)
 RUNTIME_OVERHEAD_BYTES = 2 * (1 << 30)
 
-# DESIGN.md §4 anchor: reference RAT+ code, one H100 80GB, 1.5B preset, T=4096, B=2, bf16.
-ANCHOR_PRESET = "ratplus-1.5b"
-ANCHOR_SEQ_LEN = 4096
-ANCHOR_TOKENS_PER_SEC = {"dense": 32.6e3, "sparse": 34.0e3, "joint": 16.7e3}
-ANCHOR_PEAK_BYTES = 53e9
+# This stack's model-FLOP rate per GPU on one H100 80GB, ratplus-1.5b at T=4096, micro-batch 2
+# (docs/benchmarks.md, twentieth session, 2026-12-07; tools/bench/bench_training.py with CUDA graphs,
+# no TE/apex, one GPU so no data-parallel communication). Dense and joint with 4 micro-batches per
+# update, as the recipes run; sparse (D=64) with one micro-batch per update.
+MEASURED_PRESET = "ratplus-1.5b"
+MEASURED_H100_TFLOPS = {"dense": 487.1, "joint": 523.8, "sparse": 529.5}
 
 
 @dataclass(frozen=True)
@@ -329,21 +333,20 @@ def _throughput(cfg: RunConfig, args: RATPlusModelArgs, padded: int, flops_per_t
                 passes: int, accum: int) -> Tuple[float, str]:
     t, p = cfg.train, cfg.parallel
     kind = "joint" if t.joint else t.mode
-    anchor = get_preset(ANCHOR_PRESET)
-    anchor_flops = anchor.flops_per_token(ANCHOR_SEQ_LEN, pad_vocab_size(anchor.vocab_size))
-    rate = ANCHOR_TOKENS_PER_SEC[kind] * anchor_flops * (2 if kind == "joint" else 1)
+    measured = get_preset(MEASURED_PRESET)
+    rate = MEASURED_H100_TFLOPS[kind] * 1e12
     tps = rate / (flops_per_token * passes)
     bubble = (p.pipeline_parallel - 1) / ((p.virtual_pipeline_parallel or 1) * accum)
     tps /= 1.0 + bubble
-    note = (f"estimate: the DESIGN.md §4 anchor (reference code, 1 H100, 1.5B: "
-            f"{ANCHOR_TOKENS_PER_SEC[kind] / 1e3:.1f}K {kind} tokens/s = {rate / 1e12:.0f} TFLOP/s "
-            f"of model FLOPs) scaled by model FLOPs per token")
+    note = (f"estimate: this stack's {kind} rate measured on 1 H100 (1.5B, T=4096, CUDA graphs: "
+            f"{MEASURED_H100_TFLOPS[kind]:.0f} TFLOP/s of model FLOPs; docs/benchmarks.md) scaled by model "
+            f"FLOPs per token")
     if bubble:
         note += f", pipeline bubble +{bubble:.1%}"
     note += "; communication not modelled"
-    ratio = args.num_parameters(padded) / anchor.num_parameters(pad_vocab_size(anchor.vocab_size))
+    ratio = args.num_parameters(padded) / measured.num_parameters(pad_vocab_size(measured.vocab_size))
     if not 1 / 3 <= ratio <= 3:
-        note += ("; UNRELIABLE for a model this far from the anchor's size "
+        note += ("; UNRELIABLE for a model this far from the measured model's size "
                  "(pass a measured tokens/s per GPU)")
     return tps, note
 
@@ -358,7 +361,7 @@ def make_plan(cfg: RunConfig, world_size: int, *, gpu_memory_gib: float = 80.0,
 
     ``vocab_size`` overrides the model's vocabulary (e.g. the tokenizer's, when known).
     ``tokens_per_sec_per_gpu`` counts batch tokens (a joint step's two passes see each token
-    once); without it the time is estimated from the DESIGN.md anchor.
+    once); without it the time is estimated from this stack's rate measured on one H100.
     Raises :class:`ConfigError` for impossible layouts or an estimate above ``gpu_memory_gib``.
     """
     dp, accum, args, padded, mems = _resolve(cfg, world_size, vocab_size)
