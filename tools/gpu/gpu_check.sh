@@ -41,6 +41,9 @@
 #               options for comparison. REAL_DATA names the dataset (default data_cache/gpu32k; carry it), made
 #               here with: ratplus-data default-corpus -o data_cache/gpu32k --seq-len 4096 --vocab-size 32000
 #               --size-mb 8 (the 1.5B preset's vocabulary, ~230 steps of data)
+#   targets     every DESIGN.md §4 target of the table atop docs/benchmarks.md, in one call (about 5 minutes):
+#               the recurrence and dilated-attention anchors, the layer benchmark, and the 1.5B training step
+#               (dense, sparse, joint; one micro-batch per update; CUDA graphs; GPU clocks sampled)
 #   optimizer   the fused AdamW + bf16 weight write: its GPU tests (kernel against torch's fused AdamW; Megatron's
 #               distributed optimizer with and without it) and bench_optimizer.py (the 1.5B model's tensors)
 #   rmsnorm     the Triton RMSNorm: its GPU test (the 1.5B shape against the reference and torch's rms_norm) and
@@ -151,6 +154,12 @@ for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
                  && python3 tools/bench/bench_training.py --preset ratplus-1.5b --micro-batch 2 --seq-len 4096 \
                  --modes joint --steps 6 --warmup 3 --override train.cuda_graph=true \
                  --override parallel.distributed_optimizer=true --override parallel.overlap_grad_reduce=true" ;;
+    targets)   step targets_kernels 200 bash -c "python3 tools/bench/bench_recurrence.py --quick --no-ref --no-fla && \
+                 python3 tools/bench/bench_dilated_attention.py --shapes 4x4096 --no-flex --no-decode"
+               TAIL=${TAIL:-10} step targets_layer 150 python3 tools/bench/bench_layer.py
+               TAIL=${TAIL:-10} step targets_training 240 python3 tools/bench/bench_training.py --preset ratplus-1.5b \
+                 --micro-batch 2 --seq-len 4096 --modes dense,sparse,joint --steps 6 --warmup 3 --clocks \
+                 --override train.cuda_graph=true ;;
     rmsnorm)   step rmsnorm 240 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_rmsnorm.py \
                  && python3 tools/bench/bench_rmsnorm.py" ;;
     optimizer) step optimizer 300 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_optimizer.py \
