@@ -24,6 +24,7 @@ def test_cpu_run_prints_a_row_per_mode_with_host_time():
     assert "dilated attention: pointer loads" in out
     header = next(line for line in out.splitlines() if line.startswith("mode"))
     assert header.split()[:3] == ["mode", "step", "ms"] and "host ms" in header
+    assert "mem GiB" in header and "rsrv GiB" in header and "graph pools included" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("dense ", "joint "))}
     assert set(rows) == {"dense", "joint"}
     for cells in rows.values():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools" / "bench"))
-from gpu_clocks import ClockSampler, decode_reasons, parse_samples  # noqa: E402
+from gpu_clocks import ClockSampler, decode_reasons, parse_samples
 
 
 def test_reasons_are_decoded_by_bit():

@@ -243,11 +243,12 @@ def main():
         tok_s = tokens_per_step / med
         tflops = flops_per_token * tokens_per_step * len(passes) / med / world / 1e12
         mem = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
+        reserved = torch.cuda.max_memory_reserved() / 2 ** 30 if torch.cuda.is_available() else float("nan")
         anchor = anchor_tokens_per_s(mode, a.preset, a.num_layers, a.micro_batch, a.accum,
                                      (args.dilation, args.local_window, args.initial_tokens))
         clipped = sum(n is not None and n > cfg.train.clip_grad > 0 for n in timed_norms)
         rows.append((mode, med * 1e3, statistics.median(host_times) * 1e3, tok_s / world, tflops,
-                     (tflops / peak) if peak else None, mem, (tok_s / world / anchor) if anchor else None, loss,
+                     (tflops / peak) if peak else None, mem, reserved, (tok_s / world / anchor) if anchor else None, loss,
                      f"{clipped}/{len(timed_norms)}"))
     if info["rank"] == 0:
         print(f"device: {name} × {world} | preset {a.preset} ({args.num_parameters(pad_vocab_size(args.vocab_size)):,} "
@@ -261,11 +262,14 @@ def main():
         print("host ms: time to queue the step (the loss is read inside the optimizer step); near the step time, the host limits it")
         print(f"clipped: timed updates whose gradient norm exceeded clip_grad={cfg.train.clip_grad} (they pay the "
               "clipping scale)")
+        print("mem GiB: peak allocated during the mode's steps (replayed CUDA graphs allocate nothing, so a mode "
+              "replaying graphs captured by an earlier mode shows less); rsrv GiB: peak held by the caching "
+              "allocator, graph pools included")
         print(f"{'mode':<7}{'step ms':>10}{'host ms':>9}{'tok/s/GPU':>12}{'TFLOP/s/GPU':>13}{'MFU':>7}{'mem GiB':>9}"
-              f"{'vs anchor':>11}{'loss':>8}{'clipped':>9}")
-        for mode, ms, host_ms, tok, tf, mfu, mem, ratio, loss, clipped in rows:
+              f"{'rsrv GiB':>10}{'vs anchor':>11}{'loss':>8}{'clipped':>9}")
+        for mode, ms, host_ms, tok, tf, mfu, mem, reserved, ratio, loss, clipped in rows:
             print(f"{mode:<7}{ms:>10.1f}{host_ms:>9.1f}{tok:>12,.0f}{tf:>13.1f}{(f'{100 * mfu:.1f}%' if mfu else '-'):>7}"
-                  f"{mem:>9.1f}{(f'{ratio:.2f}x' if ratio else '-'):>11}{loss:>8.3f}{clipped:>9}")
+                  f"{mem:>9.1f}{reserved:>10.1f}{(f'{ratio:.2f}x' if ratio else '-'):>11}{loss:>8.3f}{clipped:>9}")
         for mode, reading in clock_readings.items():
             print(f"clocks over the timed {mode} steps ({reading.samples} samples): {reading.short()}")
     destroy_distributed()

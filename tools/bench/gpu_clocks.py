@@ -12,8 +12,8 @@ import shutil
 import signal
 import statistics
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
 
 # NVML's clocks-event (formerly clocks-throttle) reason bits, as nvidia-smi prints them in hex.
 REASON_BITS = {
@@ -39,7 +39,7 @@ class ClockReading:
     sm_mhz_min: float
     power_w_median: float
     temperature_c_max: float
-    reasons: List[str]           # every reason active in at least one sample ("idle" left out)
+    reasons: list[str]           # every reason active in at least one sample ("idle" left out)
 
     def short(self) -> str:
         why = ",".join(self.reasons) if self.reasons else "none"
@@ -47,7 +47,7 @@ class ClockReading:
                 f"max {self.temperature_c_max:.0f} C, reasons: {why}")
 
 
-def decode_reasons(mask: int) -> List[str]:
+def decode_reasons(mask: int) -> list[str]:
     """Names of the bits set in an NVML clocks-event reason mask (unknown bits by value)."""
     names = [name for bit, name in REASON_BITS.items() if mask & bit]
     unknown = mask & ~sum(REASON_BITS)
@@ -56,7 +56,7 @@ def decode_reasons(mask: int) -> List[str]:
     return names
 
 
-def parse_samples(lines: Sequence[str]) -> Optional[ClockReading]:
+def parse_samples(lines: Sequence[str]) -> ClockReading | None:
     """Summarise ``nvidia-smi --query-gpu=<QUERY> --format=csv,noheader,nounits`` lines; lines that do
     not parse (a header, '[N/A]' power on some boards, a partial last line) are skipped. None when no
     line parses."""
@@ -103,15 +103,15 @@ class ClockSampler:
             raise RuntimeError("clock sampling needs nvidia-smi on PATH (it ships with the NVIDIA driver)")
         query = QUERY
         probe = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader", f"--id={device_id}"],
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, check=False)
         if probe.returncode != 0:
             query = LEGACY_QUERY
         self.command = ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits",
                         f"--loop-ms={interval_ms}", f"--id={device_id}"]
-        self.reading: Optional[ClockReading] = None
-        self._process: Optional[subprocess.Popen] = None
+        self.reading: ClockReading | None = None
+        self._process: subprocess.Popen | None = None
 
-    def __enter__(self) -> "ClockSampler":
+    def __enter__(self) -> ClockSampler:  # noqa: PYI034 (typing.Self needs Python 3.11)
         self._process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         return self
 
