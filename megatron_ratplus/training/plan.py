@@ -78,7 +78,7 @@ model-FLOP rate measured on one H100 for the 1.5B preset at T=4096 (docs/benchma
 session): 487 TFLOP/s dense and 524 joint with the recipes' 4 micro-batches per update, 530 sparse
 (D=64) with one. The rate is carried over to other sizes (``tokens/s = rate / (flops_per_token ×
 passes)``) and the pipeline bubble adds ``(PP−1) / (VPP·accum)``. Communication is not modelled, and
-the rates were measured with CUDA graphs (eager steps were up to 7% slower on an H200), so the
+the rates were measured with CUDA graphs (eager sparse steps were 9% slower on an H200), so the
 estimate is optimistic; it is printed as an estimate. The DESIGN.md §4 reference code reached
 328 TFLOP/s dense and 336 joint on the same GPU.
 """
