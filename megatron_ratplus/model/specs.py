@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from .attention import RATPlusAttentionSubmodules, RATPlusSelfAttention
 from .norm import RMSNorm
+from .residual import get_linked_bias_dropout_add
 
 try:  # Transformer-Engine is optional (present in NGC PyTorch containers).
     # Import TE itself first: Megatron's extension module imports without TE (with mock classes).
@@ -36,8 +37,8 @@ except ImportError:  # pragma: no cover - depends on the environment
     HAVE_TE = False
 
 
-def _layer_spec(norm, column_linear, row_linear) -> ModuleSpec:
-    """A RAT+ TransformerLayer from a norm and column/row-parallel linear classes."""
+def _layer_spec(norm, column_linear, row_linear, bda=get_bias_dropout_add) -> ModuleSpec:
+    """A RAT+ TransformerLayer from a norm, column/row-parallel linear classes and a bias-dropout-add."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -46,17 +47,19 @@ def _layer_spec(norm, column_linear, row_linear) -> ModuleSpec:
                 module=RATPlusSelfAttention,
                 submodules=RATPlusAttentionSubmodules(linear_in=column_linear, linear_out=row_linear),
             ),
-            self_attn_bda=get_bias_dropout_add,
+            self_attn_bda=bda,
             pre_mlp_layernorm=norm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column_linear, linear_fc2=row_linear)),
-            mlp_bda=get_bias_dropout_add,
+            mlp_bda=bda,
         ),
     )
 
 
 def get_ratplus_layer_local_spec() -> ModuleSpec:
-    """Layer spec built from Megatron-core modules only (works on CPU, no TE/apex)."""
-    return _layer_spec(RMSNorm, ColumnParallelLinear, RowParallelLinear)
+    """Layer spec built from Megatron-core modules only (works on CPU, no TE/apex). The norms hand
+    their residual branch to the bias-dropout-adds (:mod:`.residual`)."""
+    linked_norm = ModuleSpec(module=RMSNorm, params={"link_residual": True})
+    return _layer_spec(linked_norm, ColumnParallelLinear, RowParallelLinear, bda=get_linked_bias_dropout_add)
 
 
 def get_ratplus_layer_te_spec() -> ModuleSpec:

@@ -7,7 +7,7 @@ layout (strided views are fine), so the layer never transposes around the call. 
 dispatches the same way (Triton on CUDA, torch elsewhere).
 """
 from .attention import dense_causal_attention, ratplus_attention
-from .norm import rms_norm
+from .norm import rms_norm, rms_norm_with_residual
 from .recurrence import gated_recurrence
 
-__all__ = ["gated_recurrence", "ratplus_attention", "dense_causal_attention", "rms_norm"]
+__all__ = ["gated_recurrence", "ratplus_attention", "dense_causal_attention", "rms_norm", "rms_norm_with_residual"]

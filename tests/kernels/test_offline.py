@@ -118,11 +118,17 @@ def test_kernel_resources_tool_optimizer_default_does_not_spill():
     assert rows[0][6] == "0/0" and rows[0][9] == "", rows[0]
 
 
+@needs_ptxas
 def test_kernel_resources_tool_rmsnorm_rows_do_not_spill():
     """The RMSNorm kernels hold a whole row in registers: up to the widest row they accept
-    (``--sweep``), forward and backward compile without spills."""
+    (``--sweep``: also fp32), with and without the residual's gradient, forward and backward compile
+    without spills, and the pipelined backward's prefetched rows stay within the shared memory it
+    was given (``PIPELINE_SHARED_BYTES``, 80 KiB)."""
     proc = _run(args=["tools/bench/kernel_resources.py", "--kernels", "rmsnorm", "--sweep"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines() if line.startswith("| rmsnorm")]
-    assert {r[2] for r in rows} == {"rms_norm_fwd_kernel", "rms_norm_bwd_kernel"} and len(rows) == 8
-    assert all(r[6] == "0/0" for r in rows), rows
+    assert {r[2] for r in rows} == {"rms_norm_fwd_kernel", "rms_norm_bwd_kernel"}
+    assert len(rows) == 2 * 2 * (2 + 4)           # fwd + bwd, residual or not, 2 preset and 4 sweep cases
+    assert sum("+residual" in r[1] for r in rows) == len(rows) // 2
+    for r in rows:
+        assert r[6] == "0/0" and float(r[7]) <= 80, r

@@ -57,6 +57,7 @@ def main():
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--sp", action="store_true")
     ap.add_argument("--mode", default="dense")
+    ap.add_argument("--kernel-backend", default="reference")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     layout = ParallelLayout(a.tp, a.pp, None, a.sp)
@@ -65,7 +66,7 @@ def main():
                             max_seq_len=32, dilation=4, local_window=1, initial_tokens=1)
     cfg = to_transformer_config(args, tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
                                 sequence_parallel=a.sp, use_cpu_initialization=True,
-                                kernel_backend="reference")
+                                kernel_backend=a.kernel_backend)
     model = build_gpt_model(args, cfg, spec="local",
                             pre_process=parallel_state.is_pipeline_first_stage(),
                             post_process=parallel_state.is_pipeline_last_stage())

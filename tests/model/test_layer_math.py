@@ -10,10 +10,11 @@ from .reference_impl import reference_logits
 SMALL = dict(num_layers=2, hidden_size=32, num_attention_heads=2, vocab_size=64, max_seq_len=64)
 
 
-def build_small(megatron_single_process, dtype=torch.float64, seed=0, **overrides):
+def build_small(megatron_single_process, dtype=torch.float64, seed=0, kernel_backend="reference",
+                config_overrides=None, **overrides):
     args = RATPlusModelArgs(**{**SMALL, **overrides})
     cfg = to_transformer_config(args, params_dtype=dtype, use_cpu_initialization=True,
-                                kernel_backend="reference")
+                                kernel_backend=kernel_backend, **(config_overrides or {}))
     torch.manual_seed(seed)
     model = build_gpt_model(args, cfg, spec="local")
     # Norm weights start at 1: perturb them so the test sees whether each one is applied.

@@ -41,5 +41,14 @@ def test_layout_matches_single_process(tmp_path, baselines, flags, mode):
     assert_same(result, baselines[mode])
 
 
+@pytest.mark.slow
+def test_triton_kernels_under_sequence_parallelism(tmp_path, baselines):
+    """The Triton kernels (through the interpreter on CPU) at TP=2 with sequence parallelism, the
+    norms handing their residual branch to the bias-dropout-adds (model/residual.py): the same loss
+    and gradients as one process with the reference kernels."""
+    result = run(tmp_path, "run", "--tp", "2", "--sp", "--mode", "sparse", "--kernel-backend", "fused", nproc=2)
+    assert_same(result, baselines["sparse"])
+
+
 def test_sparse_and_dense_baselines_differ(baselines):
     assert abs(baselines["dense"]["loss"] - baselines["sparse"]["loss"]) > 1e-4

@@ -58,3 +58,22 @@ def test_model_norm_follows_the_kernel_backend(monkeypatch):
                              ratplus_kernel_backend="reference")
     RMSNorm(config, 16, eps=1e-5)(torch.zeros(2, 16))
     assert seen == [("reference", 1e-5)]
+
+
+def test_with_residual_dispatch():
+    """Reference path: the residual is x itself (autograd adds the gradients); the Triton path: a
+    view of x whose gradient the norm's backward adds. Same values and gradients either way."""
+    from megatron_ratplus.ops import rms_norm_with_residual
+
+    x0, w = torch.randn(3, 4, 32), 1 + 0.1 * torch.randn(32)
+    results = {}
+    for backend in ("auto", "reference", "fused"):
+        x = x0.clone().requires_grad_()
+        y, residual = rms_norm_with_residual(x, w, 1e-6, backend=backend)
+        assert (residual is x) == (backend != "fused")
+        assert residual.data_ptr() == x.data_ptr()
+        (y.square().sum() + (3 * residual).sum()).backward()
+        results[backend] = (y.detach(), x.grad)
+    for backend in ("reference", "fused"):
+        for got, want in zip(results[backend], results["auto"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

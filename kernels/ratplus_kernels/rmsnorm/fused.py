@@ -10,6 +10,12 @@ its rows' share of the weight gradient in fp32 registers; a sum over the program
 
 Layout: rows of the last dimension, contiguous; one row per forward program, a contiguous range of
 rows per backward program (a few programs per SM, so the partial weight gradients stay small).
+
+:func:`fused_rms_norm_with_residual` also returns the input as the residual branch of a pre-norm
+block (``x + f(norm(x))``). Autograd would sum the two gradients of ``x`` (the norm's and the
+residual's) in a separate elementwise kernel, which reads both and writes the sum; here the
+backward pass reads the residual's gradient beside ``dy`` and writes the sum itself, saving two of
+the three passes over the activation (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -22,6 +28,24 @@ from .naive import check_rms_norm_args
 
 MAX_COLUMNS = 8192                      # a row lives in registers: 16 fp32 per thread and tensor at 16 warps
 BACKWARD_PROGRAMS_PER_SM = 4
+# The backward's row loop: rows per iteration and software-pipelining depth (the next rows' loads
+# issued while this one computes). H100 sweep, forward + backward ms with the residual's gradient /
+# without, 1 row and depth 1 against depth 3: [4096, 2, 2048] 0.1058 -> 0.0969 / 0.0860 -> 0.0836;
+# [4096, 4, 2048] 0.1787 -> 0.1659 / 0.1421 -> 0.1410; [4096, 2, 2560] 0.1372 -> 0.1204 / 0.1171 ->
+# 0.1072. Depth 2 and 2 or 4 rows per iteration were slower at some widths (docs/benchmarks.md).
+BACKWARD_ROWS_PER_ITER = 1
+BACKWARD_LOOP_STAGES = 3
+PIPELINE_SHARED_BYTES = 80 * 1024       # shared memory the prefetched rows may take (fits GPUs with 99 KB)
+
+
+def _loop_stages(block: int, rows: int, tensors: int, element_bytes: int) -> int:
+    """The pipelining depth for the backward's row loop: ``BACKWARD_LOOP_STAGES``, reduced until
+    the prefetched row tiles (``tensors`` inputs of ``rows x block`` elements per stage) fit
+    ``PIPELINE_SHARED_BYTES`` (wide fp32 rows would otherwise exceed the GPU's shared memory)."""
+    stages = BACKWARD_LOOP_STAGES
+    while stages > 1 and stages * tensors * rows * block * element_bytes > PIPELINE_SHARED_BYTES:
+        stages -= 1
+    return stages
 
 
 def _num_warps(block: int) -> int:
@@ -44,25 +68,35 @@ def _rms_norm_fwd_kernel(X, W, Y, RSTD, N, eps, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, n_rows, N, rows_per_program, BLOCK_N: tl.constexpr):
+def _rms_norm_bwd_kernel(DY, X, W, RSTD, DRES, DX, DW_PARTIAL, n_rows, N, rows_per_program,
+                         BLOCK_N: tl.constexpr, HAS_DRES: tl.constexpr, ROWS: tl.constexpr,
+                         LOOP_STAGES: tl.constexpr):
+    """``ROWS`` rows per iteration (more loads in flight per program); ``LOOP_STAGES`` > 1 lets
+    Triton prefetch the next iterations' rows while this one computes."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     start = pid.to(tl.int64) * rows_per_program
+    count = tl.minimum(rows_per_program, n_rows - start)
     first = start * N                                     # 64-bit: long sequences pass 2**31 elements
-    for r in range(0, tl.minimum(rows_per_program, n_rows - start)):
-        offs = first + r * N + cols
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + start + r)
-        x_hat = x * rstd
-        w_dy = w * dy
+    for r0 in tl.range(0, count, ROWS, num_stages=LOOP_STAGES):
+        r = r0 + tl.arange(0, ROWS)
+        rm = r < count
+        offs = first + r[:, None] * N + cols[None, :]
+        m2 = rm[:, None] & mask[None, :]
+        x = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=m2, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + start + r, mask=rm, other=0.0)
+        x_hat = x * rstd[:, None]
+        w_dy = w[None, :] * dy
         # d/dx of x * rstd(x): rstd * (w*dy - x_hat * mean(x_hat * w*dy))
-        dx = (w_dy - x_hat * (tl.sum(x_hat * w_dy, axis=0) / N)) * rstd
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-        dw += dy * x_hat
+        dx = (w_dy - x_hat * (tl.sum(x_hat * w_dy, axis=1) / N)[:, None]) * rstd[:, None]
+        if HAS_DRES:                                      # the residual branch's gradient of x
+            dx += tl.load(DRES + offs, mask=m2, other=0.0).to(tl.float32)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=m2)
+        dw += tl.sum(dy * x_hat, axis=0)
     tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, dw, mask=mask)
 
 
@@ -72,39 +106,69 @@ def _backward_programs(n_rows: int, device: torch.device) -> int:
     return max(1, min(n_rows, sms * BACKWARD_PROGRAMS_PER_SM))
 
 
+def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """y and the per-row rstd; also the contiguous rows and weight that the backward reads."""
+    n = x.shape[-1]
+    rows = x.reshape(-1, n).contiguous()
+    w = weight.contiguous()
+    y = torch.empty_like(rows)
+    rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(n)
+    if rows.shape[0]:
+        _rms_norm_fwd_kernel[(rows.shape[0],)](rows, w, y, rstd, n, eps, BLOCK_N=block, num_warps=_num_warps(block))
+    return y.view(x.shape), rows, w, rstd
+
+
+def _backward(ctx, dy: torch.Tensor, dres):
+    """dx (plus ``dres``, the residual branch's gradient, when given) and the weight gradient."""
+    rows, w, rstd = ctx.saved_tensors
+    n_rows, n = rows.shape
+    dy_rows = dy.reshape(-1, n).contiguous()
+    dres_rows = None if dres is None else dres.reshape(-1, n).contiguous()
+    dx = torch.empty_like(rows)
+    programs = _backward_programs(n_rows, rows.device)
+    partial = torch.empty((programs, n), dtype=torch.float32, device=rows.device)
+    block = triton.next_power_of_2(n)
+    if n_rows:
+        _rms_norm_bwd_kernel[(programs,)](dy_rows, rows, w, rstd, dy_rows if dres_rows is None else dres_rows, dx,
+                                          partial, n_rows, n, triton.cdiv(n_rows, programs), BLOCK_N=block,
+                                          HAS_DRES=dres_rows is not None, ROWS=BACKWARD_ROWS_PER_ITER,
+                                          LOOP_STAGES=_loop_stages(block, BACKWARD_ROWS_PER_ITER,
+                                                                   2 if dres_rows is None else 3, rows.element_size()),
+                                          num_warps=_num_warps(block))
+        dw = partial.sum(0)
+    else:
+        dw = torch.zeros(n, dtype=torch.float32, device=rows.device)
+    return dx.view(ctx.x_shape), (dw.to(w.dtype) if ctx.needs_input_grad[1] else None)
+
+
 class _FusedRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        n = x.shape[-1]
-        rows = x.reshape(-1, n).contiguous()
-        w = weight.contiguous()
-        y = torch.empty_like(rows)
-        rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
-        block = triton.next_power_of_2(n)
-        if rows.shape[0]:
-            _rms_norm_fwd_kernel[(rows.shape[0],)](rows, w, y, rstd, n, eps, BLOCK_N=block,
-                                                   num_warps=_num_warps(block))
+        y, rows, w, rstd = _forward(x, weight, eps)
         ctx.save_for_backward(rows, w, rstd)
         ctx.x_shape = x.shape
-        return y.view(x.shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        rows, w, rstd = ctx.saved_tensors
-        n_rows, n = rows.shape
-        dy_rows = dy.reshape(-1, n).contiguous()
-        dx = torch.empty_like(rows)
-        programs = _backward_programs(n_rows, rows.device)
-        partial = torch.empty((programs, n), dtype=torch.float32, device=rows.device)
-        block = triton.next_power_of_2(n)
-        if n_rows:
-            _rms_norm_bwd_kernel[(programs,)](dy_rows, rows, w, rstd, dx, partial, n_rows, n,
-                                              triton.cdiv(n_rows, programs), BLOCK_N=block,
-                                              num_warps=_num_warps(block))
-            dw = partial.sum(0)
-        else:
-            dw = torch.zeros(n, dtype=torch.float32, device=rows.device)
-        return dx.view(ctx.x_shape), (dw.to(w.dtype) if ctx.needs_input_grad[1] else None), None
+        return *_backward(ctx, dy, None), None
+
+
+class _FusedRMSNormWithResidual(torch.autograd.Function):
+    """Outputs ``(norm(x), x)``; the second is a view of the input whose gradient the backward adds
+    to the norm's input gradient in the same pass (None when the residual was not used)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float):
+        y, rows, w, rstd = _forward(x, weight, eps)
+        ctx.save_for_backward(rows, w, rstd)
+        ctx.x_shape = x.shape
+        return y, x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor, dres):
+        return *_backward(ctx, dy, dres), None
 
 
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -114,3 +178,13 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> 
         raise ValueError(f"fused_rms_norm: rows of {x.shape[-1]} elements exceed the kernel's {MAX_COLUMNS} "
                          "(a row is held in registers); use the reference")
     return _FusedRMSNorm.apply(x, weight, float(eps))
+
+
+def fused_rms_norm_with_residual(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
+    """:func:`.naive.naive_rms_norm_with_residual`: ``(norm(x), residual)`` where ``residual`` is
+    ``x`` for the block's skip connection, its gradient summed into ``x``'s by the norm's backward."""
+    check_rms_norm_args(x, weight, eps)
+    if x.shape[-1] > MAX_COLUMNS:
+        raise ValueError(f"fused_rms_norm_with_residual: rows of {x.shape[-1]} elements exceed the kernel's "
+                         f"{MAX_COLUMNS} (a row is held in registers); use the reference")
+    return _FusedRMSNormWithResidual.apply(x, weight, float(eps))

@@ -26,3 +26,9 @@ def naive_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> 
     xf = x.float()
     y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * weight.float()
     return y.to(x.dtype)
+
+
+def naive_rms_norm_with_residual(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
+    """``(naive_rms_norm(x), x)``: the norm and the input as a pre-norm block's residual branch.
+    Autograd sums the two branches' gradients of ``x``; the fused version sums them in its backward."""
+    return naive_rms_norm(x, weight, eps), x
