@@ -49,3 +49,25 @@ def patterns_arg(text: str) -> list[tuple[int, int, int]]:
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"expected a comma-separated list of D/W/P (e.g. 64/0/0,16/256/4), got {text!r}") from None
+
+
+def positive_ints_arg(text: str) -> list[int]:
+    """``4,8,16`` -> ``[4, 8, 16]`` (empty text: none); an argparse type."""
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        values = [0]
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of positive integers, got {text!r}")
+    return values
+
+
+def int_pairs_arg(text: str) -> list[tuple[int, int]]:
+    """``2:1,1:3`` -> ``[(2, 1), (1, 3)]`` (empty text: none), both positive; an argparse type."""
+    try:
+        pairs = [tuple(int(x) for x in item.split(":")) for item in text.split(",") if item]
+    except ValueError:
+        pairs = [()]
+    if any(len(p) != 2 or min(p) < 1 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of A:B positive integer pairs, got {text!r}")
+    return pairs

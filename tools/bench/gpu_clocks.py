@@ -1,10 +1,11 @@
 """Sample the GPU's SM clock, power and clock-event reasons while a benchmark runs.
 
 Why: the same kernels take a few percent longer on one machine than another of the same kind, and
-the GEMMs of a sparse training pass ran 6-8% slower than the same GEMMs of a dense pass. Whether the
-GPU lowered its clocks (power cap, thermal slowdown) is a reading of the device, not of the code, so
-benchmarks that compare such numbers can print it next to their timings. ``nvidia-smi`` samples in a
-background process (``-lms``); nothing is read on the benchmark's own thread.
+in two profiles the GEMMs of a sparse training pass ran 6-8% slower than the same GEMMs of a dense
+pass (a later profile did not reproduce it). Whether the GPU lowered its clocks (power cap, thermal
+slowdown) is a reading of the device, not of the code, so benchmarks that compare such numbers can
+print it next to their timings. ``nvidia-smi`` samples in a background process (``-lms``); nothing
+is read on the benchmark's own thread.
 """
 from __future__ import annotations
 

@@ -152,17 +152,28 @@ def optimizer_rows(sweep: bool, arch: int):
 
 
 def rmsnorm_rows(sweep: bool, arch: int):
-    """The RMSNorm forward and backward at the presets' widths (and with ``--sweep`` the widest row)."""
+    """The RMSNorm forward and backward (alone, and with the residual branch's gradient) at the
+    presets' widths, bf16; with ``--sweep`` also the wider rows and fp32 (the pipelined backward's
+    prefetched rows take shared memory)."""
     import ratplus_kernels.rmsnorm.fused as fm
 
-    widths = [2048, 2560] + ([4096, fm.MAX_COLUMNS] if sweep else [])
+    cases = [(d, torch.bfloat16) for d in (2048, 2560)]
+    if sweep:
+        cases += [(d, dtype) for d in (4096, fm.MAX_COLUMNS) for dtype in (torch.bfloat16, torch.float32)]
     rows = []
-    for d in widths:
-        x = torch.empty(64, d, dtype=torch.bfloat16, requires_grad=True)
-        w = torch.empty(d, dtype=torch.bfloat16, requires_grad=True)
-        with offline_compilation(arch) as compiled:
-            torch.autograd.grad(fm.fused_rms_norm(x, w), (x, w), torch.empty(64, d, dtype=torch.bfloat16))
-        rows += [_row("rmsnorm", f"d={d}", kernel) for kernel in compiled]
+    for d, dtype in cases:
+        for residual in (False, True):
+            x = torch.empty(64, d, dtype=dtype, requires_grad=True)
+            w = torch.empty(d, dtype=dtype, requires_grad=True)
+            dy = torch.empty(64, d, dtype=dtype)
+            with offline_compilation(arch) as compiled:
+                if residual:
+                    y, res = fm.fused_rms_norm_with_residual(x, w)
+                    torch.autograd.grad((y, res), (x, w), (dy, dy))
+                else:
+                    torch.autograd.grad(fm.fused_rms_norm(x, w), (x, w), dy)
+            setting = f"d={d} {str(dtype).replace('torch.', '')}{' +residual' if residual else ''}"
+            rows += [_row("rmsnorm", setting, kernel) for kernel in compiled]
     return rows
 
 

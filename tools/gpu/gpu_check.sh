@@ -36,12 +36,13 @@
 #   train_ab    bench_training.py ($TRAIN_ARGS, default dense,joint with CUDA graphs) four times, alternating this
 #               tree and the baseline tree TRAIN_BASE (carried, ignored: git archive <rev> megatron_ratplus kernels |
 #               tar -x -C .bench_base); each log starts with the package paths it imported
+#   layer_ab    the same A/B of bench_layer.py $LAYER_ARGS
 #   train_real  the training CLI itself (recipes/ratplus-1.5b-100bt.yaml: data loader, logging, CUDA graphs) for
 #               40 joint steps of 2 x 4096 tokens on a carried dataset, then bench_training.py with the same
 #               options for comparison. REAL_DATA names the dataset (default data_cache/gpu32k; carry it), made
 #               here with: ratplus-data default-corpus -o data_cache/gpu32k --seq-len 4096 --vocab-size 32000
 #               --size-mb 8 (the 1.5B preset's vocabulary, ~230 steps of data)
-#   targets     every DESIGN.md §4 target of the table atop docs/benchmarks.md, in one call (about 5 minutes):
+#   targets     every DESIGN.md §4 target of the table atop docs/benchmarks.md, in one call (about 2 minutes):
 #               the recurrence and dilated-attention anchors, the layer benchmark, and the 1.5B training step
 #               (dense, sparse, joint; one micro-batch per update; CUDA graphs; GPU clocks sampled)
 #   optimizer   the fused AdamW + bf16 weight write: its GPU tests (kernel against torch's fused AdamW; Megatron's
@@ -71,6 +72,19 @@ step() {  # step NAME TIMEOUT_S COMMAND...
   local rc=$?
   echo "=== $name rc=$rc"
   grep -v "UserWarning\|warnings.warn" "$OUT/$name.log" | tail -n "${TAIL:-40}"
+}
+
+ab() {  # ab NAME COMMAND...: COMMAND four times, alternating this tree and the baseline tree TRAIN_BASE
+  local name=$1; shift
+  [ -d "${TRAIN_BASE:-}/megatron_ratplus" ] || { echo "$name: TRAIN_BASE must name a baseline tree"; exit 2; }
+  local run pp n
+  for run in new base new base; do
+    pp=$PYTHONPATH
+    [ "$run" = base ] && pp=$PWD/$TRAIN_BASE/kernels:$PWD/$TRAIN_BASE:$PYTHONPATH
+    n=$(ls "$OUT"/"$name"_"$run"_*.log 2>/dev/null | wc -l)
+    TAIL=${TAIL:-9} step "${name}_${run}_$n" 300 env PYTHONPATH="$pp" bash -c "python3 -P -c 'import \
+      megatron_ratplus, ratplus_kernels; print(megatron_ratplus.__file__, ratplus_kernels.__file__)' && $(printf '%q ' "$@")"
+  done
 }
 
 # Diagnostic copies of the recurrence kernels (timing only: wrong results) for rec_sol / rec_sync.
@@ -135,16 +149,9 @@ for s in ${STEPS:-rec_tests rec_bench da_tests decode}; do
                      --micro-batch 2 --seq-len 4096 ${TRAIN_ARGS:---modes dense,sparse,joint --steps 8 --warmup 3} \
                      --override "train.cuda_graph=$g"
                  done ;;
-    train_ab) [ -d "${TRAIN_BASE:-}/megatron_ratplus" ] || { echo "train_ab: TRAIN_BASE must name a baseline tree"; exit 2; }
-              for run in new base new base; do
-                pp=$PYTHONPATH
-                [ "$run" = base ] && pp=$PWD/$TRAIN_BASE/kernels:$PWD/$TRAIN_BASE:$PYTHONPATH
-                n=$(ls "$OUT"/train_ab_"$run"_*.log 2>/dev/null | wc -l)
-                TAIL=${TAIL:-9} step "train_ab_${run}_$n" 300 env PYTHONPATH="$pp" bash -c "python3 -P -c 'import \
-                  megatron_ratplus, ratplus_kernels; print(megatron_ratplus.__file__, ratplus_kernels.__file__)' && \
-                  python3 tools/bench/bench_training.py --preset ratplus-1.5b --micro-batch 2 --seq-len 4096 \
-                  ${TRAIN_ARGS:---modes dense,joint --steps 6 --warmup 3 --override train.cuda_graph=true}"
-              done ;;
+    train_ab) ab train_ab python3 tools/bench/bench_training.py --preset ratplus-1.5b --micro-batch 2 --seq-len 4096 \
+                ${TRAIN_ARGS:---modes dense,joint --steps 6 --warmup 3 --override train.cuda_graph=true} ;;
+    layer_ab) ab layer_ab python3 tools/bench/bench_layer.py ${LAYER_ARGS:-} ;;
     train_real) data=${REAL_DATA:-data_cache/gpu32k}
                [ -f "$data/manifest.json" ] || { echo "train_real: no dataset at $data (see the step's comment)"; exit 2; }
                TAIL=${TAIL:-12} step train_real 420 bash -c "python3 -m megatron_ratplus.training.cli \
