@@ -6,6 +6,7 @@ is local-only and ``D = 1`` admits every causal key (the layer is dense).
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import List, Tuple, Union
 
@@ -48,7 +49,8 @@ class SparsePattern:
         loc = f" ({where})" if where else ""
         if isinstance(self.dilation, bool) or not isinstance(self.dilation, int) or self.dilation == 0 \
                 or self.dilation < -1:
-            raise ValueError(f"dilation D must be >= 1 or -1 (local-only){loc}, got {self.dilation!r}")
+            raise ValueError(f"dilation D must be an integer >= 1 or -1 (local-only){loc}, "
+                             f"got {self.dilation!r}")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
             raise ValueError(f"local window W must be an integer >= 0{loc}, got {self.window!r}")
         if isinstance(self.initial, bool) or not isinstance(self.initial, int) or self.initial < 0:
@@ -60,8 +62,19 @@ def _per_layer(name: str, value: IntOrList, num_layers: int) -> List[int]:
         if len(value) != num_layers:
             raise ValueError(f"{name} is a per-layer list of length {len(value)}, "
                              f"but the model has {num_layers} layers")
-        return [int(v) if not isinstance(v, bool) else v for v in value]
-    return [value] * num_layers
+        # Integer-like entries (numpy ints from a converted config) become ints; anything else,
+        # floats included, is left as it is so ``validate`` names it instead of truncating it.
+        return [_as_int_if_integral(v) for v in value]
+    return [_as_int_if_integral(value)] * num_layers
+
+
+def _as_int_if_integral(value):
+    if isinstance(value, bool):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
 
 
 def resolve_patterns(dilation: IntOrList, window: IntOrList, initial: IntOrList,

@@ -24,3 +24,19 @@ def test_dense_pattern_counts_every_causal_pair():
 def test_negative_length_rejected():
     with pytest.raises(ValueError, match="seq_len"):
         SparsePattern(64, 0, 0).allowed_pairs(-1)
+
+
+def test_per_layer_lists_keep_integers_and_reject_fractions():
+    import numpy as np
+
+    from megatron_ratplus.attention_pattern import resolve_patterns
+    patterns = resolve_patterns([64, np.int64(16)], [0, 256], 4, num_layers=2)
+    assert patterns == (SparsePattern(64, 0, 4), SparsePattern(16, 256, 4))
+    assert all(type(p.dilation) is int for p in patterns)
+    # A fractional entry is named, not truncated to the integer below it.
+    with pytest.raises(ValueError, match=r"dilation D must be an integer.*layer 1.*16\.7"):
+        resolve_patterns([64, 16.7], 0, 0, num_layers=2)
+    with pytest.raises(ValueError, match=r"local window W.*layer 0.*2\.5"):
+        resolve_patterns(64, [2.5, 3], 0, num_layers=2)
+    with pytest.raises(ValueError, match="length 3.*2 layers"):
+        resolve_patterns([64, 16, 8], 0, 0, num_layers=2)
