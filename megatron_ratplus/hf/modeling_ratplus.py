@@ -186,7 +186,9 @@ def blocked_sparse_attention(q, k, v, pattern, scale, block: int):
     B, T, H, Dh = q.shape
     D, W, P = pattern
     dev = q.device
-    ends = torch.arange(D - 1, T, D, device=dev) if D > 0 else torch.zeros(0, dtype=torch.long, device=dev)
+    # chunk-end keys; none when local-only or when the first chunk ends past the sequence (D > T)
+    ends = torch.arange(D - 1, max(T, D - 1), D, device=dev) if D > 0 else \
+        torch.zeros(0, dtype=torch.long, device=dev)
     out = torch.empty_like(q)
     for s in range(0, T, block):
         e = min(s + block, T)

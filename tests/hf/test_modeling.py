@@ -114,7 +114,7 @@ def test_modeling_file_loads_without_ratplus_kernels(tmp_path, monkeypatch):
 
 
 
-@pytest.mark.parametrize("pattern", [(4, 2, 1), (3, 0, 0), (-1, 5, 2), (7, 40, 9)])
+@pytest.mark.parametrize("pattern", [(4, 2, 1), (3, 0, 0), (-1, 5, 2), (7, 40, 9), (100, 3, 2), (102, 0, 0)])
 def test_blocked_sparse_attention_equals_masked(monkeypatch, pattern):
     """Long sequences without the fused kernel gather keys per query block: same logits."""
     D, W, P = pattern
