@@ -18,6 +18,7 @@ _EXPORTS = {
     "CheckpointManager": ".manager",
     "load_weights_only": ".manager",
     "resolve_checkpoint": ".manager",
+    "complete_checkpoints_after": ".manager",
     "CheckpointError": ".errors",
     "PreemptionHandler": ".preemption",
     "checkpoint_problems": ".validate",

@@ -25,7 +25,7 @@ import logging
 import os
 from functools import partial
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from megatron.core import dist_checkpointing
@@ -34,8 +34,8 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from . import _dist
 from .architecture import architecture_of, compare_architectures, unwrap_model
 from .errors import CheckpointError
-from .paths import (TRACKER_NAME, iter_dir_name, is_save_dir, list_iter_dirs, looks_like_checkpoint,
-                    read_tracker, write_tracker)
+from .paths import (TRACKER_NAME, is_save_dir, iter_dir_name, iteration_of, list_iter_dirs,
+                    looks_like_checkpoint, read_tracker, write_tracker)
 from .retention import apply_retention
 from .rng import restore_rng_state
 from .state import (FORMAT_VERSION, RNG_KEY, load_strategy, model_sharded_state_dict, model_state_key,
@@ -126,6 +126,16 @@ def _latest_complete(save_dir: Path, *, explicit: bool) -> Optional[Path]:
     log.warning("no complete checkpoint in %s (earlier saves never finished): starting from scratch",
                 save_dir)
     return None
+
+
+def complete_checkpoints_after(save_dir, step: int) -> List[Path]:
+    """Complete checkpoints in ``save_dir`` of an iteration above ``step``, oldest first.
+
+    A run that continues from ``step`` in that save_dir (a rollback to an earlier checkpoint, or
+    a save_dir that already holds another run) would reach their iterations and be refused at
+    that save, since checkpoints are never overwritten; callers refuse to start instead.
+    """
+    return [path for it, path in list_iter_dirs(save_dir) if it > step and not checkpoint_problems(path)]
 
 
 def resolve_checkpoint(which, save_dir=None) -> Optional[Path]:
@@ -380,12 +390,28 @@ class CheckpointManager:
                         os.rename(ckpt_dir, aside)
                         log.warning("%s exists but is incomplete (%s); moved it to %s and saving afresh",
                                     ckpt_dir, "; ".join(problems), aside)
+                newer = self._tracked_checkpoint_after(iteration_of(ckpt_dir))
+                if error is None and newer is not None:
+                    error = (f"{self.save_dir / TRACKER_NAME} names the complete checkpoint {newer}, newer "
+                             f"than this save ({ckpt_dir.name}): saving would move the save_dir's latest "
+                             f"checkpoint back to another timeline (use another checkpoint.save_dir, or "
+                             f"move the newer checkpoints away)")
                 if error is None:
                     ckpt_dir.mkdir()
             except OSError as e:
                 error = f"cannot create checkpoint directory {ckpt_dir}: {e}"
         _raise_together(error)
         _dist.barrier()
+
+    def _tracked_checkpoint_after(self, step: int) -> Optional[Path]:
+        """The checkpoint the tracker names when it is complete and newer than ``step``. A tracker
+        naming a checkpoint that was removed (a rollback by deleting the newer saves) or never
+        completed does not count: moving it back is then right."""
+        tracked, _ = read_tracker(self.save_dir)
+        if tracked is None or tracked <= step:
+            return None
+        path = self.save_dir / iter_dir_name(tracked)
+        return path if path.is_dir() and not checkpoint_problems(path) else None
 
     def _complete(self, step: int, ckpt_dir: Path) -> None:
         """After every rank wrote its part: verify, move the tracker, apply retention."""

@@ -41,6 +41,21 @@ def _refuse_to_shadow_checkpoints(cfg: RunConfig) -> None:
                           f"resume with checkpoint.load=latest, or choose another checkpoint.save_dir")
 
 
+def _refuse_newer_checkpoints(cfg: RunConfig, step: int) -> None:
+    """A run continuing from ``step`` (a rollback to an older checkpoint) into a save_dir that holds
+    complete checkpoints of later iterations would be refused when it reaches them: say so now."""
+    if not cfg.checkpoint.save_dir:
+        return
+    from ..checkpoint import complete_checkpoints_after
+    newer = complete_checkpoints_after(cfg.checkpoint.save_dir, step)
+    if newer:
+        names = ", ".join(p.name for p in newer[:3]) + (f" and {len(newer) - 3} more" if len(newer) > 3 else "")
+        raise ConfigError(f"checkpoint.save_dir={cfg.checkpoint.save_dir} holds complete checkpoints newer "
+                          f"than step {step} the run continues from ({names}); the run would stop at the "
+                          f"first of them (checkpoints are never overwritten). Move them out of the "
+                          f"save_dir, or choose another checkpoint.save_dir")
+
+
 def _restore(cfg: RunConfig, objs, data, state: TrainState):
     """Resume (``checkpoint.load``) or initialise weights (``checkpoint.init_from``)."""
     ck = cfg.checkpoint
@@ -107,6 +122,7 @@ def run_training(cfg: RunConfig) -> TrainState:
                             readers_per_node=cfg.data.readers_per_node)
         state = TrainState()
         _restore(cfg, objs, data, state)
+        _refuse_newer_checkpoints(cfg, state.step)
         checkpoints = preemption = None
         if cfg.checkpoint.save_dir:
             from ..checkpoint import CheckpointManager, PreemptionHandler

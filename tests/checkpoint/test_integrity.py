@@ -171,6 +171,37 @@ def test_existing_checkpoint_is_never_overwritten(copy):
     assert read_tracker(save_dir) == (3, None)
 
 
+def test_save_behind_the_tracked_complete_checkpoint_is_refused(copy):
+    """A rollback into the same save_dir must not move ``latest`` back behind a complete save."""
+    save_dir, _, objs = copy
+    shutil.rmtree(save_dir / "iter_0000002")
+    with pytest.raises(CheckpointError, match="names the complete checkpoint .*iter_0000003.*another timeline"):
+        CheckpointManager(save_dir).save(2, objs.model, objs.optimizer, objs.scheduler, {"step": 2})
+    assert not (save_dir / "iter_0000002").exists()
+    assert read_tracker(save_dir) == (3, None)
+
+
+def test_save_behind_a_tracker_whose_checkpoint_was_removed_moves_it_back(copy):
+    """Rolling back by deleting the newer checkpoints: the tracker then names nothing to protect."""
+    save_dir, _, objs = copy
+    for step in (2, 3):
+        shutil.rmtree(save_dir / f"iter_{step:07d}")
+    CheckpointManager(save_dir).save(2, objs.model, objs.optimizer, objs.scheduler, {"step": 2})
+    assert read_tracker(save_dir) == (2, None)
+
+
+def test_a_run_resuming_behind_complete_checkpoints_is_refused_at_start(copy):
+    from megatron_ratplus.training.config import ConfigError
+    from megatron_ratplus.training.run import _refuse_newer_checkpoints
+    save_dir, _, _ = copy
+    cfg = run_config(extra=[f"checkpoint.save_dir={save_dir}", f"checkpoint.load={save_dir / 'iter_0000001'}"])
+    with pytest.raises(ConfigError, match=r"newer than step 1 .*\(iter_0000002, iter_0000003\).*Move them"):
+        _refuse_newer_checkpoints(cfg, 1)
+    _refuse_newer_checkpoints(cfg, 3)
+    (save_dir / "iter_0000003" / "metadata.json").unlink()    # an unfinished save does not count
+    _refuse_newer_checkpoints(cfg, 2)
+
+
 def test_incomplete_directory_is_set_aside_not_overwritten(copy, caplog):
     save_dir, _, objs = copy
     ckpt = save_dir / "iter_0000003"
