@@ -54,14 +54,25 @@ def _resolve_tokenizer(arg: Optional[str], train_state: Optional[dict]) -> Optio
     return _tokenizer_from_run_config(train_state)
 
 
+def _require_dir(path: str, what: str) -> None:
+    if not Path(path).is_dir():
+        raise ConvertError(f"{what} {path} does not exist or is not a directory")
+
+
 def to_hf(ckpt: str, out_dir: str, *, tokenizer: Optional[str] = None, dtype: str = "fp32",
           overwrite: bool = False, max_shard_size: str = "5GB") -> Path:
     from ..hf import hf_config_from_model_args, megatron_to_hf_state_dict, write_hf_folder
     from ..model.config import pad_vocab_size
     from .hf_bridge import load_full_state_dict, read_train_state
 
-    if Path(out_dir).exists() and any(Path(out_dir).iterdir()) and not overwrite:
+    from ..hf.export import parse_size
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{out_dir} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConvertError(f"{out_dir} is not empty; choose another directory or pass --overwrite")
+    parse_size(max_shard_size)           # a bad --max-shard-size fails before the checkpoint is read
     model_args, state_dict = load_full_state_dict(ckpt)
     train_state = read_train_state(ckpt)
     cfg = hf_config_from_model_args(model_args, padded_vocab_size=pad_vocab_size(model_args["vocab_size"]))
@@ -76,8 +87,10 @@ def to_hf(ckpt: str, out_dir: str, *, tokenizer: Optional[str] = None, dtype: st
 def from_hf(hf_dir: str, save_dir: str) -> Path:
     from ..hf import hf_to_megatron_state_dict, model_args_dict_from_hf_config, read_hf_folder
     from ..model.config import pad_vocab_size
-    from .hf_bridge import save_full_state_dict
+    from .hf_bridge import check_import_target, save_full_state_dict
 
+    _require_dir(hf_dir, "Hugging Face folder")
+    check_import_target(Path(save_dir))
     hf_sd, cfg = read_hf_folder(hf_dir)
     args = model_args_dict_from_hf_config(cfg)
     sd = hf_to_megatron_state_dict(hf_sd, cfg, padded_vocab_size=pad_vocab_size(args["vocab_size"]))
@@ -103,8 +116,10 @@ def from_llama(llama_dir: str, save_dir: str, *, recurrence: bool, gate_init: st
 
     from ..hf import hf_to_megatron_state_dict, llama_to_ratplus, model_args_dict_from_hf_config
     from ..model.config import pad_vocab_size
-    from .hf_bridge import save_full_state_dict
+    from .hf_bridge import check_import_target, save_full_state_dict
 
+    _require_dir(llama_dir, "Llama folder")
+    check_import_target(Path(save_dir))
     config = AutoConfig.from_pretrained(llama_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(llama_dir, local_files_only=True).float()
     hf_sd, cfg = llama_to_ratplus(model.state_dict(), config, recurrence=recurrence, gate_init=gate_init,
@@ -151,7 +166,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             out = from_llama(ns.llama_dir, ns.save_dir, recurrence=ns.recurrence, gate_init=ns.gate_init,
                              calibration_text=ns.calibration_text)
-    except (ConvertError, ValueError, FileExistsError, FileNotFoundError, CheckpointError) as e:
+    except (ConvertError, ValueError, OSError, CheckpointError) as e:   # OSError: paths, unreadable files
         print(f"ratplus-convert: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"written": str(out)}))

@@ -27,7 +27,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from . import _dist
 from .errors import CheckpointError
 from .manager import CheckpointManager, resolve_checkpoint
-from .paths import iter_dir_name
+from .paths import TRACKER_NAME, iter_dir_name, list_iter_dirs, tracker_path
 from .state import model_sharded_state_dict, runtime_metadata, sharded_metadata
 from .validate import RATPLUS_KEY, decode_train_state, load_common, read_dcp_index
 
@@ -112,6 +112,20 @@ def load_full_state_dict(ckpt_dir) -> Tuple[dict, Dict[str, torch.Tensor]]:
     return dict(model_args), _plain_state_dict(model)
 
 
+def check_import_target(out_dir: Path) -> None:
+    """An imported model is iteration 0 of a new save_dir: written beside a run's checkpoints it
+    would become that save_dir's ``latest`` and a later ``checkpoint.load=latest`` would resume
+    from it."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir} exists and is not a directory")
+    held = [p.name for _, p in list_iter_dirs(out_dir)]
+    if tracker_path(out_dir).exists():
+        held.append(TRACKER_NAME)
+    if held:
+        raise CheckpointError(f"{out_dir} already holds checkpoints ({', '.join(held[-3:])}); write the "
+                              f"converted checkpoint to a new or empty directory")
+
+
 def save_full_state_dict(model_args_dict: dict, state_dict: Dict[str, torch.Tensor], out_dir,
                          train_state: Optional[dict] = None) -> Path:
     """Write ``state_dict`` (TP=1 ``GPTModel`` names) as a weights-only checkpoint in ``out_dir``.
@@ -121,6 +135,7 @@ def save_full_state_dict(model_args_dict: dict, state_dict: Dict[str, torch.Tens
     checkpoint. Returns the checkpoint directory (``out_dir/iter_0000000``).
     """
     _ensure_single_process()
+    check_import_target(Path(out_dir))
     model = build_tp1_model(model_args_dict)
     expected = model.state_dict()
     state_dict = dict(state_dict)

@@ -34,6 +34,9 @@ class RATPlusConfig(PretrainedConfig):
 
     Args:
         vocab_size: rows of the embedding and of the LM head.
+        unpadded_vocab_size: the ids the tokenizer defines when ``vocab_size`` includes Megatron's
+            padding rows (a multiple of 128 x TP; those ids are never targets); None when every
+            row is a token. Converting back to Megatron restores the model's real vocabulary.
         hidden_size: model width ``d``; ``num_attention_heads`` heads of ``d / H`` channels.
         num_hidden_layers: number of RAT+ blocks.
         intermediate_size: FFN width (default ``4 * hidden_size``).
@@ -74,6 +77,7 @@ class RATPlusConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         use_cache: bool = True,
         tie_word_embeddings: bool = False,
+        unpadded_vocab_size=None,
         **kwargs,
     ):
         if hidden_act not in _FFN_BY_ACT:
@@ -88,7 +92,13 @@ class RATPlusConfig(PretrainedConfig):
         _check_pattern_value("dilation", dilation, num_hidden_layers, 1, allow_minus_one=True)
         _check_pattern_value("local_window", local_window, num_hidden_layers, 0)
         _check_pattern_value("initial_tokens", initial_tokens, num_hidden_layers, 0)
+        if unpadded_vocab_size is not None and (
+                isinstance(unpadded_vocab_size, bool) or not isinstance(unpadded_vocab_size, int)
+                or not 1 <= unpadded_vocab_size <= vocab_size):
+            raise ValueError(f"unpadded_vocab_size must be an int in [1, vocab_size={vocab_size}], "
+                             f"got {unpadded_vocab_size!r}")
         self.vocab_size = vocab_size
+        self.unpadded_vocab_size = unpadded_vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads

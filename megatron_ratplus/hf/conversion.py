@@ -22,7 +22,9 @@ names are documented in ``modeling_ratplus.py``.
 Vocabulary padding: Megatron pads the vocabulary to a multiple of 128 × TP. ``megatron_to_hf``
 keeps ``cfg.vocab_size`` rows (dropping padding rows when the checkpoint has more); build the HF
 config with ``hf_config_from_model_args(args, padded_vocab_size=rows)`` to keep every row and make
-the round trip exact. ``hf_to_megatron(..., padded_vocab_size=N)`` pads with zero rows.
+the round trip exact (the config then records the real size as ``unpadded_vocab_size``, which
+``model_args_dict_from_hf_config`` restores). ``hf_to_megatron(..., padded_vocab_size=N)`` pads with
+zero rows.
 """
 from __future__ import annotations
 
@@ -80,6 +82,8 @@ def hf_config_from_model_args(args: Mapping[str, Any], padded_vocab_size: Option
         if padded_vocab_size < args["vocab_size"]:
             raise ValueError(f"padded_vocab_size={padded_vocab_size} < vocab_size={args['vocab_size']}")
         kwargs["vocab_size"] = padded_vocab_size
+        if padded_vocab_size > args["vocab_size"]:
+            kwargs["unpadded_vocab_size"] = args["vocab_size"]
     for key in ("dilation", "local_window", "initial_tokens"):
         if isinstance(kwargs.get(key), tuple):
             kwargs[key] = list(kwargs[key])
@@ -90,6 +94,8 @@ def hf_config_from_model_args(args: Mapping[str, Any], padded_vocab_size: Option
 def model_args_dict_from_hf_config(cfg: RATPlusConfig) -> Dict[str, Any]:
     """The ``RATPlusModelArgs`` fields (a plain dict) of a ``RATPlusConfig``."""
     out = {mg: getattr(cfg, hf) for mg, hf in _ARGS_TO_HF.items()}
+    # A Megatron export keeps the padding rows (exact round trip) and records the real vocabulary.
+    out["vocab_size"] = getattr(cfg, "unpadded_vocab_size", None) or cfg.vocab_size
     out["ffn_type"] = cfg.ffn_type
     out["ffn_hidden_size"] = cfg.intermediate_size
     for key in ("dilation", "local_window", "initial_tokens"):
@@ -117,7 +123,7 @@ def _blocks(cfg: RATPlusConfig) -> Tuple[str, ...]:
 
 def _take(sd: Dict[str, torch.Tensor], key: str, shape) -> torch.Tensor:
     if key not in sd:
-        raise KeyError(f"missing weight {key!r}")
+        raise ValueError(f"missing weight {key!r}")
     t = sd.pop(key)
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{key}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
@@ -364,7 +370,7 @@ def llama_to_ratplus(llama_state_dict: Mapping[str, torch.Tensor], llama_config,
     elif tied:
         out["lm_head.weight"] = out["model.embed_tokens.weight"].clone()
     else:
-        raise KeyError("missing weight 'lm_head.weight' (and the Llama config does not tie embeddings)")
+        raise ValueError("missing weight 'lm_head.weight' (and the Llama config does not tie embeddings)")
     _check_consumed(src, "Llama")
     if recurrence and gate_init == "calibrated":
         gates = calibrated_gate_weights(out, cfg, calibration_ids, calibration_logit)

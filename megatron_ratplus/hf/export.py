@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple, Union
 
@@ -67,37 +68,65 @@ def _shard(state_dict: Mapping[str, torch.Tensor], max_bytes: int):
     return shards
 
 
+# Files an export writes besides the weights: an overwrite removes them all, so no file of an
+# earlier export (say its tokenizer) is left beside the new weights.
+_EXPORT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json") + SOURCE_FILES
+
+
 def write_hf_folder(hf_state_dict: Mapping[str, torch.Tensor], hf_config: RATPlusConfig,
                     out_dir: Union[str, os.PathLike], *, tokenizer_json: Optional[Union[str, os.PathLike]] = None,
                     max_shard_size: Union[int, str] = "5GB", overwrite: bool = False,
                     tokenizer_kwargs: Optional[dict] = None, dtype: Optional[torch.dtype] = None) -> Path:
     """Write a loadable Hugging Face folder; returns its path.
 
-    Refuses a non-empty ``out_dir`` unless ``overwrite=True`` (then stale weight files are
-    removed first). ``dtype`` casts floating tensors (e.g. ``torch.bfloat16``).
-    ``tokenizer_kwargs`` go to ``PreTrainedTokenizerFast`` (e.g. ``eos_token="</s>"``).
+    Refuses a non-empty ``out_dir`` unless ``overwrite=True``. The new folder is first written
+    to a staging directory beside ``out_dir``; only when that succeeded are the files of an
+    earlier export (weights, config, tokenizer, sources) replaced, so a refused or failed export
+    leaves the previous one intact. Other files in ``out_dir`` are kept. ``dtype`` casts
+    floating tensors (e.g. ``torch.bfloat16``). ``tokenizer_kwargs`` go to
+    ``PreTrainedTokenizerFast`` (e.g. ``eos_token="</s>"``).
     """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} is not empty; pass overwrite=True to write into it anyway")
-        for old in out.glob("model*.safetensors*"):
-            old.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty; pass overwrite=True to write into it anyway")
     missing = {k for k in _expected_keys(hf_config)} - set(hf_state_dict)
     unexpected = set(hf_state_dict) - {k for k in _expected_keys(hf_config)}
     if missing or unexpected:
         raise ValueError(f"state dict does not match the config: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
+    max_bytes = parse_size(max_shard_size)
+    if tokenizer_json is not None and not Path(tokenizer_json).is_file():
+        raise FileNotFoundError(f"tokenizer file {tokenizer_json} does not exist")
 
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        _write_folder(staging, hf_state_dict, hf_config, max_bytes=max_bytes, dtype=dtype,
+                      tokenizer_json=tokenizer_json, tokenizer_kwargs=tokenizer_kwargs)
+        out.mkdir(exist_ok=True)
+        for old in list(out.glob("model*.safetensors*")) + [out / name for name in _EXPORT_FILES]:
+            if old.is_file():
+                old.unlink()
+        for new in staging.iterdir():
+            os.replace(new, out / new.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _write_folder(out: Path, hf_state_dict, hf_config: RATPlusConfig, *, max_bytes: int, dtype,
+                  tokenizer_json, tokenizer_kwargs) -> None:
+    """The export's files in the empty directory ``out``."""
     def prepared(key):
         t = hf_state_dict[key].detach()
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         return t.to("cpu").contiguous().clone()   # clone: shards must not share storage
 
-    shards = _shard(hf_state_dict, parse_size(max_shard_size))
+    shards = _shard(hf_state_dict, max_bytes)
     total = sum(t.numel() * (t.element_size() if dtype is None or not t.is_floating_point()
                              else torch.empty((), dtype=dtype).element_size())
                 for t in hf_state_dict.values())
@@ -126,16 +155,19 @@ def write_hf_folder(hf_state_dict: Mapping[str, torch.Tensor], hf_config: RATPlu
         shutil.copyfile(here / name, out / name)
 
     from transformers import GenerationConfig
+    # Megatron's vocabulary padding rows are no tokens: generation never picks them.
+    unpadded = getattr(config, "unpadded_vocab_size", None)
+    padding_ids = list(range(unpadded, config.vocab_size)) if unpadded else []
     GenerationConfig(bos_token_id=getattr(config, "bos_token_id", None),
                      eos_token_id=getattr(config, "eos_token_id", None),
-                     pad_token_id=getattr(config, "pad_token_id", None)).save_pretrained(str(out))
+                     pad_token_id=getattr(config, "pad_token_id", None),
+                     suppress_tokens=padding_ids or None).save_pretrained(str(out))
 
     if tokenizer_json is not None:
         from transformers import PreTrainedTokenizerFast
         tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), **(tokenizer_kwargs or {}))
         tok.model_max_length = config.max_position_embeddings
         tok.save_pretrained(str(out))
-    return out
 
 
 def _expected_keys(cfg: RATPlusConfig):
@@ -154,8 +186,12 @@ def read_hf_folder(path: Union[str, os.PathLike]) -> Tuple[Dict[str, torch.Tenso
     """``(state_dict, RATPlusConfig)`` of a folder written by :func:`write_hf_folder` (or by
     ``save_pretrained`` of the RAT+ model), without executing the folder's code."""
     path = Path(path)
-    with open(path / "config.json") as fh:
-        raw = json.load(fh)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} holds no config.json: not a Hugging Face model folder")
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}/config.json is not valid JSON: {e}") from e
     if raw.get("model_type") != "ratplus":
         raise ValueError(f"{path}/config.json has model_type={raw.get('model_type')!r}, expected 'ratplus'")
     config = RATPlusConfig.from_dict(raw)
@@ -168,5 +204,11 @@ def read_hf_folder(path: Union[str, os.PathLike]) -> Tuple[Dict[str, torch.Tenso
         raise FileNotFoundError(f"no {SAFE_WEIGHTS} or {SAFE_INDEX} in {path}")
     sd: Dict[str, torch.Tensor] = {}
     for name in files:
-        sd.update(load_file(str(path / name)))
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} is missing (listed in {SAFE_INDEX})")
+        try:
+            sd.update(load_file(str(path / name)))
+        except Exception as e:      # safetensors raises its own SafetensorError on a damaged file
+            raise ValueError(f"{path / name} cannot be read as safetensors "
+                             f"({type(e).__name__}: {e})") from e
     return sd, config

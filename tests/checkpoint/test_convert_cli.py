@@ -51,3 +51,46 @@ def test_to_hf_refuses_non_empty_output_and_missing_checkpoint(tmp_path):
     proc = _run("-m", "megatron_ratplus.checkpoint.convert_cli", "to-hf", str(tmp_path / "nothing"),
                 str(tmp_path / "fresh"))
     assert proc.returncode == 2 and "error" in proc.stderr
+
+
+def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    """Every refusal is exit code 2 with a message naming the problem, before any heavy work."""
+    from megatron_ratplus.checkpoint.convert_cli import main
+    from megatron_ratplus.hf import write_hf_folder
+
+    from ..hf.helpers import small_model
+    model = small_model()
+    good = write_hf_folder(model.state_dict(), model.config, tmp_path / "hf_ok")
+    missing = write_hf_folder(model.state_dict(), model.config, tmp_path / "hf_missing")
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(missing / "model.safetensors"))
+    sd.pop("model.layers.0.mlp.up_proj.weight")
+    save_file(sd, str(missing / "model.safetensors"))
+    truncated = tmp_path / "hf_truncated"
+    truncated.mkdir()
+    (truncated / "config.json").write_bytes((good / "config.json").read_bytes())
+    (truncated / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:5])
+    a_file = tmp_path / "a_file"
+    a_file.write_text("user data")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "latest_checkpointed_iteration.txt").write_text("500")
+
+    cases = [
+        (["from-hf", str(missing), str(tmp_path / "o1")], "missing weight 'model.layers.0.mlp.up_proj.weight'"),
+        (["from-hf", str(truncated), str(tmp_path / "o2")], "cannot be read as safetensors"),
+        (["from-hf", str(tmp_path / "nowhere"), str(tmp_path / "o3")], "does not exist or is not a directory"),
+        (["from-hf", str(tmp_path), str(tmp_path / "o4")], "holds no config.json"),
+        (["from-hf", str(good), str(run_dir)], "already holds checkpoints"),
+        (["from-llama", str(tmp_path / "nowhere"), str(tmp_path / "o5")], "Llama folder"),
+        (["to-hf", str(tmp_path / "nothing"), str(a_file)], "is not a directory"),
+        (["to-hf", str(tmp_path / "nothing"), str(tmp_path / "o6"), "--max-shard-size", "5XB"],
+         "cannot parse a size"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "ratplus-convert: error: " in err and message in err and "Traceback" not in err, (argv, err)
+    assert a_file.read_text() == "user data"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["latest_checkpointed_iteration.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("o")]

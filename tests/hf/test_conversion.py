@@ -86,6 +86,13 @@ def test_vocab_padding_rows():
     cfg128 = hf_config_from_model_args(args, padded_vocab_size=128)
     back = hf_to_megatron_state_dict(megatron_to_hf_state_dict(mg, cfg128), cfg128)
     assert all(torch.equal(back[k], mg[k]) for k in mg)
+    # ... and the config records the real vocabulary, which converting back restores.
+    assert cfg128.vocab_size == 128 and cfg128.unpadded_vocab_size == 61
+    assert model_args_dict_from_hf_config(cfg128)["vocab_size"] == 61
+    assert hf_config_from_model_args(args, padded_vocab_size=61).unpadded_vocab_size is None
+    for bad in (0, 129, 61.0, True):
+        with pytest.raises(ValueError, match="unpadded_vocab_size"):
+            type(cfg)(vocab_size=128, hidden_size=32, num_attention_heads=2, unpadded_vocab_size=bad)
     with pytest.raises(ValueError, match="fewer than vocab_size"):
         megatron_to_hf_state_dict({**mg, "output_layer.weight": torch.zeros(60, 32)}, cfg)
 
@@ -97,7 +104,7 @@ def test_conversion_rejects_unexpected_and_missing_keys():
     with pytest.raises(ValueError, match="unexpected"):
         megatron_to_hf_state_dict({**mg, "decoder.layers.9.foo.weight": torch.zeros(1)}, cfg)
     del mg["decoder.layers.1.mlp.linear_fc2.weight"]
-    with pytest.raises(KeyError, match="linear_fc2"):
+    with pytest.raises(ValueError, match="missing weight .*linear_fc2"):
         megatron_to_hf_state_dict(mg, cfg)
 
 

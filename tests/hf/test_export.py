@@ -116,3 +116,44 @@ def test_bf16_export(tmp_path):
     assert sd["lm_head.weight"].dtype == torch.bfloat16
     assert json.loads((tmp_path / "b" / "config.json").read_text()).get("torch_dtype", json.loads(
         (tmp_path / "b" / "config.json").read_text()).get("dtype")) == "bfloat16"
+
+
+def test_megatron_padding_rows_are_suppressed_in_generation(tmp_path):
+    """An export that keeps Megatron's padding rows never generates their ids."""
+    from megatron_ratplus.hf import RATPlusForCausalLM
+    model = small_model()
+    cfg = type(model.config).from_dict({**model.config.to_dict(), "unpadded_vocab_size": 40})
+    write_hf_folder(model.state_dict(), cfg, tmp_path / "p")
+    gen = json.loads((tmp_path / "p" / "generation_config.json").read_text())
+    assert gen["suppress_tokens"] == list(range(40, cfg.vocab_size))
+    loaded = RATPlusForCausalLM.from_pretrained(tmp_path / "p").eval()
+    out = loaded.generate(tokens(1, 5), max_new_tokens=6, do_sample=False, output_scores=True,
+                          return_dict_in_generate=True)
+    assert len(out.scores) == 6
+    for scores in out.scores:
+        assert torch.isneginf(scores[:, 40:]).all() and torch.isfinite(scores[:, :40]).all()
+
+
+def test_overwrite_is_checked_first_and_replaces_every_file_of_the_old_export(tmp_path):
+    model = small_model()
+    out = tmp_path / "x"
+    write_hf_folder(model.state_dict(), model.config, out, tokenizer_json=make_tokenizer_json(tmp_path / "t.json"))
+    (out / "notes.txt").write_text("keep me")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "tokenizer.json" in before
+    # A refused export (state dict not matching the config) leaves the previous one intact.
+    broken = dict(model.state_dict())
+    broken.pop("lm_head.weight")
+    with pytest.raises(ValueError, match="missing"):
+        write_hf_folder(broken, model.config, out, overwrite=True)
+    with pytest.raises(ValueError, match="cannot parse a size"):
+        write_hf_folder(model.state_dict(), model.config, out, overwrite=True, max_shard_size="5XB")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # Re-exported without a tokenizer: the old tokenizer files go, the user's file stays.
+    write_hf_folder(model.state_dict(), model.config, out, overwrite=True)
+    names = {p.name for p in out.iterdir()}
+    assert "notes.txt" in names and not names & {"tokenizer.json", "tokenizer_config.json",
+                                                   "special_tokens_map.json"}
+    assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
+    with pytest.raises(NotADirectoryError):
+        write_hf_folder(model.state_dict(), model.config, out / "notes.txt", overwrite=True)
