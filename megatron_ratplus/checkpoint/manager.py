@@ -192,6 +192,28 @@ def _check_architecture(ckpt_dir: Path, info: dict, model_chunks, model_args) ->
               ckpt_dir, "; ".join(notes))
 
 
+_SCHEDULE_FIELDS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style",
+                    "start_wd", "end_wd", "wd_incr_steps", "wd_incr_style")
+
+
+def _check_schedule(ckpt_dir: Path, scheduler, stored: Optional[dict]) -> None:
+    """A scheduler that neither keeps the checkpoint's schedule nor overrides it must match it:
+    list every difference here, before anything is read, instead of Megatron's assertion on the
+    first one."""
+    if stored is None or scheduler.use_checkpoint_opt_param_scheduler or scheduler.override_opt_param_scheduler:
+        return
+    current = scheduler.state_dict()
+    differences = [f"{name}: checkpoint {stored[name]!r}, this run {current[name]!r}"
+                   for name in _SCHEDULE_FIELDS if name in stored and stored[name] != current[name]]
+    if differences:
+        raise CheckpointError(
+            f"the LR schedule of this run differs from the one of checkpoint {ckpt_dir}:\n  "
+            + "\n  ".join(differences)
+            + f"\nset checkpoint.lr_schedule_on_resume=config to continue on this run's schedule from "
+              f"step {stored.get('num_steps', '?')}, =checkpoint to keep the checkpoint's, or restore the "
+              f"original settings")
+
+
 def load_checkpoint_into(ckpt_dir, model_chunks: Sequence[torch.nn.Module], optimizer=None,
                          scheduler=None, *, model_args=None, weights_only: bool = False) -> dict:
     """Load ``ckpt_dir`` (already validated) into the given objects; returns the train state."""
@@ -204,6 +226,8 @@ def load_checkpoint_into(ckpt_dir, model_chunks: Sequence[torch.nn.Module], opti
                               f"newer than this code understands ({FORMAT_VERSION}): "
                               f"upgrade megatron-ratplus")
     _check_architecture(ckpt_dir, info, chunks, model_args)
+    if scheduler is not None and not weights_only:
+        _check_schedule(ckpt_dir, scheduler, common.get("scheduler"))
 
     load_optimizer = optimizer is not None and not weights_only
     if load_optimizer:

@@ -19,6 +19,9 @@ from ..model.config import RATPlusModelArgs
 from ..model.presets import get_preset
 
 
+SCHEDULE_ON_RESUME = ("strict", "checkpoint", "config")
+
+
 class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message names the offending key."""
 
@@ -120,6 +123,11 @@ class CheckpointSection:
     init_from: Optional[str] = None
     async_save: bool = False               # GPU only
     exit_duration_minutes: Optional[float] = None
+    # A resumed run whose LR/WD schedule (lr, min_lr, warmup, decay steps and style, weight decay)
+    # differs from the checkpoint's: "strict" refuses with the differences listed (Megatron-LM's
+    # default), "checkpoint" keeps the checkpoint's schedule, "config" continues on the config's
+    # schedule from the resumed step (e.g. more steps: train.max_steps raised).
+    lr_schedule_on_resume: str = "strict"
 
 
 @dataclass
@@ -199,6 +207,9 @@ class RunConfig:
                 raise ConfigError(f"parallel.{name} must be an integer >= 1, got {getattr(p, name)!r}")
         if p.sequence_parallel and p.tensor_parallel == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
+        if self.checkpoint.lr_schedule_on_resume not in SCHEDULE_ON_RESUME:
+            raise ConfigError(f"checkpoint.lr_schedule_on_resume must be one of {', '.join(SCHEDULE_ON_RESUME)}, "
+                              f"got {self.checkpoint.lr_schedule_on_resume!r}")
         if self.checkpoint.load and self.checkpoint.load != "latest" and self.checkpoint.init_from:
             raise ConfigError("checkpoint.load names a checkpoint to resume and checkpoint.init_from "
                               "names weights to start from: give one (load=latest may be combined with "

@@ -191,8 +191,9 @@ def build_scheduler(cfg: RunConfig, optimizer, total_steps: int) -> OptimizerPar
         end_wd=t.weight_decay,
         wd_incr_steps=max(total_steps, 1),
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
-        override_opt_param_scheduler=False,
+        # "strict" is checked with a readable message before loading (checkpoint/manager.py)
+        use_checkpoint_opt_param_scheduler=cfg.checkpoint.lr_schedule_on_resume == "checkpoint",
+        override_opt_param_scheduler=cfg.checkpoint.lr_schedule_on_resume == "config",
     )
 
 

@@ -281,3 +281,29 @@ def test_sparse_pattern_difference_is_allowed_and_logged(saved, caplog):
     assert torch.equal(chunks[0].state_dict()[PROBE], weights[3])
     assert "dilation: checkpoint 4 (all layers) vs model 16 (all layers)" in caplog.text
     assert "attention_mode" in caplog.text
+
+
+def test_resuming_with_another_lr_schedule_follows_lr_schedule_on_resume(saved):
+    """strict (default) lists every difference before reading anything; config / checkpoint pick."""
+    from megatron_ratplus.training.setup import build_training_objects
+
+    from .helpers import SEQ, VOCAB
+    save_dir = saved[0]
+
+    def resume(policy):
+        cfg = run_config(extra=["train.lr=1e-3", f"checkpoint.lr_schedule_on_resume={policy}"])
+        objs = build_training_objects(cfg, cfg.model.model_args(vocab_size=VOCAB, seq_len=SEQ), 40)
+        CheckpointManager(save_dir).load("latest", objs.model, objs.optimizer, objs.scheduler)
+        return objs.scheduler
+
+    with pytest.raises(CheckpointError) as err:
+        resume("strict")
+    message = str(err.value)
+    for line in ("max_lr: checkpoint 0.003, this run 0.001", "lr_decay_steps: checkpoint 20, this run 40",
+                 "lr_warmup_steps: checkpoint 2, this run 4", "lr_schedule_on_resume=config"):
+        assert line in message, message
+    assert "min_lr" not in message
+    ours = resume("config")
+    assert (ours.lr_decay_steps, ours.max_lr, ours.num_steps) == (40, 1e-3, 3)
+    kept = resume("checkpoint")
+    assert (kept.lr_decay_steps, kept.max_lr, kept.num_steps) == (20, 3e-3, 3)

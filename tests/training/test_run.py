@@ -23,6 +23,8 @@ def test_fresh_run_into_a_save_dir_with_checkpoints_is_refused(tmp_path):
     (["recipes/tiny-cpu.yaml", "nodot=1"], "must be section.key"),
     (["recipes/tiny-cpu.yaml", "train.lr=fast"], "train.lr must be a number"),
     (["recipes/missing.yaml"], "does not exist"),
+    (["recipes/tiny-cpu.yaml", "checkpoint.lr_schedule_on_resume=sometimes"],
+     "checkpoint.lr_schedule_on_resume must be one of strict, checkpoint, config"),
     (["recipes/ratplus-1.5b-100bt.yaml", "--dry-run", "--world-size", "63"], "not divisible"),
 ])
 def test_cli_rejects_bad_input_with_exit_code_2(capsys, argv, message):
