@@ -250,6 +250,9 @@ class RATPlusLayerCache:
     tokens, ``[P, P + W + 1)`` a ring of the last ``W + 1`` tokens (position ``p`` in slot
     ``P + p % (W + 1)``), then the chunk ends ``(j + 1) % D == 0`` that left the ring, appended in
     order (capacity doubles). Every position is stored once. Dense: positions ``0..T-1`` in order.
+    The buffer grows with the sequence: before the ring wraps, position ``p`` lands in slot
+    ``P + p``, so ``P + seen`` slots suffice and a short prompt with a wide window costs (and
+    attends over) only what it holds, not ``P + W + 1`` slots.
     ``state``: the recurrence state ``(k~, v~)`` of the last token, fp32 ``[B, H, d_h]``.
     """
 
@@ -276,8 +279,10 @@ class RATPlusLayerCache:
         cap = 0 if self.keys is None else self.keys.shape[2]
         if self.keys is not None and need <= cap:
             return
-        grow = max(need - self.fixed, 2 * (cap - self.fixed), 16)
-        new_cap = self.fixed + grow
+        if need <= self.fixed:          # the initial tokens and ring: double, up to their size
+            new_cap = min(self.fixed, max(need, 2 * cap, 16))
+        else:                           # the chunk ends after them: double their part
+            new_cap = self.fixed + max(need - self.fixed, 2 * max(cap - self.fixed, 0), 16)
         keys = k.new_zeros(B, H, new_cap, Dh)
         values = k.new_zeros(B, H, new_cap, Dh)
         positions = torch.full((new_cap,), -1, dtype=torch.long, device=k.device)
@@ -301,7 +306,7 @@ class RATPlusLayerCache:
             self.seen = end
             return
         D, W, P = self.pattern
-        self._reserve(k, self.fixed)
+        self._reserve(k, min(self.fixed, P + end))     # the highest slot written is below P + end
         if n == 1:
             self._insert_one(k, v)
             return
@@ -373,8 +378,9 @@ class RATPlusLayerCache:
         return self.pattern is None or self.seen >= self.fixed
 
     def view(self):
-        """``(keys, values, positions)`` of the used slots (views, no copy)."""
-        u = self.used
+        """``(keys, values, positions)`` of the used slots (views, no copy). Before the ring
+        wraps no slot at or above ``P + seen`` was written: those are left out."""
+        u = self.used if self.pattern is None else min(self.used, self.pattern[2] + self.seen)
         return self.keys[:, :, :u], self.values[:, :, :u], self.positions[:u]
 
     # accounting ----------------------------------------------------------------------------

@@ -77,7 +77,8 @@ def test_compact_cache_entries_formula_brute_force():
             assert compact_cache_entries(T, (D, W, P)) == len(union), (D, W, P, T)
 
 
-@pytest.mark.parametrize("pattern", [(4, 2, 1), (3, 0, 0), (5, 0, 3), (-1, 4, 2), (7, 10, 9), (2, 3, 40)])
+@pytest.mark.parametrize("pattern", [(4, 2, 1), (3, 0, 0), (5, 0, 3), (-1, 4, 2), (7, 10, 9), (2, 3, 40),
+                                     (4, 100, 2), (3, 55, 5)])
 def test_single_token_insert_matches_chunked_insert(pattern):
     """The decoding fast path (one token, slots decided on the host) lays the cache out exactly as
     the general insertion does for any mix of chunks and single tokens."""
@@ -98,6 +99,20 @@ def test_single_token_insert_matches_chunked_insert(pattern):
         for got, want in zip(cache.view(), whole.view()):
             assert torch.equal(got, want)
         assert cache.num_entries() == compact_cache_entries(T, pattern)
+
+
+def test_wide_window_cache_grows_with_the_sequence():
+    """A short prompt with a window far wider than itself holds (and attends over) only its tokens."""
+    model = small_model(dilation=64, local_window=100_000, initial_tokens=3, attention_mode="sparse")
+    dense_model = small_model(attention_mode="dense")
+    ids = tokens(1, 10)
+    with torch.no_grad():
+        sparse = model(ids, use_cache=True).past_key_values
+        dense = dense_model(ids, use_cache=True).past_key_values
+    assert sparse.size()["allocated_bytes"] <= 2 * dense.size()["allocated_bytes"]
+    for layer in sparse.layers:
+        keys, _, positions = layer.view()
+        assert keys.shape[2] == 3 + 10 and sorted(positions[positions >= 0].tolist()) == list(range(10))
 
 
 def test_sparse_cache_is_compact_dense_cache_is_full():
