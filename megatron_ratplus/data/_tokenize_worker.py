@@ -17,6 +17,10 @@ def init_worker(tokenizer_path: str, single_threaded: bool = True) -> None:
     from tokenizers import Tokenizer
 
     _TOKENIZER = Tokenizer.from_file(tokenizer_path)
+    # Document text that spells a special token ("<|endoftext|>" quoted in source code, "</s>" in
+    # web text) is text: matched as the special token it would become a document boundary (EOS)
+    # inside the document. Only the packer inserts special tokens.
+    _TOKENIZER.encode_special_tokens = True
 
 
 def encode_pieces(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

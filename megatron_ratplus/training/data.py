@@ -7,7 +7,6 @@ loader's position (its state dict) is well defined for checkpoints.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -46,12 +45,52 @@ def dataset_manifest(streams: List[Dict]):
     return None
 
 
+def readers_per_node_from_hosts(hosts: List[str]) -> int:
+    """Readers per node from the host of every reader, in data-parallel rank order.
+
+    Streaming counts node ``n`` as readers ``n * R .. (n + 1) * R - 1`` and coordinates the readers
+    of one host through shared memory, so the hosts must hold contiguous, equal blocks of readers.
+    With pipeline parallelism Megatron's rank order puts every stage-0 rank, hence every reader,
+    on the first nodes: the count per node is read from the placement, not guessed from the layout.
+    """
+    blocks: List[List[int]] = []
+    for rank, host in enumerate(hosts):
+        if blocks and hosts[blocks[-1][0]] == host:
+            blocks[-1].append(rank)
+        else:
+            blocks.append([rank])
+    sizes = {len(b) for b in blocks}
+    if len({hosts[b[0]] for b in blocks}) != len(blocks) or len(sizes) != 1:
+        placement = "; ".join(f"{hosts[b[0]]}: data-parallel ranks {b[0]}-{b[-1]}" for b in blocks)
+        raise ConfigError(f"the data readers (tensor- and pipeline-parallel rank 0 of each replica) are not "
+                          f"spread over the nodes in equal contiguous blocks ({placement}); set "
+                          f"data.readers_per_node to the number of readers per node that streaming should assume")
+    return sizes.pop()
+
+
+def _reader_hosts() -> List[str]:
+    """The host name of every reader, in data-parallel rank order (collective over the readers)."""
+    import socket
+
+    group = parallel_state.get_data_parallel_group()
+    hosts: List[Optional[str]] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    return [str(h) for h in hosts]
+
+
 class TrainingData:
-    """Micro-batches for the schedule, identical on all TP/PP ranks of a data-parallel replica."""
+    """Micro-batches for the schedule, identical on all TP/PP ranks of a data-parallel replica.
+
+    Both loaders check their datasets against the model (``vocab_size``, ``seq_len``), remote
+    streams included, and the validation streams must share the training tokenizer. An evaluation
+    reads ``eval_micro_batches``: a validation split with fewer is refused here, not at the first
+    evaluation.
+    """
 
     def __init__(self, streams: List[Dict], *, seq_len: int, micro_batch_size: int, seed: int,
                  device, val_streams: Optional[List[Dict]] = None, cache_dir: Optional[str] = None,
-                 num_workers: int = 0, readers_per_node: Optional[int] = None):
+                 num_workers: int = 0, readers_per_node: Optional[int] = None,
+                 vocab_size: Optional[int] = None, eval_micro_batches: int = 0):
         from ..data import build_pretraining_loader
 
         self.seq_len = seq_len
@@ -65,18 +104,41 @@ class TrainingData:
             raise RuntimeError("data reader is not rank 0 of its model-parallel group")
         self.train_loader = self.val_loader = None
         self._train_iter = None
+        error = None
         if self.is_reader:
-            mp = parallel_state.get_tensor_model_parallel_world_size() * \
-                parallel_state.get_pipeline_model_parallel_world_size()
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            dp_size = parallel_state.get_data_parallel_world_size()
             common = dict(seq_len=seq_len, micro_batch_size=micro_batch_size,
-                          dp_rank=parallel_state.get_data_parallel_rank(),
-                          dp_size=parallel_state.get_data_parallel_world_size(), seed=seed,
-                          cache_dir=cache_dir, num_workers=num_workers,
-                          readers_per_node=readers_per_node or max(1, local_world // mp))
-            self.train_loader = build_pretraining_loader(streams, split="train", shuffle=True, **common)
-            self.val_loader = build_pretraining_loader(val_streams or streams, split="val", shuffle=False,
-                                                       **common)
+                          dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp_size, seed=seed,
+                          cache_dir=cache_dir, num_workers=num_workers, vocab_size=vocab_size)
+            try:
+                common["readers_per_node"] = readers_per_node or (
+                    readers_per_node_from_hosts(_reader_hosts()) if dp_size > 1 else 1)
+                self.train_loader = build_pretraining_loader(streams, split="train", shuffle=True, **common)
+                self.val_loader = build_pretraining_loader(val_streams or streams, split="val",
+                                                           shuffle=False, **common)
+                self._check_validation(eval_micro_batches)
+            except (ConfigError, ValueError) as e:
+                error = str(e)
+        # Only readers build loaders: every rank of the job learns of a refusal and raises it.
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        first = next((e for e in errors if e), None)
+        if first:
+            raise ConfigError(first)
+
+    def _check_validation(self, eval_micro_batches: int) -> None:
+        train, val = self.train_loader.manifest, self.val_loader.manifest
+        if (val.tokenizer_sha256, val.dtype) != (train.tokenizer_sha256, train.dtype):
+            raise ConfigError(f"the validation data {val.path} was tokenized with another tokenizer than the "
+                              f"training data {train.path} (tokenizer sha256 {val.tokenizer_sha256[:12]} vs "
+                              f"{train.tokenizer_sha256[:12]}, {val.dtype} vs {train.dtype}): its loss would "
+                              f"not be comparable")
+        available = len(self.val_loader)
+        if eval_micro_batches > available:
+            raise ConfigError(f"an evaluation reads logging.eval_iters={eval_micro_batches} micro-batches but "
+                              f"the validation split gives {available} per data-parallel rank (micro-batch "
+                              f"size {self.micro_batch_size}): lower logging.eval_iters or use more "
+                              f"validation data")
 
     def _receive(self, batch: Optional[torch.Tensor]) -> torch.Tensor:
         from ..data import broadcast_batch
@@ -109,8 +171,8 @@ class TrainingData:
         it = iter(self.val_loader) if self.is_reader else None
         for _ in range(count):
             batch = next(it, None) if it is not None else None
-            if self.is_reader and batch is None:
-                raise ConfigError("the validation split has fewer micro-batches than logging.eval_iters")
+            if self.is_reader and batch is None:      # checked at start; kept for a changed dataset
+                raise ConfigError(f"the validation split has fewer micro-batches than logging.eval_iters={count}")
             out.append(self._receive(batch))
         return out
 

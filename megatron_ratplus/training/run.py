@@ -115,11 +115,13 @@ def run_training(cfg: RunConfig) -> TrainState:
         _rank0_print(f"weight-gradient accumulation: {fused_wgrad.describe(objs.transformer_config.gradient_accumulation_fusion)}")
         _rank0_print(f"CUDA graphs: {cuda_graph.describe(objs.step_graphs)}")
         _rank0_print(f"optimizer update: {fused_optimizer_update.describe(objs.optimizer)}")
+        evaluates = bool(cfg.logging.eval_interval) and cfg.logging.eval_interval <= total_steps
         device = torch.device("cpu") if cpu_mode_enabled() else torch.device("cuda", torch.cuda.current_device())
         data = TrainingData(streams, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size, seed=t.seed,
                             device=device, val_streams=cfg.data.val_streams or None,
                             cache_dir=cfg.data.cache_dir, num_workers=cfg.data.num_workers,
-                            readers_per_node=cfg.data.readers_per_node)
+                            readers_per_node=cfg.data.readers_per_node, vocab_size=args.vocab_size,
+                            eval_micro_batches=cfg.logging.eval_iters if evaluates else 0)
         state = TrainState()
         _restore(cfg, objs, data, state)
         _refuse_newer_checkpoints(cfg, state.step)

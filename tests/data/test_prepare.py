@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 from megatron_ratplus.data import prepare_dataset, read_manifest
 from megatron_ratplus.data.sources import InputFile, ReadStats, iter_pieces
 
-from .conftest import SEQ_LEN, VOCAB, write_corpus
+from .conftest import SEQ_LEN, VOCAB, make_document, write_corpus
 
 
 def read_samples(directory: Path, split: str) -> list[np.ndarray]:
@@ -67,6 +67,28 @@ def test_round_trip_token_stream(tmp_path):
         assert eos_at == [b for b in bounds if b < len(rebuilt)]
     assert m.inputs["documents"] == len(docs) and m.inputs["files"] == 26
     assert m.tokenizer_sha256 == __import__("hashlib").sha256((tmp_path / "ds" / "tokenizer.json").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_special_token_text_inside_a_document_is_not_a_boundary(tmp_path, workers):
+    """Source code quoting "<|endoftext|>" is text: EOS appears only between documents."""
+    (tmp_path / "in").mkdir()
+    docs = [make_document(i) for i in range(12)]
+    docs[3] = 'tok = "<|endoftext|>"  # the GPT-2 end-of-text marker\n' + docs[3]
+    for i, d in enumerate(docs):
+        (tmp_path / "in" / f"{i:03d}.txt").write_text(d)
+    prepare_dataset([tmp_path / "in"], tmp_path / "ds", seq_len=SEQ_LEN, train_tokenizer=True, vocab_size=VOCAB,
+                    val_fraction=0, workers=workers)
+    m = read_manifest(tmp_path / "ds")
+    samples = read_samples(tmp_path / "ds", "train")
+    stream = np.concatenate([samples[0]] + [s[1:] for s in samples[1:]])
+    tok = Tokenizer.from_file(str(tmp_path / "ds" / "tokenizer.json"))
+    tok.encode_special_tokens = True
+    lengths = [len(tok.encode(d, add_special_tokens=False).ids) + 1 for d in docs]
+    assert m.splits["train"].documents == 12 and m.splits["train"].tokens == sum(lengths)
+    bounds = np.cumsum(lengths) - 1
+    assert np.flatnonzero(stream == m.eos_id).tolist() == [b for b in bounds if b < len(stream)]
+    assert 'tok = "<|endoftext|>"' in tok.decode(stream[bounds[2] + 1:bounds[3]].tolist())
 
 
 def test_output_independent_of_worker_count(tmp_path, corpus_dir, dataset_dir):

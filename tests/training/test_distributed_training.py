@@ -55,7 +55,8 @@ def test_tp2_matches_tp1_step_by_step(tmp_path, tiny_dataset):
 def test_launcher_two_simulated_nodes_trains_end_to_end(tmp_path, tiny_dataset):
     """recipes/launch/torchrun.sh on two 'nodes' (localhost, one process each): a DP=2 run of the
     real trainer meets through the c10d rendezvous and finishes with falling losses. Both "nodes" share
-    this host, hence one host's worth of data readers (streaming's shared memory is per host)."""
+    this host, hence one host's worth of data readers (streaming's shared memory is per host), which
+    the trainer reads from the readers' host names."""
     import os
     import subprocess
     import sys
@@ -68,7 +69,7 @@ def test_launcher_two_simulated_nodes_trains_end_to_end(tmp_path, tiny_dataset):
                CPU_PROCS_PER_NODE="1", TORCHRUN=str(Path(sys.executable).with_name("torchrun")),
                PYTHONWARNINGS="ignore")
     args = tiny_cli_overrides(tiny_dataset, out, steps=10)
-    procs = [subprocess.Popen(["bash", "recipes/launch/torchrun.sh", *args, "data.readers_per_node=2"], cwd=REPO,
+    procs = [subprocess.Popen(["bash", "recipes/launch/torchrun.sh", *args], cwd=REPO,
                               env=dict(env, NODE_RANK=str(rank)), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for rank in range(2)]
     outs = [p.communicate(timeout=400)[0] for p in procs]

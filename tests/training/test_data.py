@@ -1,0 +1,48 @@
+"""TrainingData: reader placement, and what it refuses before the first step."""
+import pytest
+import torch
+
+from megatron_ratplus.training.config import ConfigError
+from megatron_ratplus.training.data import TrainingData, readers_per_node_from_hosts
+
+
+@pytest.mark.parametrize("hosts,expected", [
+    (["a"], 1),
+    (["a"] * 4, 4),                       # PP>1 on Megatron's rank order: every reader on the first node
+    (["a", "a", "b", "b"], 2),
+    (["a", "b", "c"], 1),
+])
+def test_readers_per_node_from_their_hosts(hosts, expected):
+    assert readers_per_node_from_hosts(hosts) == expected
+
+
+@pytest.mark.parametrize("hosts", [["a", "b", "a", "b"], ["a", "a", "a", "b"]])
+def test_readers_that_streaming_cannot_describe_are_refused(hosts):
+    with pytest.raises(ConfigError, match="equal contiguous blocks .*data.readers_per_node"):
+        readers_per_node_from_hosts(hosts)
+
+
+def build(streams, **kwargs):
+    return TrainingData(streams, seq_len=64, micro_batch_size=2, seed=0, device=torch.device("cpu"), **kwargs)
+
+
+def test_datasets_are_checked_against_the_model_and_each_other(megatron_single_process, tiny_dataset,
+                                                             tmp_path):
+    from megatron_ratplus.data import prepare_default_dataset
+    local = [{"local": str(tiny_dataset)}]
+    data = build(local, vocab_size=512, eval_micro_batches=1)
+    assert len(data.val_loader) >= 1 and data.validation_microbatches(1)[0].shape == (2, 65)
+
+    # A remote-only stream is checked against the model's vocabulary too (its manifest is fetched).
+    remote = [{"remote": str(tiny_dataset)}]
+    with pytest.raises(ConfigError, match="tokenizer has 512 tokens .*model's vocab_size is 100"):
+        build(remote, vocab_size=100, cache_dir=str(tmp_path / "cache"))
+
+    other = tmp_path / "other"
+    prepare_default_dataset(other, seq_len=64, vocab_size=300, size_mb=0.3, seed=7)
+    with pytest.raises(ConfigError, match="validation data .* another tokenizer"):
+        build(local, val_streams=[{"local": str(other)}], vocab_size=512)
+
+    with pytest.raises(ConfigError, match=r"logging.eval_iters=100000 micro-batches but the validation split "
+                                          r"gives \d+ per data-parallel rank"):
+        build(local, vocab_size=512, eval_micro_batches=100_000)
