@@ -79,7 +79,7 @@ class TrainSection:
     seed: int = 1234
     joint: bool = True                     # active recurrence learning: sparse step + dense step
     mode: str = "dense"                    # attention mode when joint is off (adaptation: sparse)
-    max_nonfinite_steps: int = 5           # halt after this many consecutive non-finite losses
+    max_nonfinite_steps: int = 5           # halt after this many consecutive non-finite losses or grad norms
     recompute: Optional[str] = None        # None | "full" | "selective"
     # Weight-gradient GEMMs accumulate into the fp32 gradient buffer (Megatron's
     # gradient_accumulation_fusion; apex's extension or torch's fp32-output GEMM). None: on where

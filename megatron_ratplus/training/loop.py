@@ -8,8 +8,8 @@ Per global batch:
 * otherwise one forward/backward and one optimizer step in ``train.mode`` (``dense`` for the
   attention baseline, ``sparse`` for resolution adaptation).
 
-A non-finite loss skips that optimizer step (every rank sees the same all-reduced loss, so they
-agree) and is reported; ``train.max_nonfinite_steps`` consecutive ones halt the run. The loss is
+A non-finite loss or gradient norm skips that optimizer step (every rank sees the same all-reduced
+loss and norm, so they agree) and is reported; ``train.max_nonfinite_steps`` consecutive ones halt the run. The loss is
 read inside the optimizer step, just before the weights would change (:mod:`.update_guard`), so the
 host queues the step's gradient work without waiting for the backward.
 """
@@ -60,7 +60,8 @@ def training_forward_backward(objs: TrainingObjects, microbatches, mode: str, se
 
 
 def train_update(objs: TrainingObjects, microbatches, mode: str, seq_len: int):
-    """One forward/backward in ``mode`` and (if the loss is finite) one optimizer step."""
+    """One forward/backward in ``mode`` and, if its loss and gradient norm are finite, one optimizer
+    step. Returns ``(loss, gradient norm or None, updated)``."""
     set_attention_mode(objs.model, mode)
     for chunk in objs.model:
         chunk.zero_grad_buffer()
@@ -152,10 +153,12 @@ class Trainer:
             while st.step < self.total_steps:
                 t0 = time.time()
                 microbatches = self.data.next_microbatches(self.accum_steps)
-                losses, grad_norm, skipped = {}, None, 0
+                losses, grad_norm, skipped, bad_norms = {}, None, 0, {}
                 for mode in modes_for(cfg):
                     loss, norm, updated = train_update(self.objs, microbatches, mode, seq_len)
                     losses[mode] = loss
+                    if norm is not None and not math.isfinite(float(norm)):
+                        bad_norms[mode] = float(norm)
                     if updated:
                         st.optimizer_updates += 1
                         grad_norm = norm
@@ -166,14 +169,15 @@ class Trainer:
                 st.step += 1
                 st.consumed_tokens += self.tokens_per_step
                 st.skipped_updates += skipped
-                if any(not math.isfinite(v) for v in losses.values()):
+                if any(not math.isfinite(v) for v in losses.values()) or bad_norms:
                     st.consecutive_nonfinite += 1
-                    self.metrics.print(f"step {st.step}: non-finite loss {losses}; optimizer step skipped "
+                    what = f"loss {losses}" + (f", gradient norm {bad_norms}" if bad_norms else "")
+                    self.metrics.print(f"step {st.step}: non-finite {what}; optimizer step skipped "
                                        f"({st.consecutive_nonfinite} in a row)")
                     if st.consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
                         raise NonFiniteLossError(
-                            f"{st.consecutive_nonfinite} consecutive non-finite losses (limit "
-                            f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); halting")
+                            f"{st.consecutive_nonfinite} consecutive steps with a non-finite loss or gradient "
+                            f"norm (limit train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); halting")
                 else:
                     st.consecutive_nonfinite = 0
                 st.history = (st.history + [dict(losses, step=st.step)])[-1000:]

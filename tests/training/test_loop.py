@@ -89,7 +89,7 @@ def test_non_finite_loss_skips_then_halts(megatron_single_process):
             if "final_layernorm" in name:
                 p.fill_(float("nan"))
     before = {n: p.detach().clone() for n, p in objs.model[0].named_parameters() if "linear_fc1" in n}
-    with pytest.raises(NonFiniteLossError, match="2 consecutive non-finite losses"):
+    with pytest.raises(NonFiniteLossError, match="2 consecutive steps with a non-finite loss or gradient norm"):
         trainer.run()
     assert trainer.state.skipped_updates == 2 and trainer.state.optimizer_updates == 0
     for n, p in objs.model[0].named_parameters():
@@ -98,6 +98,25 @@ def test_non_finite_loss_skips_then_halts(megatron_single_process):
     assert all(math.isnan(h["dense"]) for h in trainer.state.history)
     # nor the optimizer's state: no AdamW step was counted
     assert not any(state for o in inner_optimizers(objs.optimizer) for state in o.optimizer.state.values())
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_skips_the_update(megatron_single_process, capsys):
+    """An overflow in one backward gives a finite loss but an infinite gradient norm: that update is
+    skipped (clipping by an infinite norm would put NaN into the weights and moments for good)."""
+    cfg, objs, data, trainer = make(megatron_single_process, "logging.eval_interval=null", steps=3)
+    model = objs.model[0]
+    weight = next(p for n, p in model.named_parameters() if "linear_fc2.weight" in n)
+    backwards = []
+
+    def poison(grad):
+        backwards.append(1)
+        return grad * float("inf") if len(backwards) == 3 else grad    # in step 1's dense pass
+    weight.register_hook(poison)
+    state = trainer.run()
+    assert (state.skipped_updates, state.optimizer_updates, state.consecutive_nonfinite) == (1, 5, 0)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(math.isfinite(v) for h in state.history for k, v in h.items() if k != "step")
+    assert "step 1: non-finite loss" in capsys.readouterr().out
 
 
 def test_the_loss_is_read_after_the_gradient_norm(megatron_single_process, monkeypatch):

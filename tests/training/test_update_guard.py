@@ -69,3 +69,30 @@ def test_the_loss_is_read_once():
     loss._tensor = type("T", (), {"item": lambda self: (reads.append(1), original.item())[1]})()
     assert loss.value() == 3.0 and loss.is_finite() and loss.value() == 3.0
     assert reads == [1]
+
+
+class NormOptimizer(RecordingOptimizer):
+    """Megatron's chained step: ``get_grad_norm`` computes the norm before the update."""
+
+    def __init__(self, events, norm):
+        super().__init__(events)
+        self.norm = norm
+
+    def get_grad_norm(self):
+        return self.norm
+
+    def step(self):
+        norm = self.get_grad_norm()
+        return self.step_with_ready_grads(), norm, None
+
+
+@pytest.mark.parametrize("norm, updated", [(0.7, True), (math.inf, False), (math.nan, False),
+                                           (torch.tensor(math.inf), False), (None, True)])
+def test_a_finite_loss_with_a_non_finite_gradient_norm_is_not_applied(norm, updated):
+    events = []
+    opt = NormOptimizer(events, norm)
+    with update_only_if_finite(opt, LossRead(torch.tensor(1.0))):
+        success, reported, _ = opt.step()
+    assert success is updated and reported is norm
+    assert events == (["update"] if updated else [])
+    assert not {"get_grad_norm", "step_with_ready_grads"} & set(vars(opt))
