@@ -74,12 +74,20 @@ class RATPlusModelArgs:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by "
                              f"model.num_attention_heads={self.num_attention_heads}")
+        for name in ("recurrence", "output_gate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("rope_base", "norm_eps", "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"model.{name} must be a positive number, got {value!r}")
         if self.ffn_type not in FFN_TYPES:
             raise ValueError(f"model.ffn_type must be one of {FFN_TYPES}, got {self.ffn_type!r}")
         if self.attention_mode not in ATTENTION_MODES:
             raise ValueError(f"model.attention_mode must be one of {ATTENTION_MODES}, "
                              f"got {self.attention_mode!r}")
-        if self.ffn_hidden_size is not None and self.ffn_hidden_size <= 0:
+        if self.ffn_hidden_size is not None and (isinstance(self.ffn_hidden_size, bool) or not isinstance(
+                self.ffn_hidden_size, int) or self.ffn_hidden_size <= 0):
             raise ValueError(f"model.ffn_hidden_size must be positive, got {self.ffn_hidden_size}")
         self.patterns()
 

@@ -65,10 +65,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         print(f"ratplus-pretrain: error: {e}", file=sys.stderr)
         return 2
+    from ..checkpoint.errors import CheckpointError
     from .run import run_training
     try:
         run_training(cfg)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:      # a checkpoint refused (missing, corrupt, mismatched)
         print(f"ratplus-pretrain: error: {e}", file=sys.stderr)
         return 2
     return 0

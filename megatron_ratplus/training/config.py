@@ -201,6 +201,7 @@ class RunConfig:
                               "(recomputation's RNG state handling runs on the host)")
         if t.lr_decay_style not in ("cosine", "linear", "constant"):
             raise ConfigError(f"train.lr_decay_style must be cosine|linear|constant, got {t.lr_decay_style!r}")
+        self._validate_values()
         p = self.parallel
         for name in ("tensor_parallel", "pipeline_parallel"):
             if not isinstance(getattr(p, name), int) or getattr(p, name) < 1:
@@ -217,6 +218,50 @@ class RunConfig:
         if self.data.streams == [] and not self.data.default_corpus:
             raise ConfigError("data.streams is empty and data.default_corpus is off: no training data")
         self.model.model_args(seq_len=t.seq_len)
+
+    def _validate_values(self) -> None:
+        """Values Megatron, torch or the checkpoint code would otherwise refuse late (after the
+        model is built), mostly without naming the key."""
+        t, c, m = self.train, self.checkpoint, self.model
+        for name in ("max_steps", "max_tokens"):
+            if getattr(t, name) is not None and getattr(t, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1 (or null), got {getattr(t, name)}")
+        if not t.lr > 0.0:
+            raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+        if not 0.0 <= t.min_lr <= t.lr:
+            raise ConfigError(f"train.min_lr must be in [0, train.lr={t.lr}], got {t.min_lr}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(t, name) < 1.0:
+                raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(t, name)}")
+        if not t.adam_eps > 0.0:
+            raise ConfigError(f"train.adam_eps must be > 0, got {t.adam_eps}")
+        if not t.weight_decay >= 0.0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {t.weight_decay}")
+        if t.max_nonfinite_steps < 1:
+            raise ConfigError(f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
+        if t.recompute not in (None, "full", "selective"):
+            raise ConfigError(f"train.recompute must be null, full or selective, got {t.recompute!r}")
+        if m.spec not in ("auto", "local", "te"):
+            raise ConfigError(f"model.spec must be auto, local or te, got {m.spec!r}")
+        if m.kernel_backend not in ("auto", "fused", "reference"):
+            raise ConfigError(f"model.kernel_backend must be auto, fused or reference, got {m.kernel_backend!r}")
+        for name in ("save_interval", "keep_last"):
+            if getattr(c, name) is not None and getattr(c, name) < 1:
+                raise ConfigError(f"checkpoint.{name} must be >= 1 (or null), got {getattr(c, name)}")
+        if c.exit_duration_minutes is not None and not c.exit_duration_minutes > 0:
+            raise ConfigError(f"checkpoint.exit_duration_minutes must be > 0 (or null), got {c.exit_duration_minutes}")
+        d, lg = self.data, self.logging
+        if d.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
+        if d.readers_per_node is not None and d.readers_per_node < 1:
+            raise ConfigError(f"data.readers_per_node must be >= 1 (or null: from the readers' hosts), "
+                              f"got {d.readers_per_node}")
+        for name in ("log_interval", "eval_iters"):
+            if getattr(lg, name) < 1:
+                raise ConfigError(f"logging.{name} must be >= 1, got {getattr(lg, name)}")
+        if lg.eval_interval is not None and lg.eval_interval < 0:
+            raise ConfigError(f"logging.eval_interval must be >= 0 (0 or null: no evaluation), "
+                              f"got {lg.eval_interval}")
 
     def layout_for(self, world_size: int):
         """Validate the parallel layout for ``world_size`` GPUs; return (dp, grad_accum_steps)."""
@@ -263,14 +308,27 @@ class RunConfig:
 
 def _coerce(section: str, key: str, value, annotation):
     """YAML reads ``3e-3`` and ``100e9`` as strings and ``1e9`` tokens as floats: convert numbers
-    to the field's declared type, and refuse values that are not numbers."""
+    to the field's declared type, and refuse values that are not numbers. Booleans must be
+    ``true``/``false`` (a typo such as ``flase`` is a non-empty string, which Python would take
+    for true), and an empty value (``key=``) is only accepted where the field may be null."""
     text = str(annotation)
-    if value is None or isinstance(value, bool):
+    optional = text.startswith("Optional[")
+    if value is None:
+        if text.startswith("List["):
+            return []
+        if not optional:
+            raise ConfigError(f"{section}.{key} cannot be empty (null); it needs a {text} value")
+        return None
+    if text in ("bool", "Optional[bool]"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{section}.{key} must be true or false, got {value!r}")
         return value
     wants_int = text in ("int", "Optional[int]")
     wants_float = text in ("float", "Optional[float]")
     if not (wants_int or wants_float):
         return value
+    if isinstance(value, bool):
+        raise ConfigError(f"{section}.{key} must be a number, got {value!r}")
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -296,6 +354,8 @@ def _section_from_dict(name: str, values: dict):
         if unknown:
             raise ConfigError(f"unknown key(s) model.{', model.'.join(unknown)}; valid: preset, spec, "
                               f"kernel_backend, {', '.join(sorted(known))}")
+        types = {f.name: f.type for f in dataclasses.fields(RATPlusModelArgs)}
+        rest = {k: _coerce(name, k, v, types[k]) for k, v in rest.items()}
         return ModelSection(**fixed, overrides=rest)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)

@@ -1,0 +1,44 @@
+"""Recipe values and overrides: coerced to the field's type or refused with the key named."""
+import pytest
+
+from megatron_ratplus.training.config import ConfigError, load_config
+
+RECIPE = "recipes/tiny-cpu.yaml"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.joint=flase", "train.joint must be true or false, got 'flase'"),
+    ("model.recurrence=flase", "model.recurrence must be true or false, got 'flase'"),
+    ("train.joint=", "train.joint cannot be empty (null)"),
+    ("train.clip_grad=", "train.clip_grad cannot be empty (null)"),
+    ("train.global_batch_size=true", "train.global_batch_size must be a number, got True"),
+    ("model.norm_eps=abc", "model.norm_eps must be a number, got 'abc'"),
+    ("model.rope_base=-1", "model.rope_base must be a positive number"),
+    ("train.max_steps=0", "train.max_steps must be >= 1"),
+    ("train.lr=-1", "train.lr must be > 0"),
+    ("train.min_lr=1.0", "train.min_lr must be in [0, train.lr=0.003]"),
+    ("train.adam_beta1=1.5", "train.adam_beta1 must be in [0, 1)"),
+    ("train.adam_eps=0", "train.adam_eps must be > 0"),
+    ("train.recompute=foo", "train.recompute must be null, full or selective"),
+    ("model.spec=foo", "model.spec must be auto, local or te"),
+    ("model.kernel_backend=foo", "model.kernel_backend must be auto, fused or reference"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last must be >= 1"),
+    ("checkpoint.save_interval=0", "checkpoint.save_interval must be >= 1"),
+    ("data.num_workers=-1", "data.num_workers must be >= 0"),
+    ("data.readers_per_node=0", "data.readers_per_node must be >= 1"),
+    ("logging.eval_iters=0", "logging.eval_iters must be >= 1"),
+])
+def test_bad_values_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(RECIPE, [override])
+    assert message in str(err.value)
+
+
+def test_values_are_coerced_to_the_declared_types():
+    cfg = load_config(RECIPE, ["model.rope_base=5e5", "train.lr=3e-4", "train.max_tokens=1e6",
+                               "data.streams=", "model.ffn_hidden_size=", "train.recompute=",
+                               "train.joint=false", "model.recurrence=false"])
+    assert cfg.model.overrides["rope_base"] == 500000.0 and cfg.train.lr == 3e-4
+    assert cfg.train.max_tokens == 1_000_000 and isinstance(cfg.train.max_tokens, int)
+    assert cfg.data.streams == [] and cfg.train.recompute is None
+    assert cfg.train.joint is False and cfg.model.model_args().recurrence is False
