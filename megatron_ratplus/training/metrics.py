@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -55,6 +56,28 @@ class StepRecord:
     extra: Dict[str, float] = field(default_factory=dict)
 
 
+def drop_records_after(path, step: int) -> None:
+    """Remove the records of steps after ``step`` from a metrics JSONL file (a resumed run writes
+    them again), atomically; lines that are not step records are kept."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
 class MetricsLogger:
     """Progress display + log lines + TensorBoard, on rank 0."""
 
@@ -82,6 +105,8 @@ class MetricsLogger:
             return
         if metrics_jsonl:
             Path(metrics_jsonl).parent.mkdir(parents=True, exist_ok=True)
+            if start_step:
+                drop_records_after(metrics_jsonl, start_step)
             self.jsonl = open(metrics_jsonl, "a")
         if wandb_project:
             try:
@@ -93,7 +118,8 @@ class MetricsLogger:
         self.console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=tensorboard_dir)
+            # A resumed run (possibly rolled back) hides the earlier run's points after its step.
+            self.writer = SummaryWriter(log_dir=tensorboard_dir, purge_step=start_step + 1 if start_step else None)
         if progress and self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),

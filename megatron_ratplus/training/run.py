@@ -56,6 +56,26 @@ def _refuse_newer_checkpoints(cfg: RunConfig, step: int) -> None:
                           f"save_dir, or choose another checkpoint.save_dir")
 
 
+def _refuse_to_mix_logs(cfg: RunConfig, step: int) -> None:
+    """A run starting from scratch would add its curves to the TensorBoard events or metrics file of
+    an earlier run (a resumed one continues them; the logger drops points after its step). Rank 0
+    looks, as it is the one that writes them; every rank raises."""
+    problem = None
+    lg = cfg.logging
+    if dist.get_rank() == 0 and step == 0:
+        if lg.tensorboard_dir and any(Path(lg.tensorboard_dir).glob("events.out.tfevents*")):
+            problem = (f"logging.tensorboard_dir={lg.tensorboard_dir} already holds the events of another run; "
+                       f"this run starts from scratch and its curves would mix with them: choose another "
+                       f"directory (or move it away)")
+        elif lg.metrics_jsonl and Path(lg.metrics_jsonl).is_file() and Path(lg.metrics_jsonl).stat().st_size:
+            problem = (f"logging.metrics_jsonl={lg.metrics_jsonl} already holds the records of another run; "
+                       f"this run starts from scratch: choose another file (or move it away)")
+    shared = [problem]
+    dist.broadcast_object_list(shared, src=0)
+    if shared[0]:
+        raise ConfigError(shared[0])
+
+
 def _restore(cfg: RunConfig, objs, data, state: TrainState):
     """Resume (``checkpoint.load``) or initialise weights (``checkpoint.init_from``)."""
     ck = cfg.checkpoint
@@ -125,6 +145,7 @@ def run_training(cfg: RunConfig) -> TrainState:
         state = TrainState()
         _restore(cfg, objs, data, state)
         _refuse_newer_checkpoints(cfg, state.step)
+        _refuse_to_mix_logs(cfg, state.step)
         checkpoints = preemption = None
         if cfg.checkpoint.save_dir:
             from ..checkpoint import CheckpointManager, PreemptionHandler

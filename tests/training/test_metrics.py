@@ -1,0 +1,52 @@
+"""Run outputs of the metrics logger: a resumed run continues its curves without duplicates, a fresh
+run does not write into another run's."""
+import json
+
+import pytest
+
+from megatron_ratplus.training.config import ConfigError, load_config
+from megatron_ratplus.training.metrics import MetricsLogger, StepRecord
+from megatron_ratplus.training.run import _refuse_to_mix_logs
+
+
+def log_steps(tmp_path, steps, start_step):
+    logger = MetricsLogger(rank=0, world_size=1, total_steps=10, start_step=start_step, tokens_per_step=8,
+                           flops_per_step=1.0, tensorboard_dir=str(tmp_path / "tb"), progress=False,
+                           metrics_jsonl=str(tmp_path / "m.jsonl"))
+    for step in steps:
+        logger.log_step(StepRecord(step, {"dense": float(step)}, lr=start_step / 10, grad_norm=1.0,
+                                   step_time=1.0, tokens=8))
+    logger.log_eval(steps[-1], {"dense": 0.5})
+    logger.close()
+
+
+def test_a_resumed_run_replaces_the_points_after_its_step(tmp_path):
+    """A run killed after step 5, resumed from its step-3 checkpoint, writes steps 4-6 again."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    log_steps(tmp_path, [1, 2, 3, 4, 5], start_step=0)
+    (tmp_path / "m.jsonl").write_text((tmp_path / "m.jsonl").read_text() + "not json\n")
+    log_steps(tmp_path, [4, 5, 6], start_step=3)
+    lines = (tmp_path / "m.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line != "not json"]
+    assert [r["step"] for r in records if "losses" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["lr"] for r in records if "losses" in r][3:] == [0.3] * 3       # the resumed run's
+    assert "not json" in lines
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/dense")] == [1, 2, 3, 4, 5, 6]
+    assert [round(e.value, 3) for e in events.Scalars("lr")][3:] == [0.3] * 3
+
+
+def test_a_fresh_run_refuses_another_runs_logs(tmp_path, megatron_single_process):
+    log_steps(tmp_path, [1, 2], start_step=0)
+    tb = load_config("recipes/tiny-cpu.yaml", [f"logging.tensorboard_dir={tmp_path / 'tb'}",
+                                               "logging.metrics_jsonl="])
+    jsonl = load_config("recipes/tiny-cpu.yaml", ["logging.tensorboard_dir=",
+                                                  f"logging.metrics_jsonl={tmp_path / 'm.jsonl'}"])
+    for cfg, key in ((tb, "logging.tensorboard_dir"), (jsonl, "logging.metrics_jsonl")):
+        with pytest.raises(ConfigError, match=f"{key}=.* another run"):
+            _refuse_to_mix_logs(cfg, 0)
+        _refuse_to_mix_logs(cfg, 2)                        # a resumed run continues them
+    empty = load_config("recipes/tiny-cpu.yaml", [f"logging.tensorboard_dir={tmp_path / 'new'}",
+                                                  f"logging.metrics_jsonl={tmp_path / 'new.jsonl'}"])
+    _refuse_to_mix_logs(empty, 0)
