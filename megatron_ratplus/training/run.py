@@ -76,6 +76,26 @@ def _refuse_to_mix_logs(cfg: RunConfig, step: int) -> None:
         raise ConfigError(shared[0])
 
 
+def _check_token_budget(cfg: RunConfig, state: TrainState, total_steps: int) -> None:
+    """``train.max_tokens`` becomes a step count at the configured tokens per step. A run resumed
+    with another global batch size or sequence length would stop off its token budget: refuse,
+    naming the step count that meets it."""
+    t = cfg.train
+    if t.max_tokens is None or state.step == 0:
+        return
+    per_step = t.global_batch_size * t.seq_len
+    needed = state.step + max(0, -(-(int(t.max_tokens) - state.consumed_tokens) // per_step))
+    if t.max_steps is not None:
+        needed = min(needed, int(t.max_steps))
+    if needed != total_steps:
+        raise ConfigError(
+            f"the run resumes at step {state.step} with {state.consumed_tokens:,} tokens consumed; at "
+            f"{per_step:,} tokens per step train.max_tokens={int(t.max_tokens):,} is met after step {needed}, "
+            f"not after the {total_steps} steps the config implies (the batch size or sequence length "
+            f"changed): continue with train.max_steps={needed} train.max_tokens= (and "
+            f"checkpoint.lr_schedule_on_resume=config or checkpoint for the schedule)")
+
+
 def _restore(cfg: RunConfig, objs, data, state: TrainState):
     """Resume (``checkpoint.load``) or initialise weights (``checkpoint.init_from``)."""
     ck = cfg.checkpoint
@@ -145,6 +165,7 @@ def run_training(cfg: RunConfig) -> TrainState:
         state = TrainState()
         _restore(cfg, objs, data, state)
         _refuse_newer_checkpoints(cfg, state.step)
+        _check_token_budget(cfg, state, total_steps)
         _refuse_to_mix_logs(cfg, state.step)
         checkpoints = preemption = None
         if cfg.checkpoint.save_dir:

@@ -44,3 +44,20 @@ def test_impossible_layout_for_the_launched_world_is_a_config_error(monkeypatch,
     assert main(["recipes/tiny-cpu.yaml", "parallel.tensor_parallel=2", "checkpoint.save_dir=",
                  "checkpoint.load="]) == 2
     assert "world size 3 is not divisible by tensor_parallel" in capsys.readouterr().err
+
+
+def test_a_token_budget_resumed_at_another_batch_size_names_the_steps_that_meet_it():
+    from megatron_ratplus.training.loop import TrainState
+    from megatron_ratplus.training.run import _check_token_budget
+    base = ["train.max_steps=", "train.max_tokens=16384", "train.seq_len=256", "checkpoint.save_dir="]
+    same = load_config("recipes/tiny-cpu.yaml", base + ["train.global_batch_size=8"])      # 2,048 tokens a step
+    _check_token_budget(same, TrainState(step=2, consumed_tokens=4096), same.total_steps())
+    _check_token_budget(same, TrainState(), same.total_steps())
+    bigger = load_config("recipes/tiny-cpu.yaml", base + ["train.global_batch_size=16"])   # 4,096 a step
+    assert bigger.total_steps() == 4
+    with pytest.raises(ConfigError, match=r"met after step 5, not after the 4 steps .*train.max_steps=5 "
+                                          r"train.max_tokens="):
+        _check_token_budget(bigger, TrainState(step=2, consumed_tokens=4096), bigger.total_steps())
+    fixed = load_config("recipes/tiny-cpu.yaml", ["train.max_steps=5", "train.max_tokens=",
+                                                  "train.global_batch_size=16"])
+    _check_token_budget(fixed, TrainState(step=2, consumed_tokens=4096), fixed.total_steps())
