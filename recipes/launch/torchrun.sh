@@ -9,8 +9,8 @@
 #   NODE_RANK           this node's rank, 0..NNODES-1 (default 0; the c10d rendezvous may reorder)
 #   MASTER_ADDR         host of the rendezvous endpoint, reachable from every node (default 127.0.0.1)
 #   MASTER_PORT         its port (default 29500)
-#   GPUS_PER_NODE       processes per node (default: the GPUs nvidia-smi lists; on a machine
-#                       without GPUs, CPU_PROCS_PER_NODE)
+#   GPUS_PER_NODE       processes per node (default: the GPUs nvidia-smi lists, at most those in
+#                       CUDA_VISIBLE_DEVICES; on a machine without GPUs, CPU_PROCS_PER_NODE)
 #   CPU_PROCS_PER_NODE  processes per node without GPUs (default 1; CPU mode over gloo)
 #   RDZV_ID             rendezvous id shared by the nodes of one job (default $SLURM_JOB_ID or "ratplus")
 #   LAUNCH_MODULE       python module to run (default megatron_ratplus.training.cli)
@@ -31,6 +31,12 @@ count_gpus() {
     local n=0
     if command -v nvidia-smi >/dev/null 2>&1; then
         n="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)"
+    fi
+    # CUDA_VISIBLE_DEVICES (set by a scheduler or the user) limits the GPUs this job may use.
+    if (( ${n:-0} > 0 )) && [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+        local -a visible
+        IFS=',' read -r -a visible <<< "${CUDA_VISIBLE_DEVICES}"
+        (( ${#visible[@]} < n )) && n="${#visible[@]}"
     fi
     echo "${n:-0}"
 }
@@ -87,5 +93,5 @@ exec "${TORCHRUN}" \
     --rdzv_backend c10d \
     --rdzv_endpoint "${MASTER_ADDR}:${MASTER_PORT}" \
     --rdzv_id "${RDZV_ID}" \
-    "${extra[@]}" \
+    ${extra[@]+"${extra[@]}"} \
     -m "${LAUNCH_MODULE}" "$@"

@@ -339,6 +339,18 @@ def test_sbatch_header():
     assert "scontrol show hostnames" in text and "scontrol requeue" in text
 
 
+@pytest.mark.parametrize("visible,expected", [("", 8), ("0,1", 2), ("3", 1), ("0,1,2,3,4,5,6,7,8,9", 8)])
+def test_torchrun_launcher_counts_only_the_visible_gpus(tmp_path, visible, expected):
+    """Processes per node: the GPUs nvidia-smi lists, at most those CUDA_VISIBLE_DEVICES names."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/usr/bin/env bash\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: NVIDIA H100 (UUID: x)\"; done\n")
+    fake.chmod(0o755)
+    script = f"source <(sed -n '/^count_gpus() {{/,/^}}/p' {LAUNCH / 'torchrun.sh'}); count_gpus"
+    res = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                         env=dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", CUDA_VISIBLE_DEVICES=visible))
+    assert res.returncode == 0 and res.stdout.strip() == str(expected), res.stderr
+
+
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_launch_scripts_shellcheck_clean():
     res = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], capture_output=True, text=True)
