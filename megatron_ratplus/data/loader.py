@@ -169,6 +169,8 @@ def _resolve_streams(streams, *, split: str, seq_len: int, cache_dir, node: int,
         if split not in manifest.splits:
             raise ValueError(f"dataset {remote or local} has no {split!r} split (it has {sorted(manifest.splits)}"
                              + ("; it was prepared with --val-fraction 0" if split == "val" else "") + ")")
+        if remote is None:
+            _check_local_shards(local, split)
         out.append(_Stream(local=local, remote=remote, proportion=proportion, manifest=manifest))
     first = out[0].manifest
     for s in out:
@@ -184,6 +186,21 @@ def _resolve_streams(streams, *, split: str, seq_len: int, cache_dir, node: int,
     if any(s.proportion is not None for s in out) and any(s.proportion is None for s in out):
         raise ValueError("give a proportion for every stream or for none")
     return out
+
+
+def _check_local_shards(local: str, split: str) -> None:
+    """A dataset read in place must hold every shard its index lists (raw or compressed): name a
+    missing one now, not when streaming reaches it mid-epoch with a message about remotes."""
+    index_path = Path(local) / split / INDEX_NAME
+    try:
+        shards = json.loads(index_path.read_text())["shards"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index_path} cannot be read as a shard index ({type(e).__name__}: {e})") from e
+    for shard in shards:
+        names = [meta["basename"] for meta in (shard.get("raw_data"), shard.get("zip_data")) if meta]
+        if not any((Path(local) / split / name).is_file() for name in names):
+            raise ValueError(f"dataset {local}: shard {' / '.join(names)} of the {split!r} split is missing "
+                             f"(listed in {index_path}); restore it or prepare the dataset again")
 
 
 def _raw_shards_present(local: str, split: str) -> bool:

@@ -194,7 +194,11 @@ def verify_dataset(directory: str | os.PathLike) -> list[str]:
         if not index_path.is_file():
             problems.append(f"{index_path}: missing")
             continue
-        index = json.loads(index_path.read_text())
+        try:
+            index = json.loads(index_path.read_text())
+        except ValueError as e:
+            problems.append(f"{index_path}: not valid JSON ({e})")
+            continue
         samples = 0
         for shard in index["shards"]:
             samples += shard["samples"]

@@ -69,8 +69,13 @@ def _config_eos(path: Path) -> str | None:
 
 
 def load_tokenizer_info(path: str | os.PathLike, *, eos_token: str | None = None) -> TokenizerInfo:
-    """Identify a tokenizer.json: its sha256, vocabulary size (with added tokens) and EOS id."""
+    """Identify a tokenizer.json (or the one in a Hugging Face model folder): its sha256,
+    vocabulary size (with added tokens) and EOS id."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise ValueError(f"tokenizer {path} is a directory without a tokenizer.json")
+        path = path / "tokenizer.json"
     tok = _load(path)
     if eos_token is not None:
         eos_id = tok.token_to_id(eos_token)

@@ -208,7 +208,18 @@ def test_bad_tokenizer_and_arguments(tmp_path, corpus_dir, dataset_dir):
         prep([corpus_dir], tmp_path / "o", dataset_dir / "tokenizer.json", eos_token="<nope>")
     with pytest.raises(ValueError, match="exactly one"):
         prepare_dataset([corpus_dir], tmp_path / "o", seq_len=8)
+    with pytest.raises(ValueError, match="is a directory without a tokenizer.json"):
+        prep([corpus_dir], tmp_path / "o", tmp_path)
     with pytest.raises(ValueError, match="val_fraction"):
         prep([corpus_dir], tmp_path / "o", dataset_dir / "tokenizer.json", val_fraction=1.0)
     with pytest.raises(ValueError, match="at least 257"):
         prepare_dataset([corpus_dir], tmp_path / "o", seq_len=8, train_tokenizer=True, vocab_size=100)
+
+
+def test_a_model_folder_gives_its_tokenizer(tmp_path, corpus_dir, dataset_dir):
+    """--tokenizer may name a Hugging Face model folder: its tokenizer.json is used."""
+    folder = tmp_path / "hf-model"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes((dataset_dir / "tokenizer.json").read_bytes())
+    result = prep([corpus_dir], tmp_path / "o", folder, val_fraction=0.2)
+    assert result.manifest.tokenizer_sha256 == read_manifest(dataset_dir).tokenizer_sha256

@@ -79,6 +79,10 @@ def test_cli_prepare_inspect_and_errors(tmp_path, corpus_dir, dataset_dir, capsy
     shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
     assert main(["inspect", str(out), "--verify"]) == 1
     assert "CORRUPT" in capsys.readouterr().out
+    # a damaged index.json is named
+    (out / "val" / "index.json").write_text('{"shards": [\n')
+    assert main(["inspect", str(out), "--verify"]) == 1
+    assert f"{out / 'val' / 'index.json'}: not valid JSON" in capsys.readouterr().out
 
 
 def test_cli_default_corpus_as_a_command(tmp_path):

@@ -247,3 +247,20 @@ def test_reader_layout_argument_checks(dataset_dir, fresh_dataset):
         parts.append(rows([next(it) for _ in range(len(ld))]))
     assert set(parts[0]) | set(parts[1]) == everything
     assert len(set(parts[0]) & set(parts[1])) <= 1
+
+
+def test_a_missing_or_unreadable_shard_is_named_before_reading(dataset_dir, tmp_path):
+    """An incomplete copy of a dataset read in place fails when the loader is built, naming the file."""
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset_dir, copy)
+    index = json.loads((copy / "train" / "index.json").read_text())
+    third = index["shards"][min(2, len(index["shards"]) - 1)]
+    for meta in (third.get("raw_data"), third.get("zip_data")):
+        if meta and (copy / "train" / meta["basename"]).exists():
+            (copy / "train" / meta["basename"]).unlink()
+    with pytest.raises(ValueError, match=rf"shard {third['raw_data']['basename']}.* of the 'train' split is "
+                                         rf"missing \(listed in .*index.json\)"):
+        loader(copy)
+    (copy / "val" / "index.json").write_text("{")
+    with pytest.raises(ValueError, match="val/index.json cannot be read as a shard index"):
+        loader(copy, split="val", shuffle=False)
