@@ -121,6 +121,7 @@ class Trainer:
             "consumed_tokens": self.state.consumed_tokens,
             "optimizer_updates": self.state.optimizer_updates,
             "skipped_updates": self.state.skipped_updates,
+            "consecutive_nonfinite": self.state.consecutive_nonfinite,
             "data_state": self.data.state_dict(),
             "run_config": self.cfg.to_dict(),
             "model_args": self.objs.model_args.to_dict(),

@@ -115,6 +115,8 @@ def _restore(cfg: RunConfig, objs, data, state: TrainState):
             state.consumed_tokens = int(loaded["consumed_tokens"])
             state.optimizer_updates = int(loaded.get("optimizer_updates", 0))
             state.skipped_updates = int(loaded.get("skipped_updates", 0))
+            # a run halting after train.max_nonfinite_steps in a row counts across a resume
+            state.consecutive_nonfinite = int(loaded.get("consecutive_nonfinite", 0))
             data.load_state_dict(loaded.get("data_state"))
             _rank0_print(f"resumed from step {state.step} ({state.consumed_tokens:,} tokens)")
             return

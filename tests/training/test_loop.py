@@ -92,6 +92,7 @@ def test_non_finite_loss_skips_then_halts(megatron_single_process):
     with pytest.raises(NonFiniteLossError, match="2 consecutive steps with a non-finite loss or gradient norm"):
         trainer.run()
     assert trainer.state.skipped_updates == 2 and trainer.state.optimizer_updates == 0
+    assert trainer.train_state_dict()["consecutive_nonfinite"] == 2     # a resume keeps counting
     for n, p in objs.model[0].named_parameters():
         if n in before:
             assert torch.equal(p, before[n]), "a skipped step must not change the weights"
