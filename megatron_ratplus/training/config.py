@@ -321,7 +321,8 @@ def _coerce(section: str, key: str, value, annotation):
         return None
     if text in ("bool", "Optional[bool]"):
         if not isinstance(value, bool):
-            raise ConfigError(f"{section}.{key} must be true or false, got {value!r}")
+            allowed = "true, false or null" if optional else "true or false"
+            raise ConfigError(f"{section}.{key} must be {allowed}, got {value!r}")
         return value
     wants_int = text in ("int", "Optional[int]")
     wants_float = text in ("float", "Optional[float]")

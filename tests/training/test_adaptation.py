@@ -34,10 +34,11 @@ def test_adaptation_starts_from_pretrained_weights_with_fresh_optimizer(tmp_path
     assert ada_rows[0]["losses"]["sparse"] < pre_rows[0]["losses"]["sparse"] - 0.5
     # Fresh schedule: no warmup, the configured LR from the first step.
     assert ada_rows[0]["lr"] == pytest.approx(1.0e-4, rel=1e-3)
-    # Re-running the same command resumes the adaptation itself instead of re-initialising.
+    # Re-running the command resumes the adaptation itself instead of re-initialising (here extended
+    # by a step: the longer schedule is asked for, a changed schedule is refused otherwise).
     again = torchrun("megatron_ratplus.training.cli", *tiny_cli_overrides(tiny_dataset, ada, steps=4),
                      "train.joint=false", "train.mode=sparse", "model.dilation=8", "model.local_window=4",
                      "model.initial_tokens=2", "train.lr=1.0e-4", "train.warmup_fraction=0",
                      f"checkpoint.init_from={pre}/ck", "checkpoint.load=latest", f"checkpoint.save_dir={ada}/ck",
-                     nproc=1, module=True)
+                     "checkpoint.lr_schedule_on_resume=config", nproc=1, module=True)
     assert "resumed from step 3" in again.stdout and "initialised weights" not in again.stdout
