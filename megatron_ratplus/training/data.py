@@ -27,10 +27,17 @@ def resolve_streams(cfg: RunConfig, *, seq_len: int) -> List[Dict]:
                 raise ConfigError(f"data.streams entries need 'local' and/or 'remote', got {s!r}")
         return [dict(s) for s in cfg.data.streams]
     directory = Path(cfg.data.default_dir)
+    error = None
     if dist.get_rank() == 0:
-        prepare_default_dataset(directory, seq_len=seq_len, vocab_size=cfg.data.default_vocab_size,
-                                size_mb=cfg.data.default_size_mb, seed=cfg.data.default_seed)
-    dist.barrier()
+        try:
+            prepare_default_dataset(directory, seq_len=seq_len, vocab_size=cfg.data.default_vocab_size,
+                                    size_mb=cfg.data.default_size_mb, seed=cfg.data.default_seed)
+        except ValueError as e:        # e.g. default_dir holds a dataset prepared with other settings
+            error = f"data.default_dir: {e}"
+    shared = [error]
+    dist.broadcast_object_list(shared, src=0)    # also the barrier: the dataset is ready for all ranks
+    if shared[0]:
+        raise ConfigError(shared[0])
     return [{"local": str(directory), "remote": None, "proportion": None}]
 
 

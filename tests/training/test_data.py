@@ -46,3 +46,12 @@ def test_datasets_are_checked_against_the_model_and_each_other(megatron_single_p
     with pytest.raises(ConfigError, match=r"logging.eval_iters=100000 micro-batches but the validation split "
                                           r"gives \d+ per data-parallel rank"):
         build(local, vocab_size=512, eval_micro_batches=100_000)
+
+
+def test_a_default_dir_holding_another_dataset_is_a_config_error(megatron_single_process, tiny_dataset):
+    from megatron_ratplus.training.config import load_config
+    from megatron_ratplus.training.data import resolve_streams
+    cfg = load_config("recipes/tiny-cpu.yaml", [f"data.default_dir={tiny_dataset}", "data.default_size_mb=0.2",
+                                                "data.default_vocab_size=512"])
+    with pytest.raises(ConfigError, match=rf"data.default_dir: {tiny_dataset} already holds a different dataset"):
+        resolve_streams(cfg, seq_len=64)
