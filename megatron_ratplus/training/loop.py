@@ -154,12 +154,14 @@ class Trainer:
             while st.step < self.total_steps:
                 t0 = time.time()
                 microbatches = self.data.next_microbatches(self.accum_steps)
-                losses, grad_norm, skipped, bad_norms = {}, None, 0, {}
+                losses, grad_norm, skipped, bad_norms, norms = {}, None, 0, {}, {}
                 for mode in modes_for(cfg):
                     loss, norm, updated = train_update(self.objs, microbatches, mode, seq_len)
                     losses[mode] = loss
                     if norm is not None and not math.isfinite(float(norm)):
                         bad_norms[mode] = float(norm)
+                    if norm is not None:
+                        norms[f"grad_norm/{mode}"] = float(norm)
                     if updated:
                         st.optimizer_updates += 1
                         grad_norm = norm
@@ -183,7 +185,8 @@ class Trainer:
                     st.consecutive_nonfinite = 0
                 st.history = (st.history + [dict(losses, step=st.step)])[-1000:]
                 self.metrics.log_step(StepRecord(st.step, losses, lr, grad_norm, time.time() - t0,
-                                                 self.tokens_per_step, skipped))
+                                                 self.tokens_per_step, skipped,
+                                                 extra=norms if len(norms) > 1 else {}))
                 if cfg.logging.eval_interval and st.step % cfg.logging.eval_interval == 0:
                     self.metrics.log_eval(st.step, evaluate(self.objs, self.data, cfg))
                 interval = cfg.checkpoint.save_interval

@@ -53,7 +53,7 @@ class StepRecord:
     step_time: float
     tokens: int
     skipped: int = 0
-    extra: Dict[str, float] = field(default_factory=dict)
+    extra: Dict[str, float] = field(default_factory=dict)   # more scalars (joint: grad_norm/<mode>)
 
 
 def drop_records_after(path, step: int) -> None:
@@ -170,8 +170,10 @@ class MetricsLogger:
                 self.writer.add_scalar(f"throughput/{name}", value, rec.step)
             if mem is not None:
                 self.writer.add_scalar("memory/max_allocated_gib", mem, rec.step)
+            for name, value in rec.extra.items():
+                self.writer.add_scalar(name, value, rec.step)
         record = {"step": rec.step, "losses": rec.losses, "lr": rec.lr, "grad_norm": rec.grad_norm,
-                  "step_time": rec.step_time, "skipped": rec.skipped, **tp}
+                  "step_time": rec.step_time, "skipped": rec.skipped, **tp, **rec.extra}
         if self.jsonl is not None:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()

@@ -1,4 +1,5 @@
 """The training loop on synthetic token batches (single process, CPU mode)."""
+import json
 import math
 
 import pytest
@@ -59,9 +60,15 @@ def adam_steps(optimizer):
     return steps.pop()
 
 
-def test_joint_training_two_updates_per_batch_and_falling_loss(megatron_single_process):
-    cfg, objs, data, trainer = make(megatron_single_process, steps=8)
+def test_joint_training_two_updates_per_batch_and_falling_loss(megatron_single_process, tmp_path):
+    cfg, objs, data, trainer = make(megatron_single_process, f"logging.metrics_jsonl={tmp_path / 'm.jsonl'}",
+                                    steps=8)
     state = trainer.run()
+    # Each pass's gradient norm is logged (the step's grad_norm is the dense update's).
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "losses" in r]
+    assert len(steps) == 8 and all(r["grad_norm/dense"] == r["grad_norm"] for r in steps)
+    assert all(r["grad_norm/sparse"] > 0 and r["grad_norm/sparse"] != r["grad_norm"] for r in steps)
     assert state.step == 8 and state.optimizer_updates == 16
     # Checked on the optimizer itself, not on our counter: AdamW took two steps per batch.
     assert adam_steps(objs.optimizer.optimizer if hasattr(objs.optimizer, "optimizer") else objs.optimizer) == 16
