@@ -227,6 +227,13 @@ def to_transformer_config(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        # The interleaved schedule exchanges with the previous and the next stage in one step. With
+        # batched P2P at PP=2 both are the same peer, and the two ranks post their sends and
+        # receives in the same order: gradients land in the activations' buffer and back (same
+        # shapes, no error, wrong training). Megatron-LM's default under VPP is overlapped,
+        # unbatched P2P, which pairs them by direction.
+        overlap_p2p_comm=bool(virtual_pipeline_model_parallel_size),
+        batch_p2p_comm=not virtual_pipeline_model_parallel_size,
         sequence_parallel=sequence_parallel,
         params_dtype=params_dtype,
         bf16=bf16,

@@ -55,41 +55,50 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--vpp", type=int, default=None)
     ap.add_argument("--sp", action="store_true")
     ap.add_argument("--mode", default="dense")
     ap.add_argument("--kernel-backend", default="reference")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    layout = ParallelLayout(a.tp, a.pp, None, a.sp)
+    layout = ParallelLayout(a.tp, a.pp, a.vpp, a.sp)
     initialize_distributed(layout, seed=1234)
     args = RATPlusModelArgs(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=100,
                             max_seq_len=32, dilation=4, local_window=1, initial_tokens=1)
     cfg = to_transformer_config(args, tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
-                                sequence_parallel=a.sp, use_cpu_initialization=True,
-                                kernel_backend=a.kernel_backend)
-    model = build_gpt_model(args, cfg, spec="local",
-                            pre_process=parallel_state.is_pipeline_first_stage(),
-                            post_process=parallel_state.is_pipeline_last_stage())
-    deterministic_weights(model, a.tp)
-    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(), model)
-    cfg.no_sync_func = ddp.no_sync
+                                virtual_pipeline_model_parallel_size=a.vpp, sequence_parallel=a.sp,
+                                use_cpu_initialization=True, kernel_backend=a.kernel_backend)
+    chunks = []
+    for stage in (range(a.vpp) if a.vpp else [None]):     # interleaved: several chunks per rank
+        chunk = build_gpt_model(args, cfg, spec="local", vp_stage=stage,
+                                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                                                   vp_stage=stage),
+                                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                                                   vp_stage=stage))
+        deterministic_weights(chunk, a.tp)
+        chunks.append(chunk)
+    ddp = [DistributedDataParallel(cfg, DistributedDataParallelConfig(), chunk, disable_bucketing=i > 0)
+           for i, chunk in enumerate(chunks)]
+    cfg.no_sync_func = [m.no_sync for m in ddp] if len(ddp) > 1 else ddp[0].no_sync
     cfg.finalize_model_grads_func = finalize_model_grads
-    set_attention_mode(model, a.mode)
+    set_attention_mode(ddp, a.mode)
     gen = torch.Generator().manual_seed(7)
     microbatches = [torch.randint(0, 100, (2, 17), generator=gen) for _ in range(4)]
-    ddp.zero_grad_buffer()
+    for m in ddp:
+        m.zero_grad_buffer()
     # The schedule itself calls config.finalize_model_grads_func at its end.
-    loss = forward_backward([ddp], microbatches, seq_len=16)
+    loss = forward_backward(ddp, microbatches, seq_len=16)
 
     grads = {}
     tp_group = parallel_state.get_tensor_model_parallel_group()
-    for name, p in model.named_parameters():
-        g = p.main_grad.detach().clone()
-        if getattr(p, "tensor_model_parallel", False) and a.tp > 1:
-            parts = [torch.empty_like(g) for _ in range(a.tp)]
-            dist.all_gather(parts, g, group=tp_group)
-            g = torch.cat(parts, dim=p.partition_dim)
-        grads[global_name(model, name)] = g
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            g = p.main_grad.detach().clone()
+            if getattr(p, "tensor_model_parallel", False) and a.tp > 1:
+                parts = [torch.empty_like(g) for _ in range(a.tp)]
+                dist.all_gather(parts, g, group=tp_group)
+                g = torch.cat(parts, dim=p.partition_dim)
+            grads[global_name(chunk, name)] = g
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, grads)
     if dist.get_rank() == 0:

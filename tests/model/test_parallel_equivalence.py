@@ -1,4 +1,5 @@
-"""TP / SP / PP give the same loss and gradients as TP=PP=1 (torchrun, 2 processes, gloo)."""
+"""TP / SP / PP (also interleaved) give the same loss and gradients as TP=PP=1 (torchrun, 2 processes,
+gloo)."""
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,8 @@ def assert_same(result, reference):
     (("--tp", "2", "--sp"), "sparse"),
     (("--tp", "2", "--sp"), "dense"),
     (("--pp", "2"), "sparse"),
-], ids=["tp2-dense", "tp2-sp-sparse", "tp2-sp-dense", "pp2-sparse"])
+    (("--pp", "2", "--vpp", "2"), "sparse"),
+], ids=["tp2-dense", "tp2-sp-sparse", "tp2-sp-dense", "pp2-sparse", "pp2-vpp2-sparse"])
 def test_layout_matches_single_process(tmp_path, baselines, flags, mode):
     result = run(tmp_path, "run", *flags, "--mode", mode, nproc=2)
     assert_same(result, baselines[mode])
