@@ -61,8 +61,12 @@ def initialize_distributed(layout: ParallelLayout, seed: int = 1234, timeout_min
             virtual_pipeline_model_parallel_size=layout.virtual_pipeline_parallel,
             distributed_timeout_minutes=timeout_minutes,
         )
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
+    # Each pipeline stage draws its layers from its own stream (Megatron-LM's seed + 100 x stage):
+    # with one seed everywhere, every stage after the first (whose embedding shifts its stream)
+    # would initialise its layers identically.
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    torch.manual_seed(stage_seed)
+    model_parallel_cuda_manual_seed(stage_seed)
     return {"rank": dist.get_rank(), "world_size": world, "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
             "cpu_mode": cpu, "dp_size": dp}
 

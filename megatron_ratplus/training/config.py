@@ -55,7 +55,8 @@ class ParallelSection:
     overlap_grad_reduce: bool = True       # GPU only
     overlap_param_gather: bool = False
     # Initialise full weights on CPU and shard them (Megatron's use_cpu_initialization): the same
-    # model for every TP/PP layout from one seed, at the cost of a slower start. Always on in CPU mode.
+    # model for every TP size from one seed (each pipeline stage has its own seed), at the cost of a
+    # slower start. Always on in CPU mode.
     cpu_initialization: bool = False
 
 

@@ -32,8 +32,8 @@ def global_name(model, name):
 def deterministic_weights(model, tp_size):
     """Overwrite every parameter with values that depend only on its global name.
 
-    Megatron seeds each pipeline stage differently, so PP=2 and PP=1 would otherwise build
-    different models; TP shards are cut from the same full tensor.
+    Each pipeline stage has its own seed (parallel.initialize_distributed), so PP=2 and PP=1 would
+    otherwise build different models; TP shards are cut from the same full tensor.
     """
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     with torch.no_grad():
