@@ -54,7 +54,9 @@ def initialize_distributed(layout: ParallelLayout, seed: int = 1234, timeout_min
         dist.init_process_group(**kwargs)
     world = dist.get_world_size()
     dp = layout.data_parallel_size(world)
-    if not parallel_state.model_parallel_is_initialized():
+    if parallel_state.model_parallel_is_initialized():
+        _check_same_layout(layout)
+    else:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=layout.tensor_parallel,
             pipeline_model_parallel_size=layout.pipeline_parallel,
@@ -69,6 +71,18 @@ def initialize_distributed(layout: ParallelLayout, seed: int = 1234, timeout_min
     model_parallel_cuda_manual_seed(stage_seed)
     return {"rank": dist.get_rank(), "world_size": world, "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
             "cpu_mode": cpu, "dp_size": dp}
+
+
+def _check_same_layout(layout: ParallelLayout) -> None:
+    """Megatron's parallel state exists already (a second call in one process): it must be the
+    requested layout, or every size derived from the request would be wrong."""
+    current = (parallel_state.get_tensor_model_parallel_world_size(),
+               parallel_state.get_pipeline_model_parallel_world_size(),
+               parallel_state.get_virtual_pipeline_model_parallel_world_size())
+    requested = (layout.tensor_parallel, layout.pipeline_parallel, layout.virtual_pipeline_parallel)
+    if current != requested:
+        raise RuntimeError(f"Megatron's parallel state is already initialised with TP, PP, VPP = {current}; "
+                           f"this call asks for {requested}: call destroy_distributed() first")
 
 
 def destroy_distributed() -> None:

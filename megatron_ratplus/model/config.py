@@ -74,6 +74,9 @@ class RATPlusModelArgs:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by "
                              f"model.num_attention_heads={self.num_attention_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"the head size hidden_size / num_attention_heads = {self.head_dim} must be even "
+                             f"(RoPE rotates channel pairs)")
         for name in ("recurrence", "output_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
@@ -88,7 +91,7 @@ class RATPlusModelArgs:
                              f"got {self.attention_mode!r}")
         if self.ffn_hidden_size is not None and (isinstance(self.ffn_hidden_size, bool) or not isinstance(
                 self.ffn_hidden_size, int) or self.ffn_hidden_size <= 0):
-            raise ValueError(f"model.ffn_hidden_size must be positive, got {self.ffn_hidden_size}")
+            raise ValueError(f"model.ffn_hidden_size must be a positive integer (or null), got {self.ffn_hidden_size}")
         self.patterns()
 
     def to_dict(self) -> dict:
@@ -179,6 +182,9 @@ class RATPlusTransformerConfig(TransformerConfig):
 
     def pattern_for_layer(self, layer_number: int) -> SparsePattern:
         """``layer_number`` is Megatron's global 1-based layer index (pipeline offset included)."""
+        if not 1 <= layer_number <= len(self.ratplus_patterns):
+            raise ValueError(f"layer_number must be in 1..{len(self.ratplus_patterns)} (Megatron's 1-based "
+                             f"global index), got {layer_number}")
         return self.ratplus_patterns[layer_number - 1]
 
 

@@ -165,3 +165,11 @@ def test_pipelining_depth_fits_shared_memory(monkeypatch):
     assert fused_module._loop_stages(8192, 1, 2, 4) == 1            # fp32: no prefetching
     monkeypatch.setattr(fused_module, "BACKWARD_LOOP_STAGES", 1)
     assert fused_module._loop_stages(64, 1, 3, 2) == 1
+
+
+@pytest.mark.parametrize("kernel", [fused_rms_norm, fused_rms_norm_with_residual])
+def test_cpu_tensors_without_the_interpreter_are_refused(kernel, monkeypatch):
+    """(model.kernel_backend=fused on a CPU run): a message naming the way out, not Triton's driver error."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors \\(or TRITON_INTERPRET=1\\)"):
+        kernel(torch.zeros(2, 8), torch.ones(8))

@@ -16,6 +16,10 @@ BASE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=100)
     ("hidden_size", 66, "not divisible by model.num_attention_heads"),
     ("ffn_type", "relu", "ffn_type"),
     ("attention_mode", "sparse-ish", "attention_mode"),
+    ("hidden_size", 12, "head size hidden_size / num_attention_heads = 3 must be even"),
+    ("recurrence", "no", "model.recurrence must be true or false"),
+    ("rope_base", 0, "model.rope_base must be a positive number"),
+    ("ffn_hidden_size", 1.5, "model.ffn_hidden_size must be a positive integer"),
 ])
 def test_bad_model_args(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -80,3 +84,18 @@ def test_transformer_config_builds_without_warnings():
         cfg = to_transformer_config(RATPlusModelArgs(**BASE))
     assert cfg.cuda_graph_scope == []
     assert [str(w.message) for w in caught] == []
+
+
+def test_layer_numbers_are_megatrons_one_based_global_index():
+    cfg = to_transformer_config(RATPlusModelArgs(**{**BASE, "dilation": [4, 8]}))
+    assert cfg.pattern_for_layer(1).dilation == 4 and cfg.pattern_for_layer(2).dilation == 8
+    for bad in (0, 3, -1):
+        with pytest.raises(ValueError, match="layer_number must be in 1..2"):
+            cfg.pattern_for_layer(bad)
+
+
+def test_a_second_initialisation_with_another_layout_is_refused(megatron_single_process):
+    from megatron_ratplus.parallel import ParallelLayout, initialize_distributed
+    assert initialize_distributed(ParallelLayout(), seed=1234)["dp_size"] == 1         # the same: fine
+    with pytest.raises(RuntimeError, match=r"already initialised with TP, PP, VPP = \(1, 1, None\)"):
+        initialize_distributed(ParallelLayout(1, 1, 2), seed=1)

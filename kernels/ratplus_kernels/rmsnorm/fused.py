@@ -171,20 +171,23 @@ class _FusedRMSNormWithResidual(torch.autograd.Function):
         return *_backward(ctx, dy, dres), None
 
 
+def _check_fused_args(x: torch.Tensor, weight: torch.Tensor, eps: float, name: str) -> None:
+    check_rms_norm_args(x, weight, eps)
+    if x.device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"{name} needs CUDA tensors (or TRITON_INTERPRET=1); use naive_rms_norm on CPU")
+    if x.shape[-1] > MAX_COLUMNS:
+        raise ValueError(f"{name}: rows of {x.shape[-1]} elements exceed the kernel's {MAX_COLUMNS} "
+                         "(a row is held in registers); use the reference")
+
+
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """:func:`.naive.naive_rms_norm` in one Triton kernel each way (autograd-aware)."""
-    check_rms_norm_args(x, weight, eps)
-    if x.shape[-1] > MAX_COLUMNS:
-        raise ValueError(f"fused_rms_norm: rows of {x.shape[-1]} elements exceed the kernel's {MAX_COLUMNS} "
-                         "(a row is held in registers); use the reference")
+    _check_fused_args(x, weight, eps, "fused_rms_norm")
     return _FusedRMSNorm.apply(x, weight, float(eps))
 
 
 def fused_rms_norm_with_residual(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
     """:func:`.naive.naive_rms_norm_with_residual`: ``(norm(x), residual)`` where ``residual`` is
     ``x`` for the block's skip connection, its gradient summed into ``x``'s by the norm's backward."""
-    check_rms_norm_args(x, weight, eps)
-    if x.shape[-1] > MAX_COLUMNS:
-        raise ValueError(f"fused_rms_norm_with_residual: rows of {x.shape[-1]} elements exceed the kernel's "
-                         f"{MAX_COLUMNS} (a row is held in registers); use the reference")
+    _check_fused_args(x, weight, eps, "fused_rms_norm_with_residual")
     return _FusedRMSNormWithResidual.apply(x, weight, float(eps))
