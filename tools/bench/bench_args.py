@@ -71,3 +71,26 @@ def int_pairs_arg(text: str) -> list[tuple[int, int]]:
     if any(len(p) != 2 or min(p) < 1 for p in pairs):
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of A:B positive integer pairs, got {text!r}")
     return pairs
+
+
+def names_arg(choices):
+    """An argparse type for a comma-separated list of names from ``choices`` (order kept)."""
+    def parse(text: str) -> list[str]:
+        names = [v for v in text.split(",") if v]
+        unknown = [v for v in names if v not in choices]
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {', '.join(choices)}, got {text!r}")
+        return names
+    return parse
+
+
+def positive_int_arg(text: str) -> int:
+    """An argparse type: one integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value

@@ -34,6 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from bench_args import names_arg, positive_int_arg, positive_ints_arg  # noqa: E402
+
 from megatron_ratplus.hf import RATPlusConfig, RATPlusForCausalLM  # noqa: E402
 from megatron_ratplus.hf.modeling_ratplus import compact_cache_entries  # noqa: E402
 
@@ -115,13 +117,13 @@ def profile_steps(a, dtype, device, steps: int = 4):
     from ratplus_kernels.dilated_attention import decode as decode_mod
     from torch.profiler import ProfilerActivity, profile
 
-    model_name, T = a.models.split(",")[0], int(a.contexts.split(",")[0])
+    model_name, T = a.models[0], a.contexts[0]
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     ours = decode_mod.DECODE_SDPA_BACKENDS
     try:
         for backends in (ours, None):
             decode_mod.DECODE_SDPA_BACKENDS = backends
-            for setting in a.settings.split(","):
+            for setting in a.settings:
                 model = build(model_name, setting, dtype, device)
                 cache = model.new_cache()
                 fill_prefill(model, cache, T, a.prefill_chunk)
@@ -136,16 +138,16 @@ def profile_steps(a, dtype, device, steps: int = 4):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="tiny,125m")
-    ap.add_argument("--contexts", default="4096,16384,65536")
-    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--models", type=names_arg(list(MODELS)), default="tiny,125m")
+    ap.add_argument("--contexts", type=positive_ints_arg, default="4096,16384,65536")
+    ap.add_argument("--settings", type=names_arg(list(SETTINGS)), default=",".join(SETTINGS))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--fill", default="random", choices=["random", "prefill"])
-    ap.add_argument("--prefill-chunk", type=int, default=2048)
+    ap.add_argument("--prefill-chunk", type=positive_int_arg, default=2048)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    ap.add_argument("--steps", type=positive_int_arg, default=8)
+    ap.add_argument("--batch", type=positive_int_arg, default=1, help="sequences decoded together")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--profile", action="store_true",
@@ -161,7 +163,7 @@ def main(argv=None):
     print(f"# decode benchmark — {dev_name}, torch {torch.__version__}, {a.dtype}, batch {a.batch}, "
           f"cache fill: {a.fill}{' (random keys/values through the cache insertion code, no model prefill)' if a.fill == 'random' else ''}, "
           f"median of {a.steps} steps after {a.warmup} warm-up, {datetime.date.today()}")
-    for name in a.models.split(","):
+    for name in a.models:
         dims = MODELS[name]()
         print(f"# {name}: {dims['num_hidden_layers']} layers, d={dims['hidden_size']}, "
               f"{dims['num_attention_heads']} heads of {dims['hidden_size'] // dims['num_attention_heads']}, "
@@ -174,10 +176,10 @@ def main(argv=None):
           "recurrence state KiB | ms / step | tokens/s | speed vs dense | memory vs dense |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
-    for model_name in a.models.split(","):
-        for T in (int(x) for x in a.contexts.split(",")):
+    for model_name in a.models:
+        for T in a.contexts:
             dense_row = None
-            for setting in a.settings.split(","):
+            for setting in a.settings:
                 model = build(model_name, setting, dtype, device)
                 cache = model.new_cache()
                 if a.fill == "random":
