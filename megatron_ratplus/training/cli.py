@@ -12,6 +12,7 @@ without touching a GPU.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import List, Optional
@@ -22,15 +23,36 @@ from ..warning_filters import hide_in_child_processes
 from .config import ConfigError, RunConfig, load_config
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ratplus-pretrain", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?", help="YAML recipe (see recipes/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=8e-5 model.dilation=16")
     p.add_argument("--dry-run", action="store_true", help="print the plan for --world-size and exit")
-    p.add_argument("--world-size", type=int, default=None, help="GPUs for --dry-run (default: $WORLD_SIZE or 1)")
-    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="GPU memory for --dry-run")
-    p.add_argument("--tokens-per-sec-per-gpu", type=float, default=None,
+    p.add_argument("--world-size", type=_positive_int, default=None,
+                   help="GPUs for --dry-run (default: $WORLD_SIZE or 1)")
+    p.add_argument("--gpu-memory-gib", type=_positive_float, default=80.0, help="GPU memory for --dry-run")
+    p.add_argument("--tokens-per-sec-per-gpu", type=_positive_float, default=None,
                    help="throughput for the --dry-run time estimate")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
@@ -43,6 +65,13 @@ def _split_overrides(recipe: Optional[str], overrides: List[str]):
     return recipe, list(overrides)
 
 
+def _environment_world_size() -> int:
+    text = os.environ.get("WORLD_SIZE", "1")
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"WORLD_SIZE={text!r} in the environment is not a positive integer (give --world-size)")
+    return int(text)
+
+
 def dry_run(cfg: RunConfig, world_size: int, gpu_memory_gib: float, tokens_per_sec: Optional[float]) -> str:
     from .plan import format_plan, make_plan
     return format_plan(make_plan(cfg, world_size, gpu_memory_gib=gpu_memory_gib,
@@ -51,7 +80,8 @@ def dry_run(cfg: RunConfig, world_size: int, gpu_memory_gib: float, tokens_per_s
 
 def main(argv: Optional[List[str]] = None) -> int:
     hide_in_child_processes()
-    ns = _parser().parse_args(argv)
+    # intermixed: overrides may follow the options (``--dry-run --world-size 8 train.lr=1e-4``)
+    ns = _parser().parse_intermixed_args(argv)
     recipe, overrides = _split_overrides(ns.recipe, ns.overrides)
     try:
         cfg = load_config(recipe, overrides)
@@ -59,7 +89,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
         if ns.dry_run:
-            world = ns.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            world = ns.world_size or _environment_world_size()
             print(dry_run(cfg, world, ns.gpu_memory_gib, ns.tokens_per_sec_per_gpu))
             return 0
     except ConfigError as e:

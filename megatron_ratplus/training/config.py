@@ -251,6 +251,10 @@ class RunConfig:
                 raise ConfigError(f"checkpoint.{name} must be >= 1 (or null), got {getattr(c, name)}")
         if c.exit_duration_minutes is not None and not c.exit_duration_minutes > 0:
             raise ConfigError(f"checkpoint.exit_duration_minutes must be > 0 (or null), got {c.exit_duration_minutes}")
+        vpp = self.parallel.virtual_pipeline_parallel
+        if vpp is not None and vpp < 2:
+            raise ConfigError(f"parallel.virtual_pipeline_parallel must be >= 2 (model chunks per pipeline rank) "
+                              f"or null (no interleaving), got {vpp}")
         d, lg = self.data, self.logging
         if d.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")

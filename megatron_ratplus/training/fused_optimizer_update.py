@@ -99,6 +99,8 @@ def why_not_applicable(opt) -> Optional[str]:
     for g in groups:
         if g.get("amsgrad") or g.get("maximize") or g.get("differentiable"):
             return "AdamW with amsgrad / maximize / differentiable is not supported"
+        if not all(0.0 < float(beta) < 1.0 for beta in g.get("betas", (0.9, 0.999))):
+            return f"betas {tuple(g['betas'])} outside (0, 1) (the kernel's bias correction takes log2(beta))"
         if not all(p.dtype == torch.float32 and p.is_contiguous() for p in g["params"]):
             return "master weights are not all contiguous fp32"
     copies = _model_copies(opt)

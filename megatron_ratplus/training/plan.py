@@ -344,6 +344,9 @@ def _throughput(cfg: RunConfig, args: RATPlusModelArgs, padded: int, flops_per_t
     if bubble:
         note += f", pipeline bubble +{bubble:.1%}"
     note += "; communication not modelled"
+    if t.precision != "bf16":
+        note += (f"; UNRELIABLE for {t.precision} training (the rate was measured in bf16; an H100's fp32 "
+                 f"and TF32 peaks are far below it: pass a measured tokens/s per GPU)")
     ratio = args.num_parameters(padded) / measured.num_parameters(pad_vocab_size(measured.vocab_size))
     if not 1 / 3 <= ratio <= 3:
         note += ("; UNRELIABLE for a model this far from the measured model's size "

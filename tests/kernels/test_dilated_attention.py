@@ -490,6 +490,19 @@ def test_triton_decode_matches_sdpa(B, H, N, Dh, splits):
     assert got_bf.dtype == torch.bfloat16 and _rel(got_bf, ref_bf) < 1e-2
 
 
+@pytest.mark.parametrize("entry", [decode_attention, triton_decode_attention], ids=["sdpa", "triton"])
+def test_decode_shapes_that_do_not_fit_are_refused(entry):
+    """A cache of another batch, head count or head size would be read out of bounds by the kernel."""
+    q = torch.zeros(2, 2, 16, device=DEV)
+    for k, message in [(torch.zeros(1, 2, 5, 16), "does not match q"), (torch.zeros(2, 2, 5, 8), "does not match q"),
+                       (torch.zeros(2, 2, 0, 16), "the KV cache is empty"), (torch.zeros(2, 5, 16), "expected q")]:
+        with pytest.raises(ValueError, match=message):
+            entry(q, k.to(DEV), k.to(DEV))
+    if entry is triton_decode_attention:
+        with pytest.raises(ValueError, match="num_splits must be >= 1"):
+            entry(q, torch.zeros(2, 2, 5, 16, device=DEV), torch.zeros(2, 2, 5, 16, device=DEV), num_splits=0)
+
+
 def test_decode_matches_last_row_of_sparse_attention():
     """The compact cache (P initial + last W+1 + chunk ends) reproduces the sparse attention of
     the newest token."""

@@ -27,6 +27,8 @@ RECIPE = "recipes/tiny-cpu.yaml"
     ("data.num_workers=-1", "data.num_workers must be >= 0"),
     ("data.readers_per_node=0", "data.readers_per_node must be >= 1"),
     ("logging.eval_iters=0", "logging.eval_iters must be >= 1"),
+    ("parallel.virtual_pipeline_parallel=-1", "parallel.virtual_pipeline_parallel must be >= 2"),
+    ("parallel.virtual_pipeline_parallel=1", "parallel.virtual_pipeline_parallel must be >= 2"),
 ])
 def test_bad_values_are_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError) as err:

@@ -260,6 +260,13 @@ def test_required_but_not_applicable_is_an_error(megatron_single_process):
         build(["train.precision=fp32", "train.fused_optimizer_update=true"])
 
 
+def test_a_zero_beta_falls_outside_the_kernel(megatron_single_process):
+    """beta = 0 is a valid AdamW setting but the kernel's bias correction takes log2(beta): asking
+    for the fused update names the reason up front instead of failing at the first step."""
+    with pytest.raises(ConfigError, match=r"cannot apply: betas \(0.0, 0.95\) outside \(0, 1\)"):
+        build(["train.adam_beta1=0", "train.fused_optimizer_update=true"])
+
+
 def test_required_in_cpu_mode_without_the_interpreter_is_an_error(megatron_single_process, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ConfigError, match="needs TRITON_INTERPRET=1"):

@@ -26,10 +26,30 @@ def test_fresh_run_into_a_save_dir_with_checkpoints_is_refused(tmp_path):
     (["recipes/tiny-cpu.yaml", "checkpoint.lr_schedule_on_resume=sometimes"],
      "checkpoint.lr_schedule_on_resume must be one of strict, checkpoint, config"),
     (["recipes/ratplus-1.5b-100bt.yaml", "--dry-run", "--world-size", "63"], "not divisible"),
+
 ])
 def test_cli_rejects_bad_input_with_exit_code_2(capsys, argv, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--world-size", "0"], "expected an integer >= 1"),
+    (["--gpu-memory-gib", "nan"], "a finite number > 0"),
+    (["--tokens-per-sec-per-gpu", "inf"], "a finite number > 0"),
+])
+def test_bad_dry_run_options_are_usage_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["recipes/ratplus-1.5b-100bt.yaml", "--dry-run", *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_overrides_may_follow_the_options(capsys):
+    """As the plan's own hints suggest: append ``parallel.tensor_parallel=2`` to the command."""
+    assert main(["recipes/ratplus-1.5b-100bt.yaml", "--dry-run", "--world-size", "8",
+                 "parallel.tensor_parallel=2", "train.precision=fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "TP 2 × PP 1 × DP 4" in out and "UNRELIABLE for fp32 training" in out
 
 
 def test_cli_dry_run_prints_the_plan(capsys):

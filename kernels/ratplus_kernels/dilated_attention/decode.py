@@ -123,6 +123,21 @@ def _num_splits(bh: int, n: int, bn: int, per_sm: int) -> int:
     return max(1, min(triton.cdiv(n, bn), triton.cdiv(target, bh)))
 
 
+def check_decode_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """``q [B, H, Dh]`` and non-empty caches ``[B, H, N, Dh]`` of the same shape, on q's device."""
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"expected q [B, H, Dh] and caches [B, H, N, Dh], got {tuple(q.shape)}, "
+                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    B, H, Dh = q.shape
+    if tuple(k_cache.shape[:2]) != (B, H) or k_cache.shape[3] != Dh:
+        raise ValueError(f"cache shape {tuple(k_cache.shape)} does not match q {tuple(q.shape)}")
+    if not q.device == k_cache.device == v_cache.device:
+        raise ValueError(f"q and the caches must be on one device, got {q.device}, {k_cache.device}, "
+                         f"{v_cache.device}")
+    if k_cache.shape[2] == 0:
+        raise ValueError("the KV cache is empty: a decoding step needs at least one cached entry")
+
+
 def triton_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             scale: Optional[float] = None, num_splits: Optional[int] = None,
                             block_n: Optional[int] = None, num_warps: int = 4,
@@ -130,10 +145,11 @@ def triton_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     """Split-K Triton decode attention (see the module docstring). Same contract as
     :func:`decode_attention`; ``num_splits`` / ``block_n`` / ``num_warps`` / ``splits_per_sm``
     override the launch heuristics."""
+    check_decode_args(q, k_cache, v_cache)
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     B, H, Dh = q.shape
     N = k_cache.shape[2]
-    if N == 0:
-        raise ValueError("the KV cache is empty: a decoding step needs at least one cached entry")
     scale = Dh ** -0.5 if scale is None else float(scale)
     q, k_cache, v_cache = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_cache, v_cache))
     bn = block_n or (16 if _interpreting() else 64)
@@ -189,12 +205,5 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     Calls ``torch.nn.functional.scaled_dot_product_attention`` on every device: on the H100 it
     beat the split-K Triton kernel of this module at all realistic cache sizes (module docstring).
     """
-    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"expected q [B, H, Dh] and caches [B, H, N, Dh], got {tuple(q.shape)}, "
-                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
-    B, H, Dh = q.shape
-    if tuple(k_cache.shape[:2]) != (B, H) or k_cache.shape[3] != Dh:
-        raise ValueError(f"cache shape {tuple(k_cache.shape)} does not match q {tuple(q.shape)}")
-    if k_cache.shape[2] == 0:
-        raise ValueError("the KV cache is empty: a decoding step needs at least one cached entry")
+    check_decode_args(q, k_cache, v_cache)
     return sdpa_decode_attention(q, k_cache, v_cache, scale)
