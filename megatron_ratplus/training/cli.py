@@ -12,35 +12,15 @@ without touching a GPU.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from typing import List, Optional
 
 import yaml
 
+from ..argtypes import positive_float, positive_int
 from ..warning_filters import hide_in_child_processes
 from .config import ConfigError, RunConfig, load_config
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,10 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", help="YAML recipe (see recipes/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=8e-5 model.dilation=16")
     p.add_argument("--dry-run", action="store_true", help="print the plan for --world-size and exit")
-    p.add_argument("--world-size", type=_positive_int, default=None,
+    p.add_argument("--world-size", type=positive_int, default=None,
                    help="GPUs for --dry-run (default: $WORLD_SIZE or 1)")
-    p.add_argument("--gpu-memory-gib", type=_positive_float, default=80.0, help="GPU memory for --dry-run")
-    p.add_argument("--tokens-per-sec-per-gpu", type=_positive_float, default=None,
+    p.add_argument("--gpu-memory-gib", type=positive_float, default=80.0, help="GPU memory for --dry-run")
+    p.add_argument("--tokens-per-sec-per-gpu", type=positive_float, default=None,
                    help="throughput for the --dry-run time estimate")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p

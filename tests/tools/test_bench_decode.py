@@ -25,6 +25,6 @@ def test_bad_arguments_are_usage_errors():
     for flag, value, message in [("--models", "bogus", "list of tiny, 125m"),
                                  ("--settings", "D64,bogus", "list of dense, D16/W256/P4, D64"),
                                  ("--contexts", "4k", "positive integers"),
-                                 ("--steps", "0", "positive integer")]:
+                                 ("--steps", "0", "an integer >= 1")]:
         proc = run(flag, value, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, (flag, value, proc.stderr[-500:])

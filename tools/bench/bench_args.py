@@ -84,13 +84,3 @@ def names_arg(choices):
         return names
     return parse
 
-
-def positive_int_arg(text: str) -> int:
-    """An argparse type: one integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value

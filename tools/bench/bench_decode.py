@@ -34,8 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench_args import names_arg, positive_int_arg, positive_ints_arg  # noqa: E402
+from bench_args import names_arg, positive_ints_arg  # noqa: E402
 
+from megatron_ratplus.argtypes import positive_int as positive_int_arg  # noqa: E402
 from megatron_ratplus.hf import RATPlusConfig, RATPlusForCausalLM  # noqa: E402
 from megatron_ratplus.hf.modeling_ratplus import compact_cache_entries  # noqa: E402
 
