@@ -414,8 +414,8 @@ class CheckpointManager:
                         os.rename(ckpt_dir, aside)
                         log.warning("%s exists but is incomplete (%s); moved it to %s and saving afresh",
                                     ckpt_dir, "; ".join(problems), aside)
-                newer = self._tracked_checkpoint_after(iteration_of(ckpt_dir))
-                if error is None and newer is not None:
+                newer = self._tracked_checkpoint_after(iteration_of(ckpt_dir)) if error is None else None
+                if newer is not None:
                     error = (f"{self.save_dir / TRACKER_NAME} names the complete checkpoint {newer}, newer "
                              f"than this save ({ckpt_dir.name}): saving would move the save_dir's latest "
                              f"checkpoint back to another timeline (use another checkpoint.save_dir, or "

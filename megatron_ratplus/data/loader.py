@@ -188,24 +188,29 @@ def _resolve_streams(streams, *, split: str, seq_len: int, cache_dir, node: int,
     return out
 
 
+def _shard_index(local: str, split: str) -> list:
+    """The shard entries of a split's MDS ``index.json``; a ValueError naming the file if it cannot
+    be read."""
+    index_path = Path(local) / split / INDEX_NAME
+    try:
+        return json.loads(index_path.read_text())["shards"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index_path} cannot be read as a shard index ({type(e).__name__}: {e})") from e
+
+
 def _check_local_shards(local: str, split: str) -> None:
     """A dataset read in place must hold every shard its index lists (raw or compressed): name a
     missing one now, not when streaming reaches it mid-epoch with a message about remotes."""
-    index_path = Path(local) / split / INDEX_NAME
-    try:
-        shards = json.loads(index_path.read_text())["shards"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{index_path} cannot be read as a shard index ({type(e).__name__}: {e})") from e
-    for shard in shards:
+    for shard in _shard_index(local, split):
         names = [meta["basename"] for meta in (shard.get("raw_data"), shard.get("zip_data")) if meta]
         if not any((Path(local) / split / name).is_file() for name in names):
             raise ValueError(f"dataset {local}: shard {' / '.join(names)} of the {split!r} split is missing "
-                             f"(listed in {index_path}); restore it or prepare the dataset again")
+                             f"(listed in {Path(local) / split / INDEX_NAME}); restore it or prepare the "
+                             f"dataset again")
 
 
 def _raw_shards_present(local: str, split: str) -> bool:
-    index = json.loads((Path(local) / split / INDEX_NAME).read_text())
-    return all((Path(local) / split / sh["raw_data"]["basename"]).is_file() for sh in index["shards"])
+    return all((Path(local) / split / sh["raw_data"]["basename"]).is_file() for sh in _shard_index(local, split))
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from ..checkpoint._dist import broadcast_object
 from .config import ConfigError, RunConfig
 
 
@@ -34,10 +35,9 @@ def resolve_streams(cfg: RunConfig, *, seq_len: int) -> List[Dict]:
                                     size_mb=cfg.data.default_size_mb, seed=cfg.data.default_seed)
         except ValueError as e:        # e.g. default_dir holds a dataset prepared with other settings
             error = f"data.default_dir: {e}"
-    shared = [error]
-    dist.broadcast_object_list(shared, src=0)    # also the barrier: the dataset is ready for all ranks
-    if shared[0]:
-        raise ConfigError(shared[0])
+    error = broadcast_object(error)      # also the barrier: the dataset is ready for all ranks
+    if error:
+        raise ConfigError(error)
     return [{"local": str(directory), "remote": None, "proportion": None}]
 
 

@@ -154,12 +154,10 @@ class Trainer:
             while st.step < self.total_steps:
                 t0 = time.time()
                 microbatches = self.data.next_microbatches(self.accum_steps)
-                losses, grad_norm, skipped, bad_norms, norms = {}, None, 0, {}, {}
+                losses, grad_norm, skipped, norms = {}, None, 0, {}
                 for mode in modes_for(cfg):
                     loss, norm, updated = train_update(self.objs, microbatches, mode, seq_len)
                     losses[mode] = loss
-                    if norm is not None and not math.isfinite(float(norm)):
-                        bad_norms[mode] = float(norm)
                     if norm is not None:
                         norms[f"grad_norm/{mode}"] = float(norm)
                     if updated:
@@ -172,6 +170,7 @@ class Trainer:
                 st.step += 1
                 st.consumed_tokens += self.tokens_per_step
                 st.skipped_updates += skipped
+                bad_norms = {name: v for name, v in norms.items() if not math.isfinite(v)}
                 if any(not math.isfinite(v) for v in losses.values()) or bad_norms:
                     st.consecutive_nonfinite += 1
                     what = f"loss {losses}" + (f", gradient norm {bad_norms}" if bad_norms else "")

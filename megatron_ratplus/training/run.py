@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from ..checkpoint._dist import broadcast_object
 from ..cpu_mode import cpu_mode_enabled
 from ..model.config import pad_vocab_size
 from ..parallel import ParallelLayout, destroy_distributed, initialize_distributed
@@ -70,10 +71,9 @@ def _refuse_to_mix_logs(cfg: RunConfig, step: int) -> None:
         elif lg.metrics_jsonl and Path(lg.metrics_jsonl).is_file() and Path(lg.metrics_jsonl).stat().st_size:
             problem = (f"logging.metrics_jsonl={lg.metrics_jsonl} already holds the records of another run; "
                        f"this run starts from scratch: choose another file (or move it away)")
-    shared = [problem]
-    dist.broadcast_object_list(shared, src=0)
-    if shared[0]:
-        raise ConfigError(shared[0])
+    problem = broadcast_object(problem)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _check_token_budget(cfg: RunConfig, state: TrainState, total_steps: int) -> None:
