@@ -24,7 +24,7 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
-from . import _dist
+from .. import collectives
 from .errors import CheckpointError
 from .manager import CheckpointManager, resolve_checkpoint
 from .paths import TRACKER_NAME, iter_dir_name, list_iter_dirs, tracker_path
@@ -39,11 +39,11 @@ def _ensure_single_process() -> None:
     from megatron.core import parallel_state
 
     from ..parallel import ParallelLayout, initialize_distributed
-    if _dist.initialized() and parallel_state.model_parallel_is_initialized():
-        if (_dist.world_size() != 1 or parallel_state.get_tensor_model_parallel_world_size() != 1
+    if collectives.initialized() and parallel_state.model_parallel_is_initialized():
+        if (collectives.world_size() != 1 or parallel_state.get_tensor_model_parallel_world_size() != 1
                 or parallel_state.get_pipeline_model_parallel_world_size() != 1):
             raise CheckpointError("hf_bridge works in a single process (world size 1, TP=PP=1); "
-                                  f"this process is one of {_dist.world_size()}")
+                                  f"this process is one of {collectives.world_size()}")
         return
     initialize_distributed(ParallelLayout())
 

@@ -31,7 +31,7 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
-from . import _dist
+from .. import collectives
 from .architecture import architecture_of, compare_architectures, unwrap_model
 from .errors import CheckpointError
 from .paths import (TRACKER_NAME, is_save_dir, iter_dir_name, iteration_of, list_iter_dirs,
@@ -48,18 +48,18 @@ log = logging.getLogger(__name__)
 
 
 def _info(msg, *args):
-    if _dist.rank() == 0:
+    if collectives.rank() == 0:
         log.info(msg, *args)
 
 
 def _warn(msg, *args):
-    if _dist.rank() == 0:
+    if collectives.rank() == 0:
         log.warning(msg, *args)
 
 
 def _raise_together(error: Optional[str]) -> None:
     """Raise ``CheckpointError(error)`` on every rank when rank 0 decided ``error``."""
-    error = _dist.broadcast_object(error)
+    error = collectives.broadcast_object(error)
     if error:
         raise CheckpointError(error)
 
@@ -144,13 +144,13 @@ def resolve_checkpoint(which, save_dir=None) -> Optional[Path]:
     Rank 0 decides, every rank gets the answer (or the same CheckpointError).
     """
     result, error = None, None
-    if _dist.rank() == 0:
+    if collectives.rank() == 0:
         try:
             result = resolve_checkpoint_local(which, save_dir)
         except CheckpointError as e:
             error = str(e)
     _raise_together(error)
-    result = _dist.broadcast_object(str(result) if result is not None else None)
+    result = collectives.broadcast_object(str(result) if result is not None else None)
     return Path(result) if result is not None else None
 
 
@@ -260,7 +260,7 @@ def load_checkpoint_into(ckpt_dir, model_chunks: Sequence[torch.nn.Module], opti
         raise
     except Exception as e:
         raise CheckpointError(f"reading checkpoint {ckpt_dir} failed: {type(e).__name__}: {e}") from e
-    if _dist.any_rank(bool(unexpected)):
+    if collectives.any_rank(bool(unexpected)):
         names = sorted(unexpected)
         raise CheckpointError(f"checkpoint {ckpt_dir} lacks tensors the model needs"
                               + (f": {', '.join(names[:8])}{' …' if len(names) > 8 else ''}" if names else
@@ -346,7 +346,7 @@ class CheckpointManager:
             error = None
         except Exception as e:
             error = f"train_state is not picklable ({type(e).__name__}: {e})"
-        if _dist.any_rank(error is not None):
+        if collectives.any_rank(error is not None):
             raise CheckpointError(error or "train_state is not picklable on another rank")
         self._prepare_directory(ckpt_dir)
 
@@ -361,7 +361,7 @@ class CheckpointManager:
         sharded["scheduler"] = scheduler.state_dict() if scheduler is not None else None
         sharded[TRAIN_STATE_KEY] = train_state_blob
         model_args = _model_args_dict(train_state.get("model_args"))
-        sharded[RATPLUS_KEY] = _dist.broadcast_object({
+        sharded[RATPLUS_KEY] = collectives.broadcast_object({
             "format_version": FORMAT_VERSION,
             "iteration": int(step),
             "layout": parallel_layout(),
@@ -398,7 +398,7 @@ class CheckpointManager:
 
     def _prepare_directory(self, ckpt_dir: Path) -> None:
         error = None
-        if _dist.rank() == 0:
+        if collectives.rank() == 0:
             try:
                 self.save_dir.mkdir(parents=True, exist_ok=True)
                 if ckpt_dir.exists():
@@ -425,7 +425,7 @@ class CheckpointManager:
             except OSError as e:
                 error = f"cannot create checkpoint directory {ckpt_dir}: {e}"
         _raise_together(error)
-        _dist.barrier()
+        collectives.barrier()
 
     def _tracked_checkpoint_after(self, step: int) -> Optional[Path]:
         """The checkpoint the tracker names when it is complete and newer than ``step``. A tracker
@@ -439,9 +439,9 @@ class CheckpointManager:
 
     def _complete(self, step: int, ckpt_dir: Path) -> None:
         """After every rank wrote its part: verify, move the tracker, apply retention."""
-        _dist.barrier()
+        collectives.barrier()
         error = None
-        if _dist.rank() == 0:
+        if collectives.rank() == 0:
             problems = checkpoint_problems(ckpt_dir)
             if problems:
                 error = f"checkpoint {ckpt_dir} failed verification after saving:\n  " + "\n  ".join(problems)
@@ -453,7 +453,7 @@ class CheckpointManager:
         if step in self._pending_steps:
             self._pending_steps.remove(step)
         _raise_together(error)
-        _dist.barrier()
+        collectives.barrier()
 
     def finalize(self) -> None:
         """Wait for pending async saves and complete them (tracker, retention); collective."""

@@ -18,7 +18,7 @@ import signal
 import time
 from typing import Optional, Sequence
 
-from . import _dist
+from .. import collectives
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,10 @@ class PreemptionHandler:
 
     def should_stop(self) -> bool:
         """True on every rank when any rank received one of the signals; collective."""
-        stop = _dist.any_rank(self.received is not None)
+        stop = collectives.any_rank(self.received is not None)
         if stop and not getattr(self, "_logged", False):
             self._logged = True
-            if _dist.rank() == 0:
+            if collectives.rank() == 0:
                 log.warning("preemption signal received (%s): stopping after this step",
                             self.received or "on another rank")
         return stop
@@ -83,4 +83,4 @@ class PreemptionHandler:
         """
         if minutes is None:
             return False
-        return _dist.any_rank(self.elapsed_minutes() >= float(minutes))
+        return collectives.any_rank(self.elapsed_minutes() >= float(minutes))

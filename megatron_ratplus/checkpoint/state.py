@@ -23,7 +23,7 @@ from megatron.core.dist_checkpointing.serialization import (get_default_load_sha
 from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelLoadStrategyWrapper, FullyParallelSaveStrategyWrapper)
 
-from . import _dist
+from .. import collectives
 from .architecture import unwrap_model
 from .rng import capture_rng_state
 
@@ -50,7 +50,7 @@ def parallel_layout() -> Dict[str, Optional[int]]:
         "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
         "virtual_pipeline_parallel": parallel_state.get_virtual_pipeline_model_parallel_world_size(),
         "data_parallel": parallel_state.get_data_parallel_world_size(),
-        "world_size": _dist.world_size(),
+        "world_size": collectives.world_size(),
     }
 
 
@@ -100,7 +100,7 @@ def model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module], metadata: 
 
 def rng_sharded_object() -> ShardedObject:
     """This rank's RNG states, one slot per global rank."""
-    return ShardedObject(RNG_KEY, capture_rng_state(), (_dist.world_size(),), (_dist.rank(),),
+    return ShardedObject(RNG_KEY, capture_rng_state(), (collectives.world_size(),), (collectives.rank(),),
                          replica_id=0)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from ..checkpoint._dist import broadcast_object
+from ..collectives import broadcast_object
 from .config import ConfigError, RunConfig
 
 

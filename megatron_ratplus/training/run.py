@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from ..checkpoint._dist import broadcast_object
+from ..collectives import broadcast_object
 from ..cpu_mode import cpu_mode_enabled
 from ..model.config import pad_vocab_size
 from ..parallel import ParallelLayout, destroy_distributed, initialize_distributed

@@ -1,4 +1,5 @@
-"""Small torch.distributed helpers that also work in a process without a process group."""
+"""Small torch.distributed helpers (rank, barrier, broadcast, any-rank flag) that also work in a process without a
+process group, shared by the checkpoint manager, the preemption handler and the training start-up checks."""
 from __future__ import annotations
 
 from typing import Any
