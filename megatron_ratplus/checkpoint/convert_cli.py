@@ -1,6 +1,7 @@
 """``ratplus-convert``: Megatron dist checkpoints <-> Hugging Face folders, and Llama imports.
 
-    ratplus-convert to-hf   CKPT OUT_DIR [--tokenizer tokenizer.json|DATASET_DIR] [--dtype bf16]
+    ratplus-convert to-hf   CKPT OUT_DIR [--tokenizer tokenizer.json|DATASET_DIR] [--eos-token TOKEN]
+                            [--attention-mode dense|sparse] [--dtype bf16]
     ratplus-convert from-hf HF_DIR SAVE_DIR
     ratplus-convert from-llama LLAMA_DIR SAVE_DIR [--recurrence] [--gate-init auto|zeros|...]
 
@@ -16,7 +17,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -54,13 +55,43 @@ def _resolve_tokenizer(arg: Optional[str], train_state: Optional[dict]) -> Optio
     return _tokenizer_from_run_config(train_state)
 
 
+def _document_end(tokenizer_json: Path, eos_token: Optional[str]) -> Optional[Tuple[int, str]]:
+    """``(id, token)`` that ends a document, so generation stops there: the prepared dataset's
+    manifest beside the tokenizer records the one training used; else ``eos_token``, a
+    ``tokenizer_config.json`` beside it or a usual EOS name. None when nothing matches."""
+    from ..data.tokenizer import load_tokenizer_info
+
+    manifest = tokenizer_json.with_name("manifest.json")
+    if eos_token is None and manifest.is_file():
+        try:
+            recorded = json.loads(manifest.read_text())["tokenizer"]
+            return int(recorded["eos_id"]), str(recorded["eos_token"])
+        except (ValueError, OSError, KeyError, TypeError):
+            pass                           # not a dataset manifest: look at the tokenizer itself
+    try:
+        info = load_tokenizer_info(tokenizer_json, eos_token=eos_token)
+    except ValueError as exc:
+        if eos_token is not None:
+            raise ConvertError(f"--eos-token: {exc}") from exc
+        return None
+    return info.eos_id, info.eos_token
+
+
+def _trained_attention_mode(train_state: Optional[dict]) -> Optional[str]:
+    """``"sparse"`` for a checkpoint trained only in sparse mode (the resolution adaptation), so
+    its export runs the pattern it was adapted to; None (the model's own mode) otherwise."""
+    train = ((train_state or {}).get("run_config") or {}).get("train") or {}
+    return "sparse" if train.get("joint") is False and train.get("mode") == "sparse" else None
+
+
 def _require_dir(path: str, what: str) -> None:
     if not Path(path).is_dir():
         raise ConvertError(f"{what} {path} does not exist or is not a directory")
 
 
 def to_hf(ckpt: str, out_dir: str, *, tokenizer: Optional[str] = None, dtype: str = "fp32",
-          overwrite: bool = False, max_shard_size: str = "5GB") -> Path:
+          overwrite: bool = False, max_shard_size: str = "5GB", eos_token: Optional[str] = None,
+          attention_mode: Optional[str] = None) -> Path:
     from ..hf import hf_config_from_model_args, megatron_to_hf_state_dict, write_hf_folder
     from ..model.config import pad_vocab_size
     from .hf_bridge import load_full_state_dict, read_train_state
@@ -76,12 +107,27 @@ def to_hf(ckpt: str, out_dir: str, *, tokenizer: Optional[str] = None, dtype: st
     model_args, state_dict = load_full_state_dict(ckpt)
     train_state = read_train_state(ckpt)
     cfg = hf_config_from_model_args(model_args, padded_vocab_size=pad_vocab_size(model_args["vocab_size"]))
+    mode = attention_mode or _trained_attention_mode(train_state)
+    if mode is not None:
+        cfg.attention_mode = mode
     hf_sd = megatron_to_hf_state_dict(state_dict, cfg)
     tok = _resolve_tokenizer(tokenizer, train_state)
+    tokenizer_kwargs = None
     if tok is None:
-        print("note: no tokenizer found (give --tokenizer); writing the model without one", file=sys.stderr)
+        if eos_token is not None:
+            raise ConvertError("--eos-token needs a tokenizer (give --tokenizer)")
+        print("note: no tokenizer found (give --tokenizer; a relative data path in the run config is "
+              "resolved against the current directory); writing the model without one", file=sys.stderr)
+    else:
+        end = _document_end(tok, eos_token)
+        if end is None:
+            print(f"note: {tok} names no end-of-document token (give --eos-token); generation will not "
+                  f"stop at one", file=sys.stderr)
+        else:
+            cfg.eos_token_id = end[0]
+            tokenizer_kwargs = {"eos_token": end[1]}
     return write_hf_folder(hf_sd, cfg, out_dir, tokenizer_json=tok, max_shard_size=max_shard_size,
-                           overwrite=overwrite, dtype=_DTYPES[dtype])
+                           overwrite=overwrite, dtype=_DTYPES[dtype], tokenizer_kwargs=tokenizer_kwargs)
 
 
 def from_hf(hf_dir: str, save_dir: str) -> Path:
@@ -137,6 +183,11 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("output")
     a.add_argument("--tokenizer", help="tokenizer.json or a prepared dataset directory "
                                        "(default: the dataset named in the checkpoint's run config)")
+    a.add_argument("--eos-token", help="the token that ends a document (default: the dataset manifest's, "
+                                       "else tokenizer_config.json's or a usual EOS name)")
+    a.add_argument("--attention-mode", choices=("dense", "sparse"),
+                   help="the mode the exported model starts in (default: sparse for a checkpoint trained "
+                        "only in sparse mode, such as a resolution adaptation, else the model's)")
     a.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
     a.add_argument("--max-shard-size", default="5GB")
     a.add_argument("--overwrite", action="store_true")
@@ -160,7 +211,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if ns.command == "to-hf":
             out = to_hf(ns.checkpoint, ns.output, tokenizer=ns.tokenizer, dtype=ns.dtype,
-                        overwrite=ns.overwrite, max_shard_size=ns.max_shard_size)
+                        overwrite=ns.overwrite, max_shard_size=ns.max_shard_size, eos_token=ns.eos_token,
+                        attention_mode=ns.attention_mode)
         elif ns.command == "from-hf":
             out = from_hf(ns.hf_dir, ns.save_dir)
         else:

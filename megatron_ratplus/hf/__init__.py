@@ -12,6 +12,19 @@ from .conversion import (hf_config_from_model_args, hf_to_megatron_state_dict, l
 from .export import read_hf_folder, write_hf_folder
 from .modeling_ratplus import RATPlusCache, RATPlusForCausalLM, RATPlusModel, compact_cache_entries
 
+
+def _register_auto_classes() -> None:
+    """In a process that imported this package the Auto classes know ``model_type: ratplus``,
+    so a folder also loads without ``trust_remote_code`` (with this package's classes)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    AutoConfig.register(RATPlusConfig.model_type, RATPlusConfig, exist_ok=True)
+    AutoModel.register(RATPlusConfig, RATPlusModel, exist_ok=True)
+    AutoModelForCausalLM.register(RATPlusConfig, RATPlusForCausalLM, exist_ok=True)
+
+
+_register_auto_classes()
+
 __all__ = [
     "RATPlusConfig", "RATPlusModel", "RATPlusForCausalLM", "RATPlusCache", "compact_cache_entries",
     "megatron_to_hf_state_dict", "hf_to_megatron_state_dict", "hf_config_from_model_args",

@@ -29,6 +29,18 @@ def _check_pattern_value(name, value, num_layers, minimum, allow_minus_one=False
             raise ValueError(f"{name} must be >= {minimum}{extra}, got {v}")
 
 
+def _check_positive(name, value, kind=int):
+    ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int) and value > 0
+    if not ok:
+        raise ValueError(f"{name} must be a positive {'number' if kind is float else 'int'}, got {value!r}")
+
+
+def _check_pattern(dilation, local_window, initial_tokens, num_layers):
+    _check_pattern_value("dilation", dilation, num_layers, 1, allow_minus_one=True)
+    _check_pattern_value("local_window", local_window, num_layers, 0)
+    _check_pattern_value("initial_tokens", initial_tokens, num_layers, 0)
+
+
 class RATPlusConfig(PretrainedConfig):
     """Architecture of a RAT+ (or attention-baseline) causal language model.
 
@@ -82,16 +94,24 @@ class RATPlusConfig(PretrainedConfig):
     ):
         if hidden_act not in _FFN_BY_ACT:
             raise ValueError(f"hidden_act must be 'gelu' or 'silu' (SwiGLU), got {hidden_act!r}")
+        for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
+                            ("num_hidden_layers", num_hidden_layers), ("num_attention_heads", num_attention_heads)):
+            _check_positive(name, value)
+        if intermediate_size is not None:
+            _check_positive("intermediate_size", intermediate_size)
+        _check_positive("rms_norm_eps", rms_norm_eps, float)
+        _check_positive("rope_theta", rope_theta, float)
         if hidden_size % num_attention_heads:
             raise ValueError(f"hidden_size={hidden_size} is not divisible by "
                              f"num_attention_heads={num_attention_heads}")
+        if (hidden_size // num_attention_heads) % 2:
+            raise ValueError(f"the head size hidden_size / num_attention_heads = {hidden_size // num_attention_heads} "
+                             f"must be even (rotate-half RoPE)")
         if attention_mode not in ("dense", "sparse"):
             raise ValueError(f"attention_mode must be 'dense' or 'sparse', got {attention_mode!r}")
         if tie_word_embeddings:
             raise ValueError("RAT+ models have an untied LM head (tie_word_embeddings must be False)")
-        _check_pattern_value("dilation", dilation, num_hidden_layers, 1, allow_minus_one=True)
-        _check_pattern_value("local_window", local_window, num_hidden_layers, 0)
-        _check_pattern_value("initial_tokens", initial_tokens, num_hidden_layers, 0)
+        _check_pattern(dilation, local_window, initial_tokens, num_hidden_layers)
         if unpadded_vocab_size is not None and (
                 isinstance(unpadded_vocab_size, bool) or not isinstance(unpadded_vocab_size, int)
                 or not 1 <= unpadded_vocab_size <= vocab_size):
@@ -127,8 +147,16 @@ class RATPlusConfig(PretrainedConfig):
         """``"gelu"`` or ``"swiglu"`` (derived from ``hidden_act``)."""
         return _FFN_BY_ACT[self.hidden_act]
 
+    def check_pattern(self) -> None:
+        """Check D/W/P against ``num_hidden_layers`` again: ``from_pretrained(..., num_hidden_layers=n)``
+        and attribute assignments change the config after ``__init__``."""
+        _check_pattern(self.dilation, self.local_window, self.initial_tokens, self.num_hidden_layers)
+
     def layer_pattern(self, layer_idx: int):
         """``(D, W, P)`` of layer ``layer_idx``."""
         def pick(v):
             return v[layer_idx] if isinstance(v, (list, tuple)) else v
         return pick(self.dilation), pick(self.local_window), pick(self.initial_tokens)
+
+
+RATPlusConfig.register_for_auto_class()   # save_pretrained writes auto_map (see modeling_ratplus.py)

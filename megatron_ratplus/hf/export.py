@@ -68,10 +68,54 @@ def _shard(state_dict: Mapping[str, torch.Tensor], max_bytes: int):
     return shards
 
 
-# Files an export writes besides the weights: an overwrite removes them all, so no file of an
+# Files an export writes besides the weights: an overwrite replaces them all, so no file of an
 # earlier export (say its tokenizer) is left beside the new weights.
 _EXPORT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json") + SOURCE_FILES
+
+
+def _previous_export_files(out: Path) -> list:
+    """The files of an earlier export in ``out``: the fixed names above, ``model.safetensors`` and
+    the index with the shards it lists. Anything else (a user's own ``model-ema.safetensors``, a
+    README) is not the export's to replace."""
+    names = set(_EXPORT_FILES) | {SAFE_WEIGHTS}
+    index = out / SAFE_INDEX
+    if index.is_file():
+        names.add(SAFE_INDEX)
+        try:
+            names.update(str(v) for v in json.loads(index.read_text()).get("weight_map", {}).values())
+        except (ValueError, OSError, AttributeError):
+            pass                          # a damaged index: its shards stay where they are
+    return sorted(out / name for name in names if "/" not in name and (out / name).is_file())
+
+
+def _replace_export(out: Path, staging: Path) -> None:
+    """Move the staged export into ``out``. The previous export's files are first moved aside
+    into ``out/.previous-export-<pid>``; if a move fails they are moved back, and if the process
+    dies in between they are still there (nothing of a previous export is deleted before the new
+    one is in place)."""
+    old = _previous_export_files(out)
+    backup = out / f".previous-export-{os.getpid()}"
+    if old:
+        backup.mkdir()
+    moved_in = []
+    try:
+        for path in old:
+            os.replace(path, backup / path.name)
+        for new in sorted(staging.iterdir()):
+            os.replace(new, out / new.name)
+            moved_in.append(out / new.name)
+    except BaseException:
+        for path in moved_in:
+            path.unlink(missing_ok=True)
+        for path in old:
+            if (backup / path.name).exists():
+                os.replace(backup / path.name, path)
+        if old:
+            backup.rmdir()
+        raise
+    if old:
+        shutil.rmtree(backup)
 
 
 def write_hf_folder(hf_state_dict: Mapping[str, torch.Tensor], hf_config: RATPlusConfig,
@@ -107,11 +151,7 @@ def write_hf_folder(hf_state_dict: Mapping[str, torch.Tensor], hf_config: RATPlu
         _write_folder(staging, hf_state_dict, hf_config, max_bytes=max_bytes, dtype=dtype,
                       tokenizer_json=tokenizer_json, tokenizer_kwargs=tokenizer_kwargs)
         out.mkdir(exist_ok=True)
-        for old in list(out.glob("model*.safetensors*")) + [out / name for name in _EXPORT_FILES]:
-            if old.is_file():
-                old.unlink()
-        for new in staging.iterdir():
-            os.replace(new, out / new.name)
+        _replace_export(out, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -165,7 +205,9 @@ def _write_folder(out: Path, hf_state_dict, hf_config: RATPlusConfig, *, max_byt
 
     if tokenizer_json is not None:
         from transformers import PreTrainedTokenizerFast
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), **(tokenizer_kwargs or {}))
+        # the model takes no token_type_ids: without this generate(**tok(text)) refuses them
+        kwargs = {"model_input_names": ["input_ids", "attention_mask"], **(tokenizer_kwargs or {})}
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), **kwargs)
         tok.model_max_length = config.max_position_embeddings
         tok.save_pretrained(str(out))
 

@@ -251,8 +251,9 @@ class RATPlusLayerCache:
     ``P + p % (W + 1)``), then the chunk ends ``(j + 1) % D == 0`` that left the ring, appended in
     order (capacity doubles). Every position is stored once. Dense: positions ``0..T-1`` in order.
     The buffer grows with the sequence: before the ring wraps, position ``p`` lands in slot
-    ``P + p``, so ``P + seen`` slots suffice and a short prompt with a wide window costs (and
-    attends over) only what it holds, not ``P + W + 1`` slots.
+    ``P + p`` (and while ``seen <= P`` only slots ``[0, seen)`` are written), so a short prompt with
+    a wide window or many initial tokens costs (and attends over) only what it holds, not
+    ``P + W + 1`` slots.
     ``state``: the recurrence state ``(k~, v~)`` of the last token, fp32 ``[B, H, d_h]``.
     """
 
@@ -272,6 +273,15 @@ class RATPlusLayerCache:
     @property
     def used(self) -> int:
         return self.fixed + self.extra
+
+    def _slots_written(self, seen: int) -> int:
+        """Leading slots that can hold an entry after ``seen`` tokens. The initial tokens fill
+        slots ``[0, seen)`` while ``seen <= P``; later, until the ring wraps, position ``p`` sits
+        in slot ``P + p % (W + 1) < P + seen``, and once it has wrapped every used slot counts."""
+        if self.pattern is None:
+            return self.used
+        P = self.pattern[2]
+        return seen if seen <= P else min(self.used, P + seen)
 
     def _reserve(self, k: torch.Tensor, need: int) -> None:
         """Make room for ``need`` slots in total (``k``: a ``[B, H, n, d]`` template)."""
@@ -306,7 +316,7 @@ class RATPlusLayerCache:
             self.seen = end
             return
         D, W, P = self.pattern
-        self._reserve(k, min(self.fixed, P + end))     # the highest slot written is below P + end
+        self._reserve(k, self._slots_written(end))
         if n == 1:
             self._insert_one(k, v)
             return
@@ -373,14 +383,26 @@ class RATPlusLayerCache:
         self.positions[slot] = p
         self.seen = p + 1
 
+    def check_step(self, k: torch.Tensor, layer_idx: int) -> None:
+        """Refuse a step whose keys ``[B, H, n, d]`` do not fit the stored ones: another batch size
+        (a cache of one prompt reused for several sequences or beams) or another dtype."""
+        if k.shape[0] != self.keys.shape[0]:
+            raise ValueError(f"layer {layer_idx}: the cache holds {self.keys.shape[0]} sequences but this step "
+                             f"has {k.shape[0]}; use a new cache (or expand it with batch_repeat_interleave)")
+        if k.dtype != self.keys.dtype or k.shape[1:2] + k.shape[3:] != self.keys.shape[1:2] + self.keys.shape[3:]:
+            raise ValueError(f"layer {layer_idx}: the cache holds {self.keys.dtype} keys of "
+                             f"{tuple(self.keys.shape[1:2] + self.keys.shape[3:])} (heads, head size) but the "
+                             f"model computes {k.dtype} keys of {tuple(k.shape[1:2] + k.shape[3:])}; "
+                             f"the cache belongs to another model or dtype")
+
     def is_full(self) -> bool:
         """No empty slot among the used ones: every stored entry is a key of the next query."""
         return self.pattern is None or self.seen >= self.fixed
 
     def view(self):
-        """``(keys, values, positions)`` of the used slots (views, no copy). Before the ring
-        wraps no slot at or above ``P + seen`` was written: those are left out."""
-        u = self.used if self.pattern is None else min(self.used, self.pattern[2] + self.seen)
+        """``(keys, values, positions)`` of the slots that can hold entries (views, no copy):
+        a short prompt with many initial tokens or a wide window attends only over what it holds."""
+        u = self._slots_written(self.seen)
         return self.keys[:, :, :u], self.values[:, :, :u], self.positions[:u]
 
     # accounting ----------------------------------------------------------------------------
@@ -466,6 +488,12 @@ class RATPlusCache:
         for layer in self.layers:
             layer.reorder(beam_idx)
 
+    def crop(self, max_length: int) -> None:
+        """Not possible: the recurrence state of a dropped token cannot be undone, so assisted
+        (speculative) generation, which rolls the cache back, is not supported."""
+        raise NotImplementedError("a RATPlusCache cannot be cropped (the recurrence state cannot be rolled back): "
+                                  "assisted / speculative generation is not supported")
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.reorder_cache(indices)
 
@@ -539,6 +567,8 @@ class RATPlusAttention(nn.Module):
         k = self.k_proj(u).view(shape)
         v = self.v_proj(u).view(shape)
         past = cache is not None and cache.seen > 0
+        if past:               # before the recurrence, whose state would broadcast another batch size
+            cache.check_step(k.transpose(1, 2), self.layer_idx)
         if self.use_recurrence:
             g = self.recurrence_gate_proj(u).view(shape)
             k, v, state = gated_recurrence(g, k, v, initial_state=cache.state if past else None)
@@ -609,7 +639,13 @@ class RATPlusPreTrainedModel(PreTrainedModel):
 
 
 def _check_unpadded(attention_mask: Optional[torch.Tensor]) -> None:
-    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.bool().all()):
+    """Every position must be attended: the mask may only be all ones (one read per step)."""
+    if attention_mask is None:
+        return
+    if attention_mask.dim() != 2:
+        raise ValueError(f"RATPlus models take a 2-D attention_mask [batch, tokens] of ones; got "
+                         f"{attention_mask.dim()}-D (the attention pattern is fixed by the model)")
+    if not bool(attention_mask.bool().all()):
         raise ValueError("RATPlus models do not support padded batches: the recurrence runs over every "
                          "position. Generate unpadded prompts (equal lengths, or one at a time).")
 
@@ -619,6 +655,7 @@ class RATPlusModel(RATPlusPreTrainedModel):
 
     def __init__(self, config: RATPlusConfig):
         super().__init__(config)
+        config.check_pattern()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(RATPlusDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RATPlusRMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -663,11 +700,15 @@ class RATPlusModel(RATPlusPreTrainedModel):
         if past_key_values is not None and past_key_values.attention_mode != self.attention_mode:
             raise ValueError(f"the cache was built for {past_key_values.attention_mode} attention but the "
                              f"model runs in {self.attention_mode} mode")
+        if past_key_values is not None and len(past_key_values) != len(self.layers):
+            raise ValueError(f"the cache has {len(past_key_values)} layers but the model {len(self.layers)}; "
+                             f"it belongs to another model")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         T = x.shape[1]
+        if T == 0:
+            raise ValueError("the input has no tokens")
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if T > 1 or past == 0:
-            _check_unpadded(attention_mask)
+        _check_unpadded(attention_mask)
         positions = torch.arange(past, past + T, device=x.device)
         if position_ids is not None and position_ids.shape[-1] == T:
             expected = positions.to(position_ids.device).expand_as(position_ids)
@@ -748,6 +789,9 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
+            if labels.shape[1] != logits.shape[1]:
+                raise ValueError(f"labels cover {labels.shape[1]} positions but logits {logits.shape[1]}; "
+                                 f"pass labels for every input token (and no logits_to_keep)")
             shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
             shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
             loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
@@ -781,8 +825,12 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
             inputs["input_ids"] = input_ids[:, -next_len:]
         elif input_ids.shape[1] > seen:
             inputs["input_ids"] = input_ids[:, seen:]
-        else:                                 # the caller passed only the new tokens
-            inputs["input_ids"] = input_ids
+        else:
+            # generate() appends each new token to input_ids, so "only the new tokens" cannot be
+            # told apart from a stale cache after the first step: refuse instead of re-feeding them
+            raise ValueError(
+                f"the cache already holds {seen} tokens but input_ids has {input_ids.shape[1]}: pass the "
+                f"tokens the cache was filled with followed by at least one new token")
         if kwargs.get("logits_to_keep") is not None:
             inputs["logits_to_keep"] = kwargs["logits_to_keep"]
         for key in ("output_hidden_states", "return_dict"):
@@ -790,6 +838,12 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
                 inputs[key] = kwargs[key]
         return inputs
 
+
+# save_pretrained of these classes (built here, or loaded from an export) copies this file and
+# configuration_ratplus.py next to the weights and writes config.auto_map, so the folder loads
+# again with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).
+RATPlusModel.register_for_auto_class("AutoModel")
+RATPlusForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = ["RATPlusCache", "RATPlusForCausalLM", "RATPlusModel", "RATPlusPreTrainedModel",
            "compact_cache_entries", "allowed_keys"]

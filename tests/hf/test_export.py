@@ -157,3 +157,57 @@ def test_overwrite_is_checked_first_and_replaces_every_file_of_the_old_export(tm
     assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
     with pytest.raises(NotADirectoryError):
         write_hf_folder(model.state_dict(), model.config, out / "notes.txt", overwrite=True)
+
+
+def test_exported_tokenizer_feeds_generate_directly(tmp_path):
+    """generate(**tok(text)) works: the tokenizer returns no token_type_ids the model would refuse,
+    and its EOS is the one given."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+    tokenizer_json = make_tokenizer_json(tmp_path / "t.json")
+    model = small_model(vocab_size=Tokenizer.from_file(str(tokenizer_json)).get_vocab_size())
+    out = write_hf_folder(model.state_dict(), model.config, tmp_path / "x", tokenizer_json=tokenizer_json,
+                          tokenizer_kwargs={"eos_token": "</s>"})
+    tok = AutoTokenizer.from_pretrained(out)
+    batch = tok("def forward(self, x):", return_tensors="pt")
+    assert set(batch) == {"input_ids", "attention_mask"} and tok.eos_token == "</s>"
+    got = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert got.shape[1] == batch["input_ids"].shape[1] + 3
+
+
+def test_overwrite_keeps_files_the_export_does_not_own(tmp_path):
+    """Only the previous export's weights (model.safetensors, the index and its shards) are
+    replaced: a user's model-ema.safetensors beside them stays."""
+    model = small_model()
+    out = tmp_path / "x"
+    write_hf_folder(model.state_dict(), model.config, out, max_shard_size=4000)
+    old_shards = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values()
+    (out / "model-ema.safetensors").write_bytes(b"user weights")
+    write_hf_folder(model.state_dict(), model.config, out, overwrite=True)
+    names = {p.name for p in out.iterdir()}
+    assert (out / "model-ema.safetensors").read_bytes() == b"user weights"
+    assert "model.safetensors" in names and not names & set(old_shards)
+    assert "model.safetensors.index.json" not in names and not [n for n in names if "previous-export" in n]
+    read_hf_folder(out)
+
+
+@pytest.mark.parametrize("fail_at", [0, 1, 3])
+def test_an_overwrite_that_fails_midway_leaves_the_previous_export(tmp_path, monkeypatch, fail_at):
+    from megatron_ratplus.hf import export
+    model = small_model()
+    out = tmp_path / "x"
+    write_hf_folder(model.state_dict(), model.config, out, tokenizer_json=make_tokenizer_json(tmp_path / "t.json"))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real, calls = os.replace, []
+
+    def failing_replace(src, dst):
+        if ".staging-" in str(src):               # a move of the new export into place
+            calls.append(src)
+            if len(calls) > fail_at:
+                raise OSError("disk gone")
+        return real(src, dst)
+
+    monkeypatch.setattr(export.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk gone"):
+        write_hf_folder(small_model(seed=1).state_dict(), model.config, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -208,3 +208,68 @@ def test_decode_kernel_entry_point_over_full_cache(monkeypatch):
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
     # steps t = 2 (seen 3 < 4) run masked SDPA; t = 3 .. 29 use the kernel, 2 layers each
     assert len(calls) == 2 * 27
+
+
+def test_generate_refuses_a_cache_that_already_holds_every_given_token():
+    """generate() appends to input_ids, so a cache holding all of them (or more) would be fed the
+    same tokens again at every step (the cache grew to 183 tokens for a 20-token sequence)."""
+    model = small_model(attention_mode="sparse", **PATTERNS["D4W2P1"])
+    ids = tokens(1, 9)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    with pytest.raises(ValueError, match="cache already holds 9 tokens but input_ids has 9"):
+        model.generate(ids, past_key_values=cache, max_new_tokens=3, do_sample=False)
+    with pytest.raises(ValueError, match="followed by at least one new token"):
+        model.generate(ids[:, 6:], past_key_values=cache, max_new_tokens=3, do_sample=False)
+    assert cache.get_seq_length() == 9                       # nothing was fed twice
+
+
+def test_cache_of_another_batch_dtype_or_model_is_refused_clearly():
+    model = small_model(attention_mode="sparse", **PATTERNS["D4W2P1"])
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(tokens(2, 5), past_key_values=cache)
+        with pytest.raises(ValueError, match="cache holds 2 sequences but this step has 1"):
+            model(tokens(1, 1), past_key_values=cache)
+        with pytest.raises(ValueError, match="another model or dtype"):
+            model.to(torch.bfloat16)(tokens(2, 1), past_key_values=cache)
+        model.float()
+        three_layers = small_model(attention_mode="sparse", num_hidden_layers=3, dilation=4, local_window=2,
+                                   initial_tokens=1)
+        with pytest.raises(ValueError, match="cache has 2 layers but the model 3"):
+            three_layers(tokens(2, 1), past_key_values=cache)
+    with pytest.raises(NotImplementedError, match="speculative"):
+        cache.crop(3)
+
+
+def test_masks_are_checked_at_every_step():
+    model = small_model(attention_mode="sparse", **PATTERNS["D4W2P1"])
+    ids = tokens(1, 5)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        step_mask = torch.ones(1, 6, dtype=torch.long)
+        step_mask[0, 2] = 0
+        with pytest.raises(ValueError, match="padded"):
+            model(tokens(1, 1), attention_mask=step_mask, past_key_values=cache)
+        with pytest.raises(ValueError, match="2-D attention_mask"):
+            model(ids, attention_mask=torch.ones(1, 1, 5, 5))
+        with pytest.raises(ValueError, match="no tokens"):
+            model(ids[:, :0])
+        with pytest.raises(ValueError, match="labels cover 5 positions but logits 1"):
+            model(ids, labels=ids, logits_to_keep=1)
+
+
+def test_many_initial_tokens_cost_only_what_the_cache_holds():
+    """P far beyond the sequence: the cache holds (and attends over) the tokens seen, not P slots."""
+    model = small_model(seed=3, attention_mode="sparse", initializer_range=0.15, dilation=4, local_window=2,
+                        initial_tokens=100_000)
+    ids = tokens(1, 10)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    layer = cache.layers[0]
+    assert layer.keys.shape[2] <= 16 and layer.view()[0].shape[2] == 10
+    got = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, greedy_by_recomputation(model, ids, 6))

@@ -10,7 +10,7 @@ import torch
 
 from megatron_ratplus.hf import modeling_ratplus
 
-from .helpers import small_model, tokens
+from .helpers import small_config, small_model, tokens
 from .reference import reference_logits
 
 CASES = [
@@ -150,3 +150,44 @@ def test_fused_kernel_path_matches_reference_path(monkeypatch, mode):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(step, step_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cache.layers[0].state[0], cache_ref.layers[0].state[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(hidden_size=6, num_attention_heads=2), "head size .* = 3 must be even"),
+    (dict(num_attention_heads=0), "num_attention_heads must be a positive int"),
+    (dict(num_hidden_layers=0), "num_hidden_layers must be a positive int"),
+    (dict(vocab_size=0), "vocab_size must be a positive int"),
+    (dict(intermediate_size=-4), "intermediate_size must be a positive int"),
+    (dict(rope_theta=0), "rope_theta must be a positive number"),
+    (dict(rms_norm_eps=-1.0), "rms_norm_eps must be a positive number"),
+], ids=["odd-head", "heads", "layers", "vocab", "ffn", "rope", "eps"])
+def test_invalid_configs_are_refused_by_name(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(**overrides)
+
+
+def test_pattern_is_checked_again_when_the_model_is_built(tmp_path):
+    """from_pretrained(..., num_hidden_layers=n) and attribute edits bypass __init__'s checks."""
+    model = small_model(dilation=[4, 1], local_window=2)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="per-layer list of length 2 but num_hidden_layers=3"):
+        type(model).from_pretrained(tmp_path, num_hidden_layers=3)
+    cfg = small_config()
+    cfg.dilation = 0
+    with pytest.raises(ValueError, match="dilation must be >= 1 or -1"):
+        type(model)(cfg)
+
+
+def test_save_pretrained_folder_loads_through_the_auto_classes(tmp_path):
+    """The classes register for the Auto classes: save_pretrained copies the source files and
+    writes auto_map, also for a model loaded from such a folder and saved again."""
+    from transformers import AutoModelForCausalLM
+    model = small_model(attention_mode="sparse", dilation=4, local_window=2)
+    model.save_pretrained(tmp_path / "a")
+    assert {"configuration_ratplus.py", "modeling_ratplus.py"} <= {p.name for p in (tmp_path / "a").iterdir()}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a", trust_remote_code=True)
+    loaded.save_pretrained(tmp_path / "b")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "b", trust_remote_code=True)
+    ids = tokens(1, 7)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, again(ids).logits)

@@ -1,0 +1,56 @@
+"""ratplus-convert to-hf: what the export says besides the weights (end of document, start mode)."""
+import json
+
+import pytest
+
+from megatron_ratplus.checkpoint.convert_cli import (ConvertError, _document_end, _trained_attention_mode,
+                                                     from_hf, to_hf)
+from megatron_ratplus.hf import write_hf_folder
+
+from ..hf.helpers import small_model
+from ..hf.test_export import make_tokenizer_json
+
+
+def _dataset_dir(tmp_path, eos_id=2, eos_token="</s>"):
+    """A tokenizer.json beside a prepared dataset's manifest (only its tokenizer record matters)."""
+    d = tmp_path / "dataset"
+    d.mkdir()
+    make_tokenizer_json(d / "tokenizer.json")
+    (d / "manifest.json").write_text(json.dumps({"tokenizer": {"eos_id": eos_id, "eos_token": eos_token}}))
+    return d
+
+
+def test_document_end_comes_from_the_manifest_then_the_tokenizer(tmp_path):
+    d = _dataset_dir(tmp_path, eos_id=2, eos_token="</s>")
+    assert _document_end(d / "tokenizer.json", None) == (2, "</s>")
+    assert _document_end(d / "tokenizer.json", "<s>") == (1, "<s>")      # named explicitly: wins
+    with pytest.raises(ConvertError, match="--eos-token.*'<nope>' is not in the vocabulary"):
+        _document_end(d / "tokenizer.json", "<nope>")
+    bare = make_tokenizer_json(tmp_path / "bare.json")
+    assert _document_end(bare, None) == (2, "</s>")                       # a usual EOS name
+
+
+def test_sparse_only_training_exports_in_sparse_mode():
+    def state(joint, mode):
+        return {"run_config": {"train": {"joint": joint, "mode": mode}}}
+    assert _trained_attention_mode(state(False, "sparse")) == "sparse"     # resolution adaptation
+    assert _trained_attention_mode(state(True, "sparse")) is None           # joint: the model's own mode
+    assert _trained_attention_mode(state(False, "dense")) is None
+    assert _trained_attention_mode(None) is None
+
+
+def test_to_hf_writes_eos_and_the_chosen_mode(tmp_path):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer, GenerationConfig
+
+    d = _dataset_dir(tmp_path)
+    vocab = Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab_size()
+    model = small_model(vocab_size=vocab, dilation=4, local_window=2)
+    ckpt = from_hf(str(write_hf_folder(model.state_dict(), model.config, tmp_path / "hf_in")), str(tmp_path / "ck"))
+    out = to_hf(str(ckpt), str(tmp_path / "hf_out"), tokenizer=str(d), attention_mode="sparse")
+    config = json.loads((out / "config.json").read_text())
+    assert config["eos_token_id"] == 2 and config["attention_mode"] == "sparse"
+    assert GenerationConfig.from_pretrained(out).eos_token_id == 2
+    assert AutoTokenizer.from_pretrained(out).eos_token == "</s>"
+    with pytest.raises(ConvertError, match="--eos-token needs a tokenizer"):
+        to_hf(str(ckpt), str(tmp_path / "hf_none"), eos_token="</s>")
