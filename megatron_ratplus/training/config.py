@@ -135,7 +135,7 @@ class CheckpointSection:
 class LoggingSection:
     log_interval: int = 1
     eval_interval: Optional[int] = None
-    eval_iters: int = 2
+    eval_iters: int = 2                    # global batches per evaluation (Megatron-LM's meaning)
     tensorboard_dir: Optional[str] = None
     progress: bool = True                  # live progress display on rank 0
     wandb_project: Optional[str] = None    # off by default
@@ -209,6 +209,9 @@ class RunConfig:
                 raise ConfigError(f"parallel.{name} must be an integer >= 1, got {getattr(p, name)!r}")
         if p.sequence_parallel and p.tensor_parallel == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
+        if p.sequence_parallel and t.seq_len % p.tensor_parallel:
+            raise ConfigError(f"parallel.sequence_parallel splits the sequence over the tensor-parallel ranks: "
+                              f"train.seq_len={t.seq_len} is not divisible by tensor_parallel={p.tensor_parallel}")
         if self.checkpoint.lr_schedule_on_resume not in SCHEDULE_ON_RESUME:
             raise ConfigError(f"checkpoint.lr_schedule_on_resume must be one of {', '.join(SCHEDULE_ON_RESUME)}, "
                               f"got {self.checkpoint.lr_schedule_on_resume!r}")
@@ -256,6 +259,9 @@ class RunConfig:
             raise ConfigError(f"parallel.virtual_pipeline_parallel must be >= 2 (model chunks per pipeline rank) "
                               f"or null (no interleaving), got {vpp}")
         d, lg = self.data, self.logging
+        for key, value in self._paths().items():
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{key} must be a path (a string), got {value!r}")
         if d.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
         if d.readers_per_node is not None and d.readers_per_node < 1:
@@ -267,6 +273,31 @@ class RunConfig:
         if lg.eval_interval is not None and lg.eval_interval < 0:
             raise ConfigError(f"logging.eval_interval must be >= 0 (0 or null: no evaluation), "
                               f"got {lg.eval_interval}")
+
+    def _paths(self) -> Dict[str, Optional[str]]:
+        c, d, lg = self.checkpoint, self.data, self.logging
+        return {"checkpoint.save_dir": c.save_dir, "checkpoint.load": c.load, "checkpoint.init_from": c.init_from,
+                "data.default_dir": d.default_dir, "data.cache_dir": d.cache_dir,
+                "logging.tensorboard_dir": lg.tensorboard_dir, "logging.metrics_jsonl": lg.metrics_jsonl}
+
+    def check_output_paths(self) -> None:
+        """Refuse, before anything is built, output paths that cannot be written: a directory
+        setting naming a file, a file setting naming a directory, or a path below a file. Otherwise
+        the first save (after save_interval steps of training) or the log writers would fail."""
+        paths = self._paths()
+        directories = ("checkpoint.save_dir", "data.default_dir", "data.cache_dir", "logging.tensorboard_dir")
+        for key in directories + ("logging.metrics_jsonl",):
+            value = paths[key]
+            if not value:
+                continue
+            path = Path(value)
+            if key in directories and path.exists() and not path.is_dir():
+                raise ConfigError(f"{key}={value} exists and is not a directory")
+            if key == "logging.metrics_jsonl" and path.is_dir():
+                raise ConfigError(f"{key}={value} is a directory, not a file")
+            blocker = next((a for a in path.parents if a.exists() and not a.is_dir()), None)
+            if blocker is not None:
+                raise ConfigError(f"{key}={value} cannot be created: {blocker} is a file")
 
     def layout_for(self, world_size: int):
         """Validate the parallel layout for ``world_size`` GPUs; return (dp, grad_accum_steps)."""

@@ -85,6 +85,16 @@ def _reader_hosts() -> List[str]:
     return [str(h) for h in hosts]
 
 
+def _raise_on_every_rank(error: Optional[str]) -> None:
+    """Raise the first rank's error as a ConfigError on every rank (a collective: all ranks call it),
+    so a refusal seen only by the data readers stops the whole job with its message, not a hang."""
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise ConfigError(first)
+
+
 class TrainingData:
     """Micro-batches for the schedule, identical on all TP/PP ranks of a data-parallel replica.
 
@@ -126,12 +136,7 @@ class TrainingData:
                 self._check_validation(eval_micro_batches)
             except (ConfigError, ValueError) as e:
                 error = str(e)
-        # Only readers build loaders: every rank of the job learns of a refusal and raises it.
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        first = next((e for e in errors if e), None)
-        if first:
-            raise ConfigError(first)
+        _raise_on_every_rank(error)       # only readers build loaders: every rank learns of a refusal
 
     def _check_validation(self, eval_micro_batches: int) -> None:
         train, val = self.train_loader.manifest, self.val_loader.manifest
@@ -142,10 +147,10 @@ class TrainingData:
                               f"not be comparable")
         available = len(self.val_loader)
         if eval_micro_batches > available:
-            raise ConfigError(f"an evaluation reads logging.eval_iters={eval_micro_batches} micro-batches but "
-                              f"the validation split gives {available} per data-parallel rank (micro-batch "
-                              f"size {self.micro_batch_size}): lower logging.eval_iters or use more "
-                              f"validation data")
+            raise ConfigError(f"an evaluation reads logging.eval_iters global batches, {eval_micro_batches} "
+                              f"micro-batches per data-parallel rank, but the validation split gives "
+                              f"{available} per rank (micro-batch size {self.micro_batch_size}): lower "
+                              f"logging.eval_iters or use more validation data")
 
     def _receive(self, batch: Optional[torch.Tensor]) -> torch.Tensor:
         from ..data import broadcast_batch
@@ -179,7 +184,8 @@ class TrainingData:
         for _ in range(count):
             batch = next(it, None) if it is not None else None
             if self.is_reader and batch is None:      # checked at start; kept for a changed dataset
-                raise ConfigError(f"the validation split has fewer micro-batches than logging.eval_iters={count}")
+                raise ConfigError(f"the validation split has fewer than the {count} micro-batches per rank "
+                                  f"that logging.eval_iters asks for")
             out.append(self._receive(batch))
         return out
 
@@ -187,6 +193,17 @@ class TrainingData:
         return self.train_loader.state_dict() if self.is_reader else None
 
     def load_state_dict(self, state: Optional[dict]) -> None:
+        """Continue at the checkpoint's data position. A position that does not fit these datasets
+        (other data, another split or sequence length) is a ConfigError on every rank: an exact
+        resume is impossible, and the message says how to continue from the weights instead."""
+        error = None
         if self.is_reader and state is not None:
-            self.train_loader.load_state_dict(state)
+            try:
+                self.train_loader.load_state_dict(state)
+            except ValueError as e:
+                error = (f"the checkpoint's data position does not fit the configured training data: {e}. "
+                         f"Resume with the data the run was trained on, or start a new run from these "
+                         f"weights with checkpoint.init_from=<the checkpoint> (a fresh optimizer, schedule "
+                         f"and data order) and checkpoint.load= (empty)")
             self._train_iter = None
+        _raise_on_every_rank(error)

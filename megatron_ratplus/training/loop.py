@@ -74,8 +74,11 @@ def train_update(objs: TrainingObjects, microbatches, mode: str, seq_len: int):
     return loss.value(), grad_norm, bool(updated)
 
 
-def evaluate(objs: TrainingObjects, data, cfg: RunConfig) -> Dict[str, float]:
-    batches = data.validation_microbatches(cfg.logging.eval_iters)
+def evaluate(objs: TrainingObjects, data, cfg: RunConfig, accum_steps: int) -> Dict[str, float]:
+    """Validation loss per attention mode over ``logging.eval_iters`` global batches, as in
+    Megatron-LM: each rank reads ``eval_iters * accum_steps`` micro-batches, so the loss covers the
+    first ``eval_iters * global_batch_size`` validation samples whatever the parallel layout."""
+    batches = data.validation_microbatches(cfg.logging.eval_iters * accum_steps)
     out = {}
     for chunk in objs.model:
         chunk.eval()
@@ -187,7 +190,7 @@ class Trainer:
                                                  self.tokens_per_step, skipped,
                                                  extra=norms if len(norms) > 1 else {}))
                 if cfg.logging.eval_interval and st.step % cfg.logging.eval_interval == 0:
-                    self.metrics.log_eval(st.step, evaluate(self.objs, self.data, cfg))
+                    self.metrics.log_eval(st.step, evaluate(self.objs, self.data, cfg, self.accum_steps))
                 interval = cfg.checkpoint.save_interval
                 if interval and st.step % interval == 0 and st.step < self.total_steps:
                     self.save()

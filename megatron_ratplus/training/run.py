@@ -129,6 +129,7 @@ def _restore(cfg: RunConfig, objs, data, state: TrainState):
 
 
 def run_training(cfg: RunConfig) -> TrainState:
+    cfg.check_output_paths()
     _refuse_to_shadow_checkpoints(cfg)
     # Validate the layout against torchrun's world size before any process group exists, so an
     # impossible layout is a ConfigError (exit 2 with a message), not a traceback from Megatron's set-up.
@@ -163,7 +164,7 @@ def run_training(cfg: RunConfig) -> TrainState:
                             device=device, val_streams=cfg.data.val_streams or None,
                             cache_dir=cfg.data.cache_dir, num_workers=cfg.data.num_workers,
                             readers_per_node=cfg.data.readers_per_node, vocab_size=args.vocab_size,
-                            eval_micro_batches=cfg.logging.eval_iters if evaluates else 0)
+                            eval_micro_batches=cfg.logging.eval_iters * accum if evaluates else 0)
         state = TrainState()
         _restore(cfg, objs, data, state)
         _refuse_newer_checkpoints(cfg, state.step)

@@ -29,6 +29,8 @@ RECIPE = "recipes/tiny-cpu.yaml"
     ("logging.eval_iters=0", "logging.eval_iters must be >= 1"),
     ("parallel.virtual_pipeline_parallel=-1", "parallel.virtual_pipeline_parallel must be >= 2"),
     ("parallel.virtual_pipeline_parallel=1", "parallel.virtual_pipeline_parallel must be >= 2"),
+    ("checkpoint.save_dir=[1, 2]", "checkpoint.save_dir must be a path (a string), got [1, 2]"),
+    ("logging.metrics_jsonl={a: 1}", "logging.metrics_jsonl must be a path (a string)"),
 ])
 def test_bad_values_are_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -44,3 +46,27 @@ def test_values_are_coerced_to_the_declared_types():
     assert cfg.train.max_tokens == 1_000_000 and isinstance(cfg.train.max_tokens, int)
     assert cfg.data.streams == [] and cfg.train.recompute is None
     assert cfg.train.joint is False and cfg.model.model_args().recurrence is False
+
+
+def test_sequence_parallel_needs_a_sequence_that_splits_over_tensor_parallel():
+    with pytest.raises(ConfigError, match="train.seq_len=63 is not divisible by tensor_parallel=2"):
+        load_config(RECIPE, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "train.seq_len=63"])
+
+
+def test_output_paths_that_cannot_be_written_are_refused_up_front(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("user data")
+    cases = [
+        ("checkpoint.save_dir", str(a_file), "exists and is not a directory"),
+        ("logging.tensorboard_dir", str(a_file), "exists and is not a directory"),
+        ("data.default_dir", str(a_file), "exists and is not a directory"),
+        ("logging.metrics_jsonl", str(a_file / "m.jsonl"), f"cannot be created: {a_file} is a file"),
+        ("checkpoint.save_dir", str(a_file / "sub" / "ck"), f"cannot be created: {a_file} is a file"),
+        ("logging.metrics_jsonl", str(tmp_path), "is a directory, not a file"),
+    ]
+    for key, value, message in cases:
+        cfg = load_config(RECIPE, [f"{key}={value}"])
+        with pytest.raises(ConfigError, match=f"{key}=.*{message}"):
+            cfg.check_output_paths()
+    assert a_file.read_text() == "user data"
+    load_config(RECIPE, [f"checkpoint.save_dir={tmp_path / 'new' / 'ck'}"]).check_output_paths()

@@ -43,9 +43,21 @@ def test_datasets_are_checked_against_the_model_and_each_other(megatron_single_p
     with pytest.raises(ConfigError, match="validation data .* another tokenizer"):
         build(local, val_streams=[{"local": str(other)}], vocab_size=512)
 
-    with pytest.raises(ConfigError, match=r"logging.eval_iters=100000 micro-batches but the validation split "
-                                          r"gives \d+ per data-parallel rank"):
+    with pytest.raises(ConfigError, match=r"logging.eval_iters global batches, 100000 micro-batches per "
+                                          r"data-parallel rank, but the validation split gives \d+ per rank"):
         build(local, vocab_size=512, eval_micro_batches=100_000)
+
+
+def test_resuming_over_other_data_is_a_config_error_with_a_way_out(megatron_single_process, tiny_dataset,
+                                                                    tmp_path):
+    from megatron_ratplus.data import prepare_default_dataset
+    data = build([{"local": str(tiny_dataset)}], vocab_size=512)
+    data.next_microbatches(1)
+    state = data.state_dict()
+    other = tmp_path / "other"
+    prepare_default_dataset(other, seq_len=64, vocab_size=512, size_mb=0.3, seed=7)
+    with pytest.raises(ConfigError, match="data position does not fit .*checkpoint.init_from"):
+        build([{"local": str(other)}], vocab_size=512).load_state_dict(state)
 
 
 def test_a_default_dir_holding_another_dataset_is_a_config_error(megatron_single_process, tiny_dataset):

@@ -40,16 +40,31 @@ def test_joint_training_loss_falls(tmp_path, tiny_dataset, layout):
     assert f"DP={dp}" in stdout
 
 
-def test_tp2_matches_tp1_step_by_step(tmp_path, tiny_dataset):
-    """Same seed, same data order (DP=1 both): the loss curves agree."""
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    one, *_ = run_cli(tmp_path / "a", tiny_dataset, nproc=1, steps=5)
-    two, *_ = run_cli(tmp_path / "b", tiny_dataset, "parallel.tensor_parallel=2", nproc=2, steps=5)
-    assert len(one) == len(two) == 5
-    for a, b in zip(one, two):
+def test_tp2_and_dp2_match_one_process_step_by_step(tmp_path, tiny_dataset):
+    """Same seed and full weights drawn on CPU (parallel.cpu_initialization): TP=2 and DP=2 follow
+    the one-process run in losses, gradient norms and validation losses. The validation set is
+    logging.eval_iters global batches, so it is the same samples at DP=1 (2 micro-batches per rank)
+    and DP=2 (1 per rank)."""
+    same = ["parallel.cpu_initialization=true", "logging.eval_interval=5", "logging.eval_iters=1"]
+    runs = {}
+    for name, nproc, layout in (("one", 1, []), ("tp2", 2, ["parallel.tensor_parallel=2"]), ("dp2", 2, [])):
+        (tmp_path / name).mkdir()
+        runs[name], *_ = run_cli(tmp_path / name, tiny_dataset, *same, *layout, nproc=nproc, steps=5)
+    evals = {name: [json.loads(line) for line in (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()
+                    if "val_losses" in line] for name in runs}
+    assert len(evals["one"]) == 1
+
+    def close(a, b):
+        return abs(a - b) <= 1e-5 * max(1.0, abs(a))
+
+    for name in ("tp2", "dp2"):
+        assert len(runs[name]) == 5
+        for a, b in zip(runs["one"], runs[name]):
+            for mode in ("sparse", "dense"):
+                assert close(a["losses"][mode], b["losses"][mode]), (name, a, b)
+            assert close(a["grad_norm"], b["grad_norm"]), (name, a, b)
         for mode in ("sparse", "dense"):
-            assert abs(a["losses"][mode] - b["losses"][mode]) < 2e-3, (a, b)
+            assert close(evals["one"][0]["val_losses"][mode], evals[name][0]["val_losses"][mode]), (name, evals)
 
 
 def test_launcher_two_simulated_nodes_trains_end_to_end(tmp_path, tiny_dataset):
