@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,8 @@ class StepRecord:
 
 def drop_records_after(path, step: int) -> None:
     """Remove the records of steps after ``step`` from a metrics JSONL file (a resumed run writes
-    them again), atomically; lines that are not step records are kept."""
+    them again), atomically; lines that are not step records are kept. A last line cut off by a
+    kill mid-write (no newline at its end) is dropped too: the next record would be glued onto it."""
     path = Path(path)
     if not path.is_file():
         return
@@ -68,13 +70,15 @@ def drop_records_after(path, step: int) -> None:
             record = json.loads(line)
         except ValueError:
             record = None
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+        if not line.endswith("\n") or (isinstance(record, dict) and isinstance(record.get("step"), int)
+                                       and record["step"] > step):
             dropped += 1
         else:
             kept.append(line)
     if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("".join(kept))
         os.replace(tmp, path)
 
 

@@ -50,3 +50,12 @@ def test_a_fresh_run_refuses_another_runs_logs(tmp_path, megatron_single_process
     empty = load_config("recipes/tiny-cpu.yaml", [f"logging.tensorboard_dir={tmp_path / 'new'}",
                                                   f"logging.metrics_jsonl={tmp_path / 'new.jsonl'}"])
     _refuse_to_mix_logs(empty, 0)
+
+
+def test_a_record_cut_off_mid_write_is_dropped_on_resume(tmp_path):
+    from megatron_ratplus.training.metrics import drop_records_after
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\n{"note": "kept"}\n{"step": 2}\n{"step": 3, "los')
+    drop_records_after(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"note": "kept"}\n{"step": 2}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["m.jsonl"]
