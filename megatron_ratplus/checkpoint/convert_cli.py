@@ -23,6 +23,7 @@ import torch
 
 from ..warning_filters import hide_in_child_processes
 from .errors import CheckpointError
+from .paths import TRACKER_NAME
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -103,6 +104,8 @@ def to_hf(ckpt: str, out_dir: str, *, tokenizer: Optional[str] = None, dtype: st
         raise ConvertError(f"{out_dir} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConvertError(f"{out_dir} is not empty; choose another directory or pass --overwrite")
+    if out.is_dir() and ((out / TRACKER_NAME).exists() or any(out.glob("iter_*"))):
+        raise ConvertError(f"{out_dir} holds Megatron checkpoints; write the Hugging Face folder elsewhere")
     parse_size(max_shard_size)           # a bad --max-shard-size fails before the checkpoint is read
     model_args, state_dict = load_full_state_dict(ckpt)
     train_state = read_train_state(ckpt)

@@ -54,3 +54,12 @@ def test_to_hf_writes_eos_and_the_chosen_mode(tmp_path):
     assert AutoTokenizer.from_pretrained(out).eos_token == "</s>"
     with pytest.raises(ConvertError, match="--eos-token needs a tokenizer"):
         to_hf(str(ckpt), str(tmp_path / "hf_none"), eos_token="</s>")
+
+
+def test_to_hf_never_writes_into_a_checkpoint_directory(tmp_path):
+    model = small_model()
+    ckpt = from_hf(str(write_hf_folder(model.state_dict(), model.config, tmp_path / "hf_in")), str(tmp_path / "ck"))
+    before = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    with pytest.raises(ConvertError, match="holds Megatron checkpoints"):
+        to_hf(str(ckpt), str(tmp_path / "ck"), overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == before
