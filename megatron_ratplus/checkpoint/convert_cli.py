@@ -32,20 +32,25 @@ class ConvertError(ValueError):
     pass
 
 
-def _tokenizer_from_run_config(train_state: Optional[dict]) -> Optional[Path]:
-    """The dataset's tokenizer.json, found through the run config stored in the checkpoint."""
+def _tokenizer_from_run_config(train_state: Optional[dict], ckpt: str) -> Optional[Path]:
+    """The dataset's tokenizer.json, found through the run config stored in the checkpoint. A
+    relative data path was relative to the training's working directory, which is not recorded:
+    it is tried against this directory, then against each folder above the checkpoint (a run's
+    save_dir usually lies below the directory it was started from)."""
     run = (train_state or {}).get("run_config") or {}
     data = run.get("data") or {}
     candidates = [s.get("local") for s in data.get("streams") or [] if isinstance(s, dict)]
     if data.get("default_corpus") and not data.get("streams"):
         candidates.append(data.get("default_dir"))
-    for directory in candidates:
-        if directory and Path(directory, "tokenizer.json").is_file():
-            return Path(directory, "tokenizer.json")
+    bases = [Path.cwd()] + list(Path(ckpt).resolve().parents)
+    for directory in filter(None, candidates):
+        for base in ([Path()] if Path(directory).is_absolute() else bases):
+            if (base / directory / "tokenizer.json").is_file():
+                return base / directory / "tokenizer.json"
     return None
 
 
-def _resolve_tokenizer(arg: Optional[str], train_state: Optional[dict]) -> Optional[Path]:
+def _resolve_tokenizer(arg: Optional[str], train_state: Optional[dict], ckpt: str) -> Optional[Path]:
     if arg:
         path = Path(arg)
         if path.is_dir():
@@ -53,7 +58,7 @@ def _resolve_tokenizer(arg: Optional[str], train_state: Optional[dict]) -> Optio
         if not path.is_file():
             raise ConvertError(f"--tokenizer {arg}: no tokenizer.json there")
         return path
-    return _tokenizer_from_run_config(train_state)
+    return _tokenizer_from_run_config(train_state, ckpt)
 
 
 def _document_end(tokenizer_json: Path, eos_token: Optional[str]) -> Optional[Tuple[int, str]]:
@@ -85,6 +90,15 @@ def _trained_attention_mode(train_state: Optional[dict]) -> Optional[str]:
     return "sparse" if train.get("joint") is False and train.get("mode") == "sparse" else None
 
 
+def _model_type(folder: str) -> Optional[str]:
+    """``model_type`` of a Hugging Face folder's config.json (None when it has none or is unreadable:
+    transformers then names the problem)."""
+    try:
+        return json.loads(Path(folder, "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _require_dir(path: str, what: str) -> None:
     if not Path(path).is_dir():
         raise ConvertError(f"{what} {path} does not exist or is not a directory")
@@ -114,13 +128,14 @@ def to_hf(ckpt: str, out_dir: str, *, tokenizer: Optional[str] = None, dtype: st
     if mode is not None:
         cfg.attention_mode = mode
     hf_sd = megatron_to_hf_state_dict(state_dict, cfg)
-    tok = _resolve_tokenizer(tokenizer, train_state)
+    tok = _resolve_tokenizer(tokenizer, train_state, ckpt)
     tokenizer_kwargs = None
     if tok is None:
         if eos_token is not None:
             raise ConvertError("--eos-token needs a tokenizer (give --tokenizer)")
-        print("note: no tokenizer found (give --tokenizer; a relative data path in the run config is "
-              "resolved against the current directory); writing the model without one", file=sys.stderr)
+        print("WARNING: the dataset named in the checkpoint's run config has no tokenizer.json here or above "
+              "the checkpoint; writing the model WITHOUT a tokenizer (give --tokenizer DATASET_DIR)",
+              file=sys.stderr)
     else:
         end = _document_end(tok, eos_token)
         if end is None:
@@ -150,8 +165,14 @@ def _calibration_ids(llama_dir: str, text_file: Optional[str], tokens: int = 204
     """A ``[B, seq]`` batch of the Llama tokenizer's ids for the calibrated gate init."""
     if not text_file:
         return None
+    if not Path(text_file).is_file():
+        raise ConvertError(f"--calibration-text {text_file} does not exist")
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(llama_dir, local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(llama_dir, local_files_only=True)
+    except (OSError, ValueError, AttributeError, TypeError, KeyError) as exc:
+        raise ConvertError(f"--calibration-text needs the Llama folder's tokenizer, which did not load from "
+                           f"{llama_dir}: {exc}") from exc
     ids = tok(Path(text_file).read_text(errors="replace"))["input_ids"][:tokens]
     if len(ids) < seq:
         raise ConvertError(f"--calibration-text {text_file} gives {len(ids)} tokens; need at least {seq}")
@@ -168,6 +189,8 @@ def from_llama(llama_dir: str, save_dir: str, *, recurrence: bool, gate_init: st
     from .hf_bridge import check_import_target, save_full_state_dict
 
     _require_dir(llama_dir, "Llama folder")
+    if _model_type(llama_dir) == "ratplus":     # else transformers asks to run its remote code
+        raise ConvertError(f"{llama_dir} is a RAT+ Hugging Face folder: import it with from-hf")
     check_import_target(Path(save_dir))
     config = AutoConfig.from_pretrained(llama_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(llama_dir, local_files_only=True).float()

@@ -259,6 +259,10 @@ class RunConfig:
             raise ConfigError(f"parallel.virtual_pipeline_parallel must be >= 2 (model chunks per pipeline rank) "
                               f"or null (no interleaving), got {vpp}")
         d, lg = self.data, self.logging
+        for key in ("streams", "val_streams"):
+            if not isinstance(getattr(d, key), list):
+                raise ConfigError(f"data.{key} must be a list of streams, e.g. data.{key}=[{{local: /path/to/dataset}}], "
+                                  f"got {getattr(d, key)!r}")
         for key, value in self._paths().items():
             if value is not None and not isinstance(value, str):
                 raise ConfigError(f"{key} must be a path (a string), got {value!r}")

@@ -67,7 +67,8 @@ def _refuse_to_mix_logs(cfg: RunConfig, step: int) -> None:
         if lg.tensorboard_dir and any(Path(lg.tensorboard_dir).glob("events.out.tfevents*")):
             problem = (f"logging.tensorboard_dir={lg.tensorboard_dir} already holds the events of another run; "
                        f"this run starts from scratch and its curves would mix with them: choose another "
-                       f"directory (or move it away)")
+                       f"directory (or move it away; if it holds an interrupted attempt of this run that saved no "
+                       f"checkpoint, delete it)")
         elif lg.metrics_jsonl and Path(lg.metrics_jsonl).is_file() and Path(lg.metrics_jsonl).stat().st_size:
             problem = (f"logging.metrics_jsonl={lg.metrics_jsonl} already holds the records of another run; "
                        f"this run starts from scratch: choose another file (or move it away)")

@@ -63,3 +63,31 @@ def test_to_hf_never_writes_into_a_checkpoint_directory(tmp_path):
     with pytest.raises(ConvertError, match="holds Megatron checkpoints"):
         to_hf(str(ckpt), str(tmp_path / "ck"), overwrite=True)
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == before
+
+
+def test_tokenizer_of_a_relative_data_path_is_found_above_the_checkpoint(tmp_path, monkeypatch):
+    """A run started in tmp_path with data.default_dir=data/ds saved to tmp_path/runs/x/ck: to-hf
+    run from elsewhere still finds the tokenizer."""
+    from megatron_ratplus.checkpoint.convert_cli import _tokenizer_from_run_config
+    (tmp_path / "data" / "ds").mkdir(parents=True)
+    make_tokenizer_json(tmp_path / "data" / "ds" / "tokenizer.json")
+    ckpt = tmp_path / "runs" / "x" / "ck"
+    ckpt.mkdir(parents=True)
+    state = {"run_config": {"data": {"default_corpus": True, "streams": [], "default_dir": "data/ds"}}}
+    monkeypatch.chdir(tmp_path / "runs")
+    found = _tokenizer_from_run_config(state, str(ckpt))
+    assert found is not None and found.resolve() == (tmp_path / "data" / "ds" / "tokenizer.json").resolve()
+    assert _tokenizer_from_run_config({"run_config": {"data": {"streams": [{"local": "nowhere"}]}}}, str(ckpt)) is None
+
+
+def test_from_llama_refuses_a_ratplus_folder_and_a_missing_calibration_text(tmp_path):
+    from megatron_ratplus.checkpoint.convert_cli import _calibration_ids, from_llama
+    model = small_model()
+    folder = write_hf_folder(model.state_dict(), model.config, tmp_path / "hf")
+    with pytest.raises(ConvertError, match="is a RAT\\+ Hugging Face folder: import it with from-hf"):
+        from_llama(str(folder), str(tmp_path / "ck"), recurrence=True, gate_init="zeros")
+    with pytest.raises(ConvertError, match="--calibration-text .* does not exist"):
+        _calibration_ids(str(folder), str(tmp_path / "missing.txt"))
+    (tmp_path / "text.txt").write_text("some text " * 100)
+    with pytest.raises(ConvertError, match="needs the Llama folder's tokenizer"):
+        _calibration_ids(str(folder), str(tmp_path / "text.txt"))

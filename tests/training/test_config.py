@@ -29,6 +29,7 @@ RECIPE = "recipes/tiny-cpu.yaml"
     ("logging.eval_iters=0", "logging.eval_iters must be >= 1"),
     ("parallel.virtual_pipeline_parallel=-1", "parallel.virtual_pipeline_parallel must be >= 2"),
     ("parallel.virtual_pipeline_parallel=1", "parallel.virtual_pipeline_parallel must be >= 2"),
+    ("data.streams=/tmp/x", "data.streams must be a list of streams, e.g. data.streams=[{local: "),
     ("checkpoint.save_dir=[1, 2]", "checkpoint.save_dir must be a path (a string), got [1, 2]"),
     ("logging.metrics_jsonl={a: 1}", "logging.metrics_jsonl must be a path (a string)"),
 ])
