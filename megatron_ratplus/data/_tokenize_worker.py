@@ -2,15 +2,26 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import numpy as np
+
+from ._lifetime import die_with_parent
 
 _TOKENIZER = None
 
 
-def init_worker(tokenizer_path: str, single_threaded: bool = True) -> None:
-    """Pool initializer: load the tokenizer once per process."""
+def init_worker(tokenizer_path: str, single_threaded: bool = True, parent_pid: int | None = None) -> None:
+    """Pool initializer: load the tokenizer once per process.
+
+    As a pool worker (``parent_pid`` given) it dies with the preparing process, whatever kills that,
+    and takes SIGTERM's default action: the parent's handler (SIGTERM -> SystemExit, for its
+    clean-up) is inherited through fork but would only make a worker's exit noisy.
+    """
     global _TOKENIZER
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if single_threaded:
         # One worker process = one core; tokenizers' own thread pool would oversubscribe.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"

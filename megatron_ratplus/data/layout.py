@@ -1,10 +1,20 @@
 """The files a dataset directory owns, refusing to clobber, and replacing a dataset safely.
 
 A new dataset is written into a staging directory inside the output directory and moved into
-place only once complete (manifest last), so a failed preparation leaves the output untouched and
-``--overwrite`` deletes the old dataset's files only after the new one is ready. Only files the old
-dataset owns are ever deleted: its manifest, tokenizer.json, each split's index.json and the shard
-files that index lists (compressed, decompressed, and streaming's temporary ``.tmp`` forms).
+place only once complete (manifest last), so a failed preparation leaves the output untouched.
+Only files the old dataset owns are ever touched: its manifest, tokenizer.json, each split's
+index.json and the shard files that index lists (compressed, decompressed, and streaming's
+temporary ``.tmp`` forms).
+
+Commit (:func:`commit_staging`). The old dataset's files first move aside into ``REPLACED_DIR``
+inside the dataset directory (manifest first), then a journal listing the new files is written
+there, the new files move in (manifest last), and the aside directory is deleted. A manifest in
+the dataset directory therefore always belongs to a complete dataset, and a commit that stops
+part-way is undone -- at once when it raises, else (the process was killed) by the next
+``prepare`` into that directory (:func:`recover_interrupted_commit`): without a manifest, the
+journal's files are deleted and the old dataset moves back (manifest last, so a crash while
+recovering is recovered again); with a manifest, the commit had finished and the aside directory
+is stale.
 """
 from __future__ import annotations
 
@@ -12,11 +22,13 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
-from .manifest import INDEX_NAME, MANIFEST_NAME, SPLITS, TOKENIZER_NAME, read_manifest
+from .manifest import INDEX_NAME, MANIFEST_NAME, REPLACED_DIR, SPLITS, TOKENIZER_NAME, read_manifest
 
 STAGING_PREFIX = ".ratplus-staging-"
+JOURNAL_NAME = "incoming.json"
 
 
 def owned_files(directory: Path) -> list[Path]:
@@ -55,6 +67,7 @@ def check_output_dir(directory: str | os.PathLike, *, overwrite: bool) -> bool:
         return False
     if not directory.is_dir():
         raise FileExistsError(f"output {directory} exists and is not a directory")
+    recover_interrupted_commit(directory)
     if (directory / MANIFEST_NAME).is_file():
         manifest = read_manifest(directory)  # must be ours to know what it owns
         if not overwrite:
@@ -89,36 +102,68 @@ def new_staging_dir(directory: Path) -> Path:
     return staging
 
 
-def remove_dataset(directory: Path) -> None:
-    """Delete the files owned by the dataset in ``directory`` (manifest first), nothing else."""
-    files = owned_files(directory)
-    files.sort(key=lambda p: p.name != MANIFEST_NAME)  # manifest first: never a manifest without data
-    for f in files:
-        f.unlink()
+def commit_staging(staging: Path, directory: Path, *, replace_existing: bool) -> None:
+    """Move a complete dataset from ``staging`` into ``directory``, the old one aside first (see the
+    module docstring); on any error the old dataset is put back before the error propagates."""
+    aside = directory / REPLACED_DIR
+    if aside.exists():
+        raise FileExistsError(f"{aside} exists: an earlier commit into {directory} was not cleaned up")
+    old = owned_files(directory) if replace_existing else []
+    old.sort(key=lambda p: p.name != MANIFEST_NAME)  # manifest first: never a manifest without data
+    new = [p.relative_to(staging) for split in SPLITS if (staging / split).is_dir()
+           for p in sorted((staging / split).iterdir(), key=lambda p: (p.name == INDEX_NAME, p.name))]
+    new += [Path(TOKENIZER_NAME), Path(MANIFEST_NAME)]  # indexes after their shards, manifest last
+    try:
+        aside.mkdir()
+        for f in old:
+            _move(f, aside / f.relative_to(directory))
+        (aside / JOURNAL_NAME).write_text(json.dumps([str(rel) for rel in new]))
+        for rel in new:
+            _move(staging / rel, directory / rel)
+        shutil.rmtree(aside)
+    except BaseException:
+        recover_interrupted_commit(directory)
+        raise
+    _remove_empty_split_dirs(directory)  # a split the new dataset lacks
+    shutil.rmtree(staging)
+
+
+def recover_interrupted_commit(directory: Path) -> None:
+    """Finish or undo a commit into ``directory`` that stopped part-way (see the module docstring)."""
+    aside = directory / REPLACED_DIR
+    if not aside.is_dir():
+        return
+    if (directory / MANIFEST_NAME).is_file():  # not started, or finished: the directory is complete
+        shutil.rmtree(aside)
+        return
+    journal = aside / JOURNAL_NAME
+    try:
+        incoming = json.loads(journal.read_text())
+    except (OSError, ValueError):  # none (or half-written): no new file had moved in yet
+        incoming = []
+    for rel in incoming:
+        (directory / rel).unlink(missing_ok=True)
+    journal.unlink(missing_ok=True)
+    old = sorted((p for p in aside.rglob("*") if p.is_file()), key=lambda p: p.name == MANIFEST_NAME)
+    for f in old:
+        _move(f, directory / f.relative_to(aside))
+    _remove_empty_split_dirs(directory)
+    shutil.rmtree(aside)
+    if old:
+        warnings.warn(f"{directory}: a `ratplus-data prepare` stopped while it replaced the dataset there; the "
+                      f"previous dataset was put back", RuntimeWarning, stacklevel=2)
+
+
+def _remove_empty_split_dirs(directory: Path) -> None:
     for split in SPLITS:
         d = directory / split
         if d.is_dir() and not any(d.iterdir()):
             d.rmdir()
 
 
-def commit_staging(staging: Path, directory: Path, *, replace_existing: bool) -> None:
-    """Move a complete dataset from ``staging`` into ``directory`` (manifest last)."""
-    if replace_existing:
-        remove_dataset(directory)
-    for split in SPLITS:
-        src = staging / split
-        if not src.is_dir():
-            continue
-        dst = directory / split
-        dst.mkdir(exist_ok=True)
-        names = sorted(p.name for p in src.iterdir())
-        names.sort(key=lambda n: n == INDEX_NAME)  # index after its shards
-        for name in names:
-            os.replace(src / name, dst / name)
-        src.rmdir()
-    os.replace(staging / TOKENIZER_NAME, directory / TOKENIZER_NAME)
-    os.replace(staging / MANIFEST_NAME, directory / MANIFEST_NAME)
-    shutil.rmtree(staging)
+def _move(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(exist_ok=True)
+    os.replace(src, dst)
 
 
 def discard_staging(staging: Path) -> None:

@@ -10,8 +10,22 @@ variables while it builds the dataset (and restores them), and points streaming'
 readers' process group ``group`` instead of the whole job. Readers of one node must all build
 their loaders (and start each epoch) together, as a training loop does.
 
-Iteration yields ``torch.LongTensor [micro_batch_size, seq_len + 1]``; partial batches at the
-end of an epoch are dropped (every rank drops alike, so ranks stay in step).
+Iteration yields ``torch.LongTensor [micro_batch_size, seq_len + 1]``.
+
+Global order and epochs. Streaming lays an epoch out as one global sequence of samples that
+depends only on (seed, epoch, num_canonical_nodes) and deals it out row by row: each row of
+``dp_size`` consecutive positions gives one sample to every reader, and a micro batch takes
+``micro_batch_size`` rows. So the ``global_batch_size`` positions of optimizer step ``k`` are
+positions ``[k·G, (k+1)·G)`` of that sequence at any dp_size / micro_batch_size whose product
+divides G. Streaming ends the sequence with padding (repeats of samples, so that every reader gets
+as many), and dp-dependent padding would put a sample twice into one step. Every epoch is therefore
+cut to the longest prefix that (a) holds no padding -- ``num_canonical_nodes · ⌊N /
+num_canonical_nodes⌋`` of the epoch's N samples -- and (b) is a multiple of ``global_batch_size``;
+the rest of the epoch is skipped (reshuffled into later epochs). Hence no sample repeats within an
+epoch, no step spans two epochs, and the samples of every step are the same at every layout with
+the same (seed, num_canonical_nodes, global_batch_size). num_canonical_nodes defaults to the number
+of nodes of the first run and is kept by resumes: give it explicitly to compare fresh runs over
+different node counts.
 
 Epochs. A ``train`` loader iterates forever: when an epoch is exhausted the next one starts, with
 streaming's per-epoch reshuffle (seed + epoch), so the sample order depends only on (seed, epoch).
@@ -21,8 +35,8 @@ every evaluation sees the same batches. ``infinite=`` overrides either default.
 Resume. The loader counts the samples consumed in the current epoch (globally: batches ×
 micro_batch_size × dp_size, streaming's convention). ``state_dict()`` returns that position as a
 small JSON-able dict; ``load_state_dict()`` in a new process makes the next batches exactly those
-an uninterrupted run would have produced (same dp_size / micro_batch_size; with other values
-streaming keeps the global sample order but the split into micro batches changes). Every
+an uninterrupted run would have produced -- at another dp_size / micro_batch_size too, as long as
+global_batch_size is the same (only which reader gets which sample of a step changes). Every
 ``iter()`` continues from the current position (it re-arms streaming's resume state), so
 re-iterating a train loader never skips or repeats samples.
 
@@ -34,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -50,6 +65,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._lifetime import die_with_parent
 from .housekeeping import warn_about_leftovers
 from .manifest import COLUMN, INDEX_NAME, MANIFEST_NAME, TOKENIZER_NAME, DatasetManifest, read_manifest
 
@@ -390,14 +406,19 @@ def _explain(exc: BaseException) -> BaseException:
 def _worker_init(_worker_id: int) -> None:
     """DataLoader worker: die with the parent. A worker waiting inside one of streaming's polling
     loops never reaches torch's parent-liveness check, so a killed trainer would leave it behind."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            import signal
+    die_with_parent()
 
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
+
+def epoch_samples(num_samples: int, num_canonical_nodes: int, global_batch_size: int) -> int:
+    """Samples an epoch of ``num_samples`` uses (see "Global order and epochs" above).
+
+    Streaming deals position ``p`` of the epoch from row ``p % ncn`` (a canonical node's contiguous
+    share, its last sample repeated when N is not a multiple of ncn), column ``p // ncn``; every row
+    has at least ``N // ncn`` real samples, so the first ``ncn · (N // ncn)`` positions are distinct
+    and free of padding for any number of readers.
+    """
+    usable = num_canonical_nodes * (num_samples // num_canonical_nodes)
+    return usable - usable % global_batch_size
 
 
 def _collate(samples: list[dict]) -> torch.Tensor:
@@ -412,14 +433,15 @@ class PretrainingLoader:
     """Iterable of ``LongTensor [micro_batch_size, seq_len + 1]`` with ``state_dict`` for resume."""
 
     def __init__(self, dataset, *, streams: list[_Stream], split: str, seq_len: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, seed: int, shuffle: bool, num_workers: int, infinite: bool,
-                 num_canonical_nodes: int, initial_physical_nodes: int) -> None:
+                 dp_rank: int, dp_size: int, global_batch_size: int, seed: int, shuffle: bool, num_workers: int,
+                 infinite: bool, num_canonical_nodes: int, initial_physical_nodes: int) -> None:
         self.dataset = dataset
         self.split = split
         self.seq_len = seq_len
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
         self.dp_size = dp_size
+        self.global_batch_size = global_batch_size
         self.shuffle = shuffle
         self.infinite = infinite
         self._streams = streams
@@ -452,9 +474,14 @@ class PretrainingLoader:
         """Samples in one epoch, all ranks together (after stream proportions)."""
         return int(self.dataset.epoch_size)
 
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples one epoch actually uses: ``num_samples`` cut to whole global batches."""
+        return epoch_samples(self.num_samples, self._ncn, self.global_batch_size)
+
     def __len__(self) -> int:
-        """Full micro batches this rank yields in one whole epoch."""
-        return int(self.dataset.length) // self.micro_batch_size
+        """Micro batches this rank yields in one whole epoch."""
+        return self.samples_per_epoch // (self.micro_batch_size * self.dp_size)
 
     # -- iteration -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -492,19 +519,25 @@ class PretrainingLoader:
         if not self.infinite:
             self._epoch, self._sample_in_epoch = 0, 0
         while True:
-            started_at = self._sample_in_epoch
-            yielded = 0
-            self._arm()
-            for batch in self._loader:
-                if batch.shape[0] != self.micro_batch_size:
-                    continue  # the epoch's partial tail: dropped on every rank alike
-                self._sample_in_epoch += step
-                yielded += 1
-                yield batch
-            if yielded == 0 and started_at == 0:
+            end = self.samples_per_epoch
+            if end == 0:
                 raise ValueError(
-                    f"the {self.split!r} split has {self.num_samples} samples: too few for one micro batch of "
-                    f"{self.micro_batch_size} on each of {self.dp_size} data-parallel ranks")
+                    f"the {self.split!r} split has {self.num_samples} samples: too few for one global batch of "
+                    f"{self.global_batch_size} ({self.micro_batch_size} per micro batch on each of "
+                    f"{self.dp_size} data-parallel ranks)")
+            remaining = (end - self._sample_in_epoch) // step
+            if remaining > 0:
+                self._arm()
+                # Stop at the epoch's cut (see the module docstring), before streaming's padded tail.
+                for batch in itertools.islice(self._loader, remaining):
+                    if batch.shape[0] != self.micro_batch_size:
+                        raise RuntimeError(f"streaming gave a partial micro batch ({batch.shape[0]} of "
+                                           f"{self.micro_batch_size} samples) before the end of the epoch")
+                    self._sample_in_epoch += step
+                    yield batch
+                if self._sample_in_epoch + step <= end:
+                    raise RuntimeError(f"streaming ended epoch {self._epoch} at sample {self._sample_in_epoch}, "
+                                       f"before its cut at {end}")
             self._epoch += 1
             self._sample_in_epoch = 0
             if not self.infinite:
@@ -519,6 +552,7 @@ class PretrainingLoader:
             "seq_len": self.seq_len,
             "micro_batch_size": self.micro_batch_size,
             "dp_size": self.dp_size,
+            "global_batch_size": self.global_batch_size,
             "shuffle": self.shuffle,
             "streams": [s.describe(self.split) for s in self._streams],
             **self._streaming_state(),
@@ -538,10 +572,12 @@ class PretrainingLoader:
                              f"differ: {theirs} vs {mine}); exact resume is impossible")
         if state["shuffle"] != self.shuffle:
             raise ValueError(f"loader state has shuffle={state['shuffle']}, this loader shuffle={self.shuffle}")
-        if (state["dp_size"], state["micro_batch_size"]) != (self.dp_size, self.micro_batch_size):
+        saved_gbs = state.get("global_batch_size")  # absent in states of older versions
+        if saved_gbs is not None and saved_gbs != self.global_batch_size:
             warnings.warn(
-                f"resuming with dp_size={self.dp_size}, micro_batch_size={self.micro_batch_size} (saved with "
-                f"{state['dp_size']}, {state['micro_batch_size']}): the global sample order is kept but batches differ")
+                f"resuming with global_batch_size={self.global_batch_size} (saved with {saved_gbs}): the global "
+                f"sample order is kept, but the samples of each step and the end of every epoch differ from "
+                f"the original run's")
         self.close()
         self._epoch = int(state["epoch"])
         self._sample_in_epoch = int(state["sample_in_epoch"])
@@ -566,6 +602,7 @@ def build_pretraining_loader(
     readers_per_node: int | None = None,
     group=None,
     infinite: bool | None = None,
+    global_batch_size: int | None = None,
     vocab_size: int | None = None,
     num_canonical_nodes: int | None = None,
     cache_limit: int | str | None = None,
@@ -581,7 +618,10 @@ def build_pretraining_loader(
     streams' samples). ``readers_per_node`` (default ``dp_size``: one node) readers share a node;
     when more than one, their barriers need ``group``, the readers' process group (not needed when
     torch.distributed's world is exactly the readers, or in a Megatron job, where the data-parallel
-    group of the reading rank is used). ``vocab_size``: also check the tokenizer fits the model's vocabulary.
+    group of the reading rank is used). ``global_batch_size``: samples per optimizer step, all readers
+    together (default ``micro_batch_size * dp_size``); every epoch is cut to a multiple of it, so that
+    steps are the same at every layout -- give the trainer's. ``vocab_size``: also check the tokenizer
+    fits the model's vocabulary.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -591,6 +631,10 @@ def build_pretraining_loader(
         raise ValueError(f"micro_batch_size and seq_len must be >= 1 (got {micro_batch_size}, {seq_len})")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    global_batch_size = micro_batch_size * dp_size if global_batch_size is None else int(global_batch_size)
+    if global_batch_size < 1 or global_batch_size % (micro_batch_size * dp_size):
+        raise ValueError(f"global_batch_size={global_batch_size} is not a multiple of micro_batch_size * dp_size = "
+                         f"{micro_batch_size * dp_size}")
     readers_per_node = dp_size if readers_per_node is None else int(readers_per_node)
     if readers_per_node < 1 or dp_size % readers_per_node:
         raise ValueError(f"dp_size={dp_size} readers cannot be spread evenly at readers_per_node={readers_per_node}")
@@ -628,6 +672,7 @@ def build_pretraining_loader(
                               partition_algo="relaxed", shuffle_algo="py1e", sampling_method="balanced",
                               batching_method="random")
     return PretrainingLoader(dataset, streams=resolved, split=split, seq_len=seq_len,
-                             micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed,
+                             micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                             global_batch_size=global_batch_size, seed=seed,
                              shuffle=shuffle, num_workers=num_workers, infinite=infinite,
                              num_canonical_nodes=ncn, initial_physical_nodes=num_nodes)

@@ -25,6 +25,7 @@ TOKENIZER_NAME = "tokenizer.json"
 SPLITS = ("train", "val")
 COLUMN = "tokens"
 INDEX_NAME = "index.json"
+REPLACED_DIR = ".ratplus-replaced"  # where a commit puts the dataset it replaces (see layout)
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,11 @@ def read_manifest(directory: str | os.PathLike) -> DatasetManifest:
     if not path.is_file():
         if not directory.exists():
             raise FileNotFoundError(f"dataset directory {directory} does not exist")
+        if (directory / REPLACED_DIR).is_dir():
+            raise FileNotFoundError(
+                f"{directory} has no {MANIFEST_NAME}: a `ratplus-data prepare` was killed while it replaced the "
+                f"dataset there; the previous dataset is in {directory / REPLACED_DIR} and the next "
+                f"`ratplus-data prepare --output {directory}` puts it back first")
         raise FileNotFoundError(
             f"{directory} has no {MANIFEST_NAME}: not a dataset prepared by `ratplus-data prepare` "
             f"(or its preparation did not finish)"

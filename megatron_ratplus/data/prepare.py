@@ -14,6 +14,8 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -133,7 +135,7 @@ def _tokenized(tasks: Iterable[tuple[list[str], list]], tokenizer_path: Path, wo
     from concurrent.futures.process import BrokenProcessPool
 
     pool = ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_tokenize_worker.init_worker,
-                               initargs=(str(tokenizer_path), True))
+                               initargs=(str(tokenizer_path), True, os.getpid()))
     try:
         pending: deque = deque()
         for texts, meta in tasks:
@@ -149,6 +151,21 @@ def _tokenized(tasks: Iterable[tuple[list[str], list]], tokenizer_path: Path, wo
                            f"this process") from exc
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _sigterm_raises_system_exit() -> Callable[[], None]:
+    """Turn SIGTERM (Slurm's time-limit and scancel signal) into ``SystemExit(143)`` until the
+    returned function is called (it restores the previous handler), so that a terminated
+    preparation removes its staging directory and shuts its tokenizer pool down as on any other
+    error. Only the main thread can set handlers: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _mp_context():
@@ -211,8 +228,10 @@ def prepare_dataset(
 
     from streaming import MDSWriter  # heavy import, after the cheap checks
 
-    staging = new_staging_dir(output)
+    restore_sigterm = _sigterm_raises_system_exit()
+    staging = None
     try:
+        staging = new_staging_dir(output)
         tok_path = staging / TOKENIZER_NAME
         t_tok = time.perf_counter()
         if train_tokenizer:
@@ -301,8 +320,11 @@ def prepare_dataset(
         write_manifest(staging, manifest)
         commit_staging(staging, output, replace_existing=replace_existing)
     except BaseException:
-        discard_staging(staging)
+        if staging is not None:
+            discard_staging(staging)
         raise
+    finally:
+        restore_sigterm()
     if skipped:
         log(f"warning: {skipped}; first problems: " + " | ".join(stats.problems[:5]))
     manifest = DatasetManifest.from_dict(manifest.to_dict(), path=output)

@@ -107,7 +107,8 @@ class TrainingData:
     def __init__(self, streams: List[Dict], *, seq_len: int, micro_batch_size: int, seed: int,
                  device, val_streams: Optional[List[Dict]] = None, cache_dir: Optional[str] = None,
                  num_workers: int = 0, readers_per_node: Optional[int] = None,
-                 vocab_size: Optional[int] = None, eval_micro_batches: int = 0):
+                 vocab_size: Optional[int] = None, eval_micro_batches: int = 0,
+                 global_batch_size: Optional[int] = None):
         from ..data import build_pretraining_loader
 
         self.seq_len = seq_len
@@ -130,7 +131,9 @@ class TrainingData:
             try:
                 common["readers_per_node"] = readers_per_node or (
                     readers_per_node_from_hosts(_reader_hosts()) if dp_size > 1 else 1)
-                self.train_loader = build_pretraining_loader(streams, split="train", shuffle=True, **common)
+                # epochs cut at whole global batches: the same samples per step at every DP layout
+                self.train_loader = build_pretraining_loader(streams, split="train", shuffle=True,
+                                                             global_batch_size=global_batch_size, **common)
                 self.val_loader = build_pretraining_loader(val_streams or streams, split="val",
                                                            shuffle=False, **common)
                 self._check_validation(eval_micro_batches)

@@ -165,7 +165,8 @@ def run_training(cfg: RunConfig) -> TrainState:
                             device=device, val_streams=cfg.data.val_streams or None,
                             cache_dir=cfg.data.cache_dir, num_workers=cfg.data.num_workers,
                             readers_per_node=cfg.data.readers_per_node, vocab_size=args.vocab_size,
-                            eval_micro_batches=cfg.logging.eval_iters * accum if evaluates else 0)
+                            eval_micro_batches=cfg.logging.eval_iters * accum if evaluates else 0,
+                            global_batch_size=t.global_batch_size)
         state = TrainState()
         _restore(cfg, objs, data, state)
         _refuse_newer_checkpoints(cfg, state.step)

@@ -18,7 +18,7 @@ def _loader(cfg: dict, **kw):
 
     return build_pretraining_loader([{"local": cfg["dataset"]}], split=cfg.get("split", "train"),
                                     seq_len=cfg["seq_len"], micro_batch_size=cfg["mbs"], seed=cfg["seed"],
-                                    num_workers=cfg.get("num_workers", 0), **kw)
+                                    num_workers=cfg.get("num_workers", 0), global_batch_size=cfg.get("gbs"), **kw)
 
 
 def resume(cfg: dict) -> dict:
