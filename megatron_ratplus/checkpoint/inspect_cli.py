@@ -5,8 +5,12 @@
 
 ``inspect`` prints the iteration, tokens consumed, parallel layout it was saved with, model args,
 run config, and every stored tensor with its global shape and dtype (read from the
-``dist_checkpointing`` metadata). Exit status: 0 on success, 2 for a missing, incomplete or
-corrupt checkpoint (the message says what is wrong).
+``dist_checkpointing`` metadata). ``list`` also reports leftovers of killed processes (a
+retention deletion or a save that was interrupted) with their size; nothing removes them.
+Exit status: 0 on success, 2 for a missing or incomplete checkpoint, or one whose files are
+visibly damaged (the message says what is wrong). "complete" means every file is present, long
+enough and readable as an index or pickle; tensor bytes are not verified (no checksums are
+stored), so same-size corruption goes unnoticed.
 """
 from __future__ import annotations
 
@@ -19,11 +23,13 @@ from typing import List, Optional
 
 from .errors import CheckpointError
 from .manager import resolve_checkpoint_local
-from .paths import TRACKER_NAME, list_iter_dirs, looks_like_checkpoint, read_tracker
+from .paths import TRACKER_NAME, format_size, leftovers, list_iter_dirs, looks_like_checkpoint, read_tracker
 from .validate import (RATPLUS_KEY, checkpoint_problems, decode_train_state, dir_size_bytes,
                        load_common, read_dcp_index)
 
 RUN_CONFIG_KEYS = ("run_config", "config")
+
+log = logging.getLogger(__name__)
 
 
 def _tensor_list(ckpt_dir: Path) -> List[dict]:
@@ -115,6 +121,9 @@ def _print_description(d: dict) -> None:
 def cmd_inspect(path: Path, as_json: bool, with_tensors: bool) -> int:
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
+    if not looks_like_checkpoint(path):
+        for leftover, size, what in leftovers(path):
+            log.warning("leftover %s (%s): %s", leftover, format_size(size), what)
     ckpt_dir = resolve_checkpoint_local(str(path), None)
     if ckpt_dir is None:
         raise CheckpointError(f"no complete checkpoint in {path}")
@@ -140,7 +149,9 @@ def list_checkpoints(save_dir: Path) -> dict:
                 pass
         rows.append(row)
     return {"save_dir": str(save_dir), "tracker": tracked, "tracker_problem": tracker_problem,
-            "checkpoints": rows}
+            "checkpoints": rows,
+            "leftovers": [{"path": str(p), "size_bytes": size, "what": what}
+                          for p, size, what in leftovers(save_dir)]}
 
 
 def cmd_list(path: Path, as_json: bool) -> int:
@@ -168,6 +179,10 @@ def cmd_list(path: Path, as_json: bool) -> int:
         tokens = f" tokens={row['consumed_tokens']}" if row["consumed_tokens"] is not None else ""
         latest = "  <- latest" if row["latest"] else ""
         print(f"  iter_{row['iteration']:07d}  {size:>10}  {status}{tokens}{latest}")
+    if listing["leftovers"]:
+        print("leftovers of interrupted saves or deletions (not removed automatically):")
+        for item in listing["leftovers"]:
+            print(f"  {Path(item['path']).name}  {format_size(item['size_bytes'])}  {item['what']}")
     return 0
 
 

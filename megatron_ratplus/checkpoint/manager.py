@@ -14,6 +14,10 @@ On-disk layout: ``<save_dir>/iter_XXXXXXX/`` per checkpoint (never overwritten) 
 ``<save_dir>/latest_checkpointed_iteration.txt``, replaced atomically only after the checkpoint is
 complete on every rank and passed :func:`~.validate.checkpoint_problems`.
 
+One run at a time per save_dir: rank 0 holds the run lock ``<save_dir>/.ratplus-run.lock``
+(:meth:`CheckpointManager.claim_save_dir`, taken at the latest by the first save or a resume from
+``latest``) until :meth:`CheckpointManager.close` or the end of the process.
+
 ``train_state`` is the caller's picklable dict (step, consumed tokens, data-loader state, run
 config, model args…). Rank 0's copy is stored; per-rank RNG states are added by the manager
 itself and restored when the parallel layout is unchanged.
@@ -34,8 +38,10 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from .. import collectives
 from .architecture import architecture_of, compare_architectures, unwrap_model
 from .errors import CheckpointError
-from .paths import (TRACKER_NAME, is_save_dir, iter_dir_name, iteration_of, list_iter_dirs,
-                    looks_like_checkpoint, read_tracker, write_tracker)
+from .paths import (LOCK_NAME, TRACKER_NAME, format_size, is_save_dir, iter_dir_name, iteration_of,
+                    leftovers, list_iter_dirs, lock_save_dir, looks_like_checkpoint, read_tracker,
+                    unlock_save_dir, write_tracker)
+from .preemption import spawning_shielded_helpers
 from .retention import apply_retention
 from .rng import restore_rng_state
 from .state import (FORMAT_VERSION, RNG_KEY, load_strategy, model_sharded_state_dict, model_state_key,
@@ -80,6 +86,38 @@ def _model_args_dict(model_args) -> Optional[dict]:
     return model_args.to_dict() if hasattr(model_args, "to_dict") else dict(model_args)
 
 
+def start_writer_helpers() -> None:
+    """Start the helper process of Megatron's torch_dist writer now, shielded from preemption signals.
+
+    The writer keeps its results queue in a ``multiprocessing`` Manager process, spawned at the
+    first save and reused by every later one. Started unshielded, it dies of the SIGTERM that
+    Slurm or Ctrl-C send to every process of the job, and the very save the preemption handler
+    asked for fails (BrokenPipeError). Idempotent; a no-op when someone else already started it.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    if getattr(filesystem_async, "_results_queue", True) is not None:
+        return
+    with spawning_shielded_helpers():
+        filesystem_async._get_write_results_queue()
+
+
+_reported_leftovers = {}
+
+
+def _report_leftovers(save_dir: Path) -> None:
+    """Warn about what killed processes left in ``save_dir`` (once per process for the same
+    leftovers: a run builds one manager to resume and another to save)."""
+    found = leftovers(save_dir)
+    names = sorted(path.name for path, _, _ in found)
+    if _reported_leftovers.get(os.path.realpath(save_dir)) == names:
+        return
+    _reported_leftovers[os.path.realpath(save_dir)] = names
+    if found:
+        log.warning("%s holds leftovers of interrupted saves or deletions (not removed automatically):\n  %s",
+                    save_dir, "\n  ".join(f"{path} ({format_size(size)}): {what}"
+                                           for path, size, what in found))
+
+
 # --------------------------------------------------------------------------------------------
 # Which checkpoint to load
 # --------------------------------------------------------------------------------------------
@@ -100,10 +138,16 @@ def _latest_complete(save_dir: Path, *, explicit: bool) -> Optional[Path]:
                     "removed); looking for the newest complete one", save_dir, TRACKER_NAME)
         candidates = entries
     else:
-        newer = [p.name for it, p in entries if it > tracked]
+        newer = [(it, p) for it, p in entries if it > tracked]
+        ahead = _same_run_ahead_of_tracker(save_dir, tracked, newer)
+        if ahead is not None:
+            log.warning("%s names iteration %d, but %s is complete and was written by the same run: its "
+                        "save was interrupted after the checkpoint was complete, before the tracker moved; "
+                        "resuming from %s", TRACKER_NAME, tracked, ahead.name, ahead)
+            return ahead
         if newer:
             log.warning("ignoring %s: newer than the latest completed save (iteration %d) recorded "
-                        "in %s", ", ".join(newer), tracked, TRACKER_NAME)
+                        "in %s", ", ".join(p.name for _, p in newer), tracked, TRACKER_NAME)
         if tracked not in [it for it, _ in entries]:
             log.warning("%s names iteration %d but %s does not exist", TRACKER_NAME, tracked,
                         save_dir / iter_dir_name(tracked))
@@ -125,6 +169,58 @@ def _latest_complete(save_dir: Path, *, explicit: bool) -> Optional[Path]:
                               f":{detail}")
     log.warning("no complete checkpoint in %s (earlier saves never finished): starting from scratch",
                 save_dir)
+    return None
+
+
+def _run_record(path: Path) -> Optional[dict]:
+    """Who wrote checkpoint ``path`` and how far it had got, from its common.pt (None when the
+    train state does not record the run config)."""
+    try:
+        common = load_common(path)
+        train_state = decode_train_state(common)
+    except Exception:
+        return None
+    run_config = train_state.get("run_config")
+    if not isinstance(run_config, dict):
+        return None
+    return {"save_dir": (run_config.get("checkpoint") or {}).get("save_dir"),
+            "seed": (run_config.get("train") or {}).get("seed"),
+            "model_args": _model_args_dict(train_state.get("model_args")),
+            "architecture": (common.get(RATPLUS_KEY) or {}).get("architecture"),
+            "step": train_state.get("step"), "consumed_tokens": train_state.get("consumed_tokens")}
+
+
+def _continues(earlier: Optional[dict], later: Optional[dict], iteration: int, save_dir: Path) -> bool:
+    """Whether ``later`` (checkpoint ``iteration``) is the run of ``earlier`` further on: written
+    into this save_dir (as recorded then, or as it is now) with the same seed and model, and
+    further in steps and tokens."""
+    if earlier is None or later is None or later["save_dir"] is None:
+        return False
+    same_dir = (later["save_dir"] == earlier["save_dir"]
+                or os.path.realpath(later["save_dir"]) == os.path.realpath(save_dir))
+    further = (later["step"] == iteration and earlier["step"] is not None and later["step"] > earlier["step"]
+               and (earlier["consumed_tokens"] is None or later["consumed_tokens"] is None
+                    or later["consumed_tokens"] > earlier["consumed_tokens"]))
+    same_run = all(later[k] == earlier[k] for k in ("seed", "model_args", "architecture"))
+    return same_dir and same_run and further
+
+
+def _same_run_ahead_of_tracker(save_dir: Path, tracked: int, newer) -> Optional[Path]:
+    """The newest complete checkpoint after the tracked one that the same run wrote, if any.
+
+    A process killed between a checkpoint becoming complete and the tracker moving (the manager's
+    completion step: barrier, verification, tracker write) leaves exactly that. Resuming from the
+    tracked one instead would be refused as soon as the run reached the newer iteration. A newer
+    checkpoint of another run (other seed, model or save_dir, or no run config recorded) is not
+    followed.
+    """
+    tracked_dir = save_dir / iter_dir_name(tracked)
+    if not newer or not tracked_dir.is_dir() or checkpoint_problems(tracked_dir):
+        return None
+    earlier = _run_record(tracked_dir)
+    for it, path in reversed(newer):
+        if not checkpoint_problems(path) and _continues(earlier, _run_record(path), it, save_dir):
+            return path
     return None
 
 
@@ -319,6 +415,49 @@ class CheckpointManager:
         self.async_requested = bool(async_save)
         self._async_queue = None
         self._pending_steps = []
+        self._lock_state = None      # rank 0: None = not taken yet, True = held, False = no flock here
+        if self.save_dir is not None and collectives.rank() == 0:
+            _report_leftovers(self.save_dir)
+
+    # -- owning the save_dir -----------------------------------------------------------------
+    def claim_save_dir(self) -> None:
+        """Make this run the only one using save_dir, until :meth:`close` or exit; collective.
+
+        Rank 0 creates save_dir and takes the run lock (:func:`~.paths.lock_save_dir`); when
+        another process holds it, every rank raises CheckpointError naming the holder, before
+        anything in the directory is touched. The first save and a resume from ``latest`` claim
+        it anyway; calling this at start-up refuses a second run before any work is done.
+        """
+        self._claim(create=True)
+
+    def _claim(self, create: bool) -> None:
+        error = None
+        if collectives.rank() == 0:
+            try:
+                self._lock_local(create)
+            except CheckpointError as e:
+                error = str(e)
+        _raise_together(error)
+
+    def _lock_local(self, create: bool) -> None:
+        """Rank 0's part of :meth:`claim_save_dir` (raises CheckpointError). ``create=False``: a
+        save_dir that does not exist is left alone (nothing to protect yet)."""
+        if self._lock_state is not None or self.save_dir is None:
+            return
+        try:
+            if create:
+                self.save_dir.mkdir(parents=True, exist_ok=True)
+            elif not self.save_dir.is_dir():
+                return
+            self._lock_state = lock_save_dir(self.save_dir)
+        except OSError as e:
+            raise CheckpointError(f"cannot take the run lock {self.save_dir / LOCK_NAME}: {e}") from e
+
+    def close(self) -> None:
+        """Release the run lock (call :meth:`finalize` first); exiting the process releases it too."""
+        if self._lock_state:
+            unlock_save_dir(self.save_dir)
+        self._lock_state = None
 
     # -- saving ------------------------------------------------------------------------------
     @property
@@ -349,6 +488,7 @@ class CheckpointManager:
         if collectives.any_rank(error is not None):
             raise CheckpointError(error or "train_state is not picklable on another rank")
         self._prepare_directory(ckpt_dir)
+        start_writer_helpers()
 
         chunks = list(model_chunks)
         meta = sharded_metadata(optimizer)
@@ -401,6 +541,7 @@ class CheckpointManager:
         if collectives.rank() == 0:
             try:
                 self.save_dir.mkdir(parents=True, exist_ok=True)
+                self._lock_local(create=True)      # first: another run's files are not ours to touch
                 if ckpt_dir.exists():
                     problems = checkpoint_problems(ckpt_dir)
                     if not problems:
@@ -422,6 +563,8 @@ class CheckpointManager:
                              f"move the newer checkpoints away)")
                 if error is None:
                     ckpt_dir.mkdir()
+            except CheckpointError as e:
+                error = str(e)
             except OSError as e:
                 error = f"cannot create checkpoint directory {ckpt_dir}: {e}"
         _raise_together(error)
@@ -486,7 +629,30 @@ class CheckpointManager:
         architecture check. Returns the stored train state.
         """
         self.finalize()
+        latest = which is None or which == "latest"
+        if latest:
+            # Resuming this save_dir's run makes it ours (and its tracker may have to move forward).
+            self._claim(create=False)
         ckpt_dir = self.resolve(which)
         if ckpt_dir is None:
             return None
-        return load_checkpoint_into(ckpt_dir, model_chunks, optimizer, scheduler, model_args=model_args)
+        state = load_checkpoint_into(ckpt_dir, model_chunks, optimizer, scheduler, model_args=model_args)
+        if latest:
+            self._catch_up_tracker(ckpt_dir)
+        return state
+
+    def _catch_up_tracker(self, ckpt_dir: Path) -> None:
+        """After resuming from a checkpoint ahead of a lagging tracker (an interrupted save, see
+        :func:`_same_run_ahead_of_tracker`), point the tracker at it; collective."""
+        error = None
+        if collectives.rank() == 0:
+            tracked, _ = read_tracker(self.save_dir)
+            step = iteration_of(ckpt_dir)
+            if tracked is not None and step is not None and step > tracked:
+                try:
+                    write_tracker(self.save_dir, step)
+                    log.warning("moved %s forward from iteration %d to %d", self.save_dir / TRACKER_NAME,
+                                tracked, step)
+                except OSError as e:
+                    error = f"cannot update {self.save_dir / TRACKER_NAME}: {e}"
+        _raise_together(error)

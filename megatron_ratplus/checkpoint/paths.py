@@ -3,17 +3,27 @@
 The tracker ``latest_checkpointed_iteration.txt`` holds the iteration of the newest checkpoint
 that completed on every rank. It is replaced atomically (write a temporary file, fsync,
 ``os.replace``), so a reader sees either the old or the new number, never a partial write.
+
+``.ratplus-run.lock`` is the run lock (:func:`lock_save_dir`): one run at a time per save_dir.
 """
 from __future__ import annotations
 
+import datetime
+import errno
+import fcntl
+import logging
 import os
 import re
+import socket
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from .errors import CheckpointError
 
+log = logging.getLogger(__name__)
+
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
+LOCK_NAME = ".ratplus-run.lock"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 
 
@@ -99,3 +109,154 @@ def looks_like_checkpoint(path) -> bool:
 def is_save_dir(path) -> bool:
     path = Path(path)
     return tracker_path(path).exists() or bool(list_iter_dirs(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Leftovers of killed processes
+# --------------------------------------------------------------------------------------------
+_LEFTOVERS = (
+    (re.compile(r"^\.deleting-iter_\d{7,}-\d+$"),
+     "a checkpoint whose removal by retention was interrupted: remove it"),
+    (re.compile(r"^iter_\d{7,}\.incomplete-.+$"),
+     "an unfinished save set aside by a later save of that iteration: inspect or remove it"),
+    (re.compile(rf"^\.{re.escape(TRACKER_NAME)}\.tmp\.\d+$"),
+     "a tracker update that was interrupted: remove it"),
+)
+
+
+def _tree_size(path: Path) -> Optional[int]:
+    try:
+        if not path.is_dir():
+            return path.stat().st_size
+        return sum(os.path.getsize(os.path.join(root, name))
+                   for root, _dirs, files in os.walk(path) for name in files)
+    except OSError:
+        return None
+
+
+def leftovers(save_dir) -> List[Tuple[Path, Optional[int], str]]:
+    """``(path, size in bytes, what it is)`` of what killed processes left in ``save_dir``.
+
+    Nothing removes them automatically (an unfinished save may be worth a look, and a deletion
+    must never race another process), but they can hold a whole checkpoint's worth of disk, so
+    the manager and ``ratplus-ckpt list`` report them.
+    """
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return []
+    found = []
+    for entry in sorted(save_dir.iterdir()):
+        for pattern, what in _LEFTOVERS:
+            if pattern.match(entry.name):
+                found.append((entry, _tree_size(entry), what))
+                break
+    return found
+
+
+def format_size(size: Optional[int]) -> str:
+    if size is None:
+        return "size unknown"
+    if size < 2**20:
+        return f"{size} bytes"
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+# --------------------------------------------------------------------------------------------
+# The run lock: one run per save_dir
+# --------------------------------------------------------------------------------------------
+# Two runs writing into one save_dir (a Slurm requeue racing a manual resubmission, a copied
+# config) would overwrite each other's checkpoints and both report success. The process that
+# owns the save_dir holds an exclusive flock on LOCK_NAME; the kernel drops it when the process
+# dies, however it dies, so a preempted or killed run never blocks its own requeue. The file is
+# never deleted (unlinking a lock file lets two processes lock two different inodes).
+_FLOCK_UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+_held_locks: Dict[str, List[int]] = {}        # realpath of save_dir -> [fd, number of users]
+_unsupported_warned = False
+
+
+def _forget_locks_in_child() -> None:
+    """A forked child (data-loader worker, checkpoint writer) must not keep the lock alive after
+    the run died: close its copies of the lock files (that does not unlock them in the parent)."""
+    for fd, _users in _held_locks.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        text = ""
+    fields = dict(item.split("=", 1) for item in text.split() if "=" in item)
+    if not fields.get("pid"):
+        return "another process (its host and pid are not recorded yet)"
+    holder = (f"pid {fields['pid']} on host {fields.get('host', '?')}, "
+              f"running since {fields.get('started', '?')}")
+    if fields.get("host") == socket.gethostname() and fields["pid"].isdigit():
+        try:
+            os.kill(int(fields["pid"]), 0)
+        except ProcessLookupError:
+            holder += (" (that process has exited: a process it started still holds the lock; "
+                       f"'fuser -v {path}' names it)")
+        except OSError:
+            pass
+    return holder
+
+
+def lock_save_dir(save_dir) -> bool:
+    """Make this process the one run using ``save_dir`` (which must exist); raises CheckpointError
+    naming the holder when another process holds it.
+
+    Re-entrant within a process (managers of one run share the lock; each call needs one
+    :func:`unlock_save_dir`). Returns False, after a warning given once, on a file system
+    without flock support, where runs are not protected from each other.
+    """
+    global _unsupported_warned
+    key = os.path.realpath(save_dir)
+    if key in _held_locks:
+        _held_locks[key][1] += 1
+        return True
+    path = Path(save_dir) / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise CheckpointError(
+                f"checkpoint.save_dir={save_dir} is in use by another run ({_lock_holder(path)}): two runs "
+                f"in one save_dir would overwrite each other's checkpoints. Wait for it to end, stop it, or "
+                f"choose another checkpoint.save_dir") from None
+        if e.errno in _FLOCK_UNSUPPORTED:
+            if not _unsupported_warned:
+                _unsupported_warned = True
+                log.warning("the file system of %s does not support flock (%s): nothing stops a second run "
+                            "from using this save_dir at the same time", save_dir, e)
+            return False
+        raise
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"host={socket.gethostname()} pid={os.getpid()} started={started}\n".encode(), 0)
+    _held_locks[key] = [fd, 1]
+    return True
+
+
+def unlock_save_dir(save_dir) -> None:
+    """Give back one :func:`lock_save_dir`; the last one releases the lock."""
+    entry = _held_locks.get(os.path.realpath(save_dir))
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] <= 0:
+        del _held_locks[os.path.realpath(save_dir)]
+        os.close(entry[0])       # closing the only descriptor releases the flock
+
+
+def holds_save_dir_lock(save_dir) -> bool:
+    return os.path.realpath(save_dir) in _held_locks

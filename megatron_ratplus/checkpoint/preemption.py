@@ -10,9 +10,14 @@ the same step, saves, and exits 0.
         train_step()
         if handler.should_stop() or handler.time_exceeded(cfg.checkpoint.exit_duration_minutes):
             mgr.save(...); mgr.finalize(); sys.exit(0)
+
+Slurm (and a terminal's Ctrl-C) signal every process of the job, not just the trainer: helper
+processes that the checkpoint writer needs for that last save must survive the signal. They are
+started inside :func:`spawning_shielded_helpers` (see :func:`.manager.start_writer_helpers`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -21,6 +26,30 @@ from typing import Optional, Sequence
 from .. import collectives
 
 log = logging.getLogger(__name__)
+
+# Every signal that means "stop": the handler's defaults, Ctrl-C, and Slurm's --signal choice.
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@contextlib.contextmanager
+def spawning_shielded_helpers(signals: Sequence[int] = PREEMPTION_SIGNALS):
+    """Processes started inside this block never receive the preemption signals.
+
+    The signals are *blocked* in the calling thread while the helper is forked: the child keeps
+    the blocked mask through exec, so a SIGTERM sent to the whole process group stays pending in
+    it forever instead of killing it. (Setting them to SIG_IGN instead would do the same for the
+    child, but the disposition is process-wide: a preemption signal that reached another thread
+    of the trainer during the spawn would be lost. A blocked one is delivered when the block
+    ends.) Multiprocessing's resource tracker, which unblocks SIGINT/SIGTERM while it starts, is
+    started first.
+    """
+    from multiprocessing import resource_tracker
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class PreemptionHandler:

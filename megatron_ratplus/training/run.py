@@ -137,6 +137,10 @@ def run_training(cfg: RunConfig) -> TrainState:
     dp, accum = cfg.layout_for(int(os.environ.get("WORLD_SIZE", "1")))
     info = initialize_distributed(_layout(cfg), seed=cfg.train.seed)
     try:
+        if cfg.checkpoint.save_dir:
+            from ..checkpoint import CheckpointManager
+            # One run per save_dir: a second one is refused here, before any work (held until exit).
+            CheckpointManager(cfg.checkpoint.save_dir).claim_save_dir()
         world = info["world_size"]
         t = cfg.train
         streams = resolve_streams(cfg, seq_len=t.seq_len)
