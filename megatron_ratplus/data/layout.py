@@ -74,7 +74,7 @@ def check_output_dir(directory: str | os.PathLike, *, overwrite: bool) -> bool:
             counts = ", ".join(f"{k}: {v.samples} samples" for k, v in manifest.splits.items())
             raise FileExistsError(
                 f"output {directory} already holds a dataset ({counts}; seq_len {manifest.seq_len}); "
-                f"pass --overwrite (overwrite=True) to replace it -- only that dataset's own files are deleted"
+                f"pass --overwrite (overwrite=True from Python) to replace it -- only that dataset's own files are deleted"
             )
         owned_files(directory)  # raises if an index is unreadable: we would not know what to delete
         return True

@@ -134,20 +134,30 @@ class TrainingData:
                 # epochs cut at whole global batches: the same samples per step at every DP layout
                 self.train_loader = build_pretraining_loader(streams, split="train", shuffle=True,
                                                              global_batch_size=global_batch_size, **common)
+                # Separate validation data is checked against the model after its tokenizer is
+                # compared with the training one: a foreign tokenizer is the root cause to report.
+                val_common = dict(common, vocab_size=None) if val_streams else common
                 self.val_loader = build_pretraining_loader(val_streams or streams, split="val",
-                                                           shuffle=False, **common)
-                self._check_validation(eval_micro_batches)
+                                                           shuffle=False, **val_common)
+                self._check_validation(eval_micro_batches, vocab_size if val_streams else None)
             except (ConfigError, ValueError) as e:
                 error = str(e)
         _raise_on_every_rank(error)       # only readers build loaders: every rank learns of a refusal
 
-    def _check_validation(self, eval_micro_batches: int) -> None:
-        train, val = self.train_loader.manifest, self.val_loader.manifest
-        if (val.tokenizer_sha256, val.dtype) != (train.tokenizer_sha256, train.dtype):
-            raise ConfigError(f"the validation data {val.path} was tokenized with another tokenizer than the "
-                              f"training data {train.path} (tokenizer sha256 {val.tokenizer_sha256[:12]} vs "
-                              f"{train.tokenizer_sha256[:12]}, {val.dtype} vs {train.dtype}): its loss would "
-                              f"not be comparable")
+    def _check_validation(self, eval_micro_batches: int, vocab_size: Optional[int]) -> None:
+        """The validation streams share the training tokenizer, then (``vocab_size`` given: they
+        were not checked when built) fit the model; the split holds an evaluation's micro-batches."""
+        from ..data import check_manifest_compat
+
+        train = self.train_loader.manifest
+        for val in self.val_loader.manifests:
+            if (val.tokenizer_sha256, val.dtype) != (train.tokenizer_sha256, train.dtype):
+                raise ConfigError(f"the validation data {val.path} was tokenized with another tokenizer than the "
+                                  f"training data {train.path} (tokenizer sha256 {val.tokenizer_sha256[:12]} vs "
+                                  f"{train.tokenizer_sha256[:12]}, {val.dtype} vs {train.dtype}): its loss would "
+                                  f"not be comparable")
+            if vocab_size is not None:
+                check_manifest_compat(val, vocab_size=vocab_size, seq_len=self.seq_len)
         available = len(self.val_loader)
         if eval_micro_batches > available:
             raise ConfigError(f"an evaluation reads logging.eval_iters global batches, {eval_micro_batches} "

@@ -42,6 +42,11 @@ def test_datasets_are_checked_against_the_model_and_each_other(megatron_single_p
     prepare_default_dataset(other, seq_len=64, vocab_size=300, size_mb=0.3, seed=7)
     with pytest.raises(ConfigError, match="validation data .* another tokenizer"):
         build(local, val_streams=[{"local": str(other)}], vocab_size=512)
+    # A foreign tokenizer larger than the model's vocabulary: the mismatch is reported, not the vocabulary.
+    larger = tmp_path / "larger"
+    prepare_default_dataset(larger, seq_len=64, vocab_size=700, size_mb=0.3, seed=7)
+    with pytest.raises(ConfigError, match="validation data .* another tokenizer"):
+        build(local, val_streams=[{"local": str(larger)}], vocab_size=512)
 
     with pytest.raises(ConfigError, match=r"logging.eval_iters global batches, 100000 micro-batches per "
                                           r"data-parallel rank, but the validation split gives \d+ per rank"):
