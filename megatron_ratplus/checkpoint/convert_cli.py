@@ -65,15 +65,15 @@ def _document_end(tokenizer_json: Path, eos_token: Optional[str]) -> Optional[Tu
     """``(id, token)`` that ends a document, so generation stops there: the prepared dataset's
     manifest beside the tokenizer records the one training used; else ``eos_token``, a
     ``tokenizer_config.json`` beside it or a usual EOS name. None when nothing matches."""
+    from ..data.manifest import read_manifest
     from ..data.tokenizer import load_tokenizer_info
 
-    manifest = tokenizer_json.with_name("manifest.json")
-    if eos_token is None and manifest.is_file():
+    if eos_token is None:
         try:
-            recorded = json.loads(manifest.read_text())["tokenizer"]
-            return int(recorded["eos_id"]), str(recorded["eos_token"])
-        except (ValueError, OSError, KeyError, TypeError):
-            pass                           # not a dataset manifest: look at the tokenizer itself
+            manifest = read_manifest(tokenizer_json.parent)
+            return manifest.eos_id, manifest.eos_token
+        except (ValueError, OSError):
+            pass                           # not a prepared dataset: look at the tokenizer itself
     try:
         info = load_tokenizer_info(tokenizer_json, eos_token=eos_token)
     except ValueError as exc:

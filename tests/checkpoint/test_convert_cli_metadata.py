@@ -11,19 +11,22 @@ from ..hf.helpers import small_model
 from ..hf.test_export import make_tokenizer_json
 
 
-def _dataset_dir(tmp_path, eos_id=2, eos_token="</s>"):
-    """A tokenizer.json beside a prepared dataset's manifest (only its tokenizer record matters)."""
+def _dataset_dir(tmp_path, source_dataset, eos_id=2, eos_token="</s>"):
+    """A tokenizer.json beside a prepared dataset's manifest (a real one, whose EOS record is
+    rewritten to name a token of this tokenizer)."""
     d = tmp_path / "dataset"
     d.mkdir()
     make_tokenizer_json(d / "tokenizer.json")
-    (d / "manifest.json").write_text(json.dumps({"tokenizer": {"eos_id": eos_id, "eos_token": eos_token}}))
+    manifest = json.loads((source_dataset / "manifest.json").read_text())
+    manifest["tokenizer"].update(eos_id=eos_id, eos_token=eos_token)
+    (d / "manifest.json").write_text(json.dumps(manifest))
     return d
 
 
-def test_document_end_comes_from_the_manifest_then_the_tokenizer(tmp_path):
-    d = _dataset_dir(tmp_path, eos_id=2, eos_token="</s>")
-    assert _document_end(d / "tokenizer.json", None) == (2, "</s>")
-    assert _document_end(d / "tokenizer.json", "<s>") == (1, "<s>")      # named explicitly: wins
+def test_document_end_comes_from_the_manifest_then_the_tokenizer(tmp_path, tiny_dataset):
+    d = _dataset_dir(tmp_path, tiny_dataset, eos_id=1, eos_token="<s>")   # not a usual EOS name: the manifest's
+    assert _document_end(d / "tokenizer.json", None) == (1, "<s>")
+    assert _document_end(d / "tokenizer.json", "</s>") == (2, "</s>")     # named explicitly: wins
     with pytest.raises(ConvertError, match="--eos-token.*'<nope>' is not in the vocabulary"):
         _document_end(d / "tokenizer.json", "<nope>")
     bare = make_tokenizer_json(tmp_path / "bare.json")
@@ -39,11 +42,11 @@ def test_sparse_only_training_exports_in_sparse_mode():
     assert _trained_attention_mode(None) is None
 
 
-def test_to_hf_writes_eos_and_the_chosen_mode(tmp_path):
+def test_to_hf_writes_eos_and_the_chosen_mode(tmp_path, tiny_dataset):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer, GenerationConfig
 
-    d = _dataset_dir(tmp_path)
+    d = _dataset_dir(tmp_path, tiny_dataset)
     vocab = Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab_size()
     model = small_model(vocab_size=vocab, dilation=4, local_window=2)
     ckpt = from_hf(str(write_hf_folder(model.state_dict(), model.config, tmp_path / "hf_in")), str(tmp_path / "ck"))
