@@ -7,7 +7,8 @@ Modules (one job each):
 - ``tokenizer``   tokenizer.json identity (sha256, vocab, EOS) and byte-level BPE training
 - ``packing``     documents joined by EOS, cut into samples of exactly ``seq_len + 1`` tokens
 - ``layout``      what a prepared dataset directory holds, owned files, safe replacement
-- ``manifest``    ``manifest.json``: read / write / compatibility checks / shard verification
+- ``manifest``    ``manifest.json``: read / write / compatibility checks
+- ``integrity``   shard hashes: ``ratplus-data validate``, what the loader checks and why
 - ``prepare``     the preparation pipeline (worker processes, MDSWriter, train/val split)
 - ``default``     ``prepare_default_dataset``: idempotent demo dataset from the default corpus
 - ``loader``      ``build_pretraining_loader``: rank-aware StreamingDataset with exact resume
@@ -30,7 +31,8 @@ _EXPORTS = {
     "DatasetManifest": "manifest",
     "read_manifest": "manifest",
     "check_manifest_compat": "manifest",
-    "verify_dataset": "manifest",
+    "verify_dataset": "integrity",
+    "verify_shards": "integrity",
     "load_tokenizer_info": "tokenizer",
     "train_bpe_tokenizer": "tokenizer",
     "build_pretraining_loader": "loader",
@@ -54,6 +56,7 @@ __all__ = [
     "select_default_corpus",
     "train_bpe_tokenizer",
     "verify_dataset",
+    "verify_shards",
     "write_default_corpus_jsonl",
 ]
 assert sorted(__all__) == sorted(_EXPORTS)

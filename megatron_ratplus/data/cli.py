@@ -5,6 +5,7 @@
     ratplus-data default-corpus --output DIR --seq-len 1024 --vocab-size 8192 [--size-mb 3 --seed 1234]
     ratplus-data default-corpus --text-out corpus.jsonl [--size-mb 3 --seed 1234]
     ratplus-data inspect DIR [--verify] [--json]
+    ratplus-data validate DIR             (every shard file against its recorded hash; = inspect --verify)
     ratplus-data clean-shm [--force]      (streaming leftovers of crashed jobs; idle nodes only)
 
 Errors in the inputs or arguments print one line naming the problem and exit with status 2.
@@ -63,6 +64,14 @@ def _add_inspect(sub) -> None:
     p.add_argument("directory")
     p.add_argument("--verify", action="store_true", help="check every shard file against its recorded hash")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+
+def _add_validate(sub) -> None:
+    p = sub.add_parser("validate", help="check every shard file against the hash recorded when it was written",
+                       description="Read every shard file of the dataset and compare it with the size and hash "
+                                   "(xxh64) that its split's index.json records, and tokenizer.json with the "
+                                   "manifest's sha256. Prints one line per damaged file; exit status 1 if any.")
+    p.add_argument("directory")
 
 
 def _add_clean(sub) -> None:
@@ -141,8 +150,28 @@ def _print_summary(m) -> None:
         print(f"params         {json.dumps(m.params, sort_keys=True)}")
 
 
+def _verify(directory) -> int:
+    """Print what verification finds; 1 if anything is damaged or missing."""
+    from .integrity import verify_shards
+
+    check = verify_shards(directory)
+    for p in check.problems:
+        print(f"CORRUPT  {p}")
+    hashed = ", ".join(f"{n} by {algo}" for algo, n in sorted(check.hashed.items()))
+    if check.size_only:
+        print(f"note: {check.size_only} of {check.files} shard files have no recorded hash (prepared without "
+              f"hashes): checked for size only; prepare the dataset again to get hashes")
+    summary = f"{check.files} shard files checked" + (f" ({hashed})" if hashed else "")
+    print(f"verify: OK, {summary}" if not check.problems else f"verify: {len(check.problems)} problem(s); {summary}")
+    return 1 if check.problems else 0
+
+
+def _cmd_validate(args) -> int:
+    return _verify(args.directory)
+
+
 def _cmd_inspect(args) -> int:
-    from .manifest import read_manifest, verify_dataset
+    from .manifest import read_manifest
 
     m = read_manifest(args.directory)
     if args.json:
@@ -153,11 +182,7 @@ def _cmd_inspect(args) -> int:
             files = sorted((Path(args.directory) / split).glob("shard.*"))
             print(f"{split + '/':<14} {len(files)} files, {sum(f.stat().st_size for f in files) / 1e6:.1f} MB on disk")
     if args.verify:
-        problems = verify_dataset(args.directory)
-        for p in problems:
-            print(f"CORRUPT  {p}")
-        print("verify: OK" if not problems else f"verify: {len(problems)} problem(s)")
-        return 1 if problems else 0
+        return _verify(args.directory)
     return 0
 
 
@@ -167,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_default(sub)
     _add_inspect(sub)
+    _add_validate(sub)
     _add_clean(sub)
     return parser
 
@@ -175,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {"prepare": _cmd_prepare, "default-corpus": _cmd_default, "inspect": _cmd_inspect,
-                "clean-shm": _cmd_clean}
+                "validate": _cmd_validate, "clean-shm": _cmd_clean}
     try:
         return commands[args.command](args)
     except (ValueError, FileExistsError, FileNotFoundError) as exc:

@@ -40,9 +40,12 @@ global_batch_size is the same (only which reader gets which sample of a step cha
 ``iter()`` continues from the current position (it re-arms streaming's resume state), so
 re-iterating a train loader never skips or repeats samples.
 
-Integrity. Shards are validated against their xxh64 hash whenever streaming fetches them from a
-remote or decompresses them; a mismatch raises :class:`CorruptShardError` naming the file
-(``ratplus-data inspect DIR --verify`` checks every file of a dataset).
+Integrity (see ``integrity`` for why). Shards are validated against their recorded xxh64 hash
+whenever streaming fetches them from a remote or decompresses them; a mismatch raises
+:class:`CorruptShardError` naming the file. Raw shards read in place are hashed only with
+``verify_shards=True`` (every present file of the split, once, before the loader is built);
+``ratplus-data validate DIR`` checks every file of a dataset. A dataset whose index records no
+hash loads without these checks (with a warning).
 """
 from __future__ import annotations
 
@@ -67,10 +70,10 @@ import torch
 
 from ._lifetime import die_with_parent
 from .housekeeping import warn_about_leftovers
+from .integrity import stream_hash, verify_split
 from .manifest import COLUMN, INDEX_NAME, MANIFEST_NAME, TOKENIZER_NAME, DatasetManifest, read_manifest
 
 STATE_VERSION = 1
-VALIDATE_HASH = "xxh64"
 _CONSTRUCT_LOCK = threading.Lock()
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
@@ -223,6 +226,20 @@ def _check_local_shards(local: str, split: str) -> None:
             raise ValueError(f"dataset {local}: shard {' / '.join(names)} of the {split!r} split is missing "
                              f"(listed in {Path(local) / split / INDEX_NAME}); restore it or prepare the "
                              f"dataset again")
+
+
+def _verify_local_shards(streams: list[_Stream], split: str) -> None:
+    """``verify_shards=True``: hash the split's files present locally (a remote's cache may hold none
+    yet: streaming checks those as it downloads them)."""
+    for s in streams:
+        if s.remote is not None and not (Path(s.local) / split / INDEX_NAME).is_file():
+            continue
+        problems = verify_split(s.local, split).problems
+        if problems:
+            raise CorruptShardError(f"dataset {s.remote or s.local}, split {split!r}: {len(problems)} damaged or "
+                                    f"missing shard file(s): " + "; ".join(problems[:5])
+                                    + ("; ..." if len(problems) > 5 else "")
+                                    + " -- re-copy the dataset or prepare it again")
 
 
 def _raw_shards_present(local: str, split: str) -> bool:
@@ -380,10 +397,10 @@ def _make_dataset_class():
             except Exception as exc:
                 cause = self._thread_error if self._thread_error is not None else exc
                 if cause is not exc or _is_checksum_error(cause):
-                    raise _explain(cause) from exc
+                    raise _explain(cause, self.streams) from exc
                 raise
             if self._thread_error is not None:
-                raise _explain(self._thread_error)
+                raise _explain(self._thread_error, self.streams)
 
     return TokenStreamingDataset
 
@@ -392,14 +409,15 @@ def _is_checksum_error(exc: BaseException) -> bool:
     return isinstance(exc, ValueError) and "Checksum failure" in str(exc)
 
 
-def _explain(exc: BaseException) -> BaseException:
+def _explain(exc: BaseException, streams=()) -> BaseException:
     msg = str(exc)
     if _is_checksum_error(exc):
         path = msg.split("Checksum failure:", 1)[1].strip()
+        algo = next((s.validate_hash for s in streams if Path(path).is_relative_to(s.local)), None) or "recorded"
         return CorruptShardError(
-            f"corrupt shard {path}: its {VALIDATE_HASH} hash does not match the dataset's index.json "
+            f"corrupt shard {path}: its {algo} hash does not match the dataset's index.json "
             f"(damaged after `ratplus-data prepare` wrote it); re-copy the dataset or prepare it again "
-            f"(`ratplus-data inspect DIR --verify` checks every file; a remote's cached copy can be deleted)")
+            f"(`ratplus-data validate DIR` checks every file; a remote's cached copy can be deleted)")
     return RuntimeError(f"reading shards failed: {type(exc).__name__}: {exc}")
 
 
@@ -607,6 +625,7 @@ def build_pretraining_loader(
     num_canonical_nodes: int | None = None,
     cache_limit: int | str | None = None,
     download_timeout: float = 60.0,
+    verify_shards: bool = False,
 ) -> PretrainingLoader:
     """Build the loader of one data-reading rank (see the module docstring).
 
@@ -621,7 +640,9 @@ def build_pretraining_loader(
     group of the reading rank is used). ``global_batch_size``: samples per optimizer step, all readers
     together (default ``micro_batch_size * dp_size``); every epoch is cut to a multiple of it, so that
     steps are the same at every layout -- give the trainer's. ``vocab_size``: also check the tokenizer
-    fits the model's vocabulary.
+    fits the model's vocabulary. ``verify_shards``: before building, hash every shard file of the split
+    present locally (a local dataset, or a remote's cache) -- a full read of the split, on every reader;
+    a damaged file raises :class:`CorruptShardError` naming it (see ``integrity``).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -657,10 +678,18 @@ def build_pretraining_loader(
                     f"would decompress into it from every node at once. Pass it as a remote with a node-local "
                     f"cache_dir, or prepare it with --compression none")
 
+    if verify_shards:
+        _verify_local_shards(resolved, split)
+    for s in resolved:
+        if stream_hash(s.manifest) is None:
+            warnings.warn(f"dataset {s.remote or s.local} records no shard hashes (prepared without them): its "
+                          f"shards are read unverified; prepare it again to get them", RuntimeWarning, stacklevel=2)
+
     from streaming import Stream
 
     stream_objs = [Stream(local=s.local, remote=s.remote, split=split, proportion=s.proportion,
-                          validate_hash=VALIDATE_HASH, download_timeout=download_timeout) for s in resolved]
+                          validate_hash=stream_hash(s.manifest), download_timeout=download_timeout)
+                   for s in resolved]
     ncn = num_canonical_nodes if num_canonical_nodes is not None else num_nodes
     group = _reader_group(group, dp_size=dp_size, readers_per_node=readers_per_node)
     dataset_cls = _make_dataset_class()

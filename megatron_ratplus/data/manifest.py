@@ -1,4 +1,5 @@
-"""``manifest.json`` of a prepared dataset: reading, writing, compatibility checks, verification.
+"""``manifest.json`` of a prepared dataset: reading, writing, compatibility checks (shard verification:
+``integrity``).
 
 A dataset directory holds::
 
@@ -184,47 +185,3 @@ def check_manifest_compat(manifest: DatasetManifest | Mapping[str, Any] | str | 
         raise ValueError(f"{where} does not match the model config: " + "; ".join(problems))
     return manifest
 
-
-def verify_dataset(directory: str | os.PathLike) -> list[str]:
-    """Check every shard file present in the dataset against the hashes in its index.json.
-
-    Returns a list of problems (empty when everything matches). Reads all the data.
-    """
-    from streaming.base.hashing import get_hash
-
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    problems = []
-    for split, info in manifest.splits.items():
-        index_path = directory / split / INDEX_NAME
-        if not index_path.is_file():
-            problems.append(f"{index_path}: missing")
-            continue
-        try:
-            index = json.loads(index_path.read_text())
-        except ValueError as e:
-            problems.append(f"{index_path}: not valid JSON ({e})")
-            continue
-        samples = 0
-        for shard in index["shards"]:
-            samples += shard["samples"]
-            pairs = [shard.get("raw_data"), shard.get("zip_data")]
-            present = 0
-            for meta in pairs:
-                if not meta:
-                    continue
-                file = directory / split / meta["basename"]
-                if not file.is_file():
-                    continue
-                present += 1
-                data = file.read_bytes()
-                algo = next((a for a in ("xxh64", "sha1") if a in meta["hashes"]), None)
-                if algo is None:
-                    problems.append(f"{file}: no hash recorded")
-                elif len(data) != meta["bytes"] or get_hash(algo, data) != meta["hashes"][algo]:
-                    problems.append(f"{file}: corrupt ({algo} or size does not match {index_path})")
-            if not present:
-                problems.append(f"{directory / split / shard['raw_data']['basename']}: missing (no raw or zstd file)")
-        if samples != info.samples:
-            problems.append(f"{index_path}: {samples} samples but the manifest says {info.samples}")
-    return problems
