@@ -6,7 +6,7 @@ Modules (one job each):
 - ``sources``     streaming readers for .txt / .jsonl / .parquet inputs (bounded memory)
 - ``tokenizer``   tokenizer.json identity (sha256, vocab, EOS) and byte-level BPE training
 - ``packing``     documents joined by EOS, cut into samples of exactly ``seq_len + 1`` tokens
-- ``layout``      what a prepared dataset directory holds, owned files, safe replacement
+- ``layout``      what a prepared dataset directory holds, owned files, safe replacement, abandoned staging
 - ``manifest``    ``manifest.json``: read / write / compatibility checks
 - ``integrity``   shard hashes: ``ratplus-data validate``, what the loader checks and why
 - ``prepare``     the preparation pipeline (worker processes, MDSWriter, train/val split)

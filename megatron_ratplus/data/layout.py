@@ -15,6 +15,14 @@ part-way is undone -- at once when it raises, else (the process was killed) by t
 journal's files are deleted and the old dataset moves back (manifest last, so a crash while
 recovering is recovered again); with a manifest, the commit had finished and the aside directory
 is stale.
+
+Staging directories. Each records its owner (``.owner.json``: pid, host, boot id, process start
+time; see ``_owner``). A ``prepare`` killed by SIGKILL (or the OOM killer) cannot remove its own, so
+the next ``prepare`` into the directory does (:func:`clear_abandoned_staging`, before any other
+check or recovery): one whose owner has certainly exited is deleted; one whose owner still runs
+means a concurrent preparation into the same directory, which is refused (the two commits would
+interleave, and recovery would undo the other's commit in progress); one whose owner cannot be told
+(another host, or no record) is left with a warning naming it.
 """
 from __future__ import annotations
 
@@ -25,10 +33,12 @@ import uuid
 import warnings
 from pathlib import Path
 
+from . import _owner
 from .manifest import INDEX_NAME, MANIFEST_NAME, REPLACED_DIR, SPLITS, TOKENIZER_NAME, read_manifest
 
 STAGING_PREFIX = ".ratplus-staging-"
 JOURNAL_NAME = "incoming.json"
+OWNER_NAME = ".owner.json"  # in a staging directory: the preparing process (see _owner)
 
 
 def owned_files(directory: Path) -> list[Path]:
@@ -99,7 +109,36 @@ def new_staging_dir(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     staging = directory / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
+    _owner.write_owner(staging / OWNER_NAME)
     return staging
+
+
+def clear_abandoned_staging(directory: Path) -> list[str]:
+    """Delete the staging directories in ``directory`` whose preparing process has exited (see the
+    module docstring); returns one line per deleted directory. FileExistsError if a live process
+    is preparing into ``directory``; a RuntimeWarning for each one left because its owner is unknown.
+    """
+    removed = []
+    for staging in sorted(directory.glob(f"{STAGING_PREFIX}*")) if directory.is_dir() else []:
+        if not staging.is_dir():
+            continue
+        owner = _owner.read_owner(staging / OWNER_NAME)
+        state = _owner.owner_state(owner) if owner is not None else _owner.UNKNOWN
+        if state == _owner.DEAD:
+            shutil.rmtree(staging)
+            removed.append(f"removed {staging}: left by a `ratplus-data prepare` that no longer runs "
+                           f"({_owner.describe(owner)})")
+        elif state == _owner.ALIVE:
+            raise FileExistsError(
+                f"another `ratplus-data prepare` is writing into {directory} ({_owner.describe(owner)}; staging "
+                f"directory {staging.name}); wait for it to finish or stop it -- its files are left alone")
+        else:
+            who = (f"its owner ({_owner.describe(owner)}) ran on another host" if owner is not None
+                   else f"it records no owner ({OWNER_NAME})")
+            warnings.warn(f"{staging} is left in place: {who}, so whether that preparation still runs cannot "
+                          f"be told from here; delete the directory once it is not running", RuntimeWarning,
+                          stacklevel=2)
+    return removed
 
 
 def commit_staging(staging: Path, directory: Path, *, replace_existing: bool) -> None:

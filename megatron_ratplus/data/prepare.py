@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _tokenize_worker
-from .layout import check_output_dir, commit_staging, discard_staging, new_staging_dir
+from .layout import check_output_dir, clear_abandoned_staging, commit_staging, discard_staging, new_staging_dir
 from .manifest import (
     COLUMN,
     INDEX_NAME,
@@ -224,6 +224,10 @@ def prepare_dataset(
     workers = default_workers() if workers is None else max(1, int(workers))
     files: list[InputFile] = discover_inputs(inputs, force_kind=input_kind)
     output = Path(output)
+    # Staging directories first: a live preparation into ``output`` is refused before anything is
+    # touched (recovering an interrupted commit would undo its commit in progress).
+    for line in clear_abandoned_staging(output):
+        log(line)
     replace_existing = check_output_dir(output, overwrite=overwrite)
 
     from streaming import MDSWriter  # heavy import, after the cheap checks

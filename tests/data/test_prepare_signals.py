@@ -1,5 +1,6 @@
 """A killed `ratplus-data prepare` leaves no tokenizer worker behind, and SIGTERM (Slurm's time
-limit) cleans its staging directory up like any other error.
+limit) cleans its staging directory up like any other error; after SIGKILL the staging directory
+records an owner that is recognised as dead.
 
 The input is a named pipe: prepare reads what the test writes, hands it to its two worker
 processes, and then blocks reading more -- a deterministic moment, with the pool running, to
@@ -16,6 +17,9 @@ import time
 
 import psutil
 import pytest
+
+from megatron_ratplus.data import _owner
+from megatron_ratplus.data.layout import OWNER_NAME, clear_abandoned_staging
 
 from .conftest import SEQ_LEN, make_document
 
@@ -67,6 +71,11 @@ def test_killed_prepare_leaves_no_workers_and_sigterm_no_staging(tmp_path, datas
         if sig == signal.SIGTERM:
             assert proc.returncode == 128 + signal.SIGTERM, (tmp_path / "stderr").read_text()[-2000:]
             assert not list(out.glob(".ratplus-staging-*")) and not (out / "manifest.json").exists()
+        else:  # SIGKILL runs no clean-up: the staging directory names its dead owner, and goes next time
+            [staging] = out.glob(".ratplus-staging-*")
+            owner = _owner.read_owner(staging / OWNER_NAME)
+            assert owner["pid"] == proc.pid and _owner.owner_state(owner) == _owner.DEAD
+            assert len(clear_abandoned_staging(out)) == 1 and not staging.exists()
     finally:
         if proc.poll() is None:
             proc.kill()
