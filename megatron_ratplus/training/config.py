@@ -110,6 +110,10 @@ class DataSection:
     # Data readers that share a host (and so streaming's shared memory and a local cache). Default:
     # LOCAL_WORLD_SIZE // (TP×PP). Set it when several launcher "nodes" run on one host.
     readers_per_node: Optional[int] = None
+    # Hash every local shard file of both splits once at start-up, on every reader (a full read of the
+    # dataset per reader and restart). Off by default: streaming already checks shards it downloads or
+    # decompresses; raw shards read in place are checked by `ratplus-data validate DIR` after a copy.
+    verify_shards: bool = False
     val_streams: List[Dict[str, Any]] = field(default_factory=list)  # default: the "val" split
 
 

@@ -108,7 +108,7 @@ class TrainingData:
                  device, val_streams: Optional[List[Dict]] = None, cache_dir: Optional[str] = None,
                  num_workers: int = 0, readers_per_node: Optional[int] = None,
                  vocab_size: Optional[int] = None, eval_micro_batches: int = 0,
-                 global_batch_size: Optional[int] = None):
+                 global_batch_size: Optional[int] = None, verify_shards: bool = False):
         from ..data import build_pretraining_loader
 
         self.seq_len = seq_len
@@ -127,7 +127,8 @@ class TrainingData:
             dp_size = parallel_state.get_data_parallel_world_size()
             common = dict(seq_len=seq_len, micro_batch_size=micro_batch_size,
                           dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp_size, seed=seed,
-                          cache_dir=cache_dir, num_workers=num_workers, vocab_size=vocab_size)
+                          cache_dir=cache_dir, num_workers=num_workers, vocab_size=vocab_size,
+                          verify_shards=verify_shards)
             try:
                 common["readers_per_node"] = readers_per_node or (
                     readers_per_node_from_hosts(_reader_hosts()) if dp_size > 1 else 1)

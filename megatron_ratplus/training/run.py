@@ -170,7 +170,7 @@ def run_training(cfg: RunConfig) -> TrainState:
                             cache_dir=cfg.data.cache_dir, num_workers=cfg.data.num_workers,
                             readers_per_node=cfg.data.readers_per_node, vocab_size=args.vocab_size,
                             eval_micro_batches=cfg.logging.eval_iters * accum if evaluates else 0,
-                            global_batch_size=t.global_batch_size)
+                            global_batch_size=t.global_batch_size, verify_shards=cfg.data.verify_shards)
         state = TrainState()
         _restore(cfg, objs, data, state)
         _refuse_newer_checkpoints(cfg, state.step)

@@ -72,3 +72,18 @@ def test_a_default_dir_holding_another_dataset_is_a_config_error(megatron_single
                                                 "data.default_vocab_size=512"])
     with pytest.raises(ConfigError, match=rf"data.default_dir: {tiny_dataset} already holds a different dataset"):
         resolve_streams(cfg, seq_len=64)
+
+
+def test_verify_shards_stops_the_run_naming_a_damaged_shard(megatron_single_process, tiny_dataset, tmp_path):
+    """``data.verify_shards``: a shard damaged in place (same size) is named before the first step; without
+    the option the loader is built (streaming would only notice when it decompresses that shard)."""
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, copy)
+    shard = sorted((copy / "val").glob("shard.*"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    build([{"local": str(copy)}], vocab_size=512)
+    with pytest.raises(ConfigError, match=rf"split 'val'.*{shard.name}"):
+        build([{"local": str(copy)}], vocab_size=512, verify_shards=True)
