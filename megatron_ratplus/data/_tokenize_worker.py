@@ -34,14 +34,35 @@ def init_worker(tokenizer_path: str, single_threaded: bool = True, parent_pid: i
     _TOKENIZER.encode_special_tokens = True
 
 
-def encode_pieces(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of each text (no special tokens added), as one uint32 array plus lengths."""
+def encode_pieces(texts: list[str], contexts: list[str | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of each text (no special tokens added), as one uint32 array plus lengths.
+
+    ``contexts[i]`` (not None): text ``i`` continues a document whose preceding text ends with it;
+    the text is tokenised as it is there (:func:`encode_continuation`)."""
     if _TOKENIZER is None:
         raise RuntimeError("init_worker was not called in this process")
     encode = getattr(_TOKENIZER, "encode_batch_fast", _TOKENIZER.encode_batch)
-    encodings = encode(texts, add_special_tokens=False)
-    lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
-    ids = np.fromiter(
-        (i for e in encodings for i in e.ids), dtype=np.uint32, count=int(lengths.sum())
-    )
+    pieces = [e.ids for e in encode(texts, add_special_tokens=False)]
+    for i, context in enumerate(contexts or ()):
+        if context:
+            pieces[i] = encode_continuation(context, texts[i])
+    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+    ids = np.fromiter((i for p in pieces for i in p), dtype=np.uint32, count=int(lengths.sum()))
     return ids, lengths
+
+
+def encode_continuation(context: str, text: str) -> list[int]:
+    """Token ids of ``text`` as it tokenises behind ``context`` (the end of the document before it).
+
+    Why: tokenised alone, the text would be the start of an input, and a tokenizer that marks the
+    start (SentencePiece's "▁" prepended to the first word, a normalizer that prepends one) would
+    put a space into the document. ``context + text`` is tokenised with offsets and the tokens that
+    start inside ``text`` are kept. Pieces are cut where pre-tokens start (``sources.cut_point``), so
+    no token should span the boundary; if one does, the part of it inside ``text`` is tokenised alone.
+    """
+    encoding = _TOKENIZER.encode(context + text, add_special_tokens=False)
+    boundary = len(context)
+    first = next((i for i, (start, _) in enumerate(encoding.offsets) if start >= boundary), len(encoding.ids))
+    spanned = max((end for _, end in encoding.offsets[:first]), default=0) - boundary
+    head = _TOKENIZER.encode(text[:spanned], add_special_tokens=False).ids if spanned > 0 else []
+    return head + encoding.ids[first:]

@@ -88,32 +88,44 @@ def _normalise_compression(compression: str | None) -> str | None:
     return compression
 
 
+# Characters of the preceding piece that a continuation piece is tokenised behind (see _tasks).
+CONTEXT_CHARS = 64
+
+
 def _tasks(pieces: Iterator[tuple[str, bool]], val_fraction: Fraction
-           ) -> Iterator[tuple[list[str], list[tuple[bool, str]]]]:
-    """Group pieces into tasks; tag each piece with (ends_document, split)."""
+           ) -> Iterator[tuple[list[str], list[str | None], list[tuple[bool, str]]]]:
+    """Group pieces into tasks: texts, contexts, and (ends_document, split) per piece.
+
+    A piece that continues a document gets the end of the previous piece as its context: a tokenizer
+    that marks the start of its input (SentencePiece's leading "▁", a prepending normalizer) would
+    otherwise put a space into the document at every piece boundary."""
     texts: list[str] = []
+    contexts: list[str | None] = []
     meta: list[tuple[bool, str]] = []
     chars = 0
     doc = 0
     split = None
+    context = None
     for text, ends in pieces:
         if split is None:
             f = val_fraction
             split = "val" if (f * (doc + 1)).__floor__() > (f * doc).__floor__() else "train"
         texts.append(text)
+        contexts.append(context)
         meta.append((ends, split))
         chars += len(text)
+        context = None if ends else text[-CONTEXT_CHARS:]
         if ends:
             doc += 1
             split = None
         if chars >= TASK_CHARS or len(texts) >= TASK_PIECES:
-            yield texts, meta
-            texts, meta, chars = [], [], 0
+            yield texts, contexts, meta
+            texts, contexts, meta, chars = [], [], [], 0
     if texts:
-        yield texts, meta
+        yield texts, contexts, meta
 
 
-def _tokenized(tasks: Iterable[tuple[list[str], list]], tokenizer_path: Path, workers: int
+def _tokenized(tasks: Iterable[tuple[list[str], list, list]], tokenizer_path: Path, workers: int
                ) -> Iterator[tuple[np.ndarray, np.ndarray, list]]:
     """Tokenise tasks in order, in ``workers`` processes (in this process when workers == 1)."""
     if workers <= 1:
@@ -122,8 +134,8 @@ def _tokenized(tasks: Iterable[tuple[list[str], list]], tokenizer_path: Path, wo
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         try:
             _tokenize_worker.init_worker(str(tokenizer_path), single_threaded=False)
-            for texts, meta in tasks:
-                ids, lengths = _tokenize_worker.encode_pieces(texts)
+            for texts, contexts, meta in tasks:
+                ids, lengths = _tokenize_worker.encode_pieces(texts, contexts)
                 yield ids, lengths, meta
         finally:
             if saved is None:
@@ -138,8 +150,8 @@ def _tokenized(tasks: Iterable[tuple[list[str], list]], tokenizer_path: Path, wo
                                initargs=(str(tokenizer_path), True, os.getpid()))
     try:
         pending: deque = deque()
-        for texts, meta in tasks:
-            pending.append((pool.submit(_tokenize_worker.encode_pieces, texts), meta))
+        for texts, contexts, meta in tasks:
+            pending.append((pool.submit(_tokenize_worker.encode_pieces, texts, contexts), meta))
             while len(pending) >= 2 * workers:
                 future, m = pending.popleft()
                 yield (*future.result(), m)

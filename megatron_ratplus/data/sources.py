@@ -2,12 +2,14 @@
 
 Supported inputs (files, or directories searched recursively in sorted order):
 
-- ``.txt`` (and ``.text``): one document per file, read in ~1 MiB line-aligned pieces;
+- ``.txt`` (and ``.text``): one document per file, read in ~1 MiB pieces;
 - ``.jsonl``: one JSON object per line, the document is the string field ``text_field``;
 - ``.parquet``: the string column ``text_field``, read in record batches (needs ``pyarrow``).
 
 Documents are produced as *pieces* ``(text, ends_document)`` so a multi-gigabyte document never
-sits in memory whole. Bytes that are not valid UTF-8 are counted, skipped and reported
+sits in memory whole. A piece ends where a tokenizer would start a new pre-token anyway (before a
+space between two words, else after a line end; see :func:`cut_point`), and ``prepare`` tokenises a
+continuation piece behind the end of its predecessor, so pieces tokenise as the whole text does. Bytes that are not valid UTF-8 are counted, skipped and reported
 (:class:`ReadStats`); so are JSON lines that do not parse or lack the text field.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +25,9 @@ from pathlib import Path
 KINDS_BY_SUFFIX = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
 PIECE_CHARS = 1 << 20
 _MAX_REPORTED = 20
+# Before a single space between two non-space characters: byte-level BPE (" word") and SentencePiece
+# ("▁word") both start a pre-token there, so cutting there changes no token.
+_WORD_GAP = re.compile(r"(?<=\S) (?=\S)")
 
 
 @dataclass(frozen=True)
@@ -152,14 +158,30 @@ def _decode(raw: bytes) -> str:
     return raw.decode("utf-8", errors=_COUNTER.name)
 
 
+def cut_point(text: str, start: int, limit: int) -> int:
+    """Where the piece of ``text`` that starts at ``start`` ends (at most ``limit`` characters).
+
+    Each piece is tokenised on its own, so its end should be a place where the tokenizer starts a
+    new pre-token anyway: before the last space between two words (the second half of the window is
+    searched, nearest the limit first), else after the last line end, else at the limit itself."""
+    end = start + limit
+    if len(text) <= end:
+        return len(text)
+    for back in (4096, limit // 2):
+        gap = None
+        for gap in _WORD_GAP.finditer(text, max(start + 1, end - back), end + 2):
+            pass
+        if gap is not None:
+            return gap.start()
+    line_end = text.rfind("\n", start, end)
+    return line_end + 1 if line_end > start else end
+
+
 def _split_text(text: str, limit: int) -> Iterator[str]:
-    """Cut a long text into pieces of at most ``limit`` characters, preferring line ends."""
+    """Cut a long text into pieces of at most ``limit`` characters (:func:`cut_point`)."""
     start = 0
     while len(text) - start > limit:
-        cut = text.rfind("\n", start, start + limit)
-        if cut <= start:
-            cut = text.rfind(" ", start, start + limit)
-        cut = start + limit if cut <= start else cut + 1
+        cut = cut_point(text, start, limit)
         yield text[start:cut]
         start = cut
     yield text[start:]
@@ -197,8 +219,7 @@ def _read_text(f: InputFile, stats: ReadStats, piece_chars: int) -> Iterator[tup
             stats.bytes_read += len(block)
             carry += decoder.decode(block, final=final)
             while len(carry) > piece_chars:
-                cut = carry.rfind("\n", 0, piece_chars)
-                cut = piece_chars if cut <= 0 else cut + 1
+                cut = cut_point(carry, 0, piece_chars)
                 yield carry[:cut], False
                 emitted = True
                 carry = carry[cut:]

@@ -129,7 +129,59 @@ def test_large_text_read_in_bounded_pieces(tmp_path):
     assert all(len(t) <= 2 * 4096 for t, _ in pieces)
     assert [ends for _, ends in pieces] == [False] * (len(pieces) - 1) + [True]
     assert "".join(t for t, _ in pieces) == text
-    assert all(t.endswith("\n") for t, _ in pieces)  # cut at line ends
+    # cut before a space between two words, where tokenizers start a new pre-token
+    assert all(t[-1] not in " \n" and nxt[0] == " " and nxt[1] != " " for (t, _), (nxt, _) in zip(pieces, pieces[1:]))
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("aaaa bbbb cccc", 9),             # before the last space between words within the limit
+    ("aaaa  bbbb cccc", 10),           # a run of spaces is not cut
+    ("aaaa\nbbbbbbbbbb", 5),           # no word gap: after the last line end
+    ("aaaaaaaaaaaaaaaaaaa", 12),       # neither: at the limit
+    ("short", 5),
+])
+def test_cut_points(text, expected):
+    from megatron_ratplus.data.sources import cut_point
+    assert cut_point(text, 0, 12) == expected
+
+
+def _metaspace_tokenizer(path: Path) -> Path:
+    """A SentencePiece-style tokenizer (Llama/Mistral: "▁" prepended to the first word of an input)."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.train_from_iterator([make_document(i) for i in range(50)],
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "</s>"], show_progress=False))
+    tok.save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "metaspace"])
+def test_long_documents_tokenise_as_a_whole(kind, dataset_dir, tmp_path):
+    """A document cut into pieces gets the tokens of the whole document: a continuation piece is
+    tokenised behind the end of its predecessor, so a SentencePiece-style tokenizer does not put a
+    "▁" (a space) at every piece boundary."""
+    from megatron_ratplus.data import _tokenize_worker
+    from megatron_ratplus.data.prepare import _tasks
+    from megatron_ratplus.data.sources import _document_pieces
+
+    path = dataset_dir / "tokenizer.json" if kind == "byte_level" else _metaspace_tokenizer(tmp_path / "tok.json")
+    doc = "\n".join(make_document(i) for i in range(40)) + "\n" + "x" * 3000
+    pieces = list(_document_pieces(doc, 700))
+    assert len(pieces) > 5
+    _tokenize_worker.init_worker(str(path), single_threaded=False)
+    tok = Tokenizer.from_file(str(path))
+    tok.encode_special_tokens = True
+    whole = tok.encode(doc, add_special_tokens=False).ids
+    tokens = [_tokenize_worker.encode_pieces(texts, contexts)[0]
+              for texts, contexts, _ in _tasks(iter(pieces), Fraction(0))]
+    assert np.concatenate(tokens).tolist() == whole
+    if kind == "byte_level":  # a cut inside a word (no gap within the limit): the text is kept exactly
+        assert tok.decode(_tokenize_worker.encode_continuation("the quick bro", "wn fox jumps")) == "wn fox jumps"
+    if kind == "metaspace":   # the failure fixed: alone, every continuation piece starts with "▁"
+        alone = [_tokenize_worker.encode_pieces([t])[0] for t, _ in pieces]
+        assert np.concatenate(alone).tolist() != whole
 
 
 def test_multibyte_text_split_across_reads(tmp_path):
