@@ -596,6 +596,13 @@ class PretrainingLoader:
                 f"resuming with global_batch_size={self.global_batch_size} (saved with {saved_gbs}): the global "
                 f"sample order is kept, but the samples of each step and the end of every epoch differ from "
                 f"the original run's")
+        saved_mix = [s.get("proportion") for s in state["streams"]]
+        mix = [s.proportion for s in self._streams]
+        if saved_mix != mix:
+            warnings.warn(
+                f"resuming with stream proportions {mix} (saved with {saved_mix}): the position in the epoch "
+                f"is kept, but streaming draws another mixture, so the samples from here on differ from the "
+                f"original run's (samples already seen this epoch may come again, others may be skipped)")
         self.close()
         self._epoch = int(state["epoch"])
         self._sample_in_epoch = int(state["sample_in_epoch"])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -161,6 +162,18 @@ def test_mixing_streams_by_proportion(tmp_path, dataset_dir, corpus_dir):
     # B is ~3x smaller than A but weighted equally: it is upsampled to about half of the epoch
     assert len(b_samples) < len(a_samples) / 2
     assert abs(from_b - len(seen) / 2) <= 2
+    # A changed mixture cannot resume exactly: said so (the position is kept)
+    remixed = build_pretraining_loader(
+        [{"local": str(dataset_dir), "proportion": 0.7}, {"local": str(second), "proportion": 0.3}],
+        split="train", seq_len=SEQ_LEN, micro_batch_size=2, dp_rank=0, dp_size=1, seed=1)
+    with pytest.warns(UserWarning, match=r"stream proportions \[0.7, 0.3\] \(saved with \[0.5, 0.5\]\)"):
+        remixed.load_state_dict(mixed.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_pretraining_loader(
+            [{"local": str(dataset_dir), "proportion": 0.5}, {"local": str(second), "proportion": 0.5}],
+            split="train", seq_len=SEQ_LEN, micro_batch_size=2, dp_rank=0, dp_size=1, seed=1,
+        ).load_state_dict(mixed.state_dict())
     with pytest.raises(ValueError, match="proportion for every stream"):
         build_pretraining_loader([{"local": str(dataset_dir), "proportion": 0.5}, {"local": str(second)}],
                                  split="train", seq_len=SEQ_LEN, micro_batch_size=2, dp_rank=0, dp_size=1, seed=1)
