@@ -101,3 +101,22 @@ def test_cpu_scan_matches_loop_forward_and_gradients(with_state):
     torch.autograd.gradcheck(lambda g, k, v: scan_gated_recurrence(g, k, v)[:2],
                              (g[:5, :1, :1].detach().requires_grad_(), k[:5, :1, :1].detach().requires_grad_(),
                               v[:5, :1, :1].detach().requires_grad_()))
+
+
+def test_fused_dispatch_passes_pattern_and_streams_in_order():
+    """``backend="fused"`` (the Triton kernels; the interpreter on CPU) against the masked-dense
+    reference and the loop: a pattern with W != P and distinct k / v streams, so a dispatch that
+    swapped W and P, or k and v, gives other numbers. (The model tests with fused kernels compare
+    fused with fused, and the multi-process one uses W == P.)"""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(24, 1, 1, 8, dtype=torch.float32, generator=gen) for _ in range(3))
+    pattern = SparsePattern(5, 3, 1)
+    want = naive_dilated_attention(q.double(), k.double(), v.double(), 5, 3, 1, scale=0.3)
+    got = ratplus_attention(q, k, v, pattern, scale=0.3, backend="fused")
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+    g = torch.randn(24, 1, 1, 8, generator=gen)
+    ko, vo, (kT, vT) = gated_recurrence(g, k, v, output_final_state=True, backend="fused")
+    kr, vr, (kTr, vTr) = naive_gated_recurrence(g, k, v, output_final_state=True)
+    for a, b in ((ko, kr), (vo, vr), (kT, kTr), (vT, vTr)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
