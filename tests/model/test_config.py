@@ -99,3 +99,27 @@ def test_a_second_initialisation_with_another_layout_is_refused(megatron_single_
     assert initialize_distributed(ParallelLayout(), seed=1234)["dp_size"] == 1         # the same: fine
     with pytest.raises(RuntimeError, match=r"already initialised with TP, PP, VPP = \(1, 1, None\)"):
         initialize_distributed(ParallelLayout(1, 1, 2), seed=1)
+
+
+def test_fresh_weights_follow_the_design_initialisation(megatron_single_process):
+    """DESIGN.md §1: every Linear / Embedding weight N(0, init_std) (no depth-scaled output init),
+    RMSNorm weights 1. A non-default ``init_std`` shows the key is used."""
+    import torch
+
+    from megatron_ratplus.model import build_gpt_model
+    args = RATPlusModelArgs(**{**BASE, "vocab_size": 256, "init_std": 0.05})
+    cfg = to_transformer_config(args, use_cpu_initialization=True)
+    torch.manual_seed(0)
+    model = build_gpt_model(args, cfg, spec="local")
+    seen = set()
+    for name, p in model.named_parameters():
+        kind = name.split(".")[-2]
+        seen.add(kind)
+        if "layernorm" in name:
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:
+            assert p.dim() == 2, name
+            assert abs(p.mean().item()) < 0.005 and abs(p.std().item() - 0.05) < 0.0025, \
+                (name, p.mean().item(), p.std().item())
+    assert {"linear_in", "linear_out", "linear_fc1", "linear_fc2", "word_embeddings", "output_layer",
+            "input_layernorm", "pre_mlp_layernorm", "final_layernorm"} <= seen

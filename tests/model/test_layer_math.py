@@ -121,3 +121,15 @@ def test_projection_is_head_interleaved(megatron_single_process):
         for h in range(2):
             rows = w[h * nb * dh + bi * dh:h * nb * dh + (bi + 1) * dh]
             torch.testing.assert_close(parts[name][:, :, h], x @ rows.t())
+
+
+def test_rope_base_and_norm_eps_are_the_configured_ones(megatron_single_process):
+    """``model.rope_base`` and ``model.norm_eps`` reach the layers (a Llama-style import uses another
+    base; every other test runs at the defaults, where a model that ignored them looks right).
+    init_std=0.2: at 0.02 the attention scores are so small that the base moves the logits by ~1e-8."""
+    args, model = build_small(megatron_single_process, rope_base=50.0, norm_eps=0.05, init_std=0.2)
+    tokens = torch.randint(0, args.vocab_size, (1, 12), generator=torch.Generator().manual_seed(6))
+    sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    want = reference_logits(sd, tokens, num_layers=args.num_layers, hidden=args.hidden_size,
+                            heads=args.num_attention_heads, recurrence=True, eps=0.05, base=50.0)
+    torch.testing.assert_close(megatron_logits(model, tokens), want, rtol=1e-5, atol=1e-5)
