@@ -143,3 +143,60 @@ def test_the_loss_is_read_after_the_gradient_norm(megatron_single_process, monke
     state = trainer.run()
     assert state.optimizer_updates == 2
     assert events[:2] == ["norm", "loss"] and events.count("norm") == 2
+
+
+def test_each_pass_trains_in_the_mode_it_is_given(megatron_single_process):
+    """train_update's loss is the loss of the current weights in the requested mode, whatever mode the
+    model was left in (the joint loop must not run both passes densely)."""
+    from megatron_ratplus.model import attention_mode, set_attention_mode
+    from megatron_ratplus.training.loop import train_update
+    from megatron_ratplus.training.step import forward_backward
+
+    cfg, objs, data, _ = make(megatron_single_process, "logging.eval_interval=null", steps=2)
+    microbatches = data.next_microbatches(1)
+
+    def loss_in(mode):
+        with torch.no_grad(), attention_mode(objs.model, mode):
+            return forward_backward(objs.model, microbatches, seq_len=32, forward_only=True).item()
+
+    want_sparse = loss_in("sparse")
+    assert abs(want_sparse - loss_in("dense")) > 1e-4          # the modes are distinguishable here
+    set_attention_mode(objs.model, "dense")
+    loss, _, updated = train_update(objs, microbatches, "sparse", 32)
+    assert updated and loss == pytest.approx(want_sparse, rel=1e-6, abs=0)
+    want_dense = loss_in("dense")                               # of the updated weights
+    set_attention_mode(objs.model, "sparse")
+    loss, _, updated = train_update(objs, microbatches, "dense", 32)
+    assert updated and loss == pytest.approx(want_dense, rel=1e-6, abs=0)
+
+
+def test_an_update_is_adamw_with_the_configured_hyperparameters(megatron_single_process):
+    """The first AdamW step of a weight, written out (bias corrections make it independent of the betas):
+    ``p1 = p0 (1 - lr wd) - lr g / (|g| + eps)``, with the recipe's lr, weight decay and eps (non-defaults)."""
+    from megatron_ratplus.training.loop import train_update
+
+    cfg, objs, data, _ = make(megatron_single_process, "train.joint=false", "logging.eval_interval=null",
+                              "train.lr=0.01", "train.weight_decay=0.3", "train.adam_eps=0.5", "train.clip_grad=0",
+                              "train.lr_decay_style=constant", steps=1)
+    weight = dict(objs.model[0].module.named_parameters())["decoder.layers.0.mlp.linear_fc1.weight"]
+    before = weight.detach().clone()
+    _, _, updated = train_update(objs, data.next_microbatches(2), "dense", 32)
+    g = weight.main_grad
+    assert updated and g.abs().max() > 0
+    torch.testing.assert_close(weight.detach(), before * (1 - 0.01 * 0.3) - 0.01 * g / (g.abs() + 0.5),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_logged_lr_and_evaluation_size(megatron_single_process, tmp_path):
+    """Each step logs the LR it trained with (warmup from 0: 0, then the peak), and an evaluation reads
+    ``eval_iters`` global batches (eval_iters x accumulation micro-batches on one rank)."""
+    cfg, objs, data, trainer = make(megatron_single_process, "train.joint=false", "train.warmup_fraction=0.5",
+                                    "train.lr_decay_style=constant", "logging.eval_interval=2",
+                                    "logging.eval_iters=1", f"logging.metrics_jsonl={tmp_path / 'm.jsonl'}", steps=2)
+    counts = []
+    served = data.validation_microbatches
+    data.validation_microbatches = lambda count: (counts.append(count), served(count))[1]
+    trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records if "losses" in r] == pytest.approx([0.0, 3e-3])
+    assert counts == [1 * 2]          # global batch 4 = micro-batch 2 x 2 accumulation steps
