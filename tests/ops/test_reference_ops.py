@@ -120,3 +120,27 @@ def test_fused_dispatch_passes_pattern_and_streams_in_order():
     kr, vr, (kTr, vTr) = naive_gated_recurrence(g, k, v, output_final_state=True)
     for a, b in ((ko, kr), (vo, vr), (kT, kTr), (vT, vTr)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_recurrence_keeps_an_fp32_state_for_bf16_inputs():
+    """DESIGN.md §1: the recurrence runs in fp32 and only its outputs are cast to bf16. With gates near 1
+    the per-step change ``(1 - a)(k - h)`` is below a bf16 state's resolution, so a bf16 state stalls;
+    every CPU implementation must stay within bf16 output rounding of an fp64 loop."""
+    gen = torch.Generator().manual_seed(0)
+    T = 100
+    g = (4.6 + 0.1 * torch.randn(T, 1, 1, 8, generator=gen)).bfloat16()      # a = sigmoid(g) ~ 0.99
+    k, v = (torch.randn(T, 1, 1, 8, generator=gen).bfloat16() for _ in range(2))
+    a = torch.sigmoid(g.double())
+    hk = hv = torch.zeros(1, 1, 8, dtype=torch.float64)
+    ks, vs = [], []
+    for t in range(T):
+        hk = a[t] * hk + (1 - a[t]) * k[t].double()
+        hv = a[t] * hv + (1 - a[t]) * v[t].double()
+        ks.append(hk)
+        vs.append(hv)
+    want_k, want_v = torch.stack(ks), torch.stack(vs)
+    for fn in (gated_recurrence, naive_gated_recurrence, chunked_gated_recurrence):
+        ko, vo, _ = fn(g, k, v)
+        assert ko.dtype == vo.dtype == torch.bfloat16
+        torch.testing.assert_close(ko.double(), want_k, rtol=8e-3, atol=1e-3, msg=lambda m: f"{fn.__name__}: {m}")
+        torch.testing.assert_close(vo.double(), want_v, rtol=8e-3, atol=1e-3, msg=lambda m: f"{fn.__name__}: {m}")
