@@ -78,6 +78,9 @@ def test_joint_training_two_updates_per_batch_and_falling_loss(megatron_single_p
     assert last["dense"] < first["dense"] - 0.3 and last["sparse"] < first["sparse"] - 0.3
     # The LR schedule advanced once per batch: 8 scheduler steps.
     assert objs.scheduler.num_steps == 8
+    # Each batch's tokens count once (a resumed token budget depends on it); its FLOPs twice (two passes).
+    assert state.consumed_tokens == 8 * 4 * 32
+    assert trainer.flops_per_step == pytest.approx(2 * objs.model_args.flops_per_token(32, VOCAB) * 4 * 32)
 
 
 def test_single_mode_training_is_one_update_per_batch(megatron_single_process):
