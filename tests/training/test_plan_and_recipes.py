@@ -215,6 +215,20 @@ def test_memory_model_responds_to_layout():
     assert att.activations == pytest.approx(base.activations * (2 * 20 * 2048 + 64) / (2 * 23 * 2048 + 64))
 
 
+def test_pipeline_warmup_and_bubble_follow_the_schedule_counts():
+    """The module docstring's formulas in the corners the other tests do not reach: 1F1B with fewer
+    micro-batches than stages keeps min(PP, accum) in flight on the first stage, and interleaving
+    divides the pipeline bubble by VPP."""
+    few = make_plan(recipe("ratplus-1.5b-100bt", "parallel.pipeline_parallel=4", "train.global_batch_size=64"), 64)
+    assert few.grad_accum_steps == 2
+    assert next(m for m in few.memory_by_stage if m.stage == "first").microbatches_in_flight == 2
+    base = make_plan(recipe("ratplus-1.5b-100bt"), 64)
+    vpp = make_plan(recipe("ratplus-1.5b-100bt", "parallel.pipeline_parallel=2",
+                           "parallel.virtual_pipeline_parallel=3"), 64)
+    assert vpp.grad_accum_steps == 8
+    assert vpp.tokens_per_sec_per_gpu == pytest.approx(base.tokens_per_sec_per_gpu / (1 + 1 / (3 * 8)))
+
+
 def test_memory_estimate_matches_the_measured_reference_peak():
     """DESIGN.md §4: 1.5B, B=2, T=4096, bf16, one H100, no TP/PP: 53 GB peak (reference code)."""
     plan = make_plan(recipe("ratplus-1.5b-100bt", "train.global_batch_size=2"), 1)
