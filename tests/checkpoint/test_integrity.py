@@ -59,6 +59,17 @@ def truncate(path: Path):
         f.truncate(path.stat().st_size // 2)
 
 
+def cut_last_byte(path: Path):
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 1)
+
+
+def drop_common_key(ckpt: Path, key: str):
+    common = torch.load(ckpt / "common.pt", weights_only=False)
+    del common[key]
+    torch.save(common, ckpt / "common.pt")
+
+
 CORRUPTIONS = {
     "no-metadata": (lambda ckpt: (ckpt / "metadata.json").unlink(), "metadata.json is missing"),
     "truncated-shard": (lambda ckpt: truncate(biggest_shard(ckpt)), "is truncated"),
@@ -66,6 +77,12 @@ CORRUPTIONS = {
     "no-index": (lambda ckpt: (ckpt / ".metadata").unlink(), "tensor index .metadata is missing"),
     "garbled-common": (lambda ckpt: (ckpt / "common.pt").write_bytes(b"not a pickle"),
                        "common.pt is unreadable"),
+    # a write cut short by a few bytes (disk full at the very end of a shard)
+    "shard-short-by-one-byte": (lambda ckpt: cut_last_byte(biggest_shard(ckpt)), "is truncated"),
+    # a Megatron-LM (or other) checkpoint, not one of ours
+    "foreign-common": (lambda ckpt: drop_common_key(ckpt, "ratplus"), "not a megatron-ratplus checkpoint"),
+    "other-backend": (lambda ckpt: (ckpt / "metadata.json").write_text('{"sharded_backend": "zarr"}'),
+                      "only 'torch_dist'"),
 }
 
 
@@ -215,6 +232,28 @@ def test_incomplete_directory_is_set_aside_not_overwritten(copy, caplog):
     assert "moved it to" in caplog.text
 
 
+def test_a_save_that_fails_verification_moves_neither_the_tracker_nor_retention(copy, monkeypatch):
+    """A writer that lost the end of a shard (disk full): the save is an error, ``latest`` still
+    names the previous complete checkpoint, and retention deleted none of the older ones."""
+    from megatron_ratplus.checkpoint import manager as manager_module
+    save_dir, weights, objs = copy
+    real_save = manager_module.dist_checkpointing.save
+
+    def save_losing_bytes(sharded, ckpt_dir, **kwargs):
+        result = real_save(sharded, ckpt_dir, **kwargs)
+        truncate(biggest_shard(Path(ckpt_dir)))
+        return result
+
+    monkeypatch.setattr(manager_module.dist_checkpointing, "save", save_losing_bytes)
+    with pytest.raises(CheckpointError, match="iter_0000004 failed verification"):
+        CheckpointManager(save_dir, keep_last=1).save(4, objs.model, objs.optimizer, objs.scheduler, {"step": 4})
+    monkeypatch.undo()
+    assert read_tracker(save_dir) == (3, None)
+    assert [p.name for p in sorted(save_dir.glob("iter_*"))] == [f"iter_000000{i}" for i in (1, 2, 3, 4)]
+    assert load_latest(save_dir, objs)["step"] == 3
+    assert torch.equal(probe(objs), weights[3])
+
+
 def test_retention_keeps_newest_and_never_touches_others(tmp_path, saved):
     source, _, objs = saved
     save_dir = tmp_path / "ckpt"
@@ -263,6 +302,30 @@ def test_architecture_mismatch_lists_every_difference(saved):
                  "ffn_hidden_size: checkpoint 256 vs model 512"):
         assert line in text, text
     assert "dilation" not in text
+
+
+def test_same_shapes_other_function_is_refused(saved):
+    """Differences that leave every tensor shape alone (norm epsilon) or that only the FFN's
+    meaning shows (gelu vs SwiGLU) must not load silently."""
+    save_dir, _, _ = saved
+    chunks, args = other_model(norm_eps=1e-5)
+    with pytest.raises(CheckpointError, match=r"norm_eps: checkpoint 1e-06 vs model 1e-05"):
+        CheckpointManager(save_dir).load("latest", chunks, model_args=args)
+    chunks, args = other_model(ffn_type="swiglu")
+    with pytest.raises(CheckpointError, match=r"ffn_type: checkpoint 'gelu' vs model 'swiglu'"):
+        CheckpointManager(save_dir).load("latest", chunks, model_args=args)
+
+
+def test_checkpoint_of_a_newer_format_is_refused(copy):
+    save_dir, _, objs = copy
+    ckpt = save_dir / "iter_0000003"
+    common = torch.load(ckpt / "common.pt", weights_only=False)
+    common["ratplus"]["format_version"] += 1
+    torch.save(common, ckpt / "common.pt")
+    before = probe(objs).clone()
+    with pytest.raises(CheckpointError, match="newer than this code understands"):
+        CheckpointManager(save_dir).load(str(ckpt), objs.model)
+    assert torch.equal(probe(objs), before)
 
 
 def test_unpadded_vocab_difference_is_caught(saved):
