@@ -61,6 +61,26 @@ def test_resume_is_exact(tmp_path, megatron_world, precision):
     assert resumed == reference
 
 
+def test_model_parallel_rng_tracker_is_restored(tmp_path, megatron_world):
+    """Megatron's model-parallel RNG streams (dropout inside TP regions, initialisation) continue
+    from where the save left them, like the Python/NumPy/torch generators."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    tracker = get_cuda_rng_tracker()
+    objs = build(run_config())
+    train_step(objs, 0)
+    saved = {k: v.clone() for k, v in tracker.get_states().items()}
+    assert "model-parallel-rng" in saved
+    CheckpointManager(tmp_path / "ckpt").save(1, objs.model, objs.optimizer, objs.scheduler, {"step": 1})
+    # the streams move on after the save (another seed stands for draws made since)
+    tracker.set_states({k: torch.Generator().manual_seed(99 + i).get_state() for i, k in enumerate(saved)})
+    assert not torch.equal(tracker.get_states()["model-parallel-rng"], saved["model-parallel-rng"])
+    CheckpointManager(tmp_path / "ckpt").load("latest", objs.model, objs.optimizer, objs.scheduler)
+    restored = tracker.get_states()
+    assert restored.keys() == saved.keys()
+    for k in saved:
+        assert torch.equal(restored[k], saved[k]), k
+
+
 def test_async_save_completes_on_finalize(tmp_path, megatron_world):
     """Background saves: the tracker moves only when a save is finalized (by the next save or
     finalize()), and the result loads exactly like a synchronous save."""
