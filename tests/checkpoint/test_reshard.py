@@ -38,3 +38,24 @@ def test_tp2_checkpoint_resumes_under_other_layouts(tmp_path, saved_tp2, flags, 
         assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
     # The continuation actually trains (losses move), so matching them is not trivial.
     assert reference["after"][0] != reference["after"][1]
+
+
+def test_transformer_engine_norm_keys_are_stored_under_the_local_norms():
+    """Transformer-Engine fuses each RMSNorm into the linear after it; checkpoints store it under
+    the local spec's name of that norm: the attention input norm for the fused input projection,
+    the pre-FFN norm for the fused fc1. Swapping them would load each norm into the other."""
+    import torch
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from megatron_ratplus.checkpoint.state import canonicalize_keys
+
+    def tensor(key):
+        return ShardedTensor.from_rank_offsets(key, torch.zeros(4), replica_id=0)
+
+    te = {"attn": tensor("decoder.layers.self_attention.linear_in.layer_norm_weight"),
+          "ffn": tensor("decoder.layers.mlp.linear_fc1.layer_norm_weight"),
+          "other": tensor("decoder.layers.self_attention.linear_in.weight")}
+    canonicalize_keys({"model": te})
+    assert te["attn"].key == "decoder.layers.input_layernorm.weight"
+    assert te["ffn"].key == "decoder.layers.pre_mlp_layernorm.weight"
+    assert te["other"].key == "decoder.layers.self_attention.linear_in.weight"
