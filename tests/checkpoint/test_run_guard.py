@@ -174,13 +174,17 @@ def rewrite_train_state(ckpt: Path, **changes):
     train_state = decode_train_state(common)
     for dotted, value in changes.items():
         section, key = dotted.split("__")
-        train_state["run_config"][section][key] = value
+        if section == "model_args":
+            train_state["model_args"][key] = value
+        else:
+            train_state["run_config"][section][key] = value
     import pickle
     common[TRAIN_STATE_KEY] = pickle.dumps(train_state)
     torch.save(common, ckpt / COMMON_NAME)
 
 
-@pytest.mark.parametrize("change", [{"train__seed": 99}, {"checkpoint__save_dir": "/elsewhere/ckpt"}])
+@pytest.mark.parametrize("change", [{"train__seed": 99}, {"checkpoint__save_dir": "/elsewhere/ckpt"},
+                                    {"model_args__dilation": 8}])
 def test_a_newer_checkpoint_of_another_run_is_still_ignored(copy, caplog, change):
     save_dir, objs, _ = copy
     rewrite_train_state(save_dir / "iter_0000003", **change)
