@@ -316,6 +316,23 @@ def test_same_shapes_other_function_is_refused(saved):
         CheckpointManager(save_dir).load("latest", chunks, model_args=args)
 
 
+def test_checkpoint_lacking_a_tensor_the_model_needs_is_a_clear_error(copy):
+    """An index without one of the model's tensors (a checkpoint of another model variant, a
+    damaged copy) is a CheckpointError naming the tensor, and nothing is loaded."""
+    import pickle
+
+    from megatron_ratplus.checkpoint.validate import read_dcp_index
+    save_dir, _, objs = copy
+    ckpt = save_dir / "iter_0000003"
+    index = read_dcp_index(ckpt)
+    del index.state_dict_metadata[PROBE]
+    (ckpt / ".metadata").write_bytes(pickle.dumps(index))
+    before = probe(objs).clone()
+    with pytest.raises(CheckpointError, match=f"lacks tensors the model needs: {PROBE}"):
+        CheckpointManager(save_dir).load(str(ckpt), objs.model)
+    assert torch.equal(probe(objs), before)
+
+
 def test_checkpoint_of_a_newer_format_is_refused(copy):
     save_dir, _, objs = copy
     ckpt = save_dir / "iter_0000003"
