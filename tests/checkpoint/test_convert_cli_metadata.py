@@ -94,3 +94,23 @@ def test_from_llama_refuses_a_ratplus_folder_and_a_missing_calibration_text(tmp_
     (tmp_path / "text.txt").write_text("some text " * 100)
     with pytest.raises(ConvertError, match="needs the Llama folder's tokenizer"):
         _calibration_ids(str(folder), str(tmp_path / "text.txt"))
+
+
+def test_to_hf_then_from_hf_gives_back_every_weight_of_the_checkpoint(tmp_path, megatron_world):
+    """The export keeps Megatron's vocabulary padding rows (random here, as trained rows of a
+    checkpoint are), so converting back restores the checkpoint exactly."""
+    import torch
+
+    from megatron_ratplus.checkpoint.hf_bridge import build_tp1_model, load_full_state_dict, save_full_state_dict
+    args = dict(num_layers=1, hidden_size=32, num_attention_heads=2, vocab_size=61, max_seq_len=16,
+                dilation=4, local_window=1, initial_tokens=1)
+    gen = torch.Generator().manual_seed(5)
+    sd = {k: torch.randn(v.shape, generator=gen) for k, v in build_tp1_model(args).state_dict().items()
+          if not k.endswith("_extra_state")}
+    assert sd["output_layer.weight"].shape[0] == 128           # 61 real rows, 67 padding rows
+    save_full_state_dict(args, sd, tmp_path / "ck")
+    from_hf(str(to_hf(str(tmp_path / "ck"), str(tmp_path / "hf"))), str(tmp_path / "back"))
+    back_args, back = load_full_state_dict(tmp_path / "back")
+    assert back_args["vocab_size"] == 61 and back.keys() == sd.keys()
+    for k in sd:
+        assert torch.equal(back[k], sd[k]), k
