@@ -157,12 +157,31 @@ def test_llama_import_without_recurrence_reproduces_logits(kv_heads, fold):
 
 def test_llama_import_tied_embeddings():
     llama = tiny_llama(2, tie=True)
-    sd, cfg = llama_to_ratplus(dict(llama.state_dict()), llama.config, recurrence=False)
-    model = RATPlusForCausalLM(cfg).eval()
-    model.load_state_dict(sd, strict=True)
     ids = tokens(1, 10, vocab=71)
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, llama(ids).logits, rtol=1e-5, atol=1e-5)
+    # a tied checkpoint's weight files hold no lm_head.weight; a state_dict() of the module does
+    without_head = {k: v for k, v in llama.state_dict().items() if k != "lm_head.weight"}
+    for state_dict in (dict(llama.state_dict()), without_head):
+        sd, cfg = llama_to_ratplus(state_dict, llama.config, recurrence=False)
+        model = RATPlusForCausalLM(cfg).eval()
+        model.load_state_dict(sd, strict=True)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, llama(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_llama_special_tokens_and_rope_base_carry_over():
+    """The imported config keeps the Llama's end-of-sequence id (generation stops there) and its
+    RoPE base, written the transformers 4.x way (rope_theta) or the 5.x way (rope_parameters)."""
+    llama = tiny_llama(2)
+    conf = llama.config.to_dict()
+    conf.update(bos_token_id=5, eos_token_id=7, pad_token_id=None, rope_theta=500000.0)
+    conf.pop("rope_parameters", None)
+    _, cfg = llama_to_ratplus(llama.state_dict(), conf, recurrence=False)
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.rope_theta) == (5, 7, 500000.0)
+    conf.pop("rope_theta")
+    conf.pop("rope_scaling", None)
+    conf["rope_parameters"] = {"rope_type": "default", "rope_theta": 250000.0}
+    _, cfg = llama_to_ratplus(llama.state_dict(), conf, recurrence=False)
+    assert cfg.rope_theta == 250000.0
 
 
 @pytest.mark.parametrize("gate_init", GATE_INITS)
