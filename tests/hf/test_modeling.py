@@ -44,11 +44,28 @@ def test_logits_match_loop_reference(name, overrides, patterns, recurrence):
 
 def test_swiglu_without_output_gate_matches_reference():
     model = small_model(hidden_act="silu", output_gate=False, dilation=4, local_window=1, initial_tokens=1,
-                        attention_mode="sparse", rope_theta=500.0)
+                        attention_mode="sparse", rope_theta=500.0, rms_norm_eps=0.05)
     ids = tokens(1, 12, seed=5)
     with torch.no_grad():
         got = model(ids).logits
     torch.testing.assert_close(got, _reference(model, ids, [(4, 1, 1)] * 2).float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_one_token_input_and_one_token_prompt(mode):
+    """A one-token input (the recurrence's decoding shortcut, starting without a state) gives the
+    first position's logits of a longer input, and generating from a one-token prompt (a lone BOS)
+    equals greedy decoding by recomputation."""
+    from .test_generation import greedy_by_recomputation
+    model = small_model(seed=3, attention_mode=mode, initializer_range=0.15, dilation=4, local_window=2,
+                        initial_tokens=1)
+    ids = tokens(2, 12, seed=4)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        first = model(ids[:, :1], use_cache=False).logits
+    torch.testing.assert_close(first, full[:, :1], rtol=1e-5, atol=1e-5)
+    got = model.generate(ids[:, :1], max_new_tokens=12, do_sample=False)
+    assert torch.equal(got, greedy_by_recomputation(model, ids[:, :1], 12))
 
 
 def test_sparse_mode_changes_logits_and_switches_back():
@@ -114,7 +131,8 @@ def test_modeling_file_loads_without_ratplus_kernels(tmp_path, monkeypatch):
 
 
 
-@pytest.mark.parametrize("pattern", [(4, 2, 1), (3, 0, 0), (-1, 5, 2), (7, 40, 9), (100, 3, 2), (102, 0, 0)])
+@pytest.mark.parametrize("pattern", [(4, 2, 1), (3, 0, 0), (-1, 5, 2), (7, 40, 9), (100, 3, 2), (102, 0, 0),
+                                     (4, 2, 3)])     # (4, 2, 3): a chunk end at j = P
 def test_blocked_sparse_attention_equals_masked(monkeypatch, pattern):
     """Long sequences without the fused kernel gather keys per query block: same logits."""
     D, W, P = pattern
