@@ -71,14 +71,15 @@ def test_cache_size_equals_formula(name):
 
 
 def test_compact_cache_entries_formula_brute_force():
-    for D, W, P in [(4, 2, 1), (3, 0, 0), (5, 0, 3), (-1, 4, 2), (16, 256, 4), (64, 0, 0), (7, 10, 9)]:
+    for D, W, P in [(4, 2, 1), (3, 0, 0), (5, 0, 3), (-1, 4, 2), (16, 256, 4), (64, 0, 0), (7, 10, 9), (4, 1, 3)]:
         for T in list(range(0, 40)) + [300, 1000]:
             union = {j for j in range(T) if j < P or j >= T - W - 1 or (D > 0 and (j + 1) % D == 0)}
             assert compact_cache_entries(T, (D, W, P)) == len(union), (D, W, P, T)
 
 
 @pytest.mark.parametrize("pattern", [(4, 2, 1), (3, 0, 0), (5, 0, 3), (-1, 4, 2), (7, 10, 9), (2, 3, 40),
-                                     (4, 100, 2), (3, 55, 5)])
+                                     (4, 100, 2), (3, 55, 5),
+                                     (2, 3, 1), (4, 1, 3)])     # a chunk end at j = P leaves the ring
 def test_single_token_insert_matches_chunked_insert(pattern):
     """The decoding fast path (one token, slots decided on the host) lays the cache out exactly as
     the general insertion does for any mix of chunks and single tokens."""
