@@ -45,8 +45,8 @@ from .preemption import spawning_shielded_helpers
 from .retention import apply_retention
 from .rng import restore_rng_state
 from .state import (FORMAT_VERSION, RNG_KEY, load_strategy, model_sharded_state_dict, model_state_key,
-                    optimizer_kind, parallel_layout, rng_sharded_object, runtime_metadata, save_strategy,
-                    sharded_metadata, versions)
+                    optimizer_has_stepped, optimizer_kind, parallel_layout, rng_sharded_object,
+                    runtime_metadata, save_strategy, sharded_metadata, versions)
 from .validate import (RATPLUS_KEY, TRAIN_STATE_KEY, checkpoint_problems, decode_train_state,
                        encode_train_state, load_common)
 
@@ -337,6 +337,13 @@ def load_checkpoint_into(ckpt_dir, model_chunks: Sequence[torch.nn.Module], opti
                                   f"this run uses the {optimizer_kind(optimizer)} one: resume with the same "
                                   f"optimizer setting, or load weights only")
         meta = dict(stored_opt["metadata"])
+        if stored_opt.get("stepped") is False:
+            # Saved before the first update: no moments to restore, and the fp32 master weights were
+            # still the model's own values. A fresh optimizer on the loaded weights is that state.
+            _info("checkpoint %s was saved before the first optimizer update: the optimizer starts fresh "
+                  "on its weights", ckpt_dir)
+            load_optimizer = False
+            meta = sharded_metadata(None)
     else:
         meta = sharded_metadata(None)
     runtime = runtime_metadata(meta)
@@ -491,6 +498,8 @@ class CheckpointManager:
         start_writer_helpers()
 
         chunks = list(model_chunks)
+        # every rank's optimizer steps together; any_rank also covers a rank with an empty shard
+        stepped = collectives.any_rank(optimizer_has_stepped(optimizer)) if optimizer is not None else None
         meta = sharded_metadata(optimizer)
         runtime = runtime_metadata(meta)
         sharded = model_sharded_state_dict(chunks, runtime)
@@ -508,7 +517,7 @@ class CheckpointManager:
             "architecture": architecture_of(chunks, model_args),
             "model_args": model_args,
             "model_chunks": len(chunks),
-            "optimizer": ({"kind": optimizer_kind(optimizer), "metadata": meta}
+            "optimizer": ({"kind": optimizer_kind(optimizer), "metadata": meta, "stepped": stepped}
                           if optimizer is not None else None),
             "versions": versions(),
             "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -59,6 +59,19 @@ def inner_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
 
 
+def optimizer_has_stepped(optimizer) -> bool:
+    """Whether this rank's optimizer holds per-parameter state (Adam's moments and step count).
+
+    Why: torch's Adam and the fused update create that state at the first update, so a checkpoint
+    saved before any update (the first one skipped for a non-finite gradient, then a preemption)
+    holds no moments, and the loading side, whose template asks for them, would refuse it."""
+    for inner in inner_optimizers(optimizer):
+        torch_optimizer = getattr(inner, "optimizer", None)
+        if torch_optimizer is not None and any(len(s) for s in torch_optimizer.state.values()):
+            return True
+    return False
+
+
 def optimizer_kind(optimizer) -> Optional[str]:
     if optimizer is None:
         return None

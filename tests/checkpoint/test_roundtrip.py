@@ -108,3 +108,26 @@ def test_async_save_completes_on_finalize(tmp_path, megatron_world):
     for k, v in model_weights(fresh).items():
         assert torch.equal(v, saved[k]), k
     assert [train_step(fresh, s) for s in (2, 3)] == reference
+
+
+@pytest.mark.parametrize("precision,distributed", [("fp32", False), ("bf16", False), ("bf16", True)])
+def test_a_checkpoint_saved_before_the_first_update_resumes_exactly(tmp_path, megatron_world, precision,
+                                                                     distributed):
+    """Adam creates its moments at the first update: a checkpoint saved before one (the first update
+    skipped for a non-finite gradient, then a preemption) holds none. It resumes with a fresh
+    optimizer on its weights, which is the state it was saved in; it used to be refused as lacking
+    ``optimizer.state.exp_avg``."""
+    cfg = run_config(precision=precision)
+    cfg.parallel.distributed_optimizer = distributed
+    objs = build(cfg)
+    train_state = {"step": 1, "consumed_tokens": 64, "run_config": cfg.to_dict(),
+                   "model_args": objs.model_args.to_dict(), "data": {}}
+    CheckpointManager(tmp_path / "ckpt").save(1, objs.model, objs.optimizer, objs.scheduler, train_state)
+    reference = [train_step(objs, s, MODES[s]) for s in range(1, 4)]
+
+    fresh = build(cfg)
+    state = CheckpointManager(tmp_path / "ckpt").load("latest", fresh.model, fresh.optimizer, fresh.scheduler)
+    assert state["step"] == 1
+    assert [train_step(fresh, s, MODES[s]) for s in range(1, 4)] == reference
+    want, got = model_weights(objs), model_weights(fresh)
+    assert all(torch.equal(got[k], want[k]) for k in want)
