@@ -3,9 +3,11 @@
 A process id alone does not identify a process: ids are reused, and a directory on a shared
 filesystem may have been written from another machine. The record therefore also holds the host
 name, the kernel's boot id and the process's start time (Linux; elsewhere only the pid is
-checked). An owner is *dead* only when that can be told for certain -- same host, and the machine
-rebooted since, or no process has the pid, or the process with the pid started at another time --
-and *unknown* when it ran on another host.
+checked), and its pid namespace: containers on one machine share the host name (host networking)
+and the boot id, but not their process ids. An owner is *dead* only when that can be told for
+certain -- same host and pid namespace, and the machine rebooted since, or no process has the pid,
+or the process with the pid started at another time -- and *unknown* when it ran on another host
+or in another container.
 """
 from __future__ import annotations
 
@@ -25,6 +27,13 @@ def _boot_id() -> str | None:
         return None
 
 
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _start_ticks(pid: int) -> int | None:
     """Start time of process ``pid`` in clock ticks since boot (``/proc/PID/stat`` field 22)."""
     try:
@@ -39,8 +48,8 @@ def _start_ticks(pid: int) -> int | None:
 
 def current_owner() -> dict:
     pid = os.getpid()
-    return {"pid": pid, "host": socket.gethostname(), "boot_id": _boot_id(), "start_ticks": _start_ticks(pid),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    return {"pid": pid, "host": socket.gethostname(), "boot_id": _boot_id(), "pid_namespace": _pid_namespace(),
+            "start_ticks": _start_ticks(pid), "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
 
 
 def write_owner(path: Path) -> None:
@@ -71,12 +80,14 @@ def _pid_exists(pid: int) -> bool:
 
 
 def owner_state(owner: dict) -> str:
-    """ALIVE, DEAD, or UNKNOWN (another host): see the module docstring."""
+    """ALIVE, DEAD, or UNKNOWN (another host or container): see the module docstring."""
     if owner.get("host") != socket.gethostname():
         return UNKNOWN
     boot = _boot_id()
     if owner.get("boot_id") and boot and owner["boot_id"] != boot:
         return DEAD
+    if owner.get("pid_namespace") != _pid_namespace():
+        return UNKNOWN
     pid = owner["pid"]
     if not _pid_exists(pid):
         return DEAD

@@ -133,8 +133,8 @@ def clear_abandoned_staging(directory: Path) -> list[str]:
                 f"another `ratplus-data prepare` is writing into {directory} ({_owner.describe(owner)}; staging "
                 f"directory {staging.name}); wait for it to finish or stop it -- its files are left alone")
         else:
-            who = (f"its owner ({_owner.describe(owner)}) ran on another host" if owner is not None
-                   else f"it records no owner ({OWNER_NAME})")
+            who = (f"its owner ({_owner.describe(owner)}) ran on another host or in another container"
+                   if owner is not None else f"it records no owner ({OWNER_NAME})")
             warnings.warn(f"{staging} is left in place: {who}, so whether that preparation still runs cannot "
                           f"be told from here; delete the directory once it is not running", RuntimeWarning,
                           stacklevel=2)

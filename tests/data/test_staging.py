@@ -53,6 +53,8 @@ def test_staging_records_its_owner(tmp_path):
     assert _owner.owner_state({**owner, "boot_id": "another-boot"}) == _owner.DEAD
     assert _owner.owner_state({**owner, "pid": exited_pid()}) == _owner.DEAD
     assert _owner.owner_state({**owner, "host": "elsewhere"}) == _owner.UNKNOWN
+    # another container of this machine (same host name and boot): its pids are not ours to look up
+    assert _owner.owner_state({**owner, "pid": exited_pid(), "pid_namespace": "pid:[1]"}) == _owner.UNKNOWN
 
 
 def test_abandoned_staging_is_removed_and_unknown_ones_are_left(tmp_path, dataset_dir, corpus_dir):
