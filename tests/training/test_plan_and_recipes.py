@@ -457,3 +457,223 @@ def test_sbatch_forwards_preemption_signal_and_requeues(tmp_path):
     assert [(tmp_path / f"signal{r}").read_text() for r in range(2)] == ["SIGUSR1", "SIGUSR1"], out
     assert (tmp_path / "scontrol.log").read_text().split("\n")[0] == "requeue 4242"
     assert json.loads((tmp_path / "rank0.json").read_text())["argv"] == ["recipes/tiny-cpu.yaml"]
+
+
+# slurm.sbatch against stand-ins for srun and scontrol and a shell "trainer" as the launcher (no
+# torch: each test runs in well under a second).
+FAKE_SRUN = r"""#!/usr/bin/env bash
+# srun inside an allocation: one task per node (SLURM_JOB_NUM_NODES), each in a process group of its
+# own. As srun(1) does: SIGUSR1 is forwarded to every process of the tasks, a SIGTERM to srun ends
+# them with SIGKILL ("srun: forcing job termination"), and the exit status is the highest task's.
+printf '%s\n' "$@" > "$PROBE_OUT/srun.argv"
+while [[ "${1:-}" == --* ]]; do shift; done
+pids=()
+for (( i = 0; i < SLURM_JOB_NUM_NODES; i++ )); do
+    SLURM_NODEID=$i SLURM_PROCID=$i setsid "$@" &
+    pids+=($!)
+    echo "$!" >> "$PROBE_OUT/tasks.pids"
+done
+forward() { for p in "${pids[@]}"; do kill -s "$1" -- "-$p" 2>/dev/null || true; done; }
+trap 'forward USR1' USR1
+trap 'echo "srun: forcing job termination" >&2; forward KILL' TERM
+rc=0
+for p in "${pids[@]}"; do
+    while true; do
+        wait "$p" && r=0 || r=$?
+        kill -0 "$p" 2>/dev/null || break
+    done
+    (( r > rc )) && rc=$r
+done
+exit "$rc"
+"""
+FAKE_SCONTROL = r"""#!/usr/bin/env bash
+# hostnames in two writes, as a long node list comes: a reader that stops after the first line
+# leaves the second write a broken pipe
+if [[ "$1" == show ]]; then echo gpu-a17; sleep 0.2; echo gpu-b02; exit 0; fi
+echo "$*" >> "$PROBE_OUT/scontrol.log"
+"""
+FAKE_TRAINER = r"""#!/usr/bin/env bash
+# The per-node launcher: records what it was given; FAKE_RC_<node> set: exits with it at once,
+# else waits like a trainer and "checkpoints" and exits 0 on SIGUSR1 or SIGTERM.
+out="$PROBE_OUT/node${NODE_RANK}"
+for v in NODE_RANK MASTER_ADDR MASTER_PORT NNODES GPUS_PER_NODE RDZV_ID; do echo "$v=${!v}"; done > "$out.env"
+printf '%s\n' "$@" > "$out.argv"
+rc_var="FAKE_RC_${NODE_RANK}"
+[[ -n "${!rc_var:-}" ]] && exit "${!rc_var}"
+trap 'echo USR1 > "$out.signal"; exit 0' USR1
+trap 'echo TERM > "$out.signal"; exit 0' TERM
+touch "$out.ready"
+while true; do sleep 0.05; done
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+    """A function giving the environment for slurm.sbatch under the stand-ins; afterwards, whatever
+    of the stand-in's tasks is left (a failed test) is killed."""
+    yield lambda **extra: _fake_slurm(tmp_path, **extra)
+    pids = tmp_path / "tasks.pids"
+    for pid in (pids.read_text().split() if pids.exists() else []):
+        try:
+            os.killpg(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _fake_slurm(tmp_path: Path, **extra):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("trainer.sh", FAKE_TRAINER)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "PET_", "TORCH_ELASTIC"))
+           and k not in ("GPUS_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_ID",
+                         "RATPLUS_ROOT", "SRUN_EXTRA_ARGS")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", PROBE_OUT=str(tmp_path), LAUNCHER=str(bin_dir / "trainer.sh"),
+               SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu-a17,gpu-b02", SLURM_JOB_NUM_NODES="2",
+               SLURM_GPUS_ON_NODE="8", SLURM_SUBMIT_DIR=str(ROOT))
+    env.update(extra)
+    return env
+
+
+SBATCH_ARGS = ["recipes/tiny-cpu.yaml", "model.dilation=[16,16,16,16]", "logging.wandb_project=a b"]
+
+
+def test_sbatch_one_launcher_per_node_with_the_rendezvous(tmp_path, fake_slurm):
+    res = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"), *SBATCH_ARGS],
+                         env=fake_slurm(FAKE_RC_0="0", FAKE_RC_1="0"),
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stdout + res.stderr
+    srun = (tmp_path / "srun.argv").read_text().splitlines()
+    assert srun[:4] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    for node in (0, 1):
+        env = dict(line.split("=", 1) for line in (tmp_path / f"node{node}.env").read_text().splitlines())
+        assert env == {"NODE_RANK": str(node), "MASTER_ADDR": "gpu-a17", "MASTER_PORT": str(20000 + 4242),
+                       "NNODES": "2", "GPUS_PER_NODE": "8", "RDZV_ID": "4242"}
+        assert (tmp_path / f"node{node}.argv").read_text().splitlines() == SBATCH_ARGS
+    assert not (tmp_path / "scontrol.log").exists()          # finished: no requeue
+
+
+def test_sbatch_exit_status_is_the_failed_nodes(tmp_path, fake_slurm):
+    res = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"), *SBATCH_ARGS],
+                         env=fake_slurm(FAKE_RC_0="0", FAKE_RC_1="3"), capture_output=True, text=True,
+                         timeout=30)
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert not (tmp_path / "scontrol.log").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=lambda s: s.name)
+def test_sbatch_signal_reaches_the_trainers_as_sigusr1(tmp_path, fake_slurm, sig):
+    """--signal=B:USR1 (or `scancel --batch --signal=TERM`) signals the batch shell only: the trainers
+    must get SIGUSR1 through srun. srun answers a SIGTERM with SIGKILL of every task, so the trap
+    must not pass SIGTERM on."""
+    proc = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), *SBATCH_ARGS], env=fake_slurm(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 20
+    while not all((tmp_path / f"node{n}.ready").exists() for n in (0, 1)):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    try:
+        out = proc.communicate(timeout=20)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, out
+    assert "forcing job termination" not in out
+    assert [(tmp_path / f"node{n}.signal").read_text().strip() for n in (0, 1)] == ["USR1", "USR1"], out
+    assert (tmp_path / "scontrol.log").read_text().splitlines() == ["requeue 4242"]
+
+
+def test_sbatch_submitted_from_another_directory_fails_before_srun(tmp_path, fake_slurm):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = fake_slurm(SLURM_SUBMIT_DIR=str(elsewhere))
+    env.pop("LAUNCHER")                                       # the default, relative to the submit dir
+    res = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"), *SBATCH_ARGS], env=env, capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode == 2 and "RATPLUS_ROOT" in res.stderr, res.stdout + res.stderr
+    assert not (tmp_path / "srun.argv").exists()
+    # RATPLUS_ROOT names the checkout; a missing recipe is caught the same way
+    env.update(RATPLUS_ROOT=str(ROOT), LAUNCHER=str(tmp_path / "bin" / "trainer.sh"))
+    res = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"), "recipes/nope.yaml"], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "recipes/nope.yaml not found" in res.stderr, res.stderr
+    assert not (tmp_path / "srun.argv").exists()
+
+
+def test_torchrun_launcher_arguments_environment_and_exit_status(tmp_path, fake_slurm):
+    fake = tmp_path / "torchrun"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$PROBE_OUT/torchrun.argv"\n'
+                    'env > "$PROBE_OUT/torchrun.env"\nexit 5\n')
+    fake.chmod(0o755)
+    env = fake_slurm(TORCHRUN=str(fake), NNODES="8", NODE_RANK="7", MASTER_ADDR="gpu-a17",
+                      MASTER_PORT="24242", GPUS_PER_NODE="8", RDZV_ID="4242", TORCHRUN_ARGS="--max-restarts 1")
+    res = subprocess.run(["bash", str(LAUNCH / "torchrun.sh"), "recipes/x.yaml", "logging.wandb_project=a b"],
+                         env=env, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 5, res.stderr                   # torchrun's status is the script's
+    assert (tmp_path / "torchrun.argv").read_text().splitlines() == [
+        "--nnodes", "8", "--node_rank", "7", "--nproc_per_node", "8", "--rdzv_backend", "c10d",
+        "--rdzv_endpoint", "gpu-a17:24242", "--rdzv_id", "4242", "--max-restarts", "1",
+        "-m", "megatron_ratplus.training.cli", "recipes/x.yaml", "logging.wandb_project=a b"]
+    seen = dict(line.split("=", 1) for line in (tmp_path / "torchrun.env").read_text().splitlines() if "=" in line)
+    assert seen["CUDA_DEVICE_MAX_CONNECTIONS"] == "1" and seen["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "240"
+    assert {"SIGTERM", "SIGUSR1"} <= set(seen["PET_SIGNALS_TO_HANDLE"].split(","))
+    res = subprocess.run(["bash", str(LAUNCH / "torchrun.sh"), "r.yaml"], env=dict(env, NODE_RANK="8"),
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "NODE_RANK" in res.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# recipe directories and the container image
+# ------------------------------------------------------------------------------------------------
+def test_recipes_write_to_directories_of_their_own():
+    cfgs = {name: recipe(name) for name in RECIPE_NAMES}
+    for attr in ("save_dir",):
+        dirs = [getattr(c.checkpoint, attr) for c in cfgs.values()]
+        assert len(set(dirs)) == len(dirs), dirs
+    tbs = [c.logging.tensorboard_dir for c in cfgs.values()]
+    assert len(set(tbs)) == len(tbs), tbs
+    for name in ("adapt-d16-w256-p4", "adapt-d64"):          # weights from the pretraining run's save_dir
+        assert cfgs[name].checkpoint.init_from == cfgs["ratplus-1.5b-100bt"].checkpoint.save_dir
+
+
+@pytest.mark.parametrize("name", ["adapt-d16-w256-p4", "adapt-d64"])
+def test_adaptation_recipe_2p6b_overrides_in_its_comment(name):
+    """The comment's overrides for the 2.6B model give it the 2.6B weights and directories of its own
+    (with the 1.5B adaptation's save_dir it would resume that run's checkpoints)."""
+    lines = (RECIPES / f"{name}.yaml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# For the 2.6B model add"))
+    overrides = []
+    for line in lines[start + 1:]:
+        if not line.startswith("#"):
+            break
+        if line.startswith("#   "):                       # the indented lines hold the overrides
+            overrides += line[1:].split()
+    assert overrides
+    cfg = recipe(name, *overrides)
+    base = recipe(name)
+    assert cfg.model.preset == "ratplus-2.6b" and cfg.train.global_batch_size == 768
+    assert cfg.checkpoint.init_from == recipe("ratplus-2.6b-200bt").checkpoint.save_dir
+    others = {recipe(n).checkpoint.save_dir for n in RECIPE_NAMES}
+    assert cfg.checkpoint.save_dir not in others and cfg.checkpoint.save_dir != base.checkpoint.save_dir
+    assert cfg.logging.tensorboard_dir not in {recipe(n).logging.tensorboard_dir for n in RECIPE_NAMES}
+    assert cfg.layout_for(64) == (64, 6) and cfg.total_steps() == math.ceil(10**9 / (768 * 4096))
+
+
+def test_dockerfile_installs_every_dependency():
+    """The image installs the package with --no-deps: each pyproject dependency must be in the
+    Dockerfile's pip install, except those the NGC base provides."""
+    import re
+    try:
+        import tomllib
+    except ImportError:                                       # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[\s<>=!~;\[]", d, maxsplit=1)[0].lower() for d in deps}
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    install = re.search(r"RUN pip install \\\n((?:\s+\"[^\"]+\"(?: \\)?\n)+)", dockerfile)
+    assert install, "no dependency install in docker/Dockerfile"
+    installed = {re.split(r"[\s<>=!~;\[]", s, maxsplit=1)[0].lower() for s in re.findall(r'"([^"]+)"', install.group(1))}
+    assert names - {"torch", "triton", "numpy"} <= installed, names - installed
