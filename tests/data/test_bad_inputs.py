@@ -41,8 +41,8 @@ def test_empty_inputs(tmp_path, dataset_dir):
         prep([tmp_path / "missing"], tmp_path / "out", tok)
     (tmp_path / "blank").mkdir()
     (tmp_path / "blank" / "a.txt").write_text("  \n\n")
-    (tmp_path / "blank" / "b.jsonl").write_text('{"text": ""}\n\n{"other": "x"}\n')
-    with pytest.raises(ValueError, match="empty inputs.*1 records without.*2 empty documents"):
+    (tmp_path / "blank" / "b.jsonl").write_text('{"text": ""}\n\n{"other": "x"}\n{"text": " \\n\\t "}\n')
+    with pytest.raises(ValueError, match="empty inputs.*1 records without.*3 empty documents"):
         prep([tmp_path / "blank"], tmp_path / "out", tok)
     (tmp_path / "blank" / "c.csv").write_text("text\nhello\n")
     with pytest.raises(ValueError, match="unsupported file type '.csv'"):

@@ -140,3 +140,28 @@ def test_prepare_recovers_a_killed_overwrite_before_its_checks(tmp_path, old_and
         prepare_dataset([corpus_dir / "b_records.jsonl"], out, seq_len=SEQ_LEN,
                         tokenizer=dataset_dir / "tokenizer.json", workers=1)
     assert snapshot(out) == snapshot(old)
+
+
+def test_a_recovery_killed_part_way_is_recovered_again(tmp_path, old_and_new, monkeypatch):
+    """A kill while a recovery moves the old files back (the old manifest moves last) leaves a directory
+    that the next recovery still puts back together: never a manifest over a partial dataset."""
+    old, new = old_and_new
+    old_files, new_files = snapshot(old), snapshot(new)
+    moves_back = len(old_files)
+    for k in range(1, moves_back + 1):
+        out, staging = setup(tmp_path, old, new)
+        # killed while moving the new files in: the old ones are all aside
+        monkeypatch.setattr(os, "replace", failing_replace(moves_back + 2, Killed)[0])
+        monkeypatch.setattr(layout, "recover_interrupted_commit", lambda directory: None)
+        with pytest.raises(Killed):
+            commit_staging(staging, out, replace_existing=True)
+        monkeypatch.undo()
+        # the next preparation's recovery is killed at its k-th move back
+        monkeypatch.setattr(os, "replace", failing_replace(k, Killed)[0])
+        with pytest.raises(Killed):
+            layout.recover_interrupted_commit(out)
+        monkeypatch.undo()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            check_output_dir(out, overwrite=True)
+        assert assert_one_complete(out, old_files, new_files) == "old"

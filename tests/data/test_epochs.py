@@ -106,3 +106,35 @@ def test_global_batch_size_checks(odd_dataset):
     with pytest.raises(ValueError, match="too few for one global batch of 64"):
         next(iter(build_pretraining_loader(str(odd_dataset), split="train", seq_len=SEQ_LEN, micro_batch_size=2,
                                            dp_rank=0, dp_size=1, seed=SEED, global_batch_size=64)))
+
+
+@pytest.mark.parametrize("ncn", [5, 7])
+def test_an_epoch_stops_before_streamings_padding(odd_dataset, ncn):
+    """With a num_canonical_nodes that does not divide the sample count, streaming pads every canonical
+    node's share with repeats; an epoch ends before the first repeat (whole global batches of distinct
+    samples), and the next epoch follows at once."""
+    ld = make(odd_dataset, mbs=2, num_canonical_nodes=ncn)
+    n = ld.num_samples
+    assert n % ncn and n // GBS > (n - ncn) // GBS  # whole global batches would reach into the padding
+    it = iter(ld)
+    epoch = [tuple(r) for _ in range(len(ld)) for r in next(it).tolist()]
+    assert len(set(epoch)) == len(epoch) and len(epoch) % GBS == 0 and len(epoch) > n - ncn - GBS
+    assert ld.epoch == 0 and next(it).shape == (2, SEQ_LEN + 1) and ld.epoch == 1
+
+
+def test_a_state_saved_on_two_nodes_resumes_on_one(odd_dataset):
+    """Readers on two nodes (one each) save mid-epoch; one reader on one node continues with exactly
+    the samples the two-node run would have used in each following step."""
+    save, more = 3, 5
+    two = [make(odd_dataset, dp_rank=r, dp_size=2, mbs=1, readers_per_node=1, num_canonical_nodes=2)
+           for r in range(2)]
+    its = [iter(ld) for ld in two]
+    for _ in range(save * 2):
+        for it in its:
+            next(it)
+    state = two[0].state_dict()
+    assert state == two[1].state_dict() and state["sample_in_epoch"] == save * GBS
+    expected = steps([[next(it).tolist() for _ in range(more * 2)] for it in its], 1)
+    resumed = make(odd_dataset, mbs=2)
+    resumed.load_state_dict(state)
+    assert steps([take(resumed, more * 2)], 2) == expected

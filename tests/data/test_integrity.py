@@ -87,3 +87,15 @@ def test_dataset_without_hashes_validates_and_loads(fresh_dataset, capsys):
     shard.write_bytes(shard.read_bytes()[:-1])
     assert main(["validate", str(fresh_dataset)]) == 1
     assert f"{shard}: corrupt:" in capsys.readouterr().out
+
+
+def test_validate_compares_each_split_with_the_manifests_sample_count(fresh_dataset):
+    """A split whose index.json and the manifest disagree on the sample count (an index from another
+    preparation copied in) is reported, although every shard file matches its index."""
+    from megatron_ratplus.data import verify_dataset
+
+    manifest = json.loads((fresh_dataset / "manifest.json").read_text())
+    manifest["splits"]["val"]["samples"] += 1
+    (fresh_dataset / "manifest.json").write_text(json.dumps(manifest))
+    problems = verify_dataset(fresh_dataset)
+    assert len(problems) == 1 and "val/index.json" in problems[0] and "the manifest says" in problems[0]

@@ -1,6 +1,7 @@
 """Loader: shapes, epochs, validation, exact resume in a new process, remotes, mixing, DP/TP layout."""
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import warnings
@@ -256,6 +257,7 @@ def test_reader_layout_argument_checks(dataset_dir, fresh_dataset):
     parts = []
     for r in range(2):
         ld = loader(fresh_dataset, dp_rank=r, dp_size=2, readers_per_node=1, micro_batch_size=1)
+        assert ld.state_dict()["num_canonical_nodes"] == 2  # default: the nodes of the first run
         it = iter(ld)
         parts.append(rows([next(it) for _ in range(len(ld))]))
     assert set(parts[0]) | set(parts[1]) <= everything and len(everything) - len(set(parts[0]) | set(parts[1])) < 2
@@ -277,3 +279,52 @@ def test_a_missing_or_unreadable_shard_is_named_before_reading(dataset_dir, tmp_
     (copy / "val" / "index.json").write_text("{")
     with pytest.raises(ValueError, match="val/index.json cannot be read as a shard index"):
         loader(copy, split="val", shuffle=False)
+
+
+def test_resume_takes_seed_and_canonical_nodes_from_the_state(dataset_dir):
+    """The order is the saved run's: a resumed loader built with another seed and another
+    num_canonical_nodes (e.g. a changed config, or a run moved to another node count) continues
+    exactly where the saved one stopped."""
+    first = loader(dataset_dir, micro_batch_size=2, seed=5, num_canonical_nodes=2)
+    it = iter(first)
+    for _ in range(5):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))
+    expected = [next(it) for _ in range(6)]
+    resumed = loader(dataset_dir, micro_batch_size=2, seed=99)
+    resumed.load_state_dict(state)
+    got = list(itertools.islice(iter(resumed), 6))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected)) and len(got) == 6
+    assert (resumed.state_dict()["shuffle_seed"], resumed.state_dict()["num_canonical_nodes"]) == (5, 2)
+
+
+def test_state_dict_rejects_another_order_or_format(dataset_dir):
+    state = loader(dataset_dir).state_dict()
+    with pytest.raises(ValueError, match="shuffle=True, this loader shuffle=False"):
+        loader(dataset_dir, shuffle=False).load_state_dict(state)
+    with pytest.raises(ValueError, match="version 2 is not 1"):
+        loader(dataset_dir).load_state_dict({**state, "version": 2})
+    with pytest.raises(ValueError, match="seq_len 64, this loader reads 'train' / seq_len 32"):
+        loader(dataset_dir).load_state_dict({**state, "seq_len": 64})
+
+
+def test_validation_starts_from_the_beginning_after_a_partial_pass(dataset_dir):
+    """An evaluation reads only the first batches of the validation split; the next one reads the
+    same batches again (the split's first samples in storage order), not the ones after them."""
+    val = loader(dataset_dir, split="val", shuffle=False)
+    it = iter(val)
+    partial = [next(it) for _ in range(2)]
+    again = list(val)
+    assert len(again) == len(val) > 2
+    assert rows(partial) == rows(again[:2]) == all_samples(dataset_dir, "val")[:8]
+
+
+def test_streams_of_different_tokenizers_are_not_mixed(fresh_dataset, dataset_dir):
+    """Same seq_len and dtype, another tokenizer (its sha256 in the manifest): refused when built."""
+    m = json.loads((fresh_dataset / "manifest.json").read_text())
+    m["tokenizer"]["sha256"] = "0" * 64
+    (fresh_dataset / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="tokenised differently .*mixed streams must share one tokenizer"):
+        build_pretraining_loader([{"local": str(dataset_dir), "proportion": 0.5},
+                                  {"local": str(fresh_dataset), "proportion": 0.5}], split="train",
+                                 seq_len=SEQ_LEN, micro_batch_size=2, dp_rank=0, dp_size=1, seed=1)

@@ -206,3 +206,84 @@ def test_parquet_input(tmp_path, dataset_dir):
     r = prepare_dataset([tmp_path / "d.parquet"], tmp_path / "ds", seq_len=SEQ_LEN, tokenizer=dataset_dir / "tokenizer.json",
                         val_fraction=0.0, workers=1, text_field="content")
     assert r.manifest.splits["train"].documents == 30
+
+
+@pytest.mark.parametrize("seq_len", [1, 4, 7])
+@pytest.mark.parametrize("flush_tokens", [1, 5, 13, 1 << 18])
+def test_packer_matches_the_stream_convention_at_any_flush_size(seq_len, flush_tokens):
+    """Samples are ``stream[i*seq_len : i*seq_len + seq_len + 1]`` of the EOS-joined documents however
+    often the packer flushes (a flush keeps the one-token overlap), including streams whose length is a
+    multiple of ``seq_len`` or one more than that; counts and the content hash are those of the stream."""
+    import xxhash
+
+    from megatron_ratplus.data.packing import SamplePacker
+
+    rng = np.random.default_rng(seq_len * 1000 + flush_tokens)
+    for total_docs in range(0, 9):
+        docs = [rng.integers(1, 500, size=int(rng.integers(0, 11))).astype(np.uint16) for _ in range(total_docs)]
+        stream = np.concatenate([np.append(d, np.uint16(999)) for d in docs]) if docs else np.zeros(0, np.uint16)
+        for extra in range(0, seq_len + 2):   # lengths around every multiple of seq_len
+            tail = rng.integers(1, 500, size=extra).astype(np.uint16)
+            full = np.concatenate([stream, tail])
+            got = []
+            packer = SamplePacker(seq_len, np.uint16, lambda s: got.append(s.copy()), flush_tokens=flush_tokens)
+            for d in docs:
+                for part in np.array_split(d, 3):   # pieces of a document, some empty
+                    packer.add(part)
+                packer.end_document(999)
+            packer.add(tail)
+            counts = packer.finish()
+            n = max(len(full) - 1, 0) // seq_len
+            expected = [full[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)]
+            assert len(got) == n and all(np.array_equal(a, b) for a, b in zip(got, expected))
+            assert counts["samples"] == n and counts["tokens"] == len(full) and counts["documents"] == total_docs
+            assert counts["unused_tail_tokens"] == (len(full) - (n * seq_len + 1) if n else len(full))
+            assert counts["content_xxh64"] == xxhash.xxh64(b"".join(s.tobytes() for s in expected)).hexdigest()
+
+
+def test_documents_cut_into_pieces_and_many_tasks_keep_their_split_and_order(tmp_path, dataset_dir, monkeypatch):
+    """Documents read in several pieces (text files and JSON lines), pieces grouped into many small tasks on two tokenizer workers:
+    each document goes whole to the split its index gives (val fraction 0.3: exactly documents 3, 6, 9,
+    13, 16, 19 of 20 -- 0.3 is not exact in binary), in input order, tokenised as a whole and followed
+    by one EOS; the manifest's content hash is that of the stored samples."""
+    import functools
+
+    import xxhash
+
+    from megatron_ratplus.data import prepare as prepare_mod
+
+    docs = [make_document(i, words=40 + 7 * i) for i in range(20)]
+    (tmp_path / "in").mkdir()
+    for i, d in enumerate(docs[:10]):           # .txt files and .jsonl records are cut by different readers
+        (tmp_path / "in" / f"{i:03d}.txt").write_text(d)
+    (tmp_path / "in" / "z.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[10:]))
+    monkeypatch.setattr(prepare_mod, "iter_pieces", functools.partial(prepare_mod.iter_pieces, piece_chars=150))
+    monkeypatch.setattr(prepare_mod, "TASK_PIECES", 3)
+    m = prepare_dataset([tmp_path / "in"], tmp_path / "ds", seq_len=SEQ_LEN, tokenizer=dataset_dir / "tokenizer.json",
+                        val_fraction=0.3, workers=2).manifest
+    tok = Tokenizer.from_file(str(dataset_dir / "tokenizer.json"))
+    val_docs = [3, 6, 9, 13, 16, 19]
+    for split, members in (("train", [i for i in range(20) if i not in val_docs]), ("val", val_docs)):
+        stream = [t for i in members for t in tok.encode(docs[i], add_special_tokens=False).ids + [m.eos_id]]
+        samples = read_samples(tmp_path / "ds", split)
+        rebuilt = [int(t) for t in samples[0]] + [int(t) for s in samples[1:] for t in s[1:]]
+        assert rebuilt == stream[:len(rebuilt)] and len(samples) == (len(stream) - 1) // SEQ_LEN
+        info = m.splits[split]
+        assert (info.documents, info.tokens, info.samples) == (len(members), len(stream), len(samples))
+        assert info.shards == len(list((tmp_path / "ds" / split).glob("shard.*.mds.zstd"))) >= 1
+        assert info.content_xxh64 == xxhash.xxh64(b"".join(np.asarray(s).tobytes() for s in samples)).hexdigest()
+
+
+def test_tokenizer_config_names_the_eos_among_several_candidates(tmp_path, dataset_dir):
+    """A vocabulary holding more than one usual EOS name: tokenizer_config.json's eos_token decides
+    (the first usual name only without a config)."""
+    from megatron_ratplus.data.tokenizer import load_tokenizer_info
+
+    tok = Tokenizer.from_file(str(dataset_dir / "tokenizer.json"))
+    tok.add_special_tokens(["</s>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert load_tokenizer_info(tmp_path / "tokenizer.json").eos_token == "<|endoftext|>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    info = load_tokenizer_info(tmp_path / "tokenizer.json")
+    assert (info.eos_token, info.eos_id) == ("</s>", tok.token_to_id("</s>"))
+    assert info.vocab_size == tok.get_vocab_size(with_added_tokens=True)

@@ -87,3 +87,23 @@ def test_verify_shards_stops_the_run_naming_a_damaged_shard(megatron_single_proc
     build([{"local": str(copy)}], vocab_size=512)
     with pytest.raises(ConfigError, match=rf"split 'val'.*{shard.name}"):
         build([{"local": str(copy)}], vocab_size=512, verify_shards=True)
+
+
+def test_validation_reads_the_first_samples_in_storage_order_and_training_is_shuffled(megatron_single_process,
+                                                                                       tiny_dataset):
+    """Every evaluation sees the validation split's first samples, unshuffled (so evaluations are
+    comparable and cover the first eval_iters × global_batch_size samples); training is shuffled."""
+    from streaming import StreamingDataset
+
+    data = build([{"local": str(tiny_dataset)}], vocab_size=512, eval_micro_batches=2)
+
+    def stored(split, n):
+        ds = StreamingDataset(local=str(tiny_dataset), split=split, shuffle=False, batch_size=1)
+        return [ds[i]["tokens"].tolist() for i in range(n)]
+
+    first = [b.tolist() for b in data.validation_microbatches(2)]
+    assert [row for b in first for row in b] == stored("val", 4)
+    data.next_microbatches(3)
+    assert [b.tolist() for b in data.validation_microbatches(2)] == first
+    train = [row for b in data.next_microbatches(4) for row in b.tolist()]
+    assert train != stored("train", 14)[6:14]
