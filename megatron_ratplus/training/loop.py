@@ -97,7 +97,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, objs: TrainingObjects, data, *, world_size: int, rank: int,
                  total_steps: int, accum_steps: int, checkpoints=None, preemption=None,
-                 state: Optional[TrainState] = None):
+                 state: Optional[TrainState] = None, replace_logged_attempt: bool = False):
         self.cfg, self.objs, self.data = cfg, objs, data
         self.total_steps, self.accum_steps = total_steps, accum_steps
         self.rank, self.world_size = rank, world_size
@@ -114,7 +114,7 @@ class Trainer:
             log_interval=cfg.logging.log_interval, tensorboard_dir=cfg.logging.tensorboard_dir,
             progress=cfg.logging.progress, peak_tflops=cfg.logging.peak_tflops,
             metrics_jsonl=cfg.logging.metrics_jsonl, wandb_project=cfg.logging.wandb_project,
-            run_config=cfg.to_dict())
+            run_config=cfg.to_dict(), replace_logged_attempt=replace_logged_attempt)
         self.last_saved_step = self.state.step if self.state.step else None
 
     # ------------------------------------------------------------------ checkpoint glue

@@ -89,7 +89,10 @@ class MetricsLogger:
                  tokens_per_step: int, flops_per_step: float, log_interval: int = 1,
                  tensorboard_dir: Optional[str] = None, progress: bool = True,
                  peak_tflops: Optional[float] = None, metrics_jsonl: Optional[str] = None,
-                 wandb_project: Optional[str] = None, run_config: Optional[dict] = None):
+                 wandb_project: Optional[str] = None, run_config: Optional[dict] = None,
+                 replace_logged_attempt: bool = False):
+        """``replace_logged_attempt``: the logs hold an attempt of this run that saved no checkpoint; its
+        points after ``start_step`` are replaced as a resumed run's are (also at ``start_step`` 0)."""
         self.active = rank == 0
         self.world_size = world_size
         self.total_steps = total_steps
@@ -109,7 +112,7 @@ class MetricsLogger:
             return
         if metrics_jsonl:
             Path(metrics_jsonl).parent.mkdir(parents=True, exist_ok=True)
-            if start_step:
+            if start_step or replace_logged_attempt:
                 drop_records_after(metrics_jsonl, start_step)
             self.jsonl = open(metrics_jsonl, "a")
         if wandb_project:
@@ -123,7 +126,8 @@ class MetricsLogger:
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
             # A resumed run (possibly rolled back) hides the earlier run's points after its step.
-            self.writer = SummaryWriter(log_dir=tensorboard_dir, purge_step=start_step + 1 if start_step else None)
+            resumes = start_step or replace_logged_attempt
+            self.writer = SummaryWriter(log_dir=tensorboard_dir, purge_step=start_step + 1 if resumes else None)
         if progress and self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),

@@ -2,6 +2,8 @@
 checkpoint resume or weight initialisation, the loop, shutdown."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -57,24 +59,69 @@ def _refuse_newer_checkpoints(cfg: RunConfig, step: int) -> None:
                           f"save_dir, or choose another checkpoint.save_dir")
 
 
-def _refuse_to_mix_logs(cfg: RunConfig, step: int) -> None:
+# In save_dir: which config wrote the run's logs (see _refuse_to_mix_logs).
+LOG_OWNER_NAME = ".ratplus-logs.json"
+
+
+def _log_owner(cfg: RunConfig) -> dict:
+    lg = cfg.logging
+    config = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    return {"config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+            "tensorboard_dir": os.path.abspath(lg.tensorboard_dir) if lg.tensorboard_dir else None,
+            "metrics_jsonl": os.path.abspath(lg.metrics_jsonl) if lg.metrics_jsonl else None}
+
+
+def _an_earlier_attempt_of_this_run(cfg: RunConfig) -> bool:
+    """The save_dir records that this very config last wrote these logs: they are an attempt of this
+    run that ended before its first checkpoint (a requeue after a node failure or an OOM)."""
+    if not cfg.checkpoint.save_dir:
+        return False
+    try:
+        recorded = json.loads((Path(cfg.checkpoint.save_dir) / LOG_OWNER_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return recorded == _log_owner(cfg)
+
+
+def _refuse_to_mix_logs(cfg: RunConfig, step: int) -> bool:
     """A run starting from scratch would add its curves to the TensorBoard events or metrics file of
     an earlier run (a resumed one continues them; the logger drops points after its step). Rank 0
-    looks, as it is the one that writes them; every rank raises."""
-    problem = None
+    looks, as it is the one that writes them; every rank raises.
+
+    Returns True when the logs are those of an earlier attempt of this same run that saved no
+    checkpoint (:func:`_an_earlier_attempt_of_this_run`): the run then restarts them as a resume at
+    step 0 would (its points replace the attempt's), so that a requeued job starts by itself."""
+    problem, restart = None, False
     lg = cfg.logging
     if dist.get_rank() == 0 and step == 0:
         if lg.tensorboard_dir and any(Path(lg.tensorboard_dir).glob("events.out.tfevents*")):
             problem = (f"logging.tensorboard_dir={lg.tensorboard_dir} already holds the events of another run; "
                        f"this run starts from scratch and its curves would mix with them: choose another "
-                       f"directory (or move it away; if it holds an interrupted attempt of this run that saved no "
-                       f"checkpoint, delete it)")
+                       f"directory (or move it away)")
         elif lg.metrics_jsonl and Path(lg.metrics_jsonl).is_file() and Path(lg.metrics_jsonl).stat().st_size:
             problem = (f"logging.metrics_jsonl={lg.metrics_jsonl} already holds the records of another run; "
                        f"this run starts from scratch: choose another file (or move it away)")
-    problem = broadcast_object(problem)
+        if problem and _an_earlier_attempt_of_this_run(cfg):
+            print(f"the logs are those of an earlier attempt of this run that saved no checkpoint "
+                  f"({LOG_OWNER_NAME} in {cfg.checkpoint.save_dir}); its points are replaced", flush=True)
+            problem, restart = None, True
+    problem, restart = broadcast_object((problem, restart))
     if problem:
         raise ConfigError(problem)
+    return restart
+
+
+def _record_log_owner(cfg: RunConfig) -> None:
+    """Rank 0 notes in save_dir which config writes the logs (read by the next start, above)."""
+    if dist.get_rank() != 0 or not cfg.checkpoint.save_dir:
+        return
+    if not (cfg.logging.tensorboard_dir or cfg.logging.metrics_jsonl):
+        return
+    path = Path(cfg.checkpoint.save_dir) / LOG_OWNER_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_log_owner(cfg), indent=1))
+    os.replace(tmp, path)
 
 
 def _check_token_budget(cfg: RunConfig, state: TrainState, total_steps: int) -> None:
@@ -175,7 +222,8 @@ def run_training(cfg: RunConfig) -> TrainState:
         _restore(cfg, objs, data, state)
         _refuse_newer_checkpoints(cfg, state.step)
         _check_token_budget(cfg, state, total_steps)
-        _refuse_to_mix_logs(cfg, state.step)
+        logs_restart = _refuse_to_mix_logs(cfg, state.step)
+        _record_log_owner(cfg)
         checkpoints = preemption = None
         if cfg.checkpoint.save_dir:
             from ..checkpoint import CheckpointManager, PreemptionHandler
@@ -184,7 +232,8 @@ def run_training(cfg: RunConfig) -> TrainState:
             preemption = PreemptionHandler()
             preemption.install()
         trainer = Trainer(cfg, objs, data, world_size=world, rank=info["rank"], total_steps=total_steps,
-                          accum_steps=accum, checkpoints=checkpoints, preemption=preemption, state=state)
+                          accum_steps=accum, checkpoints=checkpoints, preemption=preemption, state=state,
+                          replace_logged_attempt=logs_restart)
         final = trainer.run()
         _rank0_print(f"done: {final.step} steps, {final.consumed_tokens:,} tokens, "
                      f"{final.optimizer_updates} optimizer updates, {final.skipped_updates} skipped")

@@ -6,13 +6,13 @@ import pytest
 
 from megatron_ratplus.training.config import ConfigError, load_config
 from megatron_ratplus.training.metrics import MetricsLogger, StepRecord
-from megatron_ratplus.training.run import _refuse_to_mix_logs
+from megatron_ratplus.training.run import _record_log_owner, _refuse_to_mix_logs
 
 
-def log_steps(tmp_path, steps, start_step):
+def log_steps(tmp_path, steps, start_step, replace_logged_attempt=False):
     logger = MetricsLogger(rank=0, world_size=1, total_steps=10, start_step=start_step, tokens_per_step=8,
                            flops_per_step=1.0, tensorboard_dir=str(tmp_path / "tb"), progress=False,
-                           metrics_jsonl=str(tmp_path / "m.jsonl"))
+                           metrics_jsonl=str(tmp_path / "m.jsonl"), replace_logged_attempt=replace_logged_attempt)
     for step in steps:
         logger.log_step(StepRecord(step, {"dense": float(step)}, lr=start_step / 10, grad_norm=1.0,
                                    step_time=1.0, tokens=8))
@@ -50,6 +50,34 @@ def test_a_fresh_run_refuses_another_runs_logs(tmp_path, megatron_single_process
     empty = load_config("recipes/tiny-cpu.yaml", [f"logging.tensorboard_dir={tmp_path / 'new'}",
                                                   f"logging.metrics_jsonl={tmp_path / 'new.jsonl'}"])
     _refuse_to_mix_logs(empty, 0)
+
+
+def test_a_requeued_attempt_of_the_same_run_restarts_its_logs(tmp_path, megatron_single_process):
+    """An attempt that died before its first checkpoint (node failure, OOM) is requeued by Slurm with
+    the same config: it starts by itself, and its points replace the attempt's. Another config, or
+    logs whose writer the save_dir does not record, are still refused."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    overrides = [f"logging.tensorboard_dir={tmp_path / 'tb'}", f"logging.metrics_jsonl={tmp_path / 'm.jsonl'}",
+                 f"checkpoint.save_dir={tmp_path / 'ckpt'}", "checkpoint.load=latest"]
+    cfg = load_config("recipes/tiny-cpu.yaml", overrides)
+    assert _refuse_to_mix_logs(cfg, 0) is False
+    _record_log_owner(cfg)
+    log_steps(tmp_path, [1, 2, 3, 4, 5], start_step=0)                 # the attempt, killed after step 5
+
+    other = load_config("recipes/tiny-cpu.yaml", overrides + ["train.lr=1e-4"])
+    with pytest.raises(ConfigError, match="logging.tensorboard_dir=.* another run"):
+        _refuse_to_mix_logs(other, 0)
+    unrecorded = load_config("recipes/tiny-cpu.yaml", overrides[:2] + [f"checkpoint.save_dir={tmp_path / 'new'}"])
+    with pytest.raises(ConfigError, match="another run"):
+        _refuse_to_mix_logs(unrecorded, 0)
+
+    assert _refuse_to_mix_logs(cfg, 0) is True                          # the requeue
+    log_steps(tmp_path, [1, 2, 3], start_step=0, replace_logged_attempt=True)
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "losses" in r] == [1, 2, 3]
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/dense")] == [1, 2, 3]
 
 
 def test_a_record_cut_off_mid_write_is_dropped_on_resume(tmp_path):
