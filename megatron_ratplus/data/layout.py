@@ -23,9 +23,16 @@ check or recovery): one whose owner has certainly exited is deleted; one whose o
 means a concurrent preparation into the same directory, which is refused (the two commits would
 interleave, and recovery would undo the other's commit in progress); one whose owner cannot be told
 (another host, or no record) is left with a warning naming it.
+
+One preparation at a time. The staging check above cannot see a second ``prepare`` that starts at
+the same instant as the first (neither has a staging directory yet), so each also holds an flock on
+the output directory itself for its whole run (:func:`lock_output_dir`); the kernel drops it
+however the process ends.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -103,6 +110,35 @@ def check_output_dir(directory: str | os.PathLike, *, overwrite: bool) -> bool:
             raise FileExistsError(f"output {directory} already has a non-empty {split}/ that is not part of a "
                                   f"ratplus dataset; refusing to write into it")
     return False
+
+
+def lock_output_dir(directory: Path):
+    """Take an exclusive flock on ``directory`` (created if missing) for one preparation; returns the
+    function that releases it (and removes the directory again if this call created it and it is
+    still empty). FileExistsError if another process holds it. On a file system without flock on
+    directories (some NFS set-ups) the preparation runs unlocked, with a warning."""
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+
+    def release() -> None:
+        os.close(fd)
+        if created:
+            try:
+                directory.rmdir()       # only when empty: a failure before anything was written
+            except OSError:
+                pass
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            os.close(fd)
+            raise FileExistsError(f"another `ratplus-data prepare` is writing into {directory} (it holds the "
+                                  f"directory's lock); wait for it to finish or stop it") from None
+        warnings.warn(f"cannot lock {directory} ({e}): nothing stops a second `ratplus-data prepare` into it "
+                      f"meanwhile", RuntimeWarning, stacklevel=2)
+    return release
 
 
 def new_staging_dir(directory: Path) -> Path:

@@ -26,7 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from . import _tokenize_worker
-from .layout import check_output_dir, clear_abandoned_staging, commit_staging, discard_staging, new_staging_dir
+from .layout import (
+    check_output_dir,
+    clear_abandoned_staging,
+    commit_staging,
+    discard_staging,
+    lock_output_dir,
+    new_staging_dir,
+)
 from .manifest import (
     COLUMN,
     INDEX_NAME,
@@ -236,13 +243,20 @@ def prepare_dataset(
     workers = default_workers() if workers is None else max(1, int(workers))
     files: list[InputFile] = discover_inputs(inputs, force_kind=input_kind)
     output = Path(output)
-    # Staging directories first: a live preparation into ``output`` is refused before anything is
-    # touched (recovering an interrupted commit would undo its commit in progress).
-    for line in clear_abandoned_staging(output):
-        log(line)
-    replace_existing = check_output_dir(output, overwrite=overwrite)
-
-    from streaming import MDSWriter  # heavy import, after the cheap checks
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"output {output} exists and is not a directory")
+    # One preparation at a time into ``output`` (held until the end), then the staging directories: a
+    # live preparation is refused before anything is touched (recovering an interrupted commit
+    # would undo its commit in progress).
+    unlock = lock_output_dir(output)
+    try:
+        for line in clear_abandoned_staging(output):
+            log(line)
+        replace_existing = check_output_dir(output, overwrite=overwrite)
+        from streaming import MDSWriter  # heavy import, after the cheap checks
+    except BaseException:
+        unlock()
+        raise
 
     restore_sigterm = _sigterm_raises_system_exit()
     staging = None
@@ -341,6 +355,7 @@ def prepare_dataset(
         raise
     finally:
         restore_sigterm()
+        unlock()
     if skipped:
         log(f"warning: {skipped}; first problems: " + " | ".join(stats.problems[:5]))
     manifest = DatasetManifest.from_dict(manifest.to_dict(), path=output)

@@ -91,3 +91,36 @@ def test_live_owner_is_left_alone(tmp_path, dataset_dir, corpus_dir):
         prep(out, dataset_dir, corpus_dir)
     assert (live / "train" / "shard.00000.mds").read_bytes() == b"half-written"
     assert sorted(p.name for p in out.iterdir()) == [live.name]
+
+
+def test_a_second_preparation_starting_beside_a_running_one_is_refused(tmp_path, dataset_dir, corpus_dir):
+    """Two preparations that start at the same instant both find no staging directory; the lock on the
+    output directory, held for the whole run, refuses the second. A failure before anything was
+    written leaves no output directory behind."""
+    import fcntl
+    out = tmp_path / "ds"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)     # another process's preparation, in effect
+        code = ("import sys; from megatron_ratplus.data import prepare_dataset\n"
+                "try:\n"
+                f"    prepare_dataset([{str(corpus_dir / 'b_records.jsonl')!r}], {str(out)!r}, seq_len={SEQ_LEN}, "
+                f"workers=1, tokenizer={str(dataset_dir / 'tokenizer.json')!r})\n"
+                "except FileExistsError as e:\n"
+                "    print(e); sys.exit(3)\n")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 3, proc.stderr
+        assert f"another `ratplus-data prepare` is writing into {out}" in proc.stdout
+        assert list(out.iterdir()) == []
+    finally:
+        os.close(fd)
+    prep(out, dataset_dir, corpus_dir)                    # once released
+    missing = tmp_path / "never"
+    with pytest.raises(ValueError, match="seq_len"):
+        prepare_dataset([corpus_dir / "b_records.jsonl"], missing, seq_len=0, workers=1,
+                        tokenizer=dataset_dir / "tokenizer.json")
+    with pytest.raises((FileNotFoundError, ValueError), match="no-such-tokenizer"):   # after the lock
+        prepare_dataset([corpus_dir / "b_records.jsonl"], missing, seq_len=SEQ_LEN, workers=1,
+                        tokenizer=tmp_path / "no-such-tokenizer.json")
+    assert not missing.exists()
