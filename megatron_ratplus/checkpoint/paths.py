@@ -9,8 +9,6 @@ that completed on every rank. It is replaced atomically (write a temporary file,
 from __future__ import annotations
 
 import datetime
-import errno
-import fcntl
 import logging
 import os
 import re
@@ -18,6 +16,7 @@ import socket
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from .. import file_locks
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -166,26 +165,15 @@ def format_size(size: Optional[int]) -> str:
 # --------------------------------------------------------------------------------------------
 # Two runs writing into one save_dir (a Slurm requeue racing a manual resubmission, a copied
 # config) would overwrite each other's checkpoints and both report success. The process that
-# owns the save_dir holds an exclusive flock on LOCK_NAME; the kernel drops it when the process
-# dies, however it dies, so a preempted or killed run never blocks its own requeue. The file is
-# never deleted (unlinking a lock file lets two processes lock two different inodes).
-_FLOCK_UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+# owns the save_dir holds an exclusive flock on LOCK_NAME (:mod:`megatron_ratplus.file_locks`: it
+# ends with the process, however it dies, so a preempted or killed run never blocks its own
+# requeue, and forked children do not keep it). The file is never deleted (unlinking a lock file
+# lets two processes lock two different inodes).
 _held_locks: Dict[str, List[int]] = {}        # realpath of save_dir -> [fd, number of users]
 _unsupported_warned = False
 
-
-def _forget_locks_in_child() -> None:
-    """A forked child (data-loader worker, checkpoint writer) must not keep the lock alive after
-    the run died: close its copies of the lock files (that does not unlock them in the parent)."""
-    for fd, _users in _held_locks.values():
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _held_locks.clear()
-
-
-os.register_at_fork(after_in_child=_forget_locks_in_child)
+# A forked child holds no lock (file_locks closes its descriptors): it must not count as holding one.
+os.register_at_fork(after_in_child=_held_locks.clear)
 
 
 def _lock_holder(path: Path) -> str:
@@ -225,21 +213,22 @@ def lock_save_dir(save_dir) -> bool:
     path = Path(save_dir) / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held = file_locks.try_lock(fd)
     except OSError as e:
         os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise CheckpointError(
-                f"checkpoint.save_dir={save_dir} is in use by another run ({_lock_holder(path)}): two runs "
-                f"in one save_dir would overwrite each other's checkpoints. Wait for it to end, stop it, or "
-                f"choose another checkpoint.save_dir") from None
-        if e.errno in _FLOCK_UNSUPPORTED:
+        if e.errno in file_locks.UNSUPPORTED_ERRNOS:
             if not _unsupported_warned:
                 _unsupported_warned = True
                 log.warning("the file system of %s does not support flock (%s): nothing stops a second run "
                             "from using this save_dir at the same time", save_dir, e)
             return False
         raise
+    if not held:
+        os.close(fd)
+        raise CheckpointError(
+            f"checkpoint.save_dir={save_dir} is in use by another run ({_lock_holder(path)}): two runs "
+            f"in one save_dir would overwrite each other's checkpoints. Wait for it to end, stop it, or "
+            f"choose another checkpoint.save_dir")
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"host={socket.gethostname()} pid={os.getpid()} started={started}\n".encode(), 0)
@@ -255,7 +244,7 @@ def unlock_save_dir(save_dir) -> None:
     entry[1] -= 1
     if entry[1] <= 0:
         del _held_locks[os.path.realpath(save_dir)]
-        os.close(entry[0])       # closing the only descriptor releases the flock
+        file_locks.release(entry[0])       # closing the only descriptor releases the flock
 
 
 def holds_save_dir_lock(save_dir) -> bool:

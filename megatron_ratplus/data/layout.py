@@ -26,13 +26,12 @@ interleave, and recovery would undo the other's commit in progress); one whose o
 
 One preparation at a time. The staging check above cannot see a second ``prepare`` that starts at
 the same instant as the first (neither has a staging directory yet), so each also holds an flock on
-the output directory itself for its whole run (:func:`lock_output_dir`); the kernel drops it
-however the process ends.
+the output directory itself for its whole run (:func:`lock_output_dir`,
+:mod:`megatron_ratplus.file_locks`: the lock ends with the process, however it ends, and the
+tokenizer workers it forks do not keep it).
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import shutil
@@ -40,6 +39,7 @@ import uuid
 import warnings
 from pathlib import Path
 
+from .. import file_locks
 from . import _owner
 from .manifest import INDEX_NAME, MANIFEST_NAME, REPLACED_DIR, SPLITS, TOKENIZER_NAME, read_manifest
 
@@ -122,7 +122,7 @@ def lock_output_dir(directory: Path):
     fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
 
     def release() -> None:
-        os.close(fd)
+        file_locks.release(fd)
         if created:
             try:
                 directory.rmdir()       # only when empty: a failure before anything was written
@@ -130,14 +130,15 @@ def lock_output_dir(directory: Path):
                 pass
 
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held = file_locks.try_lock(fd)
     except OSError as e:
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            os.close(fd)
-            raise FileExistsError(f"another `ratplus-data prepare` is writing into {directory} (it holds the "
-                                  f"directory's lock); wait for it to finish or stop it") from None
         warnings.warn(f"cannot lock {directory} ({e}): nothing stops a second `ratplus-data prepare` into it "
                       f"meanwhile", RuntimeWarning, stacklevel=2)
+        return release
+    if not held:
+        os.close(fd)
+        raise FileExistsError(f"another `ratplus-data prepare` is writing into {directory} (it holds the "
+                              f"directory's lock); wait for it to finish or stop it")
     return release
 
 

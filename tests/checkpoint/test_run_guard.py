@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_ratplus import file_locks
 from megatron_ratplus.checkpoint import CheckpointError, CheckpointManager, checkpoint_problems, paths
 from megatron_ratplus.checkpoint.inspect_cli import main as ckpt_cli
 from megatron_ratplus.checkpoint.paths import LOCK_NAME, TRACKER_NAME, read_tracker, write_tracker
@@ -142,7 +143,7 @@ def test_a_forked_child_does_not_keep_a_dead_run_locked(tmp_path):
 def test_no_flock_support_warns_once_and_continues(tmp_path, monkeypatch, caplog):
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
-    monkeypatch.setattr(paths.fcntl, "flock", no_flock)
+    monkeypatch.setattr(file_locks.fcntl, "flock", no_flock)
     monkeypatch.setattr(paths, "_unsupported_warned", False)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         for name in ("a", "b"):
