@@ -61,6 +61,21 @@ def train_step(objs, step, mode="dense", dp_rank=0, dp_size=1):
     return loss.item()
 
 
+def train_and_save(objs, save_dir, steps=(1, 2, 3), train_state=lambda step: {}, after_save=None):
+    """A save_dir with a complete checkpoint after each of ``steps`` training steps, saved with the
+    train state ``{"step", "model_args"}`` plus ``train_state(step)``; ``after_save(step)`` runs
+    after each save."""
+    from megatron_ratplus.checkpoint import CheckpointManager
+    mgr = CheckpointManager(save_dir)
+    for step in steps:
+        train_step(objs, step)
+        mgr.save(step, objs.model, objs.optimizer, objs.scheduler,
+                 {"step": step, "model_args": objs.model_args.to_dict(), **train_state(step)})
+        if after_save is not None:
+            after_save(step)
+    mgr.close()
+
+
 def eval_loss(objs, step, mode="dense", dp_rank=0, dp_size=1):
     set_attention_mode(objs.model, mode)
     with torch.no_grad():

@@ -13,7 +13,7 @@ from megatron_ratplus.checkpoint.architecture import unwrap_model
 from megatron_ratplus.checkpoint.paths import TRACKER_NAME, read_tracker, write_tracker
 from megatron_ratplus.checkpoint.retention import select_for_deletion
 
-from .helpers import build, run_config, train_step
+from .helpers import build, run_config, train_and_save
 
 PROBE = "output_layer.weight"
 
@@ -27,13 +27,12 @@ def saved(tmp_path_factory, megatron_world):
     """A save_dir with complete checkpoints at steps 1, 2, 3 and the probe weight of each."""
     save_dir = tmp_path_factory.mktemp("integrity") / "ckpt"
     objs = build(run_config())
-    mgr = CheckpointManager(save_dir)
     weights = {}
-    for step in (1, 2, 3):
-        train_step(objs, step)
-        mgr.save(step, objs.model, objs.optimizer, objs.scheduler,
-                 {"step": step, "model_args": objs.model_args.to_dict()})
+
+    def record(step):
         weights[step] = probe(objs)
+
+    train_and_save(objs, save_dir, after_save=record)
     assert len({tuple(w.flatten()[:8].tolist()) for w in weights.values()}) == 3
     return save_dir, weights, objs
 

@@ -23,7 +23,7 @@ from megatron_ratplus.checkpoint.paths import LOCK_NAME, TRACKER_NAME, read_trac
 from megatron_ratplus.checkpoint.validate import COMMON_NAME, TRAIN_STATE_KEY, decode_train_state, load_common
 
 from ..torchrun import REPO
-from .helpers import build, run_config, train_step
+from .helpers import build, run_config, train_and_save
 
 LOGGER = "megatron_ratplus.checkpoint"
 _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -63,13 +63,8 @@ def run_dir(tmp_path_factory, megatron_world):
     save_dir = tmp_path_factory.mktemp("guard") / "ckpt"
     cfg = run_config(extra=[f"checkpoint.save_dir={save_dir}"])
     objs = build(cfg)
-    mgr = CheckpointManager(save_dir)
-    for step in (1, 2, 3):
-        train_step(objs, step)
-        mgr.save(step, objs.model, objs.optimizer, objs.scheduler,
-                 {"step": step, "consumed_tokens": 64 * step, "run_config": cfg.to_dict(),
-                  "model_args": objs.model_args.to_dict()})
-    mgr.close()
+    train_and_save(objs, save_dir, train_state=lambda step: {"consumed_tokens": 64 * step,
+                                                             "run_config": cfg.to_dict()})
     return save_dir, objs, cfg
 
 
