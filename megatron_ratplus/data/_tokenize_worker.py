@@ -41,9 +41,13 @@ def encode_pieces(texts: list[str], contexts: list[str | None] | None = None) ->
     the text is tokenised as it is there (:func:`encode_continuation`)."""
     if _TOKENIZER is None:
         raise RuntimeError("init_worker was not called in this process")
+    contexts = contexts or [None] * len(texts)
+    starts = [i for i, context in enumerate(contexts) if not context]
     encode = getattr(_TOKENIZER, "encode_batch_fast", _TOKENIZER.encode_batch)
-    pieces = [e.ids for e in encode(texts, add_special_tokens=False)]
-    for i, context in enumerate(contexts or ()):
+    pieces: list = [None] * len(texts)
+    for i, encoding in zip(starts, encode([texts[i] for i in starts], add_special_tokens=False)):
+        pieces[i] = encoding.ids
+    for i, context in enumerate(contexts):
         if context:
             pieces[i] = encode_continuation(context, texts[i])
     lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
