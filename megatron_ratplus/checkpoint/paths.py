@@ -16,7 +16,7 @@ import socket
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .. import file_locks
+from .. import atomic_files, file_locks
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -70,31 +70,9 @@ def read_tracker(save_dir) -> Tuple[Optional[int], Optional[str]]:
     return int(text), None
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_tracker(save_dir, step: int) -> Path:
     """Atomically point the tracker at ``step``."""
-    save_dir = Path(save_dir)
-    final = tracker_path(save_dir)
-    tmp = save_dir / f".{TRACKER_NAME}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(f"{int(step)}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(save_dir)
-    return final
+    return atomic_files.replace_text(tracker_path(save_dir), f"{int(step)}\n", durable=True)
 
 
 def looks_like_checkpoint(path) -> bool:

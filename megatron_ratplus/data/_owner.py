@@ -17,6 +17,8 @@ import socket
 import time
 from pathlib import Path
 
+from .. import atomic_files
+
 ALIVE, DEAD, UNKNOWN = "alive", "dead", "unknown"
 
 
@@ -54,9 +56,7 @@ def current_owner() -> dict:
 
 def write_owner(path: Path) -> None:
     """Record the current process as the owner, in the file ``path`` (written whole, then renamed)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(current_owner()))
-    os.replace(tmp, path)
+    atomic_files.replace_text(path, json.dumps(current_owner()))
 
 
 def read_owner(path: Path) -> dict | None:

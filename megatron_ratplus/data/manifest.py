@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import atomic_files
+
 FORMAT = "megatron-ratplus/packed-tokens-mds"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -126,11 +128,8 @@ class DatasetManifest:
 
 
 def write_manifest(directory: str | os.PathLike, manifest: DatasetManifest) -> Path:
-    path = Path(directory) / MANIFEST_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_files.replace_text(Path(directory) / MANIFEST_NAME,
+                                     json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n")
 
 
 def read_manifest(directory: str | os.PathLike) -> DatasetManifest:

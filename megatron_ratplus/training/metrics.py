@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
+
+from .. import atomic_files
 
 # Dense bf16 datasheet peaks (TFLOP/s) by device-name substring.
 _PEAKS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 125.0))
@@ -76,10 +76,7 @@ def drop_records_after(path, step: int) -> None:
         else:
             kept.append(line)
     if dropped:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as fh:
-            fh.write("".join(kept))
-        os.replace(tmp, path)
+        atomic_files.replace_text(path, "".join(kept))
 
 
 class MetricsLogger:

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from .. import atomic_files
 from ..collectives import broadcast_object
 from ..cpu_mode import cpu_mode_enabled
 from ..model.config import pad_vocab_size
@@ -119,9 +120,7 @@ def _record_log_owner(cfg: RunConfig) -> None:
         return
     path = Path(cfg.checkpoint.save_dir) / LOG_OWNER_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_log_owner(cfg), indent=1))
-    os.replace(tmp, path)
+    atomic_files.replace_text(path, json.dumps(_log_owner(cfg), indent=1))
 
 
 def _check_token_budget(cfg: RunConfig, state: TrainState, total_steps: int) -> None:
