@@ -32,6 +32,32 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGU
 
 
 @contextlib.contextmanager
+def _signals_blocked(signals: Sequence[int]):
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def start_resource_tracker_shielded(signals: Sequence[int] = PREEMPTION_SIGNALS) -> None:
+    """Start multiprocessing's resource tracker (if not yet running) immune to the preemption signals.
+
+    mosaicml-streaming registers its shared memory with that tracker, one process per trainer.
+    The tracker ignores SIGINT and SIGTERM itself, but SIGUSR1/SIGUSR2 (Slurm's ``--signal``
+    choice, sent to every process of the step) killed it: the next unregister relaunched it
+    ("resource_tracker: process died unexpectedly"), the new one knew none of the segments, printed
+    a KeyError traceback for each, and segments of a crashed run were no longer cleaned up. Call
+    this before anything else starts the tracker (the data pipeline); a no-op when it is running.
+    ``ensure_running`` unblocks SIGINT/SIGTERM when it returns, so the previous mask is restored
+    here rather than by undoing only what was blocked.
+    """
+    from multiprocessing import resource_tracker
+    with _signals_blocked(signals):
+        resource_tracker.ensure_running()
+
+
+@contextlib.contextmanager
 def spawning_shielded_helpers(signals: Sequence[int] = PREEMPTION_SIGNALS):
     """Processes started inside this block never receive the preemption signals.
 
@@ -41,15 +67,11 @@ def spawning_shielded_helpers(signals: Sequence[int] = PREEMPTION_SIGNALS):
     child, but the disposition is process-wide: a preemption signal that reached another thread
     of the trainer during the spawn would be lost. A blocked one is delivered when the block
     ends.) Multiprocessing's resource tracker, which unblocks SIGINT/SIGTERM while it starts, is
-    started first.
+    started first (:func:`start_resource_tracker_shielded`).
     """
-    from multiprocessing import resource_tracker
-    resource_tracker.ensure_running()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))
-    try:
+    start_resource_tracker_shielded(signals)
+    with _signals_blocked(signals):
         yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class PreemptionHandler:

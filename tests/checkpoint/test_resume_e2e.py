@@ -3,7 +3,9 @@
 * a run killed with SIGKILL after a checkpoint resumes from ``latest`` and continues with exactly
   the losses of an uninterrupted run (model, optimizer, schedule, data position, RNG restored);
 * SIGTERM mid-run finishes the step, writes a complete checkpoint and exits 0 — also when only one
-  of two ranks receives it.
+  of two ranks receives it;
+* SIGUSR1 sent to every process of the job (Slurm's ``--signal``), data-loader workers included,
+  stops it as cleanly: no helper process dies of it.
 """
 import json
 import os
@@ -169,3 +171,27 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_cleanly(tmp_path, dataset
     assert checkpoint_problems(ckpt) == []
     assert read_tracker(run_dir / "ckpt") == (step, None)
     assert f"done: {step} steps" in rest
+
+
+def test_sigusr1_to_the_whole_process_group_stops_cleanly_with_loader_workers(tmp_path, dataset):
+    """Slurm signals every process of the step: the loader workers and multiprocessing's resource
+    tracker (streaming's shared memory) receive SIGUSR1 too. The tracker used to die of it, and the
+    relaunched one printed a KeyError traceback for every shared-memory segment at exit."""
+    run_dir = tmp_path / "run"
+    long_run = 400
+    proc = start(cli(*overrides(dataset, run_dir, "data.num_workers=2", steps=long_run)))
+    try:
+        _, before = read_until(proc, rf"step 3/{long_run}")
+        os.killpg(proc.pid, signal.SIGUSR1)
+        m, during = read_until(proc, r"stopping at step (\d+): preemption signal received")
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = "".join(before + during) + rest
+    assert proc.returncode == 0, output[-4000:]
+    for noise in ("resource_tracker", "Traceback", "KeyError", "exited unexpectedly"):
+        assert noise not in output, output[-4000:]
+    step = int(m.group(1))
+    assert checkpoint_problems(run_dir / "ckpt" / f"iter_{step:07d}") == []
+    assert read_tracker(run_dir / "ckpt") == (step, None)
