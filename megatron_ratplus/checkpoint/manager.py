@@ -36,6 +36,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from .. import collectives
+from ..process_lifetime import die_with_parent
 from .architecture import architecture_of, compare_architectures, unwrap_model
 from .errors import CheckpointError
 from .paths import (LOCK_NAME, TRACKER_NAME, format_size, is_save_dir, iter_dir_name, iteration_of,
@@ -92,13 +93,25 @@ def start_writer_helpers() -> None:
     The writer keeps its results queue in a ``multiprocessing`` Manager process, spawned at the
     first save and reused by every later one. Started unshielded, it dies of the SIGTERM that
     Slurm or Ctrl-C send to every process of the job, and the very save the preemption handler
-    asked for fails (BrokenPipeError). Idempotent; a no-op when someone else already started it.
+    asked for fails (BrokenPipeError). Shielded, no signal but SIGKILL ends it, so it also dies
+    with the trainer (:func:`~megatron_ratplus.process_lifetime.die_with_parent`): a trainer killed
+    outright (the OOM killer, torchrun's restart of a failed group) runs no clean-up, and its
+    Manager (with torch imported, most of a GB) would otherwise live on, reparented to init, one
+    per rank and restart. Megatron starts the same Manager as ``ctx.Manager().Queue()``; this
+    fills its ``_results_queue`` the same way, with the initializer added. Call from the main
+    thread (the kernel's parent-death signal follows the thread that spawned the child).
+    Idempotent; a no-op when someone else already started it.
     """
+    from multiprocessing import get_context
+    from multiprocessing.managers import SyncManager
+
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     if getattr(filesystem_async, "_results_queue", True) is not None:
         return
+    manager = SyncManager(ctx=get_context("spawn"))
     with spawning_shielded_helpers():
-        filesystem_async._get_write_results_queue()
+        manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+    filesystem_async._results_queue = manager.Queue()   # the proxy keeps the manager alive
 
 
 _reported_leftovers = {}

@@ -6,7 +6,7 @@ import signal
 
 import numpy as np
 
-from ._lifetime import die_with_parent
+from ..process_lifetime import die_with_parent
 
 _TOKENIZER = None
 

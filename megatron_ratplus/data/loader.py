@@ -68,7 +68,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._lifetime import die_with_parent
+from ..process_lifetime import die_with_parent
 from .housekeeping import warn_about_leftovers
 from .integrity import stream_hash, verify_split
 from .manifest import COLUMN, INDEX_NAME, MANIFEST_NAME, TOKENIZER_NAME, DatasetManifest, read_manifest

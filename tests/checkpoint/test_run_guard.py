@@ -2,6 +2,7 @@
 checkpoint of the same run (an interrupted save) is caught up, leftovers of killed processes are
 reported, and the checkpoint writer's helper survives a preemption signal sent to the whole
 process group."""
+import contextlib
 import errno
 import json
 import logging
@@ -256,3 +257,53 @@ def test_group_sigterm_still_writes_the_preemption_checkpoint(tmp_path, mode):
     assert checkpoint_problems(save_dir / "iter_0000002") == []
     assert read_tracker(save_dir) == (2, None)
     assert TRACKER_NAME in os.listdir(save_dir)
+
+
+def _descendants(pid: int) -> list:
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"       # a zombie nobody reaps (init in a container) has ended
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc (Linux)")
+def test_writer_helper_dies_with_a_trainer_killed_outright(tmp_path):
+    """The writer's Manager process ignores the preemption signals, so only the kernel's
+    parent-death signal can end it when the trainer is SIGKILLed (OOM killer, torchrun restart)."""
+    worker = Path(__file__).with_name("group_signal_worker.py")
+    proc = subprocess.Popen([sys.executable, str(worker), str(tmp_path / "ckpt"), "sync"], cwd=REPO,
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    helpers = []
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-4000:]
+        helpers = [pid for pid in _descendants(proc.pid)
+                   if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert helpers, "no spawned writer helper found"
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.time() + 30
+        while any(_alive(pid) for pid in helpers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in helpers), "the writer's helper outlived the killed trainer"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in helpers:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)

@@ -1,5 +1,6 @@
 """Child processes that do not outlive the process that started them (stdlib only: imported by the
-tokenizer workers, which must start fast)."""
+tokenizer workers, which must start fast). Used by data-loader and tokenizer workers and by the
+checkpoint writer's helper process."""
 from __future__ import annotations
 
 import os
