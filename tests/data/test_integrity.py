@@ -99,3 +99,12 @@ def test_validate_compares_each_split_with_the_manifests_sample_count(fresh_data
     (fresh_dataset / "manifest.json").write_text(json.dumps(manifest))
     problems = verify_dataset(fresh_dataset)
     assert len(problems) == 1 and "val/index.json" in problems[0] and "the manifest says" in problems[0]
+
+
+def test_preferred_hash_is_the_fastest_recorded_then_any_recorded():
+    from megatron_ratplus.data.integrity import preferred_hash
+    assert preferred_hash(["sha1", "xxh64"]) == "xxh64"
+    assert preferred_hash(("sha1",)) == "sha1"
+    # written by another tool with only a hash we do not prefer: still checked, by loader and validate alike
+    assert preferred_hash(["sha256", "md5"]) == "md5"
+    assert preferred_hash([]) is None
