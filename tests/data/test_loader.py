@@ -328,3 +328,26 @@ def test_streams_of_different_tokenizers_are_not_mixed(fresh_dataset, dataset_di
         build_pretraining_loader([{"local": str(dataset_dir), "proportion": 0.5},
                                   {"local": str(fresh_dataset), "proportion": 0.5}], split="train",
                                  seq_len=SEQ_LEN, micro_batch_size=2, dp_rank=0, dp_size=1, seed=1)
+
+
+def test_resume_on_a_node_count_the_canonical_nodes_do_not_divide(fresh_dataset):
+    """2 nodes -> 3 nodes at the same global batch (2 x 3 = 3 x 2 samples): 2 canonical nodes do
+    not divide 3, so streaming's relaxed partition rebuilds the first run's partition from its node
+    count (initial_physical_nodes, kept in the loader state) and continues the same global order."""
+    all_samples(fresh_dataset, "train")     # decompress once: several nodes then read in place
+    first = [loader(fresh_dataset, dp_rank=r, dp_size=2, readers_per_node=1, micro_batch_size=3) for r in range(2)]
+    its = [iter(ld) for ld in first]
+    for _ in range(2):
+        for it in its:
+            next(it)
+    state = json.loads(json.dumps(first[0].state_dict()))
+    assert state == first[1].state_dict() and state["initial_physical_nodes"] == 2
+    expected = [set(rows([next(it) for it in its])) for _ in range(3)]       # global batches
+    for ld in first:
+        ld.close()
+    resumed = [loader(fresh_dataset, dp_rank=r, dp_size=3, readers_per_node=1, micro_batch_size=2) for r in range(3)]
+    for ld in resumed:
+        ld.load_state_dict(state)
+    its = [iter(ld) for ld in resumed]
+    got = [set(rows([next(it) for it in its])) for _ in range(3)]
+    assert got == expected and all(len(g) == 6 for g in got)
