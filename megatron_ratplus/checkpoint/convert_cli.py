@@ -214,9 +214,10 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--attention-mode", choices=("dense", "sparse"),
                    help="the mode the exported model starts in (default: sparse for a checkpoint trained "
                         "only in sparse mode, such as a resolution adaptation, else the model's)")
-    a.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
-    a.add_argument("--max-shard-size", default="5GB")
-    a.add_argument("--overwrite", action="store_true")
+    a.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="weights' dtype (default fp32)")
+    a.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    a.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty output directory (an earlier export's files are replaced, others kept)")
     b = sub.add_parser("from-hf", help="Hugging Face RAT+ folder -> Megatron checkpoint")
     b.add_argument("hf_dir")
     b.add_argument("save_dir")

@@ -36,7 +36,7 @@ def _add_prepare(sub) -> None:
     p.add_argument("--eos-token", help="the token that ends a document (default: from the tokenizer)")
     p.add_argument("--text-field", default="text", help="text field of .jsonl records / .parquet column (default: text)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents in val (default 0.01)")
-    p.add_argument("--workers", type=int, default=None, help="tokeniser processes (default: CPU cores)")
+    p.add_argument("--workers", type=int, default=None, help="tokeniser processes (default: the CPU cores, at most 32)")
     p.add_argument("--compression", default="zstd", help="shard compression: zstd (default) or none")
     p.add_argument("--shard-size", default="64mb", help="uncompressed shard size limit (default 64mb)")
     p.add_argument("--overwrite", action="store_true",
@@ -51,12 +51,13 @@ def _add_default(sub) -> None:
     p.add_argument("--output", "-o", help="prepare the dataset in this directory (reused if identical)")
     p.add_argument("--text-out", help="write the corpus as JSONL here")
     p.add_argument("--size-mb", type=float, default=3.0, help="megabytes of text (default 3)")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int, default=1234, help="corpus sampling seed (default 1234)")
     p.add_argument("--seq-len", type=int, help="with --output")
     p.add_argument("--vocab-size", type=int, help="with --output: BPE vocabulary size")
     p.add_argument("--val-fraction", type=float, default=None,
                    help="fraction of documents (files) in val (default 0.05, at least two documents)")
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None,
+                   help="with --output: tokeniser processes (default: the CPU cores, at most 32)")
 
 
 def _add_inspect(sub) -> None:

@@ -31,9 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan for --world-size and exit")
     p.add_argument("--world-size", type=positive_int, default=None,
                    help="GPUs for --dry-run (default: $WORLD_SIZE or 1)")
-    p.add_argument("--gpu-memory-gib", type=positive_float, default=80.0, help="GPU memory for --dry-run")
+    p.add_argument("--gpu-memory-gib", type=positive_float, default=80.0,
+                   help="GPU memory for --dry-run (default 80)")
     p.add_argument("--tokens-per-sec-per-gpu", type=positive_float, default=None,
-                   help="throughput for the --dry-run time estimate")
+                   help="throughput for the --dry-run time estimate (default: this stack's rate measured "
+                        "on one H100, scaled to the model)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
 
