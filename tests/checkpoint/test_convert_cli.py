@@ -33,7 +33,8 @@ def test_tp2_checkpoint_to_hf_and_back(tmp_path, tiny_dataset):
     assert conv.returncode == 0, conv.stderr[-3000:]
     import os
     check = _run(str(Path(__file__).with_name("convert_check.py")), str(ck), str(hf_dir), str(back),
-                 env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO)))
+                 env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                          PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))))
     assert check.returncode == 0, check.stderr[-4000:]
     result = json.loads(check.stdout.strip().splitlines()[-1])
     for mode in ("dense", "sparse"):

@@ -32,7 +32,7 @@ _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_AD
 
 def child_env():
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
-    return dict(env, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO))
+    return dict(env, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
 
 
 # A process holding the run lock of argv[1] until its stdin closes. With "fork", it forks a child
