@@ -74,6 +74,30 @@ def spawning_shielded_helpers(signals: Sequence[int] = PREEMPTION_SIGNALS):
         yield
 
 
+def start_compile_workers_shielded(signals: Sequence[int] = PREEMPTION_SIGNALS) -> bool:
+    """Start torch.compile's (Inductor's) compile-worker pool now, immune to the preemption signals.
+
+    On the GPU the fused elementwise ops and Megatron's cross entropy are torch.compile'd, and
+    Inductor compiles in a pool of worker processes in the trainer's process group. A SIGUSR1 sent to
+    the whole job (Slurm's ``--signal``) killed them ("SubprocPool unclean exit"), and the next
+    compile -- a new shape, the evaluation, the dense pass after the sparse one -- failed with
+    "Attempting to use a closed pool" before the preemption checkpoint was written. Started in
+    :func:`spawning_shielded_helpers`, the pool (and the processes it forks later) keeps the signals
+    blocked; Inductor's workers already exit when their parent dies. Returns whether a pool was
+    started (False: Inductor unavailable, or configured to compile in-process).
+    """
+    try:
+        from torch._inductor import config as inductor_config
+        from torch._inductor.async_compile import AsyncCompile
+    except ImportError:
+        return False
+    if getattr(inductor_config, "compile_threads", 1) <= 1 or not hasattr(AsyncCompile, "warm_pool"):
+        return False
+    with spawning_shielded_helpers(signals):
+        AsyncCompile.warm_pool()
+    return True
+
+
 class PreemptionHandler:
     def __init__(self, signals: Sequence[str] = ("SIGTERM", "SIGUSR1"), start_time: Optional[float] = None):
         self.signals = []

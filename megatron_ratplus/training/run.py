@@ -183,10 +183,13 @@ def run_training(cfg: RunConfig) -> TrainState:
     dp, accum = cfg.layout_for(int(os.environ.get("WORLD_SIZE", "1")))
     info = initialize_distributed(_layout(cfg), seed=cfg.train.seed)
     try:
-        # Before the data pipeline registers shared memory with it: a preemption signal sent to the
-        # whole job (Slurm's --signal=USR1) must not kill the tracker (see the function).
-        from ..checkpoint.preemption import start_resource_tracker_shielded
+        # A preemption signal sent to the whole job (Slurm's --signal=USR1) must kill neither
+        # multiprocessing's resource tracker (started before the data pipeline registers streaming's
+        # shared memory with it) nor torch.compile's worker pool (see the functions).
+        from ..checkpoint.preemption import start_compile_workers_shielded, start_resource_tracker_shielded
         start_resource_tracker_shielded()
+        if not cpu_mode_enabled():      # (CPU mode runs the PyTorch references, nothing compiled)
+            start_compile_workers_shielded()
         if cfg.checkpoint.save_dir:
             from ..checkpoint import CheckpointManager
             # One run per save_dir: a second one is refused here, before any work (held until exit).

@@ -68,3 +68,44 @@ def test_ranks_agree_on_stop_step_and_time_limit(tmp_path):
     assert [r["time_1min"] for r in results] == [True, True]   # only rank 0 is past a minute
     assert [r["time_5min"] for r in results] == [False, False]
     assert [r["time_none"] for r in results] == [False, False]
+
+
+# A trainer-like process: preemption handler installed, helpers started shielded (or not), then
+# SIGUSR1 to its whole process group, as Slurm's --signal sends it; prints whether the helpers survived.
+_SHIELD_SCRIPT = """
+import os, signal, sys, time
+from megatron_ratplus.checkpoint import PreemptionHandler
+from megatron_ratplus.checkpoint.preemption import start_compile_workers_shielded, start_resource_tracker_shielded
+from multiprocessing import resource_tracker
+from torch._inductor.async_compile import AsyncCompile
+import torch._inductor.config as inductor_config
+inductor_config.compile_threads = 2
+handler = PreemptionHandler(signals=("SIGTERM", "SIGUSR1")).install()
+if sys.argv[1] == "shielded":
+    start_resource_tracker_shielded()
+    assert start_compile_workers_shielded()
+else:
+    resource_tracker.ensure_running()
+    AsyncCompile.warm_pool()
+time.sleep(1)
+os.killpg(0, signal.SIGUSR1)
+time.sleep(1.5)
+tracker_alive = os.waitpid(resource_tracker._resource_tracker._pid, os.WNOHANG) == (0, 0)
+try:
+    pool_works = AsyncCompile.process_pool().submit(abs, -3).result(timeout=60) == 3
+except Exception:
+    pool_works = False
+print(handler.received, tracker_alive, pool_works)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["shielded", "unshielded"])
+def test_helpers_started_shielded_survive_a_signal_to_the_whole_job(mode):
+    """The resource tracker (streaming's shared memory) and torch.compile's worker pool ignore a SIGUSR1
+    sent to every process of the job; started plainly, both die of it (the control case)."""
+    proc = subprocess.run([sys.executable, "-c", _SHIELD_SCRIPT, mode], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, start_new_session=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = "SIGUSR1 True True" if mode == "shielded" else "SIGUSR1 False False"
+    assert proc.stdout.strip().splitlines()[-1] == expected, proc.stdout + proc.stderr[-3000:]
