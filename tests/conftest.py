@@ -25,7 +25,15 @@ def pytest_collection_modifyitems(config, items):
 def no_streaming_leftovers(tmp_path_factory):
     """Streaming datasets still alive when the session ends leave their shared memory in /dev/shm;
     remove what belongs to this session's temporary directories, so repeated runs do not pile
-    them up (each costs every later dataset on the node a file descriptor)."""
+    them up (each costs every later dataset on the node a file descriptor). Those of earlier sessions
+    that were killed (their temporary directories removed since) go at the start: enough of them
+    exhaust this session's file descriptors ("Too many open files")."""
+    from megatron_ratplus.data.housekeeping import prefixes_of_removed_directories
+
+    dead = prefixes_of_removed_directories(tmp_path_factory.getbasetemp().parent)
+    if dead:
+        from megatron_ratplus.data.housekeeping import clean_streaming_leftovers
+        clean_streaming_leftovers(only_prefixes=dead)
     yield
     from megatron_ratplus.data.housekeeping import clean_streaming_leftovers, prefixes_reading
 

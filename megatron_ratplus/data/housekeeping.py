@@ -72,6 +72,26 @@ def prefixes_reading(directory: str | os.PathLike) -> set[str]:
     return found
 
 
+def prefixes_of_removed_directories(root: str | os.PathLike) -> set[str]:
+    """Prefixes that read only from directories under ``root`` that no longer exist: certainly dead
+    (nothing can read a deleted dataset), e.g. those of a killed test session whose temporary
+    directory is gone, so safe to clean while other streaming jobs run. The record is read whole,
+    also where streaming already zeroed its byte count on the way out (a process killed then)."""
+    root = Path(os.path.abspath(root))
+    dead = set()
+    for p, m in _shm_files():
+        if m.group(2) != "locals":
+            continue
+        try:
+            data = p.read_bytes()
+        except OSError:
+            continue
+        named = [d for d in data[4:].decode("utf-8", errors="replace").split("\0") if d.startswith("/")]
+        if named and all(Path(d).is_relative_to(root) and not Path(d).exists() for d in named):
+            dead.add(m.group(1))
+    return dead
+
+
 def clean_streaming_leftovers(*, dry_run: bool = False, only_prefixes: set[str] | None = None
                               ) -> tuple[list[Path], list[Path]]:
     """Delete streaming's shared memory and lock files on this node; returns what was (or would be)

@@ -167,3 +167,26 @@ def test_prefixes_reading_a_directory(tmp_path, monkeypatch):
     (tmp_path / "shm" / "000004_locals").write_bytes(_locals_record([str(tmp_path / "data2" / "val")], 4))
     assert housekeeping.prefixes_reading(tmp_path / "data") == {"000001"}
     assert housekeeping.prefixes_reading(tmp_path / "other") == set()
+
+
+def _locals_record(directories, prefix: int, zeroed: bool = False) -> bytes:
+    """streaming's NNNNNN_locals: an int32 byte count (itself included), then NUL-terminated fields."""
+    body = b"".join(d.encode() + b"\0" for d in [*directories, str(prefix)])
+    return (0 if zeroed else 4 + len(body)).to_bytes(4, "little") + body
+
+
+def test_prefixes_of_removed_directories_are_only_those_of_deleted_data(tmp_path, monkeypatch):
+    from megatron_ratplus.data import housekeeping
+
+    shm, root = tmp_path / "shm", tmp_path / "pytest-of-me"
+    shm.mkdir()
+    alive, gone, elsewhere = root / "pytest-7" / "data", root / "pytest-3" / "data", tmp_path / "gone-elsewhere"
+    alive.mkdir(parents=True)
+    records = {1: _locals_record([str(alive)], 1), 2: _locals_record([str(gone)], 2),
+               3: _locals_record([str(gone)], 3, zeroed=True),      # a process killed while leaving
+               4: _locals_record([str(elsewhere)], 4),             # gone, but not under root
+               5: _locals_record([str(gone), str(alive)], 5)}       # one of its directories still exists
+    for prefix, data in records.items():
+        (shm / f"{prefix:06d}_locals").write_bytes(data)
+    monkeypatch.setattr(housekeeping, "SHM_DIR", shm)
+    assert housekeeping.prefixes_of_removed_directories(root) == {"000002", "000003"}
