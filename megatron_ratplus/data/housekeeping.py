@@ -55,21 +55,23 @@ def _registered_locals(data: bytes) -> list[str]:
     return data[4:size].decode("utf-8", errors="replace").split("\0")[:-1]
 
 
-def prefixes_reading(directory: str | os.PathLike) -> set[str]:
-    """Prefixes whose registered local directories (streaming's ``NNNNNN_locals``) lie under
-    ``directory``: the shared memory of datasets read from there, e.g. a finished test session's."""
-    root = Path(os.path.abspath(directory))
-    found = set()
+def _locals_records():
+    """(prefix, bytes) of every streaming ``NNNNNN_locals`` record on this node that can be read."""
     for p, m in _shm_files():
         if m.group(2) != "locals":
             continue
         try:
-            local_dirs = _registered_locals(p.read_bytes())
+            yield m.group(1), p.read_bytes()
         except OSError:
             continue
-        if any(Path(d).is_relative_to(root) for d in local_dirs if d):
-            found.add(m.group(1))
-    return found
+
+
+def prefixes_reading(directory: str | os.PathLike) -> set[str]:
+    """Prefixes whose registered local directories (streaming's ``NNNNNN_locals``) lie under
+    ``directory``: the shared memory of datasets read from there, e.g. a finished test session's."""
+    root = Path(os.path.abspath(directory))
+    return {prefix for prefix, data in _locals_records()
+            if any(Path(d).is_relative_to(root) for d in _registered_locals(data) if d)}
 
 
 def prefixes_of_removed_directories(root: str | os.PathLike) -> set[str]:
@@ -79,16 +81,10 @@ def prefixes_of_removed_directories(root: str | os.PathLike) -> set[str]:
     also where streaming already zeroed its byte count on the way out (a process killed then)."""
     root = Path(os.path.abspath(root))
     dead = set()
-    for p, m in _shm_files():
-        if m.group(2) != "locals":
-            continue
-        try:
-            data = p.read_bytes()
-        except OSError:
-            continue
+    for prefix, data in _locals_records():
         named = [d for d in data[4:].decode("utf-8", errors="replace").split("\0") if d.startswith("/")]
         if named and all(Path(d).is_relative_to(root) and not Path(d).exists() for d in named):
-            dead.add(m.group(1))
+            dead.add(prefix)
     return dead
 
 
