@@ -48,10 +48,13 @@ def streaming_leftovers(only_prefixes: set[str] | None = None) -> tuple[list[Pat
     return shm, locks
 
 
-def _registered_locals(data: bytes) -> list[str]:
+def _registered_locals(data: bytes, *, released_too: bool = False) -> list[str]:
     """The local directories in streaming's ``NNNNNN_locals`` record: an int32 byte count (the
-    count included), then the directories and the prefix number, NUL-separated."""
+    count included), then the directories and the prefix number, NUL-separated. ``released_too``:
+    also read a record whose count streaming zeroed on the way out (the text stays behind it)."""
     size = int.from_bytes(data[:4], "little", signed=True)
+    if size == 0 and released_too:
+        size = len(data)
     return data[4:size].decode("utf-8", errors="replace").split("\0")[:-1]
 
 
@@ -82,7 +85,7 @@ def prefixes_of_removed_directories(root: str | os.PathLike) -> set[str]:
     root = Path(os.path.abspath(root))
     dead = set()
     for prefix, data in _locals_records():
-        named = [d for d in data[4:].decode("utf-8", errors="replace").split("\0") if d.startswith("/")]
+        named = [d for d in _registered_locals(data, released_too=True) if d.startswith("/")]
         if named and all(Path(d).is_relative_to(root) and not Path(d).exists() for d in named):
             dead.add(prefix)
     return dead

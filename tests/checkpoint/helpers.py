@@ -2,11 +2,13 @@
 
 A 4-layer RAT+ model (d=64, 4 heads, vocab 100 -> padded 128) built by the real training set-up
 (``build_training_objects``: Megatron DDP, Megatron optimizer, OptimizerParamScheduler) and
-stepped with the real pipeline ``forward_backward`` on synthetic token batches.
+stepped with the real pipeline ``forward_backward`` on synthetic token batches; and the walk over a
+process's descendants that the process tests use.
 """
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
@@ -113,3 +115,17 @@ def assert_same_tensors(a: dict, b: dict):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def descendants(pid: int) -> list:
+    """Pids of every descendant of ``pid`` (Linux /proc), each listed before its own children."""
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found

@@ -22,6 +22,7 @@ from megatron_ratplus.checkpoint import checkpoint_problems
 from megatron_ratplus.checkpoint.paths import read_tracker
 
 from ..torchrun import REPO, free_port
+from .helpers import descendants
 
 pytestmark = pytest.mark.slow
 
@@ -129,20 +130,13 @@ def test_sigkill_then_resume_continues_the_loss_curve_exactly(tmp_path, dataset)
 def worker_pids(launcher_pid: int) -> dict:
     """Global rank -> pid of torchrun's worker processes (children of the launcher's agent)."""
     pids = {}
-    todo = [launcher_pid]
-    while todo:
-        pid = todo.pop()
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            try:
-                todo += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                pass
+    for pid in descendants(launcher_pid):
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
         values = dict(item.split(b"=", 1) for item in environ if b"=" in item)
-        if b"RANK" in values and b"LOCAL_RANK" in values and pid != launcher_pid:
+        if b"RANK" in values and b"LOCAL_RANK" in values:
             pids.setdefault(int(values[b"RANK"]), pid)
     return pids
 

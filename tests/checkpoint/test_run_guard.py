@@ -24,7 +24,7 @@ from megatron_ratplus.checkpoint.paths import LOCK_NAME, TRACKER_NAME, read_trac
 from megatron_ratplus.checkpoint.validate import COMMON_NAME, TRAIN_STATE_KEY, decode_train_state, load_common
 
 from ..torchrun import REPO
-from .helpers import build, run_config, train_and_save
+from .helpers import build, descendants, run_config, train_and_save
 
 LOGGER = "megatron_ratplus.checkpoint"
 _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -259,19 +259,6 @@ def test_group_sigterm_still_writes_the_preemption_checkpoint(tmp_path, mode):
     assert TRACKER_NAME in os.listdir(save_dir)
 
 
-def _descendants(pid: int) -> list:
-    found, todo = [], [pid]
-    while todo:
-        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
-            try:
-                children = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found += children
-            todo += children
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -292,7 +279,7 @@ def test_writer_helper_dies_with_a_trainer_killed_outright(tmp_path):
     helpers = []
     try:
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-4000:]
-        helpers = [pid for pid in _descendants(proc.pid)
+        helpers = [pid for pid in descendants(proc.pid)
                    if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert helpers, "no spawned writer helper found"
         proc.kill()
