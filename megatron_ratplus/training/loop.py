@@ -74,6 +74,16 @@ def train_update(objs: TrainingObjects, microbatches, mode: str, seq_len: int):
     return loss.value(), grad_norm, bool(updated)
 
 
+def gather_updated_weights(model_chunks) -> None:
+    """With the distributed optimizer's overlapped parameter all-gather, each data-parallel rank's
+    model weights hold only its own shard of the last update until the next forward gathers the
+    rest. Gather them now (as Megatron-LM's ``force_param_sync`` before a checkpoint save)."""
+    for chunk in model_chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.use_distributed_optimizer and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
 def evaluate(objs: TrainingObjects, data, cfg: RunConfig, accum_steps: int) -> Dict[str, float]:
     """Validation loss per attention mode over ``logging.eval_iters`` global batches, as in
     Megatron-LM: each rank reads ``eval_iters * accum_steps`` micro-batches, so the loss covers the
@@ -133,6 +143,7 @@ class Trainer:
     def save(self) -> None:
         if self.checkpoints is None:
             return
+        gather_updated_weights(self.objs.model)     # the model state is written from these weights
         path = self.checkpoints.save(self.state.step, self.objs.model, self.objs.optimizer,
                                      self.objs.scheduler, self.train_state_dict())
         self.last_saved_step = self.state.step

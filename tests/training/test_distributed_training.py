@@ -111,3 +111,12 @@ def test_fused_weight_gradient_accumulation_under_tp2_sp_matches_unfused(tmp_pat
     for a, b in zip(plain, fused):
         for mode in ("sparse", "dense"):
             assert abs(a["losses"][mode] - b["losses"][mode]) < 1e-4, (a, b)
+
+
+def test_a_save_sees_the_whole_update_with_the_overlapped_parameter_all_gather():
+    """Distributed optimizer with parallel.overlap_param_gather=true, DP=2: after an update each replica's
+    model weights hold only its own shard of it until the next forward gathers the rest. A checkpoint
+    (written from the weights of data-parallel rank 0) saved at that point must still hold the whole
+    update, as Megatron-LM forces the parameter all-gather before a save."""
+    from pathlib import Path
+    torchrun(Path(__file__).with_name("overlap_param_gather_worker.py"), nproc=2)
