@@ -208,6 +208,8 @@ class MetricsLogger:
         if self.jsonl is not None:
             self.jsonl.write(json.dumps({"step": step, "val_losses": losses}) + "\n")
             self.jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"val_loss/{k}": v for k, v in losses.items()}, step=step)
         self.print(f"validation at step {step}: " +
                    " ".join(f"{k} {v:.4f} (ppl {math.exp(min(v, 50)):.2f})" for k, v in losses.items()))
 

@@ -87,3 +87,20 @@ def test_a_record_cut_off_mid_write_is_dropped_on_resume(tmp_path):
     drop_records_after(path, 2)
     assert path.read_text() == '{"step": 1}\n{"note": "kept"}\n{"step": 2}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["m.jsonl"]
+
+
+def test_validation_losses_reach_weights_and_biases(tmp_path, monkeypatch):
+    """With logging.wandb_project set, W&B receives the validation losses of an evaluation, as
+    TensorBoard and the metrics file do, at the step they were measured."""
+    import sys
+    import types
+
+    logged = []
+    run = types.SimpleNamespace(log=lambda data, step=None: logged.append((step, data)), finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kwargs: run))
+    logger = MetricsLogger(rank=0, world_size=1, total_steps=10, start_step=0, tokens_per_step=8,
+                           flops_per_step=1.0, progress=False, wandb_project="p")
+    logger.log_step(StepRecord(5, {"sparse": 2.0, "dense": 1.5}, lr=0.1, grad_norm=1.0, step_time=1.0, tokens=8))
+    logger.log_eval(5, {"sparse": 2.5, "dense": 2.25})
+    logger.close()
+    assert (5, {"val_loss/sparse": 2.5, "val_loss/dense": 2.25}) in logged, logged
