@@ -299,6 +299,10 @@ def llama_to_ratplus(llama_state_dict: Mapping[str, torch.Tensor], llama_config,
     if recurrence and gate_init == "calibrated" and calibration_ids is None:
         raise ValueError("gate_init='calibrated' needs calibration_ids (a [B, T] batch of token ids)")
     src = {k: v for k, v in llama_state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size"):
+        if _llama_get(llama_config, key) is None:
+            raise ValueError(f"not a Llama-style config: it has no {key} "
+                             f"(model_type {_llama_get(llama_config, 'model_type')!r})")
     d = int(_llama_get(llama_config, "hidden_size"))
     H = int(_llama_get(llama_config, "num_attention_heads"))
     Hkv = int(_llama_get(llama_config, "num_key_value_heads") or H)

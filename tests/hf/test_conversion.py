@@ -222,6 +222,19 @@ def test_llama_import_refuses_unsupported_configs():
         llama_to_ratplus(llama.state_dict(), llama.config, recurrence=True, gate_init="calibrated")
 
 
+def test_llama_import_of_a_non_llama_config_is_a_clear_error():
+    """A GPT-2 folder given to from-llama: a ValueError naming what the config lacks (ratplus-convert
+    reports ValueErrors as errors), not a TypeError traceback from int(None)."""
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50,
+                                                                n_positions=32))
+    with pytest.raises(ValueError, match="not a Llama-style config: it has no intermediate_size"):
+        llama_to_ratplus(gpt2.state_dict(), gpt2.config, recurrence=False)
+    bad = tiny_llama(2).config.to_dict()
+    bad.pop("num_hidden_layers")
+    with pytest.raises(ValueError, match="it has no num_hidden_layers"):
+        llama_to_ratplus(tiny_llama(2).state_dict(), bad, recurrence=False)
+
+
 def test_calibrated_gate_is_closer_to_llama_than_zeros():
     """The calibrated gate drives a = sigmoid(g) towards sigmoid(-4) on text like the calibration text."""
     llama = tiny_llama(2)
