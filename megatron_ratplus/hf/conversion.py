@@ -321,6 +321,11 @@ def llama_to_ratplus(llama_state_dict: Mapping[str, torch.Tensor], llama_config,
         raise ValueError(f"only SwiGLU (hidden_act='silu') Llama FFNs are supported, got {act!r}")
     if _llama_get(llama_config, "attention_bias", False) or _llama_get(llama_config, "mlp_bias", False):
         raise ValueError("Llama checkpoints with attention or MLP biases are not supported (RAT+ has none)")
+    window = _llama_get(llama_config, "sliding_window")
+    if window is not None and _llama_get(llama_config, "use_sliding_window") is not False:
+        raise ValueError(f"the checkpoint uses sliding-window attention (sliding_window={window}, e.g. Mistral "
+                         f"v0.1); imported as full causal attention it would compute another function. "
+                         f"Set sliding_window to null in its config.json to import it anyway")
     tied = bool(_llama_get(llama_config, "tie_word_embeddings", False))
 
     cfg = RATPlusConfig(

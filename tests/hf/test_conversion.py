@@ -235,6 +235,27 @@ def test_llama_import_of_a_non_llama_config_is_a_clear_error():
         llama_to_ratplus(tiny_llama(2).state_dict(), bad, recurrence=False)
 
 
+def test_llama_import_refuses_a_sliding_window_and_imports_mistral_without_one():
+    """A Mistral config with sliding_window set attends only the last window keys: imported as full
+    causal attention the logits differ from position `window` on, so the import is refused; without
+    a window the Mistral imports exactly like a Llama."""
+    torch.manual_seed(0)
+    kwargs = dict(vocab_size=71, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, initializer_range=0.2)
+    windowed = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=4, **kwargs)).eval()
+    with pytest.raises(ValueError, match="sliding_window=4"):
+        llama_to_ratplus(windowed.state_dict(), windowed.config, recurrence=False)
+    full = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=None, **kwargs)).eval()
+    sd, cfg = llama_to_ratplus(full.state_dict(), full.config, recurrence=False)
+    model = RATPlusForCausalLM(cfg).eval()
+    model.load_state_dict(sd)
+    ids = tokens(1, 12, vocab=71)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, full(ids).logits, rtol=1e-5, atol=1e-5)
+    qwen_like = dict(full.config.to_dict(), sliding_window=4, use_sliding_window=False)   # window off
+    llama_to_ratplus(full.state_dict(), qwen_like, recurrence=False)
+
+
 def test_calibrated_gate_is_closer_to_llama_than_zeros():
     """The calibrated gate drives a = sigmoid(g) towards sigmoid(-4) on text like the calibration text."""
     llama = tiny_llama(2)
