@@ -54,10 +54,17 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _shard(state_dict: Mapping[str, torch.Tensor], max_bytes: int):
+def _written_bytes(t: torch.Tensor, dtype: Optional[torch.dtype]) -> int:
+    """Bytes of ``t`` in the file: floating tensors are cast to ``dtype`` when one is given."""
+    if dtype is not None and t.is_floating_point():
+        return t.numel() * torch.empty((), dtype=dtype).element_size()
+    return t.numel() * t.element_size()
+
+
+def _shard(state_dict: Mapping[str, torch.Tensor], max_bytes: int, dtype: Optional[torch.dtype] = None):
     shards, current, size = [], [], 0
     for key in sorted(state_dict):
-        n = state_dict[key].numel() * state_dict[key].element_size()
+        n = _written_bytes(state_dict[key], dtype)
         if current and size + n > max_bytes:
             shards.append(current)
             current, size = [], 0
@@ -166,10 +173,8 @@ def _write_folder(out: Path, hf_state_dict, hf_config: RATPlusConfig, *, max_byt
             t = t.to(dtype)
         return t.to("cpu").contiguous().clone()   # clone: shards must not share storage
 
-    shards = _shard(hf_state_dict, max_bytes)
-    total = sum(t.numel() * (t.element_size() if dtype is None or not t.is_floating_point()
-                             else torch.empty((), dtype=dtype).element_size())
-                for t in hf_state_dict.values())
+    shards = _shard(hf_state_dict, max_bytes, dtype)
+    total = sum(_written_bytes(t, dtype) for t in hf_state_dict.values())
     if len(shards) == 1:
         save_file({k: prepared(k) for k in shards[0]}, str(out / SAFE_WEIGHTS), metadata={"format": "pt"})
     else:

@@ -118,6 +118,19 @@ def test_bf16_export(tmp_path):
         (tmp_path / "b" / "config.json").read_text()).get("dtype")) == "bfloat16"
 
 
+def test_shards_are_sized_in_the_exported_dtype(tmp_path):
+    """max_shard_size limits the files as written: a bf16 export of fp32 weights that fits one
+    shard in bf16 is one model.safetensors, and its shards are filled up to the limit."""
+    model = small_model()
+    bf16_bytes = sum(t.numel() * 2 for t in model.state_dict().values())
+    out = write_hf_folder(model.state_dict(), model.config, tmp_path / "one", dtype=torch.bfloat16,
+                          max_shard_size=bf16_bytes)
+    assert (out / "model.safetensors").is_file() and not (out / "model.safetensors.index.json").exists()
+    out = write_hf_folder(model.state_dict(), model.config, tmp_path / "two", dtype=torch.bfloat16,
+                          max_shard_size=bf16_bytes // 2 + 4096)
+    assert len(list(out.glob("model-*-of-*.safetensors"))) == 2
+
+
 def test_megatron_padding_rows_are_suppressed_in_generation(tmp_path):
     """An export that keeps Megatron's padding rows never generates their ids."""
     from megatron_ratplus.hf import RATPlusForCausalLM
