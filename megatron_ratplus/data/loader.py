@@ -30,7 +30,8 @@ different node counts.
 Epochs. A ``train`` loader iterates forever: when an epoch is exhausted the next one starts, with
 streaming's per-epoch reshuffle (seed + epoch), so the sample order depends only on (seed, epoch).
 Other splits (``val``) make one pass per ``iter()`` and always start from the beginning, so
-every evaluation sees the same batches. ``infinite=`` overrides either default.
+every evaluation sees the same batches; their num_canonical_nodes defaults to 1, so an unshuffled
+split is read in storage order (the same first samples) on any number of nodes. ``infinite=`` overrides either default.
 
 Resume. The loader counts the samples consumed in the current epoch (globally: batches ×
 micro_batch_size × dp_size, streaming's convention). ``state_dict()`` returns that position as a
@@ -697,7 +698,10 @@ def build_pretraining_loader(
     stream_objs = [Stream(local=s.local, remote=s.remote, split=split, proportion=s.proportion,
                           validate_hash=stream_hash(s.manifest), download_timeout=download_timeout)
                    for s in resolved]
-    ncn = num_canonical_nodes if num_canonical_nodes is not None else num_nodes
+    # The val split: one canonical node, so that its global order is the storage order at any node
+    # count (with one per node, each node's share starts in another part of the split and the
+    # first batches of an evaluation would be other samples on another number of nodes).
+    ncn = num_canonical_nodes if num_canonical_nodes is not None else (num_nodes if split == "train" else 1)
     group = _reader_group(group, dp_size=dp_size, readers_per_node=readers_per_node)
     dataset_cls = _make_dataset_class()
     warn_about_leftovers()

@@ -351,3 +351,20 @@ def test_resume_on_a_node_count_the_canonical_nodes_do_not_divide(fresh_dataset)
     its = [iter(ld) for ld in resumed]
     got = [set(rows([next(it) for it in its])) for _ in range(3)]
     assert got == expected and all(len(g) == 6 for g in got)
+
+
+def test_validation_reads_the_first_samples_on_any_number_of_nodes(fresh_dataset):
+    """An evaluation reads the split's first eval_iters x global_batch_size samples (storage order)
+    whatever the number of nodes: with one canonical node per physical node, two nodes read from
+    both halves of the split (samples 0, 1, N/2, N/2 + 1, ...), so the validation set changed with
+    the node count, also when a run was resumed on another number of nodes."""
+    everything = all_samples(fresh_dataset, "val")      # (decompresses: two nodes then read in place)
+    per_rank = []
+    for r in range(2):
+        ld = loader(fresh_dataset, split="val", shuffle=False, dp_rank=r, dp_size=2, readers_per_node=1,
+                    micro_batch_size=2)
+        per_rank.append([b.tolist() for b in ld])
+        ld.close()
+    assert len(per_rank[0]) == len(per_rank[1]) == len(everything) // 4 > 1
+    steps = [sorted(tuple(row) for batches in per_rank for row in batches[k]) for k in range(len(per_rank[0]))]
+    assert steps == [sorted(everything[4 * k:4 * k + 4]) for k in range(len(steps))]
