@@ -208,7 +208,8 @@ def _clean_surrogates(text: str, stats: ReadStats, where: str) -> str:
 
 
 def _read_text(f: InputFile, stats: ReadStats, piece_chars: int) -> Iterator[tuple[str, bool]]:
-    decoder = codecs.getincrementaldecoder("utf-8")(errors=_COUNTER.name)
+    # utf-8-sig: a byte order mark at the start of the file is no text (any later U+FEFF is kept).
+    decoder = codecs.getincrementaldecoder("utf-8-sig")(errors=_COUNTER.name)
     before = _COUNTER.count
     carry = ""
     emitted = False
@@ -240,6 +241,8 @@ def _read_jsonl(f: InputFile, text_field: str, stats: ReadStats, piece_chars: in
     with open(f.path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             stats.bytes_read += len(raw)
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # a byte order mark is no JSON
+                raw = raw[len(codecs.BOM_UTF8):]
             if not raw.strip():
                 continue
             before = _COUNTER.count

@@ -223,3 +223,21 @@ def test_a_model_folder_gives_its_tokenizer(tmp_path, corpus_dir, dataset_dir):
     (folder / "tokenizer.json").write_bytes((dataset_dir / "tokenizer.json").read_bytes())
     result = prep([corpus_dir], tmp_path / "o", folder, val_fraction=0.2)
     assert result.manifest.tokenizer_sha256 == read_manifest(dataset_dir).tokenizer_sha256
+
+
+def test_a_utf8_byte_order_mark_starts_no_document(tmp_path):
+    """Files saved with a UTF-8 byte order mark (Windows editors, PowerShell, spreadsheet exports):
+    the mark is no text. It had made the first JSON line of a .jsonl "not valid JSON" (its record
+    skipped) and been kept as a U+FEFF character at the start of a .txt document."""
+    from megatron_ratplus.data.sources import InputFile, ReadStats, iter_pieces
+
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.jsonl").write_bytes(bom + b'{"text": "first"}\r\n{"text": "second"}\n')
+    (tmp_path / "b.txt").write_bytes(bom + "héllo wörld".encode())
+    (tmp_path / "c.txt").write_bytes("\ufeffinside".encode()[3:] + " x \ufeff y".encode())  # only a leading mark goes
+    stats = ReadStats()
+    pieces = list(iter_pieces([InputFile(tmp_path / "a.jsonl", "jsonl"), InputFile(tmp_path / "b.txt", "text"),
+                               InputFile(tmp_path / "c.txt", "text")], stats=stats, piece_chars=4))
+    texts = "".join(t + ("|" if ends else "") for t, ends in pieces)
+    assert texts == "first|second|héllo wörld|inside x \ufeff y|"
+    assert stats.bad_json_lines == 0 and stats.documents == 4 and not stats.problems
