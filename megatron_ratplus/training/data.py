@@ -141,7 +141,7 @@ class TrainingData:
                 self.val_loader = build_pretraining_loader(val_streams or streams, split="val",
                                                            shuffle=False, **val_common)
                 self._check_validation(eval_micro_batches, vocab_size if val_streams else None)
-            except (ConfigError, ValueError) as e:
+            except (ConfigError, ValueError, FileNotFoundError) as e:   # (not a dataset, or no such directory)
                 error = str(e)
         _raise_on_every_rank(error)       # only readers build loaders: every rank learns of a refusal
 

@@ -53,6 +53,19 @@ def test_datasets_are_checked_against_the_model_and_each_other(megatron_single_p
         build(local, vocab_size=512, eval_micro_batches=100_000)
 
 
+def test_a_stream_that_is_not_a_dataset_is_a_config_error(megatron_single_process, tmp_path):
+    """A data.streams path with a typo, or a folder of raw text instead of a prepared dataset, is refused
+    on every rank with its message (a ConfigError: ratplus-pretrain exits 2). The reader's
+    FileNotFoundError had escaped the every-rank refusal: a traceback on the readers while their
+    model-parallel peers waited in the collective."""
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.jsonl").write_text('{"text": "hello"}\n')
+    with pytest.raises(ConfigError, match="raw has no manifest.json: not a dataset prepared by"):
+        build([{"local": str(tmp_path / "raw")}], vocab_size=512)
+    with pytest.raises(ConfigError, match="nowhere does not exist"):
+        build([{"local": str(tmp_path / "nowhere")}], vocab_size=512)
+
+
 def test_resuming_over_other_data_is_a_config_error_with_a_way_out(megatron_single_process, tiny_dataset,
                                                                     tmp_path):
     from megatron_ratplus.data import prepare_default_dataset
