@@ -46,7 +46,8 @@ from .preemption import spawning_shielded_helpers
 from .retention import apply_retention
 from .rng import restore_rng_state
 from .state import (FORMAT_VERSION, RNG_KEY, load_strategy, model_sharded_state_dict, model_state_key,
-                    optimizer_has_stepped, optimizer_kind, parallel_layout, rng_sharded_object,
+                    optimizer_has_stepped, optimizer_kind, parallel_layout, prepare_for_loading,
+                    restore_adam_steps, rng_sharded_object,
                     runtime_metadata, save_strategy, sharded_metadata, versions)
 from .validate import (RATPLUS_KEY, TRAIN_STATE_KEY, checkpoint_problems, decode_train_state,
                        encode_train_state, load_common)
@@ -301,6 +302,10 @@ def _check_architecture(ckpt_dir: Path, info: dict, model_chunks, model_args) ->
               ckpt_dir, "; ".join(notes))
 
 
+# The distributed optimizer's checkpoint format (state.DISTRIBUTED_OPTIMIZER_FORMAT) follows its
+# buffers, which these decide.
+MODEL_PARALLEL_FIELDS = ("tensor_parallel", "pipeline_parallel", "virtual_pipeline_parallel")
+
 _SCHEDULE_FIELDS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style",
                     "start_wd", "end_wd", "wd_incr_steps", "wd_incr_style")
 
@@ -350,6 +355,15 @@ def load_checkpoint_into(ckpt_dir, model_chunks: Sequence[torch.nn.Module], opti
                                   f"this run uses the {optimizer_kind(optimizer)} one: resume with the same "
                                   f"optimizer setting, or load weights only")
         meta = dict(stored_opt["metadata"])
+        if meta.get("distrib_optim_sharding_type") == "dp_reshardable" and stored_opt.get("stepped") is not False:
+            saved_layout, layout = info.get("layout") or {}, parallel_layout()
+            changed = [f"{k} {saved_layout.get(k)} -> {layout[k]}" for k in MODEL_PARALLEL_FIELDS
+                       if saved_layout.get(k) != layout[k]]
+            if changed:
+                raise CheckpointError(
+                    f"checkpoint {ckpt_dir} holds distributed optimizer state, which resumes under another "
+                    f"data-parallel size only, not another model-parallel layout ({', '.join(changed)}): resume "
+                    f"with the saved layout, or load its weights only (checkpoint.init_from; fresh optimizer)")
         if stored_opt.get("stepped") is False:
             # Saved before the first update: no moments to restore, and the fp32 master weights were
             # still the model's own values. A fresh optimizer on the loaded weights is that state.
@@ -363,6 +377,7 @@ def load_checkpoint_into(ckpt_dir, model_chunks: Sequence[torch.nn.Module], opti
 
     sharded = model_sharded_state_dict(chunks, runtime)
     if load_optimizer:
+        prepare_for_loading(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(dict(sharded), is_loading=True, metadata=runtime)
     restore_rng = not weights_only and info.get("layout") == parallel_layout()
     if restore_rng:
@@ -385,7 +400,9 @@ def load_checkpoint_into(ckpt_dir, model_chunks: Sequence[torch.nn.Module], opti
     for i, chunk in enumerate(chunks):
         unwrap_model(chunk).load_state_dict(loaded[model_state_key(i, len(chunks))], strict=True)
     if load_optimizer:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():      # the distributed optimizer copies into views of the fp32 parameters
+            optimizer.load_state_dict(loaded["optimizer"])
+        restore_adam_steps(optimizer, loaded["optimizer"])
     elif optimizer is not None:
         # Fresh optimizer on loaded weights: its fp32 master copies must follow the new weights.
         optimizer.reload_model_params()
@@ -516,7 +533,7 @@ class CheckpointManager:
         meta = sharded_metadata(optimizer)
         runtime = runtime_metadata(meta)
         sharded = model_sharded_state_dict(chunks, runtime)
-        if optimizer is not None:
+        if stepped:    # before the first update there is no state to keep (and the loading side starts fresh)
             sharded["optimizer"] = optimizer.sharded_state_dict(dict(sharded), is_loading=False,
                                                                 metadata=runtime)
         sharded[RNG_KEY] = rng_sharded_object()

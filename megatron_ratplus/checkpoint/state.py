@@ -4,8 +4,13 @@
   ``GPTModel.sharded_state_dict()``. Tensor keys are global (layer index folded into a stacked
   ``decoder.layers.*`` tensor, TP shards placed by offset), so any TP/PP/VPP layout can load them.
 * ``optimizer``: ``optimizer.sharded_state_dict(model_sd)``: Adam moments (and fp32 master
-  weights in bf16 runs) keyed after the model tensors they belong to. The distributed optimizer
-  (GPU) uses the ``fully_sharded_model_space`` format, which reshards over TP, PP and DP.
+  weights in bf16 runs) keyed after the model tensors they belong to; left out before the first
+  update (no state yet; the loading side starts a fresh optimizer). The distributed optimizer
+  (GPU) uses the ``dp_reshardable`` format (each rank writes its own shard of the gradient
+  buffers), which resumes under another DP size but not another TP/PP/VPP layout. Megatron-core
+  0.16's other formats fail with torch AdamW (no Transformer-Engine/apex): ``fully_sharded_model_space``
+  at the first save ("ShardedTensor.flattened_range is not supported"), ``fully_reshardable`` at
+  load (KeyError 'step').
 * ``rng_state``: one ``ShardedObject`` per global rank (Python/NumPy/torch/CUDA/Megatron tracker).
 * plain values (rank 0 writes them to ``common.pt``): scheduler state, the caller's train state,
   and a ``ratplus`` section (format version, iteration, parallel layout, architecture).
@@ -29,7 +34,7 @@ from .rng import capture_rng_state
 
 FORMAT_VERSION = 1
 RNG_KEY = "rng_state"
-DISTRIBUTED_OPTIMIZER_FORMAT = "fully_sharded_model_space"
+DISTRIBUTED_OPTIMIZER_FORMAT = "dp_reshardable"
 
 # Transformer-Engine's fused norm+linear stores the RMSNorm weight inside the linear; the local
 # spec keeps a separate norm module. Checkpoints always use the local names so that a model built
@@ -70,6 +75,40 @@ def optimizer_has_stepped(optimizer) -> bool:
         if torch_optimizer is not None and any(len(s) for s in torch_optimizer.state.values()):
             return True
     return False
+
+
+def prepare_for_loading(optimizer) -> None:
+    """Give a distributed optimizer that has not updated yet its per-parameter state, which its
+    ``sharded_state_dict`` reads (without Transformer-Engine/apex, megatron-core asserts on the Adam
+    step count of every parameter). Megatron's own dummy step (zero gradients) does it; the loaded
+    checkpoint then replaces the weights, master weights, moments and step count it touched."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    for inner in inner_optimizers(optimizer):
+        if isinstance(inner, DistributedOptimizer) and not any(len(s) for s in inner.optimizer.state.values()):
+            inner._init_optimizer_states_with_dummy_values()
+
+
+def restore_adam_steps(optimizer, loaded: dict) -> None:
+    """Put the checkpoint's Adam step count back into a distributed optimizer's torch Adam state.
+
+    Why (megatron-core 0.16 without Transformer-Engine/apex): its load gives every parameter's
+    state one shared step tensor, which torch's AdamW then increments once per parameter at each
+    update, and the ``dp_reshardable`` load copies into it this rank's step from before the load (1
+    after :func:`prepare_for_loading`). Either way Adam's bias correction leaves the uninterrupted
+    run's from the first update after a resume."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    inners = inner_optimizers(optimizer)
+    states = [loaded] if len(inners) == 1 else [v for _, v in sorted(loaded.items())]
+    for inner, state in zip(inners, states):
+        if not isinstance(inner, DistributedOptimizer):
+            continue
+        for group, saved in zip(inner.optimizer.param_groups, state["optimizer"]["param_groups"]):
+            if saved.get("step") is None:
+                continue
+            for param in group["params"]:
+                param_state = inner.optimizer.state.get(param, {})
+                if torch.is_tensor(param_state.get("step")):     # a tensor of its own for every parameter
+                    param_state["step"] = param_state["step"].new_tensor(float(saved["step"]))
 
 
 def optimizer_kind(optimizer) -> Optional[str]:

@@ -43,6 +43,26 @@ def build(cfg):
     return build_training_objects(cfg, args, TOTAL_STEPS)
 
 
+def build_distributed_optimizer(cfg):
+    """As :func:`build`, with Megatron's distributed optimizer, which setup.py builds on GPU only;
+    forced on here as on GPU (gloo has the collectives it needs)."""
+    from megatron_ratplus.training import setup
+    cfg.parallel.distributed_optimizer = True
+    args = cfg.model.model_args(vocab_size=VOCAB, seq_len=SEQ)
+    tconfig = setup.build_transformer_config(cfg, args)
+    chunks = setup.build_model_chunks(cfg, args, tconfig)
+    real = setup.cpu_mode_enabled
+    setup.cpu_mode_enabled = lambda: False
+    try:
+        model = setup.wrap_ddp(cfg, tconfig, chunks)
+        optimizer = setup.build_optimizer(cfg, tconfig, model)
+    finally:
+        setup.cpu_mode_enabled = real
+    assert model[0].ddp_config.use_distributed_optimizer
+    scheduler = setup.build_scheduler(cfg, optimizer, TOTAL_STEPS)
+    return setup.TrainingObjects(args, tconfig, model, optimizer, scheduler)
+
+
 def batch(step, dp_rank=0, dp_size=1):
     """Micro-batches of global batch ``step`` that this DP rank consumes."""
     gen = torch.Generator().manual_seed(1000 + step)

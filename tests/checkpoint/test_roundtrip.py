@@ -8,7 +8,14 @@ import torch
 from megatron_ratplus.checkpoint import CheckpointManager
 from megatron_ratplus.checkpoint.paths import read_tracker
 
-from .helpers import build, model_weights, optimizer_states, run_config, train_step
+from .helpers import (
+    build,
+    build_distributed_optimizer,
+    model_weights,
+    optimizer_states,
+    run_config,
+    train_step,
+)
 
 MODES = ["sparse", "dense", "sparse", "dense", "sparse"]
 
@@ -118,14 +125,14 @@ def test_a_checkpoint_saved_before_the_first_update_resumes_exactly(tmp_path, me
     optimizer on its weights, which is the state it was saved in; it used to be refused as lacking
     ``optimizer.state.exp_avg``."""
     cfg = run_config(precision=precision)
-    cfg.parallel.distributed_optimizer = distributed
-    objs = build(cfg)
+    build_objects = build_distributed_optimizer if distributed else build    # (CPU mode builds the plain one)
+    objs = build_objects(cfg)
     train_state = {"step": 1, "consumed_tokens": 64, "run_config": cfg.to_dict(),
                    "model_args": objs.model_args.to_dict(), "data": {}}
     CheckpointManager(tmp_path / "ckpt").save(1, objs.model, objs.optimizer, objs.scheduler, train_state)
     reference = [train_step(objs, s, MODES[s]) for s in range(1, 4)]
 
-    fresh = build(cfg)
+    fresh = build_objects(cfg)
     state = CheckpointManager(tmp_path / "ckpt").load("latest", fresh.model, fresh.optimizer, fresh.scheduler)
     assert state["step"] == 1
     assert [train_step(fresh, s, MODES[s]) for s in range(1, 4)] == reference
