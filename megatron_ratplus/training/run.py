@@ -33,16 +33,34 @@ def _layout(cfg: RunConfig) -> ParallelLayout:
     return ParallelLayout(p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline_parallel, p.sequence_parallel)
 
 
+def _loads_from_another_save_dir(cfg: RunConfig) -> bool:
+    """``checkpoint.load`` names a checkpoint (or save_dir) outside ``checkpoint.save_dir``."""
+    ck = cfg.checkpoint
+    if not ck.load or ck.load == "latest":
+        return False
+    load, save_dir = os.path.realpath(ck.load), os.path.realpath(ck.save_dir)
+    return save_dir not in (load, os.path.dirname(load))
+
+
 def _refuse_to_shadow_checkpoints(cfg: RunConfig) -> None:
     """A fresh run into a save_dir that already holds checkpoints would stop at its first save
-    (existing checkpoints are never overwritten): say so before any time is spent."""
+    (existing checkpoints are never overwritten), and a run continuing another save_dir's checkpoint
+    would mix two runs there (its tracker, and keep_last retention deleting the other run's
+    checkpoints): say so before any time is spent."""
     ck = cfg.checkpoint
-    if not ck.save_dir or ck.load or not Path(ck.save_dir).is_dir():
+    if not ck.save_dir or not Path(ck.save_dir).is_dir():
         return
     existing = sorted(p.name for p in Path(ck.save_dir).glob("iter_*"))
-    if existing:
+    if not existing:
+        return
+    if not ck.load:
         raise ConfigError(f"checkpoint.save_dir={ck.save_dir} already holds checkpoints ({', '.join(existing[-3:])}); "
                           f"resume with checkpoint.load=latest, or choose another checkpoint.save_dir")
+    if _loads_from_another_save_dir(cfg):
+        raise ConfigError(f"checkpoint.save_dir={ck.save_dir} already holds checkpoints ({', '.join(existing[-3:])}), "
+                          f"and checkpoint.load={ck.load} is in another save_dir: continuing it here would mix two "
+                          f"runs in one save_dir (keep_last retention would delete the other run's checkpoints). "
+                          f"Choose an empty checkpoint.save_dir, or move those checkpoints away")
 
 
 def _refuse_newer_checkpoints(cfg: RunConfig, step: int) -> None:

@@ -81,3 +81,27 @@ def test_a_token_budget_resumed_at_another_batch_size_names_the_steps_that_meet_
     fixed = load_config("recipes/tiny-cpu.yaml", ["train.max_steps=5", "train.max_tokens=",
                                                   "train.global_batch_size=16"])
     _check_token_budget(fixed, TrainState(step=2, consumed_tokens=4096), fixed.total_steps())
+
+
+def test_resuming_another_save_dirs_checkpoint_into_a_save_dir_with_checkpoints_is_refused(tmp_path):
+    """checkpoint.load=<elsewhere>/iter_… with a save_dir that holds another run's checkpoints would
+    mix the two runs there: its tracker would move to the loaded run's iterations and keep_last
+    retention would delete the other run's checkpoints (iter_0000001 and 2 were gone after two saves)."""
+    save_dir, other = tmp_path / "b", tmp_path / "a"
+    (save_dir / "iter_0000001").mkdir(parents=True)
+    (other / "iter_0000005").mkdir(parents=True)
+    cfg = load_config("recipes/tiny-cpu.yaml", [f"checkpoint.save_dir={save_dir}",
+                                                f"checkpoint.load={other / 'iter_0000005'}"])
+    with pytest.raises(ConfigError, match=r"already holds checkpoints \(iter_0000001\).*"
+                                          r"checkpoint.load=.*iter_0000005.*another save_dir"):
+        _refuse_to_shadow_checkpoints(cfg)
+    cfg.checkpoint.load = str(other)                  # that save_dir's latest
+    with pytest.raises(ConfigError, match="another save_dir"):
+        _refuse_to_shadow_checkpoints(cfg)
+    # A rollback inside the save_dir (newer complete checkpoints are refused elsewhere), and a
+    # continuation into a new save_dir, are fine.
+    for load, target in [(save_dir / "iter_0000001", save_dir), (save_dir, save_dir),
+                         (other / "iter_0000005", tmp_path / "new")]:
+        _refuse_to_shadow_checkpoints(load_config("recipes/tiny-cpu.yaml", [
+            f"checkpoint.save_dir={target}", f"checkpoint.load={load}"]))
+    assert (save_dir / "iter_0000001").is_dir()
