@@ -29,7 +29,26 @@ def global_name(model, name):
     return ".".join(parts)
 
 
-def deterministic_weights(model, tp_size):
+def _glu_fc1(name, p, swiglu):
+    return swiglu and name.endswith("mlp.linear_fc1.weight")
+
+
+def _shard(full, p, tp_size, tp_rank, glu):
+    """This rank's shard of a full (TP=1) tensor. A SwiGLU fc1 holds [gate; up] and each rank
+    [gate_r; up_r] (Megatron's MLP chunks its fc1 output in two)."""
+    if glu:
+        return torch.cat([half.chunk(tp_size, dim=0)[tp_rank] for half in full.chunk(2, dim=0)])
+    return full.chunk(tp_size, dim=p.partition_dim)[tp_rank]
+
+
+def _unshard(parts, p, glu):
+    if glu:
+        halves = [part.chunk(2, dim=0) for part in parts]
+        return torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])])
+    return torch.cat(parts, dim=p.partition_dim)
+
+
+def deterministic_weights(model, tp_size, swiglu=False):
     """Overwrite every parameter with values that depend only on its global name.
 
     Each pipeline stage has its own seed (parallel.initialize_distributed), so PP=2 and PP=1 would
@@ -47,7 +66,7 @@ def deterministic_weights(model, tp_size):
             full = torch.randn(full_shape, generator=torch.Generator().manual_seed(seed))
             full = 1.0 + 0.1 * full if "layernorm" in gname else 0.05 * full
             if sharded:
-                full = full.chunk(tp_size, dim=p.partition_dim)[tp_rank]
+                full = _shard(full, p, tp_size, tp_rank, _glu_fc1(name, p, swiglu))
             p.copy_(full)
 
 
@@ -59,12 +78,20 @@ def main():
     ap.add_argument("--sp", action="store_true")
     ap.add_argument("--mode", default="dense")
     ap.add_argument("--kernel-backend", default="reference")
+    ap.add_argument("--baseline", action="store_true", help="attention baseline (recurrence off)")
+    ap.add_argument("--no-output-gate", action="store_true")
+    ap.add_argument("--swiglu", action="store_true")
+    ap.add_argument("--hybrid", action="store_true", help="per-layer D/W/P lists")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     layout = ParallelLayout(a.tp, a.pp, a.vpp, a.sp)
     initialize_distributed(layout, seed=1234)
+    pattern = (dict(dilation=[4, 1, -1, 3], local_window=[1, 0, 2, 0], initial_tokens=[1, 0, 0, 2])
+               if a.hybrid else dict(dilation=4, local_window=1, initial_tokens=1))
     args = RATPlusModelArgs(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=100,
-                            max_seq_len=32, dilation=4, local_window=1, initial_tokens=1)
+                            max_seq_len=32, recurrence=not a.baseline, output_gate=not a.no_output_gate,
+                            ffn_type="swiglu" if a.swiglu else "gelu",
+                            ffn_hidden_size=96 if a.swiglu else None, **pattern)
     cfg = to_transformer_config(args, tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
                                 virtual_pipeline_model_parallel_size=a.vpp, sequence_parallel=a.sp,
                                 use_cpu_initialization=True, kernel_backend=a.kernel_backend)
@@ -75,7 +102,7 @@ def main():
                                                                                    vp_stage=stage),
                                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
                                                                                    vp_stage=stage))
-        deterministic_weights(chunk, a.tp)
+        deterministic_weights(chunk, a.tp, a.swiglu)
         chunks.append(chunk)
     ddp = [DistributedDataParallel(cfg, DistributedDataParallelConfig(), chunk, disable_bucketing=i > 0)
            for i, chunk in enumerate(chunks)]
@@ -97,7 +124,7 @@ def main():
             if getattr(p, "tensor_model_parallel", False) and a.tp > 1:
                 parts = [torch.empty_like(g) for _ in range(a.tp)]
                 dist.all_gather(parts, g, group=tp_group)
-                g = torch.cat(parts, dim=p.partition_dim)
+                g = _unshard(parts, p, _glu_fc1(name, p, a.swiglu))
             grads[global_name(chunk, name)] = g
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, grads)

@@ -66,3 +66,21 @@ def test_every_pipeline_stage_initialises_its_own_layers(tmp_path):
     assert sorted(weights) == [1, 2, 3]
     for a, b in ((1, 2), (2, 3), (1, 3)):
         assert not torch.allclose(weights[a], weights[b]), (a, b)
+
+
+ARCHITECTURES = {
+    # per-layer D/W/P (sparse, dense D=1, local-only D=-1, sparse): a pipeline stage that numbered
+    # its layers from 1 would run the first stage's patterns
+    "ratplus-hybrid-nogate": ("--hybrid", "--no-output-gate"),
+    # the attention baseline with a SwiGLU FFN (fc1 holds [gate; up], each TP rank [gate_r; up_r])
+    "baseline-swiglu-hybrid": ("--baseline", "--swiglu", "--hybrid"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("flags", [("--tp", "2", "--sp"), ("--pp", "2", "--vpp", "2")], ids=["tp2-sp", "pp2-vpp2"])
+def test_other_architectures_match_single_process(tmp_path, arch, flags):
+    arch_flags = (*ARCHITECTURES[arch], "--mode", "sparse")
+    reference = run(tmp_path, "tp1", *arch_flags, nproc=1)
+    assert_same(run(tmp_path, "run", *arch_flags, *flags, nproc=2), reference)
