@@ -45,10 +45,10 @@ from .paths import (LOCK_NAME, TRACKER_NAME, format_size, is_save_dir, iter_dir_
 from .preemption import spawning_shielded_helpers
 from .retention import apply_retention
 from .rng import restore_rng_state
-from .state import (FORMAT_VERSION, RNG_KEY, load_strategy, model_sharded_state_dict, model_state_key,
-                    optimizer_has_stepped, optimizer_kind, parallel_layout, prepare_for_loading,
-                    restore_adam_steps, rng_sharded_object,
-                    runtime_metadata, save_strategy, sharded_metadata, versions)
+from .state import (DISTRIBUTED_OPTIMIZER_FORMATS, FORMAT_VERSION, RNG_KEY, adam_steps_set_aside,
+                    load_strategy, model_sharded_state_dict, model_state_key, optimizer_has_stepped,
+                    optimizer_kind, parallel_layout, prepare_for_loading, restore_adam_steps,
+                    rng_sharded_object, runtime_metadata, save_strategy, sharded_metadata, versions)
 from .validate import (RATPLUS_KEY, TRAIN_STATE_KEY, checkpoint_problems, decode_train_state,
                        encode_train_state, load_common)
 
@@ -361,9 +361,11 @@ def load_checkpoint_into(ckpt_dir, model_chunks: Sequence[torch.nn.Module], opti
                        if saved_layout.get(k) != layout[k]]
             if changed:
                 raise CheckpointError(
-                    f"checkpoint {ckpt_dir} holds distributed optimizer state, which resumes under another "
-                    f"data-parallel size only, not another model-parallel layout ({', '.join(changed)}): resume "
-                    f"with the saved layout, or load its weights only (checkpoint.init_from; fresh optimizer)")
+                    f"checkpoint {ckpt_dir} holds distributed optimizer state in the dp_reshardable format, "
+                    f"which resumes under another data-parallel size only, not another model-parallel layout "
+                    f"({', '.join(changed)}): resume with the saved layout, or load its weights only "
+                    f"(checkpoint.init_from; fresh optimizer). Checkpoints saved with "
+                    f"checkpoint.optimizer_format=fully_reshardable resume under any layout")
         if stored_opt.get("stepped") is False:
             # Saved before the first update: no moments to restore, and the fp32 master weights were
             # still the model's own values. A fresh optimizer on the loaded weights is that state.
@@ -400,7 +402,8 @@ def load_checkpoint_into(ckpt_dir, model_chunks: Sequence[torch.nn.Module], opti
     for i, chunk in enumerate(chunks):
         unwrap_model(chunk).load_state_dict(loaded[model_state_key(i, len(chunks))], strict=True)
     if load_optimizer:
-        with torch.no_grad():      # the distributed optimizer copies into views of the fp32 parameters
+        # no_grad: the distributed optimizer copies into views of the fp32 parameters
+        with torch.no_grad(), adam_steps_set_aside(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
         restore_adam_steps(optimizer, loaded["optimizer"])
     elif optimizer is not None:
@@ -443,10 +446,15 @@ def load_weights_only(path_or_latest_dir, model_chunks: Sequence[torch.nn.Module
 class CheckpointManager:
     """Periodic sharded saves into ``save_dir`` and resumption from them (see module doc)."""
 
-    def __init__(self, save_dir, keep_last: Optional[int] = None, async_save: bool = False):
+    def __init__(self, save_dir, keep_last: Optional[int] = None, async_save: bool = False,
+                 optimizer_format: str = DISTRIBUTED_OPTIMIZER_FORMATS[0]):
         if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int)
                                       or keep_last < 1):
             raise CheckpointError(f"keep_last must be a positive integer or None, got {keep_last!r}")
+        if optimizer_format not in DISTRIBUTED_OPTIMIZER_FORMATS:
+            raise CheckpointError(f"optimizer_format must be one of "
+                                  f"{', '.join(DISTRIBUTED_OPTIMIZER_FORMATS)}, got {optimizer_format!r}")
+        self.optimizer_format = optimizer_format     # the distributed optimizer's (state.py)
         self.save_dir = Path(save_dir) if save_dir is not None else None
         self.keep_last = keep_last
         self.async_requested = bool(async_save)
@@ -530,7 +538,7 @@ class CheckpointManager:
         chunks = list(model_chunks)
         # every rank's optimizer steps together; any_rank also covers a rank with an empty shard
         stepped = collectives.any_rank(optimizer_has_stepped(optimizer)) if optimizer is not None else None
-        meta = sharded_metadata(optimizer)
+        meta = sharded_metadata(optimizer, self.optimizer_format)
         runtime = runtime_metadata(meta)
         sharded = model_sharded_state_dict(chunks, runtime)
         if stepped:    # before the first update there is no state to keep (and the loading side starts fresh)

@@ -6,17 +6,21 @@
 * ``optimizer``: ``optimizer.sharded_state_dict(model_sd)``: Adam moments (and fp32 master
   weights in bf16 runs) keyed after the model tensors they belong to; left out before the first
   update (no state yet; the loading side starts a fresh optimizer). The distributed optimizer
-  (GPU) uses the ``dp_reshardable`` format (each rank writes its own shard of the gradient
-  buffers), which resumes under another DP size but not another TP/PP/VPP layout. Megatron-core
-  0.16's other formats fail with torch AdamW (no Transformer-Engine/apex): ``fully_sharded_model_space``
-  at the first save ("ShardedTensor.flattened_range is not supported"), ``fully_reshardable`` at
-  load (KeyError 'step').
+  (GPU) is saved in one of two Megatron formats (``checkpoint.optimizer_format``):
+  ``dp_reshardable`` (the default, as in Megatron-LM: each rank writes its own shard of the
+  gradient buffers, no communication) resumes under another DP size but not another TP/PP/VPP
+  layout; ``fully_reshardable`` gathers each model-parallel rank's state over DP at save time
+  (host memory) and resumes under any layout. Megatron-core 0.16's ``fully_sharded_model_space``
+  fails at the first save ("ShardedTensor.flattened_range is not supported"), and its
+  ``fully_reshardable`` load needs :func:`adam_steps_set_aside` with torch's AdamW (no
+  Transformer-Engine/apex).
 * ``rng_state``: one ``ShardedObject`` per global rank (Python/NumPy/torch/CUDA/Megatron tracker).
 * plain values (rank 0 writes them to ``common.pt``): scheduler state, the caller's train state,
   and a ``ratplus`` section (format version, iteration, parallel layout, architecture).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -34,7 +38,8 @@ from .rng import capture_rng_state
 
 FORMAT_VERSION = 1
 RNG_KEY = "rng_state"
-DISTRIBUTED_OPTIMIZER_FORMAT = "dp_reshardable"
+# Megatron's distributed-optimizer checkpoint formats that this package writes; the first is the default.
+DISTRIBUTED_OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
 
 # Transformer-Engine's fused norm+linear stores the RMSNorm weight inside the linear; the local
 # spec keeps a separate norm module. Checkpoints always use the local names so that a model built
@@ -111,6 +116,39 @@ def restore_adam_steps(optimizer, loaded: dict) -> None:
                     param_state["step"] = param_state["step"].new_tensor(float(saved["step"]))
 
 
+@contextlib.contextmanager
+def adam_steps_set_aside(optimizer):
+    """Inside: a distributed optimizer's loads copy parameter states without torch AdamW's "step".
+
+    Why (megatron-core 0.16 without Transformer-Engine/apex): the ``fully_reshardable`` load copies
+    every key of a parameter's torch AdamW state from the checkpoint, which keeps the step count in
+    the param groups instead, and fails with KeyError 'step'. The step tensors are put back as they
+    were; :func:`restore_adam_steps` then sets them from the checkpoint."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    patched = []
+    for inner in inner_optimizers(optimizer):
+        if not isinstance(inner, DistributedOptimizer):
+            continue
+        copy_states = inner._set_main_param_and_optimizer_states
+
+        def without_step(model_param, tensors, inner=inner, copy_states=copy_states):
+            group_index, group_order = inner.model_param_group_index_map[model_param]
+            state = inner.optimizer.state[inner.optimizer.param_groups[group_index]["params"][group_order]]
+            step = state.pop("step", None)
+            try:
+                copy_states(model_param, tensors)
+            finally:
+                if step is not None:
+                    state["step"] = step
+        inner._set_main_param_and_optimizer_states = without_step
+        patched.append(inner)
+    try:
+        yield
+    finally:
+        for inner in patched:
+            del inner._set_main_param_and_optimizer_states    # the class's method again
+
+
 def optimizer_kind(optimizer) -> Optional[str]:
     if optimizer is None:
         return None
@@ -119,11 +157,18 @@ def optimizer_kind(optimizer) -> Optional[str]:
         else "plain"
 
 
-def sharded_metadata(optimizer) -> dict:
-    """The (serialisable) metadata steering ``sharded_state_dict`` of model and optimizer."""
+def sharded_metadata(optimizer, distributed_format: str = DISTRIBUTED_OPTIMIZER_FORMATS[0]) -> dict:
+    """The (serialisable) metadata steering ``sharded_state_dict`` of model and optimizer;
+    ``distributed_format``: one of :data:`DISTRIBUTED_OPTIMIZER_FORMATS`, for a distributed optimizer."""
+    if distributed_format not in DISTRIBUTED_OPTIMIZER_FORMATS:
+        raise ValueError(f"unknown distributed-optimizer checkpoint format {distributed_format!r}; "
+                         f"valid: {', '.join(DISTRIBUTED_OPTIMIZER_FORMATS)}")
     meta = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
     if optimizer_kind(optimizer) == "distributed":
-        meta["distrib_optim_sharding_type"] = DISTRIBUTED_OPTIMIZER_FORMAT
+        meta["distrib_optim_sharding_type"] = distributed_format
+        if distributed_format == "fully_reshardable" and not torch.cuda.is_available():
+            # Megatron gathers over NCCL on the GPU; without one, over its gloo DP group to DP rank 0.
+            meta["distrib_optim_fully_reshardable_mem_efficient"] = True
     return meta
 
 

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from ..checkpoint.state import DISTRIBUTED_OPTIMIZER_FORMATS
 from ..model.config import RATPlusModelArgs
 from ..model.presets import get_preset
 
@@ -133,6 +134,10 @@ class CheckpointSection:
     # default), "checkpoint" keeps the checkpoint's schedule, "config" continues on the config's
     # schedule from the resumed step (e.g. more steps: train.max_steps raised).
     lr_schedule_on_resume: str = "strict"
+    # The distributed optimizer's state (GPU): "dp_reshardable" (Megatron-LM's default: every rank
+    # writes its own shard; resumes under another DP size, not another TP/PP/VPP layout) or
+    # "fully_reshardable" (gathered over DP into host memory at each save; resumes under any layout).
+    optimizer_format: str = "dp_reshardable"
 
 
 @dataclass
@@ -216,6 +221,9 @@ class RunConfig:
         if p.sequence_parallel and t.seq_len % p.tensor_parallel:
             raise ConfigError(f"parallel.sequence_parallel splits the sequence over the tensor-parallel ranks: "
                               f"train.seq_len={t.seq_len} is not divisible by tensor_parallel={p.tensor_parallel}")
+        if self.checkpoint.optimizer_format not in DISTRIBUTED_OPTIMIZER_FORMATS:
+            raise ConfigError(f"checkpoint.optimizer_format must be one of "
+                              f"{', '.join(DISTRIBUTED_OPTIMIZER_FORMATS)}, got {self.checkpoint.optimizer_format!r}")
         if self.checkpoint.lr_schedule_on_resume not in SCHEDULE_ON_RESUME:
             raise ConfigError(f"checkpoint.lr_schedule_on_resume must be one of {', '.join(SCHEDULE_ON_RESUME)}, "
                               f"got {self.checkpoint.lr_schedule_on_resume!r}")

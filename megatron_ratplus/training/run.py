@@ -252,7 +252,8 @@ def run_training(cfg: RunConfig) -> TrainState:
         if cfg.checkpoint.save_dir:
             from ..checkpoint import CheckpointManager, PreemptionHandler
             checkpoints = CheckpointManager(cfg.checkpoint.save_dir, keep_last=cfg.checkpoint.keep_last,
-                                            async_save=cfg.checkpoint.async_save)
+                                            async_save=cfg.checkpoint.async_save,
+                                            optimizer_format=cfg.checkpoint.optimizer_format)
             preemption = PreemptionHandler()
             preemption.install()
         trainer = Trainer(cfg, objs, data, world_size=world, rank=info["rank"], total_steps=total_steps,

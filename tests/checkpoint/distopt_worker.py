@@ -25,6 +25,7 @@ def main():
     ap.add_argument("action", choices=["save", "load"])
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--format", default="dp_reshardable", help="checkpoint.optimizer_format")
     ap.add_argument("--dir", required=True)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -32,7 +33,7 @@ def main():
     objs = build_distributed_optimizer(run_config(tp=a.tp, pp=a.pp))
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    mgr = CheckpointManager(a.dir)
+    mgr = CheckpointManager(a.dir, optimizer_format=a.format)
     result = {"layout": [a.tp, a.pp, dp_size]}
     if a.action == "save":
         result["before"] = [train_step(objs, s, "sparse", dp_rank, dp_size) for s in range(2)]

@@ -25,6 +25,8 @@ def test_fresh_run_into_a_save_dir_with_checkpoints_is_refused(tmp_path):
     (["recipes/missing.yaml"], "does not exist"),
     (["recipes/tiny-cpu.yaml", "checkpoint.lr_schedule_on_resume=sometimes"],
      "checkpoint.lr_schedule_on_resume must be one of strict, checkpoint, config"),
+    (["recipes/tiny-cpu.yaml", "checkpoint.optimizer_format=fully_sharded_model_space"],
+     "checkpoint.optimizer_format must be one of dp_reshardable, fully_reshardable"),
     (["recipes/ratplus-1.5b-100bt.yaml", "--dry-run", "--world-size", "63"], "not divisible"),
 
 ])
