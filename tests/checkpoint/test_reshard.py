@@ -61,16 +61,13 @@ def test_transformer_engine_norm_keys_are_stored_under_the_local_norms():
     assert te["other"].key == "decoder.layers.self_attention.linear_in.weight"
 
 
-
-DISTOPT_WORKER = Path(__file__).with_name("distopt_worker.py")
-
-
-def distopt_runner(tmp_path):
-    """``run(action, *flags, nproc)``: the distributed-optimizer worker over one checkpoint dir; its result."""
+def distopt_runner(tmp_path, *options):
+    """``run(action, *flags, nproc)``: the worker with the distributed optimizer and ``options`` over
+    one checkpoint dir, three steps recorded after the save; its result."""
     def run_worker(action, *flags, nproc):
         out = tmp_path / f"{action}.json"
-        torchrun(DISTOPT_WORKER, action, *flags, "--dir", tmp_path / "ckpt", "--out", out, nproc=nproc)
-        return json.loads(out.read_text())
+        return run(action, tmp_path / "ckpt", out, "--distributed-optimizer", "--after-steps", "3", *options,
+                   *flags, nproc=nproc)
     return run_worker
 
 
@@ -100,8 +97,8 @@ def test_fully_reshardable_distributed_optimizer_checkpoint_resumes_under_anothe
     resumes at TP=2 and at PP=2 with the uninterrupted run's next losses (to fp32 rounding: another
     layout sums in another order). Megatron-core 0.16's load of this format failed with torch AdamW
     (KeyError 'step'); a wrong Adam step count would change them by ~1e-3."""
-    run_worker = distopt_runner(tmp_path)
-    reference = run_worker("save", "--format", "fully_reshardable", nproc=2)
+    run_worker = distopt_runner(tmp_path, "--format", "fully_reshardable")
+    reference = run_worker("save", nproc=2)
     assert reference["layout"] == [1, 1, 2]
     for flags, layout in ((("--tp", "2"), [2, 1, 1]), (("--pp", "2"), [1, 2, 1])):
         result = run_worker("load", *flags, nproc=2)
