@@ -6,7 +6,9 @@ the second also on the restored Adam moments and LR schedule).
 ``load``: build at the given layout, load "latest", train the same 2 steps, record the losses (or
 the CheckpointError that refused the load).
 ``--distributed-optimizer``: Megatron's distributed optimizer, built as on GPU (setup.py builds it on
-GPU only), its checkpoint in ``--format``; ``--after-steps``: how many steps to record after the save.
+GPU only), its checkpoint in ``--format``; ``--after-steps``: how many steps to record after the save;
+``--async-save``: the save runs in the background while those steps train (as in the GPU recipes),
+finalized at the end.
 """
 import argparse
 import json
@@ -35,13 +37,14 @@ def main():
     ap.add_argument("--distributed-optimizer", action="store_true")
     ap.add_argument("--format", default="dp_reshardable", help="checkpoint.optimizer_format")
     ap.add_argument("--after-steps", type=int, default=2)
+    ap.add_argument("--async-save", action="store_true")
     a = ap.parse_args()
     initialize_distributed(ParallelLayout(a.tp, a.pp), seed=1234)
     cfg = run_config(tp=a.tp, pp=a.pp)
     objs = build_distributed_optimizer(cfg) if a.distributed_optimizer else build(cfg)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    mgr = CheckpointManager(a.dir, optimizer_format=a.format)
+    mgr = CheckpointManager(a.dir, optimizer_format=a.format, async_save=a.async_save)
     result = {"layout": [a.tp, a.pp, dp_size]}
     if a.action == "save":
         result["before"] = [train_step(objs, s, "sparse", dp_rank, dp_size) for s in range(2)]
@@ -57,6 +60,7 @@ def main():
         steps = range(2, 2 + a.after_steps)
         result["after"] = [train_step(objs, s, "dense", dp_rank, dp_size) for s in steps]
         result["lr"] = objs.optimizer.param_groups[0]["lr"]
+    mgr.finalize()
     if dist.get_rank() == 0:
         Path(a.out).write_text(json.dumps(result))
     dist.barrier()

@@ -79,7 +79,7 @@ def test_distributed_optimizer_checkpoint_resumes_exactly_under_another_dp_size(
     a torch AdamW state loaded by it shares one step tensor between all parameters. Another TP size
     cannot load its optimizer shards: a CheckpointError that says so."""
     run_worker = distopt_runner(tmp_path)
-    reference = run_worker("save", nproc=2)
+    reference = run_worker("save", "--async-save", nproc=2)     # the GPU recipes save asynchronously
     assert reference["layout"] == [1, 1, 2]
     assert reference["after"][1] != reference["after"][2]
     for nproc in (2, 1):
