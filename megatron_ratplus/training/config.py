@@ -9,6 +9,7 @@ errors that list the valid ones: a typo must not silently fall back to a default
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -387,7 +388,7 @@ def _coerce(section: str, key: str, value, annotation):
     except (TypeError, ValueError):
         raise ConfigError(f"{section}.{key} must be a number, got {value!r}") from None
     if wants_int:
-        if number != int(number):
+        if not math.isfinite(number) or number != int(number):
             raise ConfigError(f"{section}.{key} must be an integer, got {value!r}")
         return int(number)
     return number
@@ -428,6 +429,12 @@ def config_from_dict(raw: dict) -> RunConfig:
 
 def apply_overrides(raw: dict, overrides: List[str]) -> dict:
     """Apply ``section.key=value`` strings (values parsed as YAML) to a raw recipe dict."""
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; valid sections: {sorted(SECTIONS)}")
+    for k, v in raw.items():
+        if v is not None and not isinstance(v, dict):
+            raise ConfigError(f"section {k!r} must be a mapping, got {type(v).__name__}")
     raw = {k: dict(v or {}) for k, v in raw.items()}
     for item in overrides:
         if "=" not in item:
@@ -438,7 +445,11 @@ def apply_overrides(raw: dict, overrides: List[str]) -> dict:
         section, name = key.split(".", 1)
         if section not in SECTIONS:
             raise ConfigError(f"override {key!r}: unknown section {section!r}; valid: {sorted(SECTIONS)}")
-        raw.setdefault(section, {})[name] = yaml.safe_load(value) if value != "" else None
+        try:
+            parsed = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}={value}: the value is not valid YAML ({e.problem or e})") from None
+        raw.setdefault(section, {})[name] = parsed
     return raw
 
 

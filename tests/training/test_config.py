@@ -35,10 +35,26 @@ RECIPE = "recipes/tiny-cpu.yaml"
     ("data.streams=/tmp/x", "data.streams must be a list of streams, e.g. data.streams=[{local: "),
     ("checkpoint.save_dir=[1, 2]", "checkpoint.save_dir must be a path (a string), got [1, 2]"),
     ("logging.metrics_jsonl={a: 1}", "logging.metrics_jsonl must be a path (a string)"),
+    ("model.dilation=[16,16", "override model.dilation=[16,16: the value is not valid YAML"),
+    ("train.max_tokens=inf", "train.max_tokens must be an integer, got 'inf'"),
+    ("train.max_steps=.nan", "train.max_steps must be an integer, got nan"),
 ])
 def test_bad_values_are_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(RECIPE, [override])
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("train: [1, 2]\n", "section 'train' must be a mapping, got list"),
+    ("train:\n  max_steps: 3\nlogging: 5\n", "section 'logging' must be a mapping, got int"),
+    ("trian:\n  max_steps: 3\n", "unknown section(s) ['trian']"),
+    ("- train\n", "must be a mapping of sections"),
+])
+def test_recipe_sections_that_are_not_mappings_are_refused(tmp_path, text, message):
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(str(tmp_path / "r.yaml"), ["train.lr=1e-4"])
     assert message in str(err.value)
 
 
