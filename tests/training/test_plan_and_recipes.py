@@ -591,16 +591,33 @@ def test_sbatch_submitted_from_another_directory_fails_before_srun(tmp_path, fak
     elsewhere.mkdir()
     env = fake_slurm(SLURM_SUBMIT_DIR=str(elsewhere))
     env.pop("LAUNCHER")                                       # the default, relative to the submit dir
+    # the batch shell starts in the job's working directory: the submit directory
     res = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"), *SBATCH_ARGS], env=env, capture_output=True,
-                         text=True, timeout=30)
+                         text=True, timeout=30, cwd=elsewhere)
     assert res.returncode == 2 and "RATPLUS_ROOT" in res.stderr, res.stdout + res.stderr
     assert not (tmp_path / "srun.argv").exists()
     # RATPLUS_ROOT names the checkout; a missing recipe is caught the same way
     env.update(RATPLUS_ROOT=str(ROOT), LAUNCHER=str(tmp_path / "bin" / "trainer.sh"))
     res = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"), "recipes/nope.yaml"], env=env,
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=30, cwd=elsewhere)
     assert res.returncode == 2 and "recipes/nope.yaml not found" in res.stderr, res.stderr
     assert not (tmp_path / "srun.argv").exists()
+
+
+def test_sbatch_runs_in_the_chdir_directory(tmp_path, fake_slurm):
+    """sbatch --chdir=<checkout> from another directory: the job starts in the checkout (not in
+    SLURM_SUBMIT_DIR), and the default launcher and the recipe are found there."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = fake_slurm(SLURM_SUBMIT_DIR=str(elsewhere), FAKE_RC_0="0", FAKE_RC_1="0")
+    env.pop("LAUNCHER")
+    # an srun that only records its arguments (its tasks would run the real torchrun.sh)
+    (tmp_path / "bin" / "srun").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$PROBE_OUT/srun.argv"\n')
+    res = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"), *SBATCH_ARGS], env=env, capture_output=True,
+                         text=True, timeout=30, cwd=ROOT)
+    assert res.returncode == 0 and "not found" not in res.stderr, res.stdout + res.stderr
+    assert (tmp_path / "srun.argv").read_text().splitlines()[-len(SBATCH_ARGS) - 1:] == \
+        ["recipes/launch/torchrun.sh", *SBATCH_ARGS]
 
 
 def test_torchrun_launcher_arguments_environment_and_exit_status(tmp_path, fake_slurm):
