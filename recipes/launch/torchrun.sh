@@ -48,9 +48,11 @@ if [[ -z "${GPUS_PER_NODE:-}" ]]; then
     else
         GPUS_PER_NODE="${CPU_PROCS_PER_NODE:-1}"
         # CPU mode: share the cores between the ranks (torchrun would otherwise force 1 thread).
-        cores="$(nproc 2>/dev/null || echo 1)"
-        threads=$(( cores / GPUS_PER_NODE ))
-        export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}"
+        if [[ "${GPUS_PER_NODE}" =~ ^[1-9][0-9]*$ ]]; then      # else refused below, naming it
+            cores="$(nproc 2>/dev/null || echo 1)"
+            threads=$(( cores / GPUS_PER_NODE ))
+            export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}"
+        fi
     fi
 fi
 

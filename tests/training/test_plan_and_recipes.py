@@ -604,6 +604,20 @@ def test_sbatch_submitted_from_another_directory_fails_before_srun(tmp_path, fak
     assert not (tmp_path / "srun.argv").exists()
 
 
+@pytest.mark.parametrize("procs", ["0", "abc", "2x"])
+def test_torchrun_launcher_refuses_a_bad_cpu_process_count(tmp_path, procs):
+    """Without GPUs the process count comes from CPU_PROCS_PER_NODE: a bad value is refused with
+    the launcher's message, not a bash arithmetic error."""
+    fake = tmp_path / "nvidia-smi"                             # a machine without GPUs
+    fake.write_text("#!/usr/bin/env bash\nexit 0\n")
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "CPU_PROCS_PER_NODE": procs, "TORCHRUN": "/bin/true"}
+    res = subprocess.run(["bash", str(LAUNCH / "torchrun.sh"), "r.yaml"], env=env, capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode == 2 and "GPUS_PER_NODE" in res.stderr, res.stderr
+    assert "line " not in res.stderr, res.stderr              # bash's own error names a script line
+
+
 def test_sbatch_runs_in_the_chdir_directory(tmp_path, fake_slurm):
     """sbatch --chdir=<checkout> from another directory: the job starts in the checkout (not in
     SLURM_SUBMIT_DIR), and the default launcher and the recipe are found there."""
