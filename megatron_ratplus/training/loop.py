@@ -164,6 +164,7 @@ class Trainer:
         cfg, st = self.cfg, self.state
         seq_len = cfg.train.seq_len
         stop_reason = None
+        start_step = st.step
         try:
             while st.step < self.total_steps:
                 t0 = time.time()
@@ -214,6 +215,12 @@ class Trainer:
                 self.metrics.print(f"stopping at step {st.step}: {stop_reason}; saving a checkpoint")
             if self.last_saved_step != st.step:
                 self.save()
+            eval_interval = cfg.logging.eval_interval
+            if (eval_interval and not stop_reason and start_step < st.step >= self.total_steps
+                    and st.step % eval_interval):
+                # The end of training, as in Megatron-LM: the final model's validation loss (for the
+                # adaptation recipes, 477 steps evaluated every 100, the only one of the adapted model).
+                self.metrics.log_eval(st.step, evaluate(self.objs, self.data, cfg, self.accum_steps))
             if self.checkpoints is not None:
                 self.checkpoints.finalize()
         finally:

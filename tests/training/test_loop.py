@@ -203,3 +203,21 @@ def test_logged_lr_and_evaluation_size(megatron_single_process, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in records if "losses" in r] == pytest.approx([0.0, 3e-3])
     assert counts == [1 * 2]          # global batch 4 = micro-batch 2 x 2 accumulation steps
+
+
+def test_the_end_of_training_is_evaluated(megatron_single_process, tmp_path):
+    """Evaluations at every eval_interval steps, and one at the last step when the interval does not
+    end there (a stopped, preempted run is not evaluated at its stop; a finished run started again is
+    not evaluated again)."""
+    metrics = tmp_path / "m.jsonl"
+    cfg, objs, data, trainer = make(megatron_single_process, "train.joint=false", "logging.eval_interval=3",
+                                    "logging.eval_iters=1", f"logging.metrics_jsonl={metrics}", steps=4)
+    trainer.run()
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records if "val_losses" in r] == [3, 4]
+    again = Trainer(cfg, objs, data, world_size=1, rank=0, total_steps=4, accum_steps=2)
+    again.state.step = 4
+    evaluated = []
+    again.metrics.log_eval = lambda step, losses: evaluated.append(step)
+    again.run()
+    assert evaluated == []
