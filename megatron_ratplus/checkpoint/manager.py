@@ -637,7 +637,8 @@ class CheckpointManager:
                 error = f"checkpoint {ckpt_dir} failed verification after saving:\n  " + "\n  ".join(problems)
             else:
                 write_tracker(self.save_dir, step)
-                log.info("saved checkpoint %s", ckpt_dir)
+                log.info("checkpoint %s complete: verified, %s moved to iteration %d",
+                         ckpt_dir, TRACKER_NAME, step)
                 for path in apply_retention(self.save_dir, step, self.keep_last):
                     log.info("retention (keep_last=%d): removed %s", self.keep_last, path)
         if step in self._pending_steps:

@@ -12,6 +12,7 @@ without touching a GPU.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import List, Optional
@@ -60,6 +61,20 @@ def dry_run(cfg: RunConfig, world_size: int, gpu_memory_gib: float, tokens_per_s
                                  tokens_per_sec_per_gpu=tokens_per_sec))
 
 
+def show_package_notes() -> None:
+    """Print this package's INFO log records (which checkpoint was loaded, an allowed change of attention
+    pattern on loading, RNG states not restored under another layout, background saves) on stderr.
+    Without a handler Python shows only warnings, and enabling INFO on the root logger would also show
+    Megatron-core's own INFO chatter."""
+    logger = logging.getLogger("megatron_ratplus")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     hide_in_child_processes()
     # intermixed: overrides may follow the options (``--dry-run --world-size 8 train.lr=1e-4``)
@@ -79,6 +94,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     from ..checkpoint.errors import CheckpointError
     from .run import run_training
+    show_package_notes()
     try:
         run_training(cfg)
     except (ConfigError, CheckpointError) as e:      # a checkpoint refused (missing, corrupt, mismatched)
