@@ -1,7 +1,9 @@
 """Start-up checks of the training entry point that need no training."""
+import logging
+
 import pytest
 
-from megatron_ratplus.training.cli import main
+from megatron_ratplus.training.cli import main, show_package_notes
 from megatron_ratplus.training.config import ConfigError, load_config
 from megatron_ratplus.training.run import _refuse_to_shadow_checkpoints
 
@@ -107,3 +109,20 @@ def test_resuming_another_save_dirs_checkpoint_into_a_save_dir_with_checkpoints_
         _refuse_to_shadow_checkpoints(load_config("recipes/tiny-cpu.yaml", [
             f"checkpoint.save_dir={target}", f"checkpoint.load={load}"]))
     assert (save_dir / "iter_0000001").is_dir()
+
+
+def test_the_cli_shows_the_package_info_notes_but_not_megatrons(capsys):
+    """Which checkpoint was loaded, an allowed pattern change, when a background save completes: the
+    package logs these at INFO, which Python drops without a handler; Megatron-core's INFO stays hidden."""
+    package = logging.getLogger("megatron_ratplus")
+    saved = package.handlers[:], package.level, package.propagate
+    try:
+        package.handlers.clear()
+        show_package_notes()
+        show_package_notes()        # idempotent: one handler
+        logging.getLogger("megatron_ratplus.checkpoint.manager").info("loaded checkpoint %s", "iter_0000004")
+        logging.getLogger("megatron.core.dist_checkpointing").info("megatron chatter")
+        err = capsys.readouterr().err
+        assert err.count("loaded checkpoint iter_0000004") == 1 and "megatron chatter" not in err
+    finally:
+        package.handlers[:], package.level, package.propagate = saved
