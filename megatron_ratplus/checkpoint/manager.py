@@ -302,8 +302,8 @@ def _check_architecture(ckpt_dir: Path, info: dict, model_chunks, model_args) ->
               ckpt_dir, "; ".join(notes))
 
 
-# The distributed optimizer's checkpoint format (state.DISTRIBUTED_OPTIMIZER_FORMAT) follows its
-# buffers, which these decide.
+# The distributed optimizer's dp_reshardable checkpoint format (state.py) follows its buffers,
+# which these decide.
 MODEL_PARALLEL_FIELDS = ("tensor_parallel", "pipeline_parallel", "virtual_pipeline_parallel")
 
 _SCHEDULE_FIELDS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style",

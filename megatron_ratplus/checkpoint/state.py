@@ -159,10 +159,8 @@ def optimizer_kind(optimizer) -> Optional[str]:
 
 def sharded_metadata(optimizer, distributed_format: str = DISTRIBUTED_OPTIMIZER_FORMATS[0]) -> dict:
     """The (serialisable) metadata steering ``sharded_state_dict`` of model and optimizer;
-    ``distributed_format``: one of :data:`DISTRIBUTED_OPTIMIZER_FORMATS`, for a distributed optimizer."""
-    if distributed_format not in DISTRIBUTED_OPTIMIZER_FORMATS:
-        raise ValueError(f"unknown distributed-optimizer checkpoint format {distributed_format!r}; "
-                         f"valid: {', '.join(DISTRIBUTED_OPTIMIZER_FORMATS)}")
+    ``distributed_format``: one of :data:`DISTRIBUTED_OPTIMIZER_FORMATS` (checked by the
+    CheckpointManager that asks), for a distributed optimizer."""
     meta = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
     if optimizer_kind(optimizer) == "distributed":
         meta["distrib_optim_sharding_type"] = distributed_format

@@ -138,7 +138,7 @@ class CheckpointSection:
     # The distributed optimizer's state (GPU): "dp_reshardable" (Megatron-LM's default: every rank
     # writes its own shard; resumes under another DP size, not another TP/PP/VPP layout) or
     # "fully_reshardable" (gathered over DP into host memory at each save; resumes under any layout).
-    optimizer_format: str = "dp_reshardable"
+    optimizer_format: str = DISTRIBUTED_OPTIMIZER_FORMATS[0]
 
 
 @dataclass
@@ -420,21 +420,24 @@ def _section_from_dict(name: str, values: dict):
     return cls(**{k: _coerce(name, k, v, types[k]) for k, v in values.items()})
 
 
-def config_from_dict(raw: dict) -> RunConfig:
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"unknown section(s) {unknown}; valid sections: {sorted(SECTIONS)}")
-    return RunConfig(**{name: _section_from_dict(name, raw.get(name)) for name in SECTIONS})
-
-
-def apply_overrides(raw: dict, overrides: List[str]) -> dict:
-    """Apply ``section.key=value`` strings (values parsed as YAML) to a raw recipe dict."""
+def _check_sections(raw: dict) -> None:
+    """A recipe's top level: known section names, each a mapping (or empty)."""
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; valid sections: {sorted(SECTIONS)}")
     for k, v in raw.items():
         if v is not None and not isinstance(v, dict):
             raise ConfigError(f"section {k!r} must be a mapping, got {type(v).__name__}")
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    _check_sections(raw)
+    return RunConfig(**{name: _section_from_dict(name, raw.get(name)) for name in SECTIONS})
+
+
+def apply_overrides(raw: dict, overrides: List[str]) -> dict:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a raw recipe dict."""
+    _check_sections(raw)
     raw = {k: dict(v or {}) for k, v in raw.items()}
     for item in overrides:
         if "=" not in item:

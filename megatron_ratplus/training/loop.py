@@ -216,8 +216,8 @@ class Trainer:
             if self.last_saved_step != st.step:
                 self.save()
             eval_interval = cfg.logging.eval_interval
-            if (eval_interval and not stop_reason and start_step < st.step >= self.total_steps
-                    and st.step % eval_interval):
+            finished_here = start_step < st.step and st.step >= self.total_steps
+            if eval_interval and finished_here and not stop_reason and st.step % eval_interval:
                 # The end of training, as in Megatron-LM: the final model's validation loss (for the
                 # adaptation recipes, 477 steps evaluated every 100, the only one of the adapted model).
                 self.metrics.log_eval(st.step, evaluate(self.objs, self.data, cfg, self.accum_steps))

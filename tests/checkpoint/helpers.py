@@ -43,12 +43,13 @@ def build(cfg):
     return build_training_objects(cfg, args, TOTAL_STEPS)
 
 
-def build_distributed_optimizer(cfg):
-    """As :func:`build`, with Megatron's distributed optimizer, which setup.py builds on GPU only;
-    forced on here as on GPU (gloo has the collectives it needs)."""
+def build_distributed_optimizer(cfg, args=None, total_steps=TOTAL_STEPS):
+    """As :func:`build`, with Megatron's distributed optimizer (and the DDP options of ``cfg`` such as
+    ``overlap_param_gather``), which setup.py builds on GPU only; forced on here as on GPU (gloo has
+    the collectives they need)."""
     from megatron_ratplus.training import setup
     cfg.parallel.distributed_optimizer = True
-    args = cfg.model.model_args(vocab_size=VOCAB, seq_len=SEQ)
+    args = args or cfg.model.model_args(vocab_size=VOCAB, seq_len=SEQ)
     tconfig = setup.build_transformer_config(cfg, args)
     chunks = setup.build_model_chunks(cfg, args, tconfig)
     real = setup.cpu_mode_enabled
@@ -59,7 +60,7 @@ def build_distributed_optimizer(cfg):
     finally:
         setup.cpu_mode_enabled = real
     assert model[0].ddp_config.use_distributed_optimizer
-    scheduler = setup.build_scheduler(cfg, optimizer, TOTAL_STEPS)
+    scheduler = setup.build_scheduler(cfg, optimizer, total_steps)
     return setup.TrainingObjects(args, tconfig, model, optimizer, scheduler)
 
 

@@ -13,9 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 warnings.filterwarnings("ignore")
 
 from megatron_ratplus.parallel import ParallelLayout, initialize_distributed  # noqa: E402
-from megatron_ratplus.training import setup  # noqa: E402
 from megatron_ratplus.training.config import load_config  # noqa: E402
 from megatron_ratplus.training.loop import Trainer  # noqa: E402
+from tests.checkpoint.helpers import build_distributed_optimizer  # noqa: E402
 from tests.training.test_loop import VOCAB, SyntheticData  # noqa: E402
 
 
@@ -47,16 +47,10 @@ def main():
                              "checkpoint.save_interval=2", "model.num_layers=2", "model.hidden_size=64",
                              "model.num_attention_heads=2", "model.dilation=4",
                              "parallel.distributed_optimizer=true", "parallel.overlap_param_gather=true"])
-    args = cfg.model.model_args(vocab_size=VOCAB, seq_len=32)
     _, accum = cfg.layout_for(dist.get_world_size())
-    tconfig = setup.build_transformer_config(cfg, args)
-    chunks = setup.build_model_chunks(cfg, args, tconfig)
-    setup.cpu_mode_enabled = lambda: False      # DDP and optimizer as built on GPU
-    model = setup.wrap_ddp(cfg, tconfig, chunks)
-    assert model[0].ddp_config.use_distributed_optimizer and model[0].ddp_config.overlap_param_gather
-    optimizer = setup.build_optimizer(cfg, tconfig, model)
-    scheduler = setup.build_scheduler(cfg, optimizer, cfg.total_steps())
-    objs = setup.TrainingObjects(args, tconfig, model, optimizer, scheduler)
+    args = cfg.model.model_args(vocab_size=VOCAB, seq_len=32)
+    objs = build_distributed_optimizer(cfg, args, cfg.total_steps())
+    assert objs.model[0].ddp_config.overlap_param_gather
     checkpoints = RecordingCheckpoints()
     data = SyntheticData(32, 2, seed=dist.get_rank())        # each replica its own samples
     Trainer(cfg, objs, data, world_size=dist.get_world_size(), rank=info["rank"], total_steps=cfg.total_steps(),
