@@ -28,15 +28,13 @@ def no_streaming_leftovers(tmp_path_factory):
     them up (each costs every later dataset on the node a file descriptor). Those of earlier sessions
     that were killed (their temporary directories removed since) go at the start: enough of them
     exhaust this session's file descriptors ("Too many open files")."""
-    from megatron_ratplus.data.housekeeping import prefixes_of_removed_directories
+    from megatron_ratplus.data.housekeeping import (clean_streaming_leftovers, prefixes_of_removed_directories,
+                                                    prefixes_reading)
 
     dead = prefixes_of_removed_directories(tmp_path_factory.getbasetemp().parent)
     if dead:
-        from megatron_ratplus.data.housekeeping import clean_streaming_leftovers
         clean_streaming_leftovers(only_prefixes=dead)
     yield
-    from megatron_ratplus.data.housekeeping import clean_streaming_leftovers, prefixes_reading
-
     prefixes = prefixes_reading(tmp_path_factory.getbasetemp())
     if prefixes:
         clean_streaming_leftovers(only_prefixes=prefixes)

@@ -31,7 +31,8 @@ Epochs. A ``train`` loader iterates forever: when an epoch is exhausted the next
 streaming's per-epoch reshuffle (seed + epoch), so the sample order depends only on (seed, epoch).
 Other splits (``val``) make one pass per ``iter()`` and always start from the beginning, so
 every evaluation sees the same batches; their num_canonical_nodes defaults to 1, so an unshuffled
-split is read in storage order (the same first samples) on any number of nodes. ``infinite=`` overrides either default.
+split is read in storage order (the same first samples) on any number of nodes. ``infinite=``
+overrides either default.
 
 Resume. The loader counts the samples consumed in the current epoch (globally: batches ×
 micro_batch_size × dp_size, streaming's convention). ``state_dict()`` returns that position as a
