@@ -28,7 +28,8 @@ def no_streaming_leftovers(tmp_path_factory):
     them up (each costs every later dataset on the node a file descriptor). Those of earlier sessions
     that were killed (their temporary directories removed since) go at the start: enough of them
     exhaust this session's file descriptors ("Too many open files")."""
-    from megatron_ratplus.data.housekeeping import (clean_streaming_leftovers, prefixes_of_removed_directories,
+    from megatron_ratplus.data.housekeeping import (clean_streaming_leftovers,
+                                                    prefixes_of_removed_directories,
                                                     prefixes_reading)
 
     dead = prefixes_of_removed_directories(tmp_path_factory.getbasetemp().parent)
